@@ -1,0 +1,280 @@
+"""K smallest eigenpairs of the normalised graph Laplacian L = I - D^-1/2 W D^-1/2.
+
+Every solver returns eigenvectors u of L (orthonormal); the generalised form of Deep
+Spectral Methods, (D - W) v = lambda D v, has v = D^-1/2 u. The common
+post-processing (`laplacian_eigs`) sorts, fixes signs, renormalises, and measures the
+residual ||L u - lambda u|| of what it returns, so solvers are compared on one footing.
+
+Isolated nodes (degree 0) get D^-1/2 = 0: their rows of A = D^-1/2 W D^-1/2 are zero
+and their rows of L are rows of the identity (eigenvalue 1, never among the smallest).
+A graph with c connected components has eigenvalue 0 with multiplicity c; vectors of
+a degenerate eigenspace are not unique, only the subspace is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+
+from .graph import Graph
+
+logger = logging.getLogger(__name__)
+
+DENSE_MAX_NODES = 6000
+
+
+class SolverError(RuntimeError):
+    """The eigensolver produced no usable answer (NaN/Inf, or too few converged vectors)."""
+
+
+@dataclass(frozen=True)
+class SpectralConfig:
+    """Eigensolver settings (stored in the prior-store manifest).
+
+    tol is the solver's own stopping tolerance (ARPACK: relative accuracy of the Ritz
+    values; LOBPCG: residual norm). 1e-5 keeps eigenvalues within ~1e-8 and residuals
+    within ~1e-5 of exact, far inside the 1e-4 / residual_tol checks. max_iter None
+    means the solver's default (ARPACK: 10 N restarts; LOBPCG: 500 iterations).
+    device only matters for GPU solvers; "auto" never switches solver.
+    """
+
+    num_eigs: int = 8
+    solver: str = "eigsh"
+    tol: float = 1e-5
+    max_iter: int | None = None
+    residual_tol: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Spectrum:
+    eigvals: np.ndarray  # (K,) float64 ascending
+    eigvecs: np.ndarray  # (N, K) float32, orthonormal columns
+    residuals: np.ndarray  # (K,) float64, ||L u - lambda u||_2 of the returned vectors
+    converged: bool  # all residuals <= residual_tol
+    iterations: int | None  # eigsh: operator applications (mat-vecs); LOBPCG: iterations
+    solver: str
+    info: dict = field(default_factory=dict)  # solve seconds, solver warnings, ...
+
+
+@dataclass
+class _Raw:
+    """What a solver hands to the common post-processing (eigenvalues of L)."""
+
+    eigvals: np.ndarray
+    eigvecs: np.ndarray
+    iterations: int | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _inv_sqrt_degrees(W: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    d = np.asarray(W.sum(axis=1), dtype=np.float64).ravel()
+    inv = np.zeros_like(d)
+    inv[d > 0] = 1.0 / np.sqrt(d[d > 0])
+    return d, inv
+
+
+def normalized_adjacency(W: sp.spmatrix) -> sp.csr_matrix:
+    """A = D^-1/2 W D^-1/2 in float64 (D^-1/2 = 0 for isolated nodes)."""
+    W = sp.csr_matrix(W, dtype=np.float64)
+    _, inv = _inv_sqrt_degrees(W)
+    coo = W.tocoo()
+    # (inv_i * inv_j) first: the product commutes exactly, so A stays bitwise symmetric.
+    data = coo.data * (inv[coo.row] * inv[coo.col])
+    return sp.csr_matrix((data, (coo.row, coo.col)), shape=W.shape)
+
+
+def normalized_laplacian(W: sp.spmatrix) -> sp.csr_matrix:
+    """L = I - D^-1/2 W D^-1/2 in float64."""
+    return (sp.identity(W.shape[0], dtype=np.float64, format="csr") - normalized_adjacency(W)).tocsr()
+
+
+# --- solvers: (A, sqrt_d, cfg) -> _Raw, with A the normalised adjacency --------------
+
+
+def _solve_eigsh(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+    """ARPACK Lanczos for the largest algebraic eigenvalues of A (= smallest of L).
+
+    No shift-invert: the wanted end of A's spectrum is its largest, so plain Lanczos
+    needs only sparse mat-vecs, no factorisation. The seeded random start vector makes
+    runs reproducible; sqrt(d) is *not* used because it is an exact eigenvector, which
+    would make the Krylov space collapse to one dimension.
+    """
+    n = A.shape[0]
+    matvecs = 0
+
+    def matvec(x):
+        nonlocal matvecs
+        matvecs += 1 if x.ndim == 1 else x.shape[1]
+        return A @ x
+
+    op = sla.LinearOperator(A.shape, matvec=matvec, matmat=matvec, dtype=np.float64)
+    v0 = np.random.default_rng(cfg.seed).standard_normal(n)
+    try:
+        vals, vecs = sla.eigsh(op, k=cfg.num_eigs, which="LA", tol=cfg.tol, maxiter=cfg.max_iter, v0=v0)
+    except sla.ArpackNoConvergence as e:
+        raise SolverError(
+            f"ARPACK converged {len(e.eigenvalues)} of {cfg.num_eigs} eigenpairs "
+            f"(tol={cfg.tol}, max_iter={cfg.max_iter}, {matvecs} mat-vecs)"
+        ) from e
+    return _Raw(1.0 - vals, vecs, iterations=matvecs, info={"matvecs": matvecs})
+
+
+def _lobpcg_generic(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig, *, xp, sparse, lobpcg) -> _Raw:
+    """LOBPCG for the largest eigenvalues of A, written against array modules.
+
+    xp/sparse/lobpcg are numpy/scipy.sparse/scipy's lobpcg on the CPU and
+    cupy/cupyx.scipy.sparse/cupyx's lobpcg on the GPU, so the CPU tests run the exact
+    code of the GPU solver. The initial block holds sqrt(d) (the trivial eigenvector,
+    exact from the start) plus seeded random vectors, and a few more columns than
+    wanted: the extra columns make the K-th eigenvalue converge much faster. No
+    preconditioner: without self-loops diag(L) = 1, so Jacobi would be the identity.
+    """
+    n, K = A.shape[0], cfg.num_eigs
+    m = min(K + max(2, K // 2), n - 1)
+    rng = np.random.default_rng(cfg.seed)
+    X0 = rng.standard_normal((n, m))
+    X0[:, 0] = sqrt_d / max(np.linalg.norm(sqrt_d), np.finfo(float).tiny)
+    A_dev = sparse.csr_matrix((xp.asarray(A.data), xp.asarray(A.indices), xp.asarray(A.indptr)), shape=A.shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lobpcg(
+            A_dev, xp.asarray(X0), tol=cfg.tol, maxiter=cfg.max_iter or 500, largest=True,
+            retResidualNormsHistory=True,
+        )
+    # CuPy's small-problem branch (n < 5 m: dense eigh instead) returns no history.
+    iterations = len(out[2]) if len(out) > 2 else None
+    to_host = getattr(xp, "asnumpy", np.asarray)
+    vals, vecs = to_host(out[0]), to_host(out[1])
+    order = np.argsort(-vals, kind="stable")[:K]
+    msgs = [str(w.message) for w in caught]
+    for msg in msgs:
+        logger.debug("lobpcg: %s", msg)
+    return _Raw(1.0 - vals[order], vecs[:, order], iterations=iterations, info={"warnings": msgs})
+
+
+def _solve_lobpcg(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+    return _lobpcg_generic(A, sqrt_d, cfg, xp=np, sparse=sp, lobpcg=sla.lobpcg)
+
+
+def _cupy_modules():
+    """(xp, sparse, lobpcg) for the GPU; the tests swap in numpy/scipy here."""
+    try:
+        import cupy
+        import cupyx.scipy.sparse as csp
+        from cupyx.scipy.sparse.linalg import lobpcg
+    except ImportError as e:
+        raise ImportError("solver 'cupy-lobpcg' needs CuPy: pip install cupy-cuda12x") from e
+    return cupy, csp, lobpcg
+
+
+def _solve_cupy_lobpcg(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+    device = cfg.device
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"solver 'cupy-lobpcg' runs on a CUDA device, got device={device!r}")
+    xp, sparse, lobpcg = _cupy_modules()
+    index = int(device.split(":")[1]) if ":" in device else 0
+    with xp.cuda.Device(index) if hasattr(xp, "cuda") else contextlib.nullcontext():
+        return _lobpcg_generic(A, sqrt_d, cfg, xp=xp, sparse=sparse, lobpcg=lobpcg)
+
+
+def _solve_dense(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+    """Float64 LAPACK reference on the dense L (only the K wanted eigenpairs)."""
+    import scipy.linalg
+
+    n = A.shape[0]
+    if n > DENSE_MAX_NODES:
+        raise ValueError(f"dense solver refuses N={n} > {DENSE_MAX_NODES} nodes (O(N^2) memory, O(N^3) time)")
+    L = np.eye(n) - A.toarray()
+    vals, vecs = scipy.linalg.eigh(L, subset_by_index=[0, cfg.num_eigs - 1])
+    return _Raw(vals, vecs)
+
+
+SOLVERS: dict[str, Callable[[sp.csr_matrix, np.ndarray, SpectralConfig], _Raw]] = {
+    "eigsh": _solve_eigsh,
+    "lobpcg": _solve_lobpcg,
+    "cupy-lobpcg": _solve_cupy_lobpcg,
+    "dense": _solve_dense,
+}
+
+
+def list_solvers() -> list[str]:
+    return sorted(SOLVERS)
+
+
+# --- common post-processing ----------------------------------------------------------
+
+
+def fix_signs(vecs: np.ndarray) -> np.ndarray:
+    """Flip each column so that its positive part is the minority of entries.
+
+    Entries with |u| <= 1e-6 max|u| count as zero (solver noise on isolated nodes).
+    A column of one sign (the trivial sqrt(d) vector) is made non-negative instead, as
+    in Deep Spectral Methods, rather than all-negative. Equal counts: the entry of
+    largest |u| (first such) is made positive.
+    """
+    out = vecs.copy()
+    for j in range(out.shape[1]):
+        u = out[:, j]
+        eps = 1e-6 * np.abs(u).max()
+        pos, neg = int((u > eps).sum()), int((u < -eps).sum())
+        if pos == 0 or neg == 0:
+            flip = pos == 0
+        elif pos != neg:
+            flip = pos > neg
+        else:
+            flip = u[np.argmax(np.abs(u))] < 0
+        if flip:
+            out[:, j] = -u
+    return out
+
+
+def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
+    """K smallest eigenpairs of the normalised Laplacian of `graph` with solver `cfg.solver`."""
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"unknown solver {cfg.solver!r}; choose from {list_solvers()}")
+    W = graph.W
+    n, K = W.shape[0], cfg.num_eigs
+    if not 1 <= K < n:
+        raise ValueError(f"num_eigs={K} needs a graph with more than {K} nodes (got {n})")
+    if W.nnz and not np.isfinite(W.data).all():
+        raise SolverError("graph weights contain NaN/Inf")
+    if W.nnz and (W.data.min() < 0 or abs(W - W.T).max() > 1e-12 * abs(W).max()):
+        raise ValueError("graph weights must be symmetric and non-negative")
+    A = normalized_adjacency(W)
+    d, _ = _inv_sqrt_degrees(W)
+
+    t0 = time.perf_counter()
+    raw = SOLVERS[cfg.solver](A, np.sqrt(d), cfg)
+    seconds = time.perf_counter() - t0
+    if not (np.isfinite(raw.eigvals).all() and np.isfinite(raw.eigvecs).all()):
+        raise SolverError(f"solver {cfg.solver!r} returned NaN/Inf (N={n}, K={K})")
+
+    order = np.argsort(raw.eigvals, kind="stable")
+    vals = np.asarray(raw.eigvals, dtype=np.float64)[order]
+    vecs = fix_signs(np.asarray(raw.eigvecs, dtype=np.float64)[:, order])
+    vecs /= np.linalg.norm(vecs, axis=0, keepdims=True)
+    vecs32 = vecs.astype(np.float32)
+    # Residuals of what is returned (float32 vectors), computed in float64: Lu = u - Au.
+    u = vecs32.astype(np.float64)
+    residuals = np.linalg.norm(u - A @ u - u * vals, axis=0)
+    converged = bool((residuals <= cfg.residual_tol).all())
+    if not converged:
+        logger.warning(
+            "solver %r: residuals %s exceed residual_tol=%g (N=%d)",
+            cfg.solver, np.array2string(residuals, precision=2), cfg.residual_tol, n,
+        )
+    logger.debug("solver %r: N=%d K=%d in %.3f s (iterations=%s)", cfg.solver, n, K, seconds, raw.iterations)
+    return Spectrum(
+        eigvals=vals, eigvecs=vecs32, residuals=residuals, converged=converged,
+        iterations=raw.iterations, solver=cfg.solver, info={"seconds": seconds, **raw.info},
+    )
