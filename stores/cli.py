@@ -1,0 +1,256 @@
+"""sazs-store: inspect, verify, finalize, share and merge prior stores.
+
+Examples:
+
+    sazs-store info priors/sample-all-imgfocus-vits14.zarr            # human summary (--json for tools)
+    sazs-store finalize priors/sample-all-imgfocus-vits14.zarr        # checksum every object
+    sazs-store verify priors/sample-all-imgfocus-vits14.zarr          # exit 1 if anything is damaged
+    sazs-store publish priors/x.zarr s3://team-bucket/priors/x.zarr   # immutable upload
+    sazs-store pull s3://team-bucket/priors/x.zarr /data/priors/x.zarr
+    sazs-store merge priors/all.zarr priors/part0.zarr priors/part1.zarr
+    sazs-store show priors/x.zarr --ids astronaut --images /path/to/images
+    sazs-store unlock priors/x.zarr                                   # remove a dead writer's lock
+
+Object storage goes through fsspec (s3:// needs s3fs, gs:// gcsfs); credentials come
+from the usual environment; --storage-options passes extra options as JSON, e.g.
+'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .writer import StoreError
+
+log = logging.getLogger("sazs.store")
+
+
+def _options(args) -> dict | None:
+    if not getattr(args, "storage_options", None):
+        return None
+    try:
+        return json.loads(args.storage_options)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--storage-options is not valid JSON: {exc}") from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def store_info(url: str, storage_options: dict | None = None) -> dict:
+    from .integrity import is_finalized, list_objects
+    from .reader import open_store
+
+    store = open_store(url, storage_options=storage_options)
+    m = store.manifest
+    objects = list_objects(store.fs, store.root)
+    ex = m["extractor"]
+    return {
+        "url": store.url,
+        "format_version": m["format_version"],
+        "fingerprint": store.fingerprint,
+        "dataset": {k: m["dataset"].get(k) for k in ("name", "split", "root", "num_images")},
+        "extractor": {k: ex.get(k) for k in ("name", "architecture", "weights_sha256", "facet")},
+        "graph": m["graph"],
+        "solver": {k: m["solver"].get(k) for k in ("solver", "tol", "residual_tol")},
+        "num_eigs": m["num_eigs"],
+        "counts": store.counts(),
+        "finalized": is_finalized(url, storage_options),
+        "bytes": int(sum(objects.values())),
+        "objects": len(objects),
+        "created": m.get("created"),
+        "created_by": m.get("created_by"),
+        "code_version": m.get("code_version"),
+        "merged_from": [s.get("url") for s in m.get("merged_from", [])],
+    }
+
+
+def cmd_info(args) -> int:
+    info = store_info(args.store, _options(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c, ds, ex = info["counts"], info["dataset"], info["extractor"]
+    lines = [
+        f"store        {info['url']}  (format {info['format_version']}, {'finalized' if info['finalized'] else 'not finalized'})",
+        f"dataset      {ds['name']} / {ds['split']}  ({ds['num_images']} images, root {ds['root']})",
+        f"extractor    {ex['name']} ({ex['architecture']}, facet {ex['facet']})",
+        f"weights      sha256 {ex['weights_sha256'] or '— (no weights)'}",
+        f"graph        k={info['graph'].get('k')}, threshold={info['graph'].get('threshold')}, "
+        f"colour weight={info['graph'].get('color_weight')}",
+        f"spectrum     K={info['num_eigs']}, solver {info['solver']['solver']} (tol {info['solver']['tol']})",
+        f"images       {c['done']} done, {c['failed']} failed, {c['pending']} pending",
+        f"size         {_human_bytes(info['bytes'])} in {info['objects']} objects",
+        f"created      {info['created']} by {info['created_by']} with sazs {info['code_version']}",
+        f"fingerprint  {info['fingerprint']}",
+    ]
+    if info["merged_from"]:
+        lines.append("merged from  " + ", ".join(info["merged_from"]))
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .integrity import verify
+
+    report = verify(args.store, storage_options=_options(args), progress=not args.no_progress)
+    print(json.dumps(report.to_json(), indent=2) if args.json else "\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+def cmd_finalize(args) -> int:
+    from .integrity import finalize
+
+    summary = finalize(args.store, storage_options=_options(args), allow_incomplete=args.allow_incomplete,
+                       progress=not args.no_progress)
+    print(f"finalized {args.store}: {summary['num_objects']} objects, {_human_bytes(summary['total_bytes'])}, "
+          f"{summary['done']} done / {summary['failed']} failed / {summary['pending']} pending")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .remote import publish
+
+    url = publish(args.store, args.url, storage_options=_options(args), progress=not args.no_progress)
+    print(f"published {args.store} → {url}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .remote import pull
+
+    pull(args.url, args.dest, storage_options=_options(args), progress=not args.no_progress)
+    print(f"pulled {args.url} → {args.dest} (verified)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    counts = merge(args.out, args.inputs, on_conflict=args.on_conflict, overwrite=args.overwrite,
+                   storage_options=_options(args))
+    print(f"merged {len(args.inputs)} stores → {args.out}: {counts['done']} done, {counts['failed']} failed, "
+          f"{counts['pending']} pending")
+    return 0
+
+
+def _find_image(images: Path, id_: str):
+    from PIL import Image
+
+    import numpy as np
+
+    for candidate in sorted(images.glob(f"{id_}.*")):
+        try:
+            with Image.open(candidate) as img:
+                return np.asarray(img.convert("RGB"))
+        except OSError:
+            continue
+    return None
+
+
+def cmd_show(args) -> int:
+    from .preview import draw_priors
+    from .reader import open_store
+
+    store = open_store(args.store, storage_options=_options(args))
+    ids = args.ids or store.done_ids()[: args.count]
+    rows = []
+    for id_ in ids:
+        image = _find_image(Path(args.images), id_) if args.images else None
+        rows.append((store.get(id_), image))
+    out = args.out or Path(str(args.store).rstrip("/")).name.removesuffix(".zarr") + ".show.png"
+    print(draw_priors(rows, out, title=f"{store.manifest['dataset']['name']} · {store.manifest['extractor']['name']}"))
+    return 0
+
+
+def cmd_unlock(args) -> int:
+    from .lock import break_lock
+
+    info = break_lock(args.store)
+    print(f"removed lock of {info.get('owner')} pid {info.get('pid')}" if info else f"{args.store} was not locked")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sazs-store", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for URLs, as JSON")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", parents=[common], help="summary of a store",
+                       description="Example: sazs-store info priors/x.zarr --json")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("verify", parents=[common], help="recompute checksums and check the content",
+                       description="Exit status 0 when intact, 1 when damaged. Example: sazs-store verify priors/x.zarr")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("finalize", parents=[common], help="write checksums and summary (makes the store immutable)",
+                       description="Example: sazs-store finalize priors/x.zarr")
+    p.add_argument("store")
+    p.add_argument("--allow-incomplete", action="store_true", help="finalize even with pending images")
+    p.set_defaults(func=cmd_finalize)
+    p = sub.add_parser("publish", parents=[common], help="upload a finalized store (immutable, idempotent)",
+                       description="Example: sazs-store publish priors/x.zarr s3://bucket/priors/x.zarr")
+    p.add_argument("store")
+    p.add_argument("url")
+    p.set_defaults(func=cmd_publish)
+    p = sub.add_parser("pull", parents=[common], help="download a published store and verify it",
+                       description="Example: sazs-store pull s3://bucket/priors/x.zarr priors/x.zarr")
+    p.add_argument("url")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser(
+        "merge", parents=[common], help="combine stores computed on disjoint parts of one dataset",
+        description="Inputs must share one fingerprint. Per image: done beats failed beats pending; an image done "
+                    "in several inputs must be identical in each (else --on-conflict first takes the first input's). "
+                    "Example: sazs-store merge priors/all.zarr priors/part0.zarr priors/part1.zarr")
+    p.add_argument("out")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--on-conflict", choices=["error", "first"], default="error")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("show", parents=[common], help="draw the priors of chosen images to a PNG",
+                       description="Example: sazs-store show priors/x.zarr --ids astronaut --images ./imgs --out x.png")
+    p.add_argument("store")
+    p.add_argument("--ids", nargs="*", default=None)
+    p.add_argument("--count", type=int, default=4)
+    p.add_argument("--images", default=None, help="folder with the images as <id>.<ext> (optional)")
+    p.add_argument("--out", default=None, help="PNG path (default ./<store>.show.png)")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("unlock", help="remove the lock a dead writer left behind",
+                       description="Example: sazs-store unlock priors/x.zarr")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_unlock)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if args.verbose:
+        logging.getLogger("sazs").setLevel(logging.DEBUG)
+    try:
+        return args.func(args)
+    except (StoreError, ValueError, FileNotFoundError, KeyError) as exc:
+        if args.verbose:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"sazs-store: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
