@@ -98,6 +98,9 @@ class StoreWriter:
             raise StoreError(f"manifest is missing {missing}")
         if path.exists():
             if is_store(path):
+                if (path / "sazs-checksums.sha256").exists() and not overwrite:
+                    raise StoreError(f"{path} is finalised (immutable: it has checksums); write to another "
+                                     "path, or pass --overwrite (OVERWRITE=1) to replace it")
                 existing = dict(zarr.open_group(str(path), mode="r").attrs["manifest"])
                 if existing.get("fingerprint") == manifest["fingerprint"] and not overwrite:
                     log.info("resuming store %s", path)
