@@ -202,7 +202,7 @@ class Dataset:
         return {
             "name": self.name,
             "split": self.split,
-            "root": self.root,
+            "root": str(Path(self.root).resolve()) if self.root else None,  # absolute: stores outlive the cwd
             "num_images": len(self.ids),
             "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
         }

@@ -239,3 +239,23 @@ def test_store_cli(store, tmp_path, capsys):
 def test_finalized_store_is_immutable_for_writers(store):
     finalize(str(store))
     assert priors_cli.main(["run", *FAST, "--limit", "5", "--shard-size", "2", "--out", str(store)]) == 2
+
+
+def test_format_md_describes_what_the_writer_writes(store):
+    """Every array row of stores/FORMAT.md matches the real store's metadata, and vice versa."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "stores" / "FORMAT.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| \([^)]*\) \| `(\w+)`", text, flags=re.M))
+    written = {}
+    for meta_path in sorted(store.glob("*/zarr.json")):
+        meta = json.loads(meta_path.read_text())
+        written[meta_path.parent.name] = meta["data_type"]
+    assert rows == written
+    manifest = open_store(store).manifest
+    for key in manifest:
+        assert f"`{key}`" in text, f"manifest field {key} is not documented in FORMAT.md"
+    for section in ("dataset", "graph", "solver", "layout"):
+        for key in manifest[section]:
+            assert f"`{key}`" in text or key in text, f"{section}.{key} is not documented"
