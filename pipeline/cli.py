@@ -59,6 +59,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=64, metavar="S", help="images per store shard (default 64)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store of a different setting")
     g.add_argument("--retry-failed", action="store_true", help="recompute images recorded as failed")
+    g.add_argument("--take-over-lock", action="store_true",
+                   help="remove the store's lock left by another (dead) writer instead of refusing")
     g.add_argument("--preview", type=int, default=4, metavar="N", help="images in the preview PNG (0 = none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -94,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dataset = build_dataset(dataset_cfg)
     out = args.out or f"priors/{dataset.name}-{dataset.split}-{extractor_cfg.name}.zarr"
     job = JobConfig(out=out, shard_size=args.shard_size, overwrite=args.overwrite, retry_failed=args.retry_failed,
-                    progress=not args.no_progress, preview=args.preview)
+                    progress=not args.no_progress, preview=args.preview, take_over_lock=args.take_over_lock)
     extractor = build_extractor(extractor_cfg)
     log.info("dataset %s/%s: %d images → %s", dataset.name, dataset.split, len(dataset), out)
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sazs.stores.faults import fault_point
 from sazs.stores.manifest import build_manifest
 from sazs.stores.preview import draw_priors
 from sazs.stores.reader import open_store
@@ -41,6 +42,7 @@ class JobConfig:
     retry_failed: bool = False
     progress: bool = True
     preview: int = 4  # images drawn in the preview PNG (0 = no preview)
+    take_over_lock: bool = False  # remove another writer's (stale) lock instead of refusing
 
 
 @dataclass
@@ -124,35 +126,39 @@ def run_local(
 
     started = time.perf_counter()
     manifest = _manifest(dataset, extractor, graph_cfg, spectral_cfg, job.shard_size)
-    writer = StoreWriter.open(job.out, ids=list(dataset.ids), manifest=manifest, overwrite=job.overwrite)
-    todo = writer.todo(retry_failed=job.retry_failed)
-    num_todo = sum(len(v) for v in todo.values())
-    summary = JobSummary(store=str(job.out), total=writer.num_images, skipped=writer.num_images - num_todo)
-    log.info("%d of %d images to compute (%d shards)", num_todo, writer.num_images, len(todo))
-    bar = tqdm(total=num_todo, unit="img", disable=not job.progress, desc="priors", dynamic_ncols=True)
-    ids = dataset.ids
-    batch = max(1, getattr(extractor.config, "batch_size", 8))
-    try:
-        for shard, indices in sorted(todo.items()):
-            results: list[ImageResult] = []
-            for lo in range(0, len(indices), batch):
-                results.extend(_compute_batch(dataset, extractor, graph_cfg, spectral_cfg, indices[lo:lo + batch]))
-                bar.update(min(batch, len(indices) - lo))
-                bar.set_postfix(failed=sum(not r.ok for r in results) + summary.failed)
-            writer.write_shard(shard, results)
-            summary.computed += len(results)
-            summary.failed += sum(not r.ok for r in results)
-            summary.not_converged += sum(
-                r.ok and bool(np.nanmax(r.residuals) > spectral_cfg.residual_tol) for r in results
-            )
-    except KeyboardInterrupt:
-        log.warning("interrupted: finished shards are saved in %s; re-run the same command to resume", job.out)
-        raise
-    finally:
-        bar.close()
+    # The writer holds the store's lock until the block is left: on success, on an error
+    # and on Ctrl-C alike (only a killed process leaves a stale lock behind).
+    with StoreWriter.open(job.out, ids=list(dataset.ids), manifest=manifest, overwrite=job.overwrite,
+                          take_over_lock=job.take_over_lock) as writer:
+        todo = writer.todo(retry_failed=job.retry_failed)
+        num_todo = sum(len(v) for v in todo.values())
+        summary = JobSummary(store=str(job.out), total=writer.num_images, skipped=writer.num_images - num_todo)
+        log.info("%d of %d images to compute (%d shards)", num_todo, writer.num_images, len(todo))
+        bar = tqdm(total=num_todo, unit="img", disable=not job.progress, desc="priors", dynamic_ncols=True)
+        batch = max(1, getattr(extractor.config, "batch_size", 8))
+        try:
+            for shard, indices in sorted(todo.items()):
+                results: list[ImageResult] = []
+                for lo in range(0, len(indices), batch):
+                    results.extend(_compute_batch(dataset, extractor, graph_cfg, spectral_cfg,
+                                                  indices[lo:lo + batch]))
+                    bar.update(min(batch, len(indices) - lo))
+                    bar.set_postfix(failed=sum(not r.ok for r in results) + summary.failed)
+                writer.write_shard(shard, results)
+                summary.computed += len(results)
+                summary.failed += sum(not r.ok for r in results)
+                summary.not_converged += sum(
+                    r.ok and bool(np.nanmax(r.residuals) > spectral_cfg.residual_tol) for r in results
+                )
+                fault_point("job.after_shard")
+        except KeyboardInterrupt:
+            log.warning("interrupted: finished shards are saved in %s; re-run the same command to resume", job.out)
+            raise
+        finally:
+            bar.close()
+        status_counts = writer.counts()
     summary.seconds = time.perf_counter() - started
     store = open_store(job.out)
-    status_counts = writer.counts()
     summary.done, summary.failed = status_counts["done"], status_counts["failed"]
     summary.failures = store.failures()
     preview_png, summary_json = side_paths(job.out)

@@ -10,10 +10,15 @@ ever touch the same object.
 Crash safety rests on ordering: the data of a shard is written first and its ``status``
 chunk last, so an interrupted shard is still *pending* and is recomputed on resume.
 (Zarr's local store writes each object to a temporary file and renames it into place.)
+
+One writer at a time: ``StoreWriter.open`` takes the store's lock file (stores/lock.py)
+and ``close()`` (or leaving the ``with`` block) gives it back. ``fault_point`` marks the
+places where the crash tests kill the process (stores/faults.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .faults import fault_point
 from .manifest import REQUIRED_KEYS, fingerprint_diff
 
 log = logging.getLogger(__name__)
@@ -64,10 +70,15 @@ def is_store(path: str | Path) -> bool:
 
 
 class StoreWriter:
-    """Creates a store, or reopens one with the same fingerprint to resume it."""
+    """Creates a store, or reopens one with the same fingerprint to resume it.
 
-    def __init__(self, group: zarr.Group):
+    Use it as a context manager (or call ``close()``) so that the store's lock is released.
+    """
+
+    def __init__(self, group: zarr.Group, lock=None):
         self.group = group
+        self.lock = lock  # stores.lock.StoreLock, or None for a writer built without open()
+        self.closed = False
         self.manifest: dict = dict(group.attrs["manifest"])
         layout = self.manifest["layout"]
         self.shard_size = int(layout["shard_size"])
@@ -85,38 +96,68 @@ class StoreWriter:
         ids: list[str],
         manifest: dict,
         overwrite: bool = False,
+        take_over_lock: bool = False,
     ) -> "StoreWriter":
         """Create the store at ``path``, or resume it if it holds the same setting.
 
         A store with a different fingerprint is refused unless ``overwrite`` is set, in
         which case it is deleted first. A non-empty directory that is not a store is
-        never deleted.
+        never deleted. The store's lock is taken first; a store locked by another writer
+        (or a stale lock of a dead one) is refused unless ``take_over_lock`` is set.
         """
+        # Imported here: lock.py needs LOCK_FILE from integrity.py, which imports this module.
+        from .integrity import LOCK_FILE
+        from .lock import acquire_lock
+
         path = Path(path)
         missing = [k for k in REQUIRED_KEYS if k not in manifest]
         if missing:
             raise StoreError(f"manifest is missing {missing}")
-        if path.exists():
-            if is_store(path):
-                if (path / "sazs-checksums.sha256").exists() and not overwrite:
-                    raise StoreError(f"{path} is finalised (immutable: it has checksums); write to another "
-                                     "path, or pass --overwrite (OVERWRITE=1) to replace it")
-                existing = dict(zarr.open_group(str(path), mode="r").attrs["manifest"])
-                if existing.get("fingerprint") == manifest["fingerprint"] and not overwrite:
-                    log.info("resuming store %s", path)
-                    return cls(zarr.open_group(str(path), mode="r+"))
-                if not overwrite:
-                    diff = "; ".join(fingerprint_diff(existing, manifest)) or "fingerprint differs"
-                    raise StoreError(
-                        f"{path} holds priors of a different setting ({diff}); "
-                        "choose another output path or pass --overwrite (OVERWRITE=1) to replace it"
-                    )
-                log.warning("--overwrite: deleting the existing store %s", path)
-                shutil.rmtree(path)
-            elif path.is_dir() and any(path.iterdir()):
-                raise StoreError(f"{path} exists and is not a prior store; refusing to write into it")
-            elif path.is_file():
-                raise StoreError(f"{path} is a file, not a prior store directory")
+        if path.is_file():
+            raise StoreError(f"{path} is a file, not a prior store directory")
+        existed = path.exists()
+        if existed and not is_store(path) and any(p.name != LOCK_FILE for p in path.iterdir()):
+            raise StoreError(f"{path} exists and is not a prior store; refusing to write into it")
+        lock = acquire_lock(path, take_over=take_over_lock)
+        try:
+            writer = cls._open_locked(path, ids=ids, manifest=manifest, overwrite=overwrite)
+        except BaseException:
+            lock.release()
+            if not existed:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # only if empty: nothing but the lock was made
+            raise
+        writer.lock = lock
+        return writer
+
+    @classmethod
+    def _open_locked(cls, path: Path, *, ids: list[str], manifest: dict, overwrite: bool) -> "StoreWriter":
+        from .integrity import LOCK_FILE
+
+        if is_store(path):
+            if (path / "sazs-checksums.sha256").exists() and not overwrite:
+                raise StoreError(f"{path} is finalised (immutable: it has checksums); write to another "
+                                 "path, or pass --overwrite (OVERWRITE=1) to replace it")
+            existing = dict(zarr.open_group(str(path), mode="r").attrs["manifest"])
+            if existing.get("fingerprint") == manifest["fingerprint"] and not overwrite:
+                log.info("resuming store %s", path)
+                return cls(zarr.open_group(str(path), mode="r+"))
+            if not overwrite:
+                diff = "; ".join(fingerprint_diff(existing, manifest)) or "fingerprint differs"
+                raise StoreError(
+                    f"{path} holds priors of a different setting ({diff}); "
+                    "choose another output path or pass --overwrite (OVERWRITE=1) to replace it"
+                )
+            log.warning("--overwrite: deleting the existing store %s", path)
+            for entry in path.iterdir():  # everything but the lock we hold
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif any(p.name != LOCK_FILE for p in path.iterdir()):  # appeared before we took the lock
+            raise StoreError(f"{path} exists and is not a prior store; refusing to write into it")
         return cls._create(path, ids=ids, manifest=manifest)
 
     @classmethod
@@ -129,8 +170,9 @@ class StoreWriter:
         layout["shard_size"] = s
         hmax, wmax = (int(x) for x in layout["max_grid"])
         k = int(manifest["num_eigs"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        # Mode "a", not "w": "w" would empty the directory, lock file included ("w-" refuses
+        # a directory holding the lock). The directory holds nothing else at this point.
+        group = zarr.open_group(str(path), mode="a", zarr_format=3)
         group.create_array("ids", shape=(n,), dtype=str, chunks=(s,))
         group.create_array("image_size", shape=(n, 2), dtype="int32", chunks=(s, 2), fill_value=0)
         group.create_array("grid", shape=(n, 2), dtype="int16", chunks=(s, 2), fill_value=0)
@@ -152,6 +194,22 @@ class StoreWriter:
         group.attrs["manifest"] = manifest
         log.info("created store %s: %d images, %d shards of %d", path, n, -(-n // s), s)
         return cls(group)
+
+    # -- lock --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the store's lock; the writer cannot write afterwards. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- shards ------------------------------------------------------------------------
 
@@ -177,6 +235,9 @@ class StoreWriter:
 
     def write_shard(self, shard: int, results: list[ImageResult]) -> None:
         """Write one shard's results; images of the shard not in ``results`` keep their data."""
+        fault_point("write_shard.start")
+        if self.closed:
+            raise StoreError(f"the writer of {self.group.store} is closed")
         rng = self.shard_range(shard)
         start, stop = rng.start, rng.stop
         by_index = {r.index: r for r in results}
@@ -223,14 +284,19 @@ class StoreWriter:
             else:
                 errors[j] = r.error
                 status[j] = FAILED
+        if self.lock is not None:
+            self.lock.heartbeat()  # also stops here if another writer took the lock over
         # Data first, status last (see module docstring).
         g["eigvecs"][start:stop] = eigvecs
+        fault_point("write_shard.after_eigvecs")
         g["eigvals"][start:stop] = eigvals
         g["residual"][start:stop] = residual
         g["grid"][start:stop] = grid
         g["image_size"][start:stop] = image_size
         g["errors"][start:stop] = errors
+        fault_point("write_shard.after_data")
         g["status"][start:stop] = status
+        fault_point("write_shard.after_status")
 
     def counts(self) -> dict[str, int]:
         status = self.status()

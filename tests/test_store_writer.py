@@ -68,10 +68,10 @@ def test_layout_and_roundtrip(tmp_path):
 
 def test_resume_same_setting_and_refuse_other(tmp_path):
     path = tmp_path / "s.zarr"
-    w = StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS))
-    w.write_shard(0, [result(0), result(1)])
-    again = StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS))
-    assert again.todo() == {1: [2, 3], 2: [4]}
+    with StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS)) as w:
+        w.write_shard(0, [result(0), result(1)])
+    with StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS)) as again:
+        assert again.todo() == {1: [2, 3], 2: [4]}
     with pytest.raises(StoreError, match=r"graph\.k: 10 != 20.*--overwrite"):
         StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS, knn=20))
     fresh = StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS, knn=20), overwrite=True)
