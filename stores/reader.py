@@ -91,8 +91,9 @@ class PriorStore:
         self._check_arrays()
         try:
             self.group = zarr.open_group(self._zarr_store(), mode="r", zarr_format=3)
-            for name in array_spec(0, 1, (1, 1)):
-                self.group[name]  # parse every array's metadata now, not at first use
+            # Parse every array's metadata now (not at first use) and keep the handles:
+            # re-opening an array per read would double the cost of a random-access get().
+            self._arrays = {name: self.group[name] for name in array_spec(0, 1, (1, 1))}
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"cannot open {self.url}: damaged metadata ({type(exc).__name__}: {exc}); "
                              "run `sazs-store verify` and pull or re-create the store") from None
@@ -164,7 +165,10 @@ class PriorStore:
             from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
             return FsspecStore(AsyncFileSystemWrapper(self.fs, asynchronous=True), path=self.root, read_only=True)
-        return FsspecStore(self.fs, path=self.root, read_only=True)
+        # Zarr runs its own event loop; self.fs (sync, e.g. s3fs) is bound to fsspec's loop,
+        # where its HTTP session lives ("attached to a different loop"), so Zarr gets its own
+        # asynchronous instance.
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=True)
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -184,7 +188,7 @@ class PriorStore:
 
     def _read(self, name: str, selection=slice(None)) -> np.ndarray:
         try:
-            return np.asarray(self.group[name][selection])
+            return np.asarray(self._arrays[name][selection])
         except (KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:
             raise StoreError(f"cannot decode {self.url}/{name} ({type(exc).__name__}: {exc}); the object is "
                              "truncated or damaged: run `sazs-store verify` and pull or re-create the store") from None
@@ -245,7 +249,7 @@ class PriorStore:
         """Every array as a lazy dask array, chunked as stored (eigvecs: one image per chunk)."""
         import dask.array as da
 
-        return {name: da.from_zarr(self.group[name]) for name in array_spec(0, 1, (1, 1))}
+        return {name: da.from_zarr(array) for name, array in self._arrays.items()}
 
 
 def open_store(url: str | Path, *, storage_options: dict | None = None) -> PriorStore:

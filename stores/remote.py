@@ -1,0 +1,384 @@
+"""Publishing a finalised prior store to object storage, and pulling it back.
+
+A published store is an exact copy of a finalised local store under any fsspec URL
+(``s3://bucket/priors/voc-val.zarr``, ``gs://...``, ``memory://...``, a local path), so
+``open_store(url)`` and ``verify(url)`` work on it directly.
+
+Published stores are immutable. ``sazs-summary.json`` is uploaded **last**: its presence
+marks a complete upload, and its ``checksums_sha256`` identifies the store. Publishing
+the same store again is a no-op; publishing a different one to the same URL is refused.
+While an upload runs, the destination holds a ``.sazs-lock`` naming the store being
+uploaded (its ``checksums_sha256``), so an interrupted publish is resumed by re-running
+it: objects already there with the right size are kept (object stores write each
+object atomically), the rest are uploaded. The root ``zarr.json`` goes up after every
+other object, so a partial upload is never mistaken for a store by a reader.
+
+``pull`` downloads into a hidden sibling directory, verifies it, and only then renames
+it into place: a failed or interrupted pull never leaves a half store at the
+destination.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from .integrity import CHECKSUM_FILE, LOCK_FILE, SUMMARY_FILE, VerifyReport, list_objects, read_checksums, verify
+from .reader import split_url
+from .writer import StoreError
+
+log = logging.getLogger(__name__)
+
+# Object-store transfers are network-bound, not CPU-bound: a few threads hide latency.
+MAX_WORKERS = 8
+ROOT_META = "zarr.json"
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _cat(fs, path: str) -> bytes | None:
+    """Bytes of one object, or None if it does not exist."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def _read_json(fs, path: str, url: str) -> dict | None:
+    data = _cat(fs, path)
+    if data is None:
+        return None
+    try:
+        out = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{url}: {PurePosixPath(path).name} is not valid JSON ({exc})") from None
+    if not isinstance(out, dict):
+        raise StoreError(f"{url}: {PurePosixPath(path).name} is not a JSON object")
+    return out
+
+
+def _safe_key(key: str, url: str) -> str:
+    """Refuse object keys that would escape the store directory (``..``, absolute paths)."""
+    parts = PurePosixPath(key).parts
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise StoreError(f"{url}/{CHECKSUM_FILE} lists the object key {key!r}, which is not a plain relative "
+                         "path; refusing to transfer it (the store was not written by sazs or was tampered with)")
+    return key
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _transfer(jobs: list[tuple[str, int]], do: Callable[[str], None], *, what: str, url: str,
+              progress: bool, max_workers: int) -> None:
+    """Run ``do(key)`` for every (key, size) in parallel threads, with a byte progress bar."""
+    if not jobs:
+        return
+    from tqdm import tqdm
+
+    total = sum(size for _, size in jobs)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=not progress,
+              leave=False) as bar, ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
+        futures = {pool.submit(do, key): (key, size) for key, size in jobs}
+        try:
+            for fut in as_completed(futures):
+                key, size = futures[fut]
+                try:
+                    fut.result()
+                except OSError as exc:
+                    raise StoreError(f"{what} {key} failed for {url} ({type(exc).__name__}: {exc}); "
+                                     "check the URL and credentials, then re-run") from None
+                bar.update(size)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+
+def _problems(report: VerifyReport, limit: int = 5) -> str:
+    parts = []
+    for name in ("missing", "extra", "corrupted", "unreadable", "nonfinite", "not_ascending"):
+        items = getattr(report, name)
+        if items:
+            shown = ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+            parts.append(f"{name}: {shown}")
+    return "; ".join(parts)
+
+
+def _local_finalised(path: Path) -> tuple[dict, bytes]:
+    """(summary, checksum-file bytes) of a finalised local store, or StoreError."""
+    hint = f"finalize it first: sazs-store finalize {path}"
+    if not (path / ROOT_META).is_file():
+        raise StoreError(f"{path} is not a prior store (no {ROOT_META}); nothing to publish")
+    checksums = path / CHECKSUM_FILE
+    summary_path = path / SUMMARY_FILE
+    if not checksums.is_file() or not summary_path.is_file():
+        missing = CHECKSUM_FILE if not checksums.is_file() else SUMMARY_FILE
+        raise StoreError(f"{path} is not finalised (no {missing}); {hint}")
+    text = checksums.read_bytes()
+    try:
+        summary = json.loads(summary_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path}/{SUMMARY_FILE} is not valid JSON ({exc}); {hint}") from None
+    if summary.get("checksums_sha256") != _sha256(text):
+        raise StoreError(f"{path}/{SUMMARY_FILE} does not match {CHECKSUM_FILE} (edited after finalize?); "
+                         f"verify it (sazs-store verify {path}) and {hint}")
+    return summary, text
+
+
+# -- publish ------------------------------------------------------------------------------
+
+
+def publish(store_path: str | Path, url: str, *, storage_options: dict | None = None, progress: bool = True,
+            max_workers: int = MAX_WORKERS) -> str:
+    """Upload the finalised local store ``store_path`` to ``url`` (any fsspec URL); returns ``url``.
+
+    Immutable and idempotent: if ``url`` already holds this store (same checksums) nothing
+    is uploaded; if it holds another one, StoreError. An interrupted publish is resumed
+    by calling ``publish`` again.
+    """
+    src = Path(store_path)
+    summary, checksum_text = _local_finalised(src)
+    identity = summary["checksums_sha256"]
+    fs, root = split_url(url, storage_options)
+    root = root.rstrip("/")
+
+    published = _read_json(fs, f"{root}/{SUMMARY_FILE}", url)
+    if published is not None:
+        if published.get("checksums_sha256") == identity:
+            log.info("%s already published at %s (same checksums); nothing to do", src, url)
+            return url
+        raise StoreError(
+            f"a different store is already published at {url} (fingerprint "
+            f"{str(published.get('fingerprint'))[:12]}, checksums {str(published.get('checksums_sha256'))[:12]}; "
+            f"this one: fingerprint {str(summary.get('fingerprint'))[:12]}, checksums {identity[:12]}); "
+            "published stores are immutable: publish to a new URL"
+        )
+
+    report = verify(str(src), progress=progress)
+    if not report.ok:
+        raise StoreError(f"{src} fails verification ({_problems(report)}); not publishing a damaged store: "
+                         f"re-create it, or pull a good copy (sazs-store verify {src} for details)")
+    local_fs = _local_fs()
+    expected = read_checksums(local_fs, str(src))
+    sizes = {k: (src / k).stat().st_size for k in expected}
+
+    # What is already there: nothing, our own interrupted upload, or something else.
+    lock = _read_json(fs, f"{root}/{LOCK_FILE}", url) or {}
+    if lock and "publishing" not in lock:
+        raise StoreError(f"{url} is locked by a writer ({lock.get('owner', '?')} pid {lock.get('pid', '?')}, "
+                         f"command: {lock.get('command', '?')}); a store is being written there: "
+                         "publish to a new URL")
+    existing = list_objects(fs, root) if fs.exists(root) else {}
+    foreign = sorted(set(existing) - set(expected))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise StoreError(f"{url} already holds {len(foreign)} object(s) that are not part of {src} ({shown}) "
+                         f"and no {SUMMARY_FILE}; it is not an interrupted upload of this store: "
+                         "delete it or publish to a new URL")
+    resuming = lock.get("publishing") == identity
+    if resuming:
+        keep = {k for k, size in existing.items() if sizes.get(k) == size}
+        log.info("resuming the interrupted publish of %s to %s: %d of %d object(s) already there",
+                 src, url, len(keep), len(expected))
+    else:
+        keep = set()
+        if existing:
+            log.warning("%s holds an incomplete upload (no %s); overwriting it", url, SUMMARY_FILE)
+
+    if _is_local(fs):
+        for parent in sorted({str(PurePosixPath(f"{root}/{k}").parent) for k in expected}):
+            fs.makedirs(parent, exist_ok=True)
+    # Same fields as a writer's lock (stores/lock.py), so `sazs-store` can describe it,
+    # plus the identity of the store being uploaded.
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    token = {"owner": f"{_user()}@{socket.gethostname()}", "host": socket.gethostname(), "pid": os.getpid(),
+             "started": now, "heartbeat": now, "command": f"publish {src.resolve()} {url}",
+             "token": secrets.token_hex(8), "publishing": identity, "fingerprint": summary.get("fingerprint")}
+    _put_bytes(fs, f"{root}/{LOCK_FILE}", json.dumps(token, indent=2).encode(), url)
+
+    def upload(key: str) -> None:
+        fs.put_file(str(src / key), f"{root}/{key}")
+
+    # Data first, the root zarr.json after it (a partial upload is not an openable store).
+    todo = [(k, sizes[k]) for k in sorted(expected) if k not in keep and k != ROOT_META]
+    _transfer(todo, upload, what="uploading", url=url, progress=progress, max_workers=max_workers)
+    if ROOT_META not in keep:
+        _transfer([(ROOT_META, sizes[ROOT_META])], upload, what="uploading", url=url, progress=False,
+                  max_workers=1)
+
+    # Every object there with its size, and the upload still ours, before the summary commits it.
+    there = list_objects(fs, root)
+    short = sorted(k for k in expected if there.get(k) != sizes[k])
+    if short:
+        raise StoreError(f"after uploading, {len(short)} object(s) at {url} are missing or have the wrong size "
+                         f"({', '.join(short[:5])}); re-run publish to resume")
+    if (_read_json(fs, f"{root}/{LOCK_FILE}", url) or {}) != token:
+        raise StoreError(f"another publish to {url} started while this one ran ({LOCK_FILE} changed); "
+                         "not marking the upload complete: check what is there and publish to a new URL")
+    _put_bytes(fs, f"{root}/{CHECKSUM_FILE}", checksum_text, url)
+    try:
+        fs.rm_file(f"{root}/{LOCK_FILE}")
+    except OSError as exc:
+        raise StoreError(f"removing {LOCK_FILE} from {url} failed ({type(exc).__name__}: {exc}); "
+                         "re-run publish to finish") from None
+    _put_bytes(fs, f"{root}/{SUMMARY_FILE}", (src / SUMMARY_FILE).read_bytes(), url)  # last: marks completion
+    log.info("published %s to %s: %d object(s), %d uploaded, %.1f MB", src, url, len(expected), len(todo),
+             sum(sizes.values()) / 1e6)
+    return url
+
+
+def _put_bytes(fs, path: str, data: bytes, url: str) -> None:
+    try:
+        fs.pipe_file(path, data)
+    except OSError as exc:
+        raise StoreError(f"writing {PurePosixPath(path).name} to {url} failed ({type(exc).__name__}: {exc}); "
+                         "check the URL and credentials, then re-run") from None
+
+
+def _local_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+# -- pull ---------------------------------------------------------------------------------
+
+
+def _parse_summary(data: bytes | None, url: str) -> dict:
+    if data is None:
+        raise StoreError(f"{url} is not a published store / upload incomplete (no {SUMMARY_FILE}); "
+                         "check the URL, or re-run `sazs-store publish` to complete the upload")
+    try:
+        out = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{url}/{SUMMARY_FILE} is not valid JSON ({exc}); the published store is damaged") from None
+    if not isinstance(out, dict):
+        raise StoreError(f"{url}/{SUMMARY_FILE} is not a JSON object; the published store is damaged")
+    return out
+
+
+def published_summary(url: str, *, storage_options: dict | None = None) -> dict:
+    """The summary of the store published at ``url``; StoreError if there is none (or it is incomplete)."""
+    fs, root = split_url(url, storage_options)
+    return _parse_summary(_cat(fs, f"{root.rstrip('/')}/{SUMMARY_FILE}"), url)
+
+
+def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, progress: bool = True,
+         max_workers: int = MAX_WORKERS) -> VerifyReport:
+    """Download the store published at ``url`` into the local directory ``dest`` and verify it.
+
+    ``dest`` must be absent, empty, or already a copy of the same store (verified, and
+    replaced only if damaged). Returns the verification report of ``dest``.
+    """
+    fs, root = split_url(url, storage_options)
+    root = root.rstrip("/")
+    summary_bytes = _cat(fs, f"{root}/{SUMMARY_FILE}")
+    summary = _parse_summary(summary_bytes, url)
+    identity = summary.get("checksums_sha256")
+    checksum_text = _cat(fs, f"{root}/{CHECKSUM_FILE}")
+    if checksum_text is None or _sha256(checksum_text) != identity:
+        state = "missing" if checksum_text is None else f"does not match {SUMMARY_FILE}"
+        raise StoreError(f"{url}/{CHECKSUM_FILE} {state}: the published store is damaged; "
+                         "re-publish it from a good copy to a new URL")
+
+    dest = Path(dest)
+    if dest.is_file():
+        raise StoreError(f"{dest} is a file; pull into a new or empty directory")
+    replace = dest.is_dir() and any(dest.iterdir())
+    if replace:
+        local = _local_summary(dest)
+        if local is None or local.get("checksums_sha256") != identity:
+            raise StoreError(f"{dest} is not empty and does not hold the store published at {url}; "
+                             "pull into a new or empty directory")
+        report = verify(str(dest), progress=progress)
+        if report.ok:
+            log.info("%s already holds %s (verified); nothing to do", dest, url)
+            return report
+        log.warning("%s is a damaged copy of %s (%s); pulling it again", dest, url, _problems(report))
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.pulling"
+    if tmp.exists():
+        log.info("removing %s left by an interrupted pull", tmp)
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        (tmp / CHECKSUM_FILE).write_bytes(checksum_text)
+        expected = read_checksums(_local_fs(), str(tmp))
+        keys = [_safe_key(k, url) for k in sorted(expected)]
+        listing = list_objects(fs, root)
+        missing = [k for k in keys if k not in listing]
+        if missing:
+            raise StoreError(f"{url} lacks {len(missing)} object(s) listed in its checksums "
+                             f"({', '.join(missing[:5])}); the published store is damaged: "
+                             "re-publish it from a good copy to a new URL")
+        for parent in sorted({(tmp / k).parent for k in keys}):
+            parent.mkdir(parents=True, exist_ok=True)
+
+        def download(key: str) -> None:
+            fs.get_file(f"{root}/{key}", str(tmp / key))
+
+        _transfer([(k, listing[k]) for k in keys], download, what="downloading", url=url, progress=progress,
+                  max_workers=max_workers)
+        (tmp / SUMMARY_FILE).write_bytes(summary_bytes)
+        report = verify(str(tmp), progress=progress)
+        if not report.ok:
+            raise StoreError(f"the store pulled from {url} fails verification ({_problems(report)}); the "
+                             f"published copy is damaged: nothing was written to {dest}; re-publish it from a "
+                             "good copy to a new URL")
+        if summary.get("fingerprint") != report.fingerprint:
+            raise StoreError(f"{url}: {SUMMARY_FILE} names fingerprint {summary.get('fingerprint')}, but the "
+                             f"store's manifest has {report.fingerprint}; the published store is inconsistent")
+        _swap_into_place(tmp, dest, replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.url = str(dest)
+    log.info("pulled %s to %s: %d object(s), verified", url, dest, report.num_objects)
+    return report
+
+
+def _local_summary(path: Path) -> dict | None:
+    try:
+        return json.loads((path / SUMMARY_FILE).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _swap_into_place(tmp: Path, dest: Path, replace: bool) -> None:
+    if not replace:
+        if dest.is_dir():
+            dest.rmdir()  # empty
+        tmp.rename(dest)
+        return
+    old = dest.parent / f".{dest.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
