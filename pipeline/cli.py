@@ -58,6 +58,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="store path (default priors/<dataset>-<split>-<extractor>.zarr)")
     g.add_argument("--shard-size", type=int, default=64, metavar="S", help="images per store shard (default 64)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store of a different setting")
+    g.add_argument("--part", default=None, metavar="I/N",
+                   help="compute only part I of N (contiguous shard ranges, from 0) into this store; "
+                        "combine the parts' stores with `sazs-store merge`")
     g.add_argument("--retry-failed", action="store_true", help="recompute images recorded as failed")
     g.add_argument("--take-over-lock", action="store_true",
                    help="remove the store's lock left by another (dead) writer instead of refusing")
@@ -87,7 +90,7 @@ def build_configs(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from .datasets import build_dataset
     from .extractors import build_extractor
-    from .job import JobConfig, run_local
+    from .job import JobConfig, parse_part, run_local
     from sazs.stores.manifest import code_version
     from sazs.stores.writer import StoreError
 
@@ -96,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     dataset = build_dataset(dataset_cfg)
     out = args.out or f"priors/{dataset.name}-{dataset.split}-{extractor_cfg.name}.zarr"
     job = JobConfig(out=out, shard_size=args.shard_size, overwrite=args.overwrite, retry_failed=args.retry_failed,
-                    progress=not args.no_progress, preview=args.preview, take_over_lock=args.take_over_lock)
+                    progress=not args.no_progress, preview=args.preview, take_over_lock=args.take_over_lock,
+                    part=parse_part(args.part) if args.part else None)
     extractor = build_extractor(extractor_cfg)
     log.info("dataset %s/%s: %d images → %s", dataset.name, dataset.split, len(dataset), out)
     try:

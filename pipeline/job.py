@@ -43,6 +43,28 @@ class JobConfig:
     progress: bool = True
     preview: int = 4  # images drawn in the preview PNG (0 = no preview)
     take_over_lock: bool = False  # remove another writer's (stale) lock instead of refusing
+    # (i, n): compute only part i of n contiguous ranges of shards, so that several machines
+    # or teams can each fill their own store and `sazs-store merge` combines them.
+    part: tuple[int, int] | None = None
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4); parts are numbered from 0."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part must look like I/N (e.g. 0/2), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--part {text}: need 0 <= I < N")
+    return i, n
+
+
+def shards_of_part(num_shards: int, part: tuple[int, int] | None) -> range:
+    """Contiguous range of shard indices of part (i, n)."""
+    if part is None:
+        return range(num_shards)
+    i, n = part
+    return range(i * num_shards // n, (i + 1) * num_shards // n)
 
 
 @dataclass
@@ -51,6 +73,7 @@ class JobSummary:
     total: int
     done: int = 0
     failed: int = 0
+    pending: int = 0
     computed: int = 0
     skipped: int = 0
     not_converged: int = 0
@@ -62,8 +85,9 @@ class JobSummary:
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
         out = [
             f"store      {self.store}",
-            f"images     {self.total} total: {self.done} done, {self.failed} failed "
-            f"({self.computed} computed now at {rate:.2f} img/s, {self.skipped} already finished)",
+            f"images     {self.total} total: {self.done} done, {self.failed} failed"
+            + (f", {self.pending} pending" if self.pending else "")
+            + f" ({self.computed} computed now at {rate:.2f} img/s, {self.skipped} already finished)",
         ]
         if self.not_converged:
             out.append(f"warning    {self.not_converged} image(s) have residuals above the solver's residual_tol")
@@ -130,9 +154,11 @@ def run_local(
     # and on Ctrl-C alike (only a killed process leaves a stale lock behind).
     with StoreWriter.open(job.out, ids=list(dataset.ids), manifest=manifest, overwrite=job.overwrite,
                           take_over_lock=job.take_over_lock) as writer:
-        todo = writer.todo(retry_failed=job.retry_failed)
+        mine = shards_of_part(writer.num_shards, job.part)
+        todo = {s: v for s, v in writer.todo(retry_failed=job.retry_failed).items() if s in mine}
         num_todo = sum(len(v) for v in todo.values())
-        summary = JobSummary(store=str(job.out), total=writer.num_images, skipped=writer.num_images - num_todo)
+        in_part = sum(len(writer.shard_range(s)) for s in mine)
+        summary = JobSummary(store=str(job.out), total=writer.num_images, skipped=in_part - num_todo)
         log.info("%d of %d images to compute (%d shards)", num_todo, writer.num_images, len(todo))
         bar = tqdm(total=num_todo, unit="img", disable=not job.progress, desc="priors", dynamic_ncols=True)
         batch = max(1, getattr(extractor.config, "batch_size", 8))
@@ -159,7 +185,7 @@ def run_local(
         status_counts = writer.counts()
     summary.seconds = time.perf_counter() - started
     store = open_store(job.out)
-    summary.done, summary.failed = status_counts["done"], status_counts["failed"]
+    summary.done, summary.failed, summary.pending = (status_counts[k] for k in ("done", "failed", "pending"))
     summary.failures = store.failures()
     preview_png, summary_json = side_paths(job.out)
     if job.preview > 0 and summary.done:

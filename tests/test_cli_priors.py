@@ -150,3 +150,20 @@ def test_default_extractor_on_sample(tmp_path):
     store = check_store(out, 2)
     assert store.manifest["extractor"]["name"] == "imgfocus-vits14"
     assert len(store.manifest["extractor"]["weights_sha256"]) == 64
+
+
+def test_parts_merge_into_the_whole(tmp_path):
+    """Two machines each compute one part into their own store; merge equals one full run."""
+    from sazs.stores.merge import merge
+
+    common = [*FAST, "--limit", 5, "--shard-size", 2, "--preview", 0]
+    assert run(*common, "--out", tmp_path / "whole.zarr") == 0
+    assert run(*common, "--part", "0/2", "--out", tmp_path / "p0.zarr") == 0
+    assert run(*common, "--part", "1/2", "--out", tmp_path / "p1.zarr") == 0
+    p0, p1 = open_store(tmp_path / "p0.zarr"), open_store(tmp_path / "p1.zarr")
+    assert list(p0.status()) == [1, 1, 0, 0, 0] and list(p1.status()) == [0, 0, 1, 1, 1]
+    merge(tmp_path / "merged.zarr", [str(tmp_path / "p0.zarr"), str(tmp_path / "p1.zarr")])
+    whole, merged = open_store(tmp_path / "whole.zarr"), open_store(tmp_path / "merged.zarr")
+    for name in ("eigvecs", "eigvals", "residual", "grid", "image_size", "status"):
+        np.testing.assert_array_equal(np.asarray(whole.group[name][:]), np.asarray(merged.group[name][:]))
+    assert run(*common, "--part", "2/2", "--out", tmp_path / "bad.zarr") == 2
