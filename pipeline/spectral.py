@@ -29,6 +29,7 @@ from .graph import Graph
 logger = logging.getLogger(__name__)
 
 DENSE_MAX_NODES = 6000
+PRECISIONS = ("float32", "float64")
 
 
 class SolverError(RuntimeError):
@@ -43,6 +44,9 @@ class SpectralConfig:
     values; LOBPCG: residual norm). 1e-5 keeps eigenvalues within ~1e-8 and residuals
     within ~1e-5 of exact, far inside the 1e-4 / residual_tol checks. max_iter None
     means the solver's default (ARPACK: 10 N restarts; LOBPCG: 500 iterations).
+    precision is eigsh's working precision: "float32" (single-precision ARPACK on a
+    float32 copy of A, ~20% faster; the eigenvalues are then float64 Rayleigh quotients
+    of the returned vectors, which are float32 in either case) or "float64".
     device only matters for GPU solvers; "auto" never switches solver.
     """
 
@@ -53,6 +57,7 @@ class SpectralConfig:
     residual_tol: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    precision: str = "float32"
 
 
 @dataclass
@@ -108,24 +113,35 @@ def _solve_eigsh(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _
     needs only sparse mat-vecs, no factorisation. The seeded random start vector makes
     runs reproducible; sqrt(d) is *not* used because it is an exact eigenvector, which
     would make the Krylov space collapse to one dimension.
+
+    In float32 the ~300 mat-vecs (0.04 ms each at N ~ 3,500) cost the same, ARPACK's
+    own vector work less: ~20% faster overall (21 -> 17 ms). Its Ritz values then carry
+    float32 rounding (~1e-7 on eigenvalues of A near 1), so the eigenvalues are
+    recomputed as float64 Rayleigh quotients of the returned vectors (error ~ residual^2).
     """
     n = A.shape[0]
+    dtype = np.float32 if cfg.precision == "float32" else np.float64
+    Aw = A.astype(dtype)
     matvecs = 0
 
     def matvec(x):
         nonlocal matvecs
         matvecs += 1 if x.ndim == 1 else x.shape[1]
-        return A @ x
+        return Aw @ x
 
-    op = sla.LinearOperator(A.shape, matvec=matvec, matmat=matvec, dtype=np.float64)
-    v0 = np.random.default_rng(cfg.seed).standard_normal(n)
+    op = sla.LinearOperator(A.shape, matvec=matvec, matmat=matvec, dtype=dtype)
+    v0 = np.random.default_rng(cfg.seed).standard_normal(n).astype(dtype)
     try:
         vals, vecs = sla.eigsh(op, k=cfg.num_eigs, which="LA", tol=cfg.tol, maxiter=cfg.max_iter, v0=v0)
     except sla.ArpackNoConvergence as e:
         raise SolverError(
             f"ARPACK converged {len(e.eigenvalues)} of {cfg.num_eigs} eigenpairs "
-            f"(tol={cfg.tol}, max_iter={cfg.max_iter}, {matvecs} mat-vecs)"
+            f"(tol={cfg.tol}, max_iter={cfg.max_iter}, precision={cfg.precision}, {matvecs} mat-vecs)"
         ) from e
+    if dtype == np.float32:
+        vecs = vecs.astype(np.float64)
+        vecs /= np.linalg.norm(vecs, axis=0, keepdims=True)
+        vals = np.einsum("ij,ij->j", vecs, A @ vecs)
     return _Raw(1.0 - vals, vecs, iterations=matvecs, info={"matvecs": matvecs})
 
 
@@ -242,6 +258,8 @@ def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
     """K smallest eigenpairs of the normalised Laplacian of `graph` with solver `cfg.solver`."""
     if cfg.solver not in SOLVERS:
         raise ValueError(f"unknown solver {cfg.solver!r}; choose from {list_solvers()}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose from {list(PRECISIONS)}")
     W = graph.W
     n, K = W.shape[0], cfg.num_eigs
     if not 1 <= K < n:

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from skimage import data
 
-from sazs.pipeline.graph import Graph, GraphConfig, build_knn_graph, knn, patch_colors
+from sazs.pipeline import graph as graph_mod
+from sazs.pipeline.graph import BACKENDS, Graph, GraphConfig, build_knn_graph, knn, knn_certified, patch_colors
 
 GRID = (30, 40)
+FEATS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -53,7 +56,7 @@ def assert_same_neighbours_up_to_ties(x, idx_a, idx_b, sims_fn, atol=1e-5):
         assert np.all(np.abs(sims_fn(i, list(a ^ b)) - kth) <= atol), f"row {i}: {a ^ b}"
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_invariants_and_threshold(backend):
     f = random_features()
     g = build_knn_graph(f, GraphConfig(k=10, backend=backend), grid=GRID)
@@ -88,18 +91,24 @@ def test_negative_cosines_never_enter():
     assert np.diff(g.W.indptr).min() == 19
 
 
+def score_fn(x: np.ndarray, metric: str):
+    x64 = x.astype(np.float64)
+    if metric == "ip":
+        return lambda i, j: x64[j] @ x64[i]
+    return lambda i, j: -((x64[j] - x64[i]) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "certified"])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_backends_agree_on_random_features(metric):
+def test_backends_agree_on_random_features(metric, backend):
     x = random_features(n=1500, d=24, seed=3)
     sa, ia = knn(x, 12, metric=metric, backend="faiss")
-    sb, ib = knn(x, 12, metric=metric, backend="torch")
-    assert not (ia == np.arange(len(x))[:, None]).any()
+    sb, ib = knn(x, 12, metric=metric, backend=backend)
+    assert not (ib == np.arange(len(x))[:, None]).any()
     np.testing.assert_allclose(sa, sb, atol=1e-5)
-    x64 = x.astype(np.float64)
-    score = (lambda i, j: x64[j] @ x64[i]) if metric == "ip" else (lambda i, j: -((x64[j] - x64[i]) ** 2).sum(1))
-    assert_same_neighbours_up_to_ties(x, ia, ib, score)
+    assert_same_neighbours_up_to_ties(x, ia, ib, score_fn(x, metric))
     ga = build_knn_graph(x, GraphConfig(backend="faiss"), grid=(30, 50))
-    gb = build_knn_graph(x, GraphConfig(backend="torch"), grid=(30, 50))
+    gb = build_knn_graph(x, GraphConfig(backend=backend), grid=(30, 50))
     assert abs(ga.W - gb.W).max() < 1e-6
 
 
@@ -119,7 +128,7 @@ def test_backends_agree_on_image_colour_features():
     _, ia = knn(c, 10, metric="l2", backend="faiss")
     _, ib = knn(c, 10, metric="l2", backend="torch")
     assert_same_neighbours_up_to_ties(c, ia, ib, lambda i, j: -((c64[j] - c64[i]) ** 2).sum(1))
-    for backend in ("faiss", "torch"):
+    for backend in BACKENDS:
         check_invariants(build_knn_graph(f, GraphConfig(backend=backend, color_weight=1.0), grid=GRID, colors=colors))
 
 
@@ -165,8 +174,10 @@ def test_validation(caplog):
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         build_knn_graph(bad, GraphConfig(), grid=(4, 5))
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match=r"unknown graph backend 'annoy'; choose from \['certified'"):
         GraphConfig(backend="annoy")
+    with pytest.raises(ValueError, match="unknown kNN backend"):
+        knn(f, 3, metric="ip", backend="annoy")
     with pytest.raises(ValueError, match="threshold"):
         GraphConfig(threshold=-0.1)
     with caplog.at_level(logging.WARNING, logger="sazs.pipeline.graph"):
@@ -187,3 +198,143 @@ def test_patch_colors():
     np.testing.assert_allclose(odd.mean(0), data.coffee().reshape(-1, 3).mean(0) / 255.0, atol=1e-6)
     with pytest.raises(ValueError):
         patch_colors(image[..., 0], (4, 4))
+
+
+# --- certified bf16 search ----------------------------------------------------------
+
+
+@pytest.fixture
+def bf16_path(monkeypatch):
+    """Take the bf16 path even on CPUs without native bf16 (slower there, same answer)."""
+    monkeypatch.setattr(graph_mod, "_native_bf16", lambda: True)
+
+
+def vit_like_features(n=1500, d=384, seed=0) -> np.ndarray:
+    """A common direction plus a 4-dim spread plus noise: like ViT patch features, the
+    10th neighbour has cosine ~0.997 and the 10th and 16th differ by ~1e-4 to 1e-3."""
+    rng = np.random.default_rng(seed)
+    mean = rng.standard_normal(d)
+    basis = np.linalg.qr(rng.standard_normal((d, 4)))[0]
+    x = mean / np.linalg.norm(mean) + 0.1 * rng.standard_normal((n, 4)) @ basis.T
+    return normalise(x + 0.01 / np.sqrt(d) * rng.standard_normal((n, d)))
+
+
+def brute_force(x: np.ndarray, k: int, metric: str) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    s = x64 @ x64.T
+    if metric == "l2":
+        sq = np.diag(s).copy()
+        s = 2 * s - sq[:, None] - sq[None, :]  # -||x_i - x_j||^2, float64
+    np.fill_diagonal(s, -np.inf)
+    top = np.argpartition(-s, k, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), axis=1), 1)
+
+
+def assert_exact(x, k, metric, **expect):
+    scores, idx, stats = knn_certified(x, k, metric)
+    for key, value in expect.items():
+        assert getattr(stats, key) == value, stats
+    assert not (idx == np.arange(len(x))[:, None]).any()
+    assert_same_neighbours_up_to_ties(x, brute_force(x, k, metric), idx, score_fn(x, metric), atol=1e-6)
+    # Scores are the exact float32 ones of the returned neighbours, best first.
+    x64 = x.astype(np.float64)
+    exact = np.einsum("id,ikd->ik", x64, x64[idx]) if metric == "ip" else ((x64[:, None] - x64[idx]) ** 2).sum(-1)
+    np.testing.assert_allclose(scores, exact, atol=2e-6)
+    assert np.all(np.diff(scores, axis=1) <= 0) if metric == "ip" else np.all(np.diff(scores, axis=1) >= -1e-7)
+    return scores, idx, stats
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_certified_matches_brute_force_on_random_features(metric, bf16_path):
+    x = random_features(n=1100, d=96, seed=7)
+    assert_exact(x, 10, metric, path="bf16")
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_certified_matches_brute_force_on_vit_like_features(metric, bf16_path):
+    x = vit_like_features()
+    cos = x[:50] @ x.T
+    assert np.median(np.sort(cos, axis=1)[:, -11]) > 0.99  # as tight as real ViT features
+    _, _, stats = assert_exact(x, 10, metric, path="bf16")
+    assert stats.uncertain_rows < len(x) // 10  # the certificate decides most rows by itself
+
+
+@pytest.mark.parametrize("name", ["chelsea", "rocket"])
+def test_certified_matches_brute_force_on_real_vit_features(name, bf16_path):
+    path = FEATS_DIR / f"feats_imgfocus-vits14_672_{name}.npy"
+    if not path.exists():
+        pytest.skip(f"{path.name} not cached (python bench/solvers.py writes it)")
+    f = np.load(path)
+    x = normalise(f.reshape(-1, f.shape[-1]).astype(np.float64))
+    _, idx, _ = assert_exact(x, 10, "ip", path="bf16")
+    _, ref = knn(x, 10, metric="ip", backend="faiss")
+    assert_same_neighbours_up_to_ties(x, ref, idx, score_fn(x, "ip"), atol=1e-6)
+
+
+@pytest.mark.parametrize("features", ["random", "vit-like"])
+def test_certified_error_bound_holds_for_every_pair(features):
+    """The per-row bound covers |D~_ij - ||x_i - x_j||^2| for every j, and for D~_ji too
+    (the search fills the lower triangle with the transposed product)."""
+    import torch
+
+    x = random_features(n=900, d=96, seed=11) if features == "random" else vit_like_features(n=900)
+    x64 = x.astype(np.float64)
+    A, B, bound = graph_mod._bf16_operands(x64)
+    approx = (A @ B.T).double().numpy()  # bf16 output, as in the search
+    sq = (x64**2).sum(1)
+    exact = sq[:, None] + sq[None, :] - 2 * x64 @ x64.T
+    err = np.abs(approx - exact) - graph_mod._BF16_U / (1 - graph_mod._BF16_U) * np.abs(approx)
+    assert (err <= bound[:, None] + 1e-12).all()
+    assert (err.T <= bound[:, None] + 1e-12).all()
+    # Tight where it matters: a 1e-4 bound on distances ~0.01 (cosines ~0.995) for
+    # ViT-like features; isotropic random features have no small tail (distances ~2).
+    assert bound.max() < (1e-4 if features == "vit-like" else 1e-2)
+    assert torch.equal(A[:, -2:], torch.ones((len(x), 2), dtype=torch.bfloat16))
+
+
+def test_certified_near_ties_fall_back_to_exact_rows(bf16_path):
+    # Groups of 24 near-copies (spread 1e-6 around a centre): inside a group the k-th
+    # and (k+6)-th distances differ far less than the bf16 error bound, so no row can be
+    # certified and every one of them must take the exact float32 fallback.
+    rng = np.random.default_rng(3)
+    centres = vit_like_features(n=40, seed=4)
+    x = np.repeat(centres, 24, axis=0) + 1e-6 * rng.standard_normal((40 * 24, centres.shape[1])).astype(np.float32)
+    x = np.concatenate([x, vit_like_features(n=400, seed=5)])
+    x = normalise(x)
+    scores, idx, stats = assert_exact(x, 10, "ip", path="bf16")
+    assert stats.uncertain_rows >= 40 * 24
+    rows = np.arange(40 * 24)
+    ref_s, ref_i = graph_mod._exact_rows(np.ascontiguousarray(x, np.float32), rows, 10, "ip")
+    np.testing.assert_array_equal(scores[rows], ref_s)
+    np.testing.assert_array_equal(np.sort(idx[rows], 1), np.sort(ref_i, 1))
+
+
+def test_certified_exact_duplicates_and_ties(bf16_path):
+    # Exact duplicates (distance 0, bf16 values may round below 0) and exactly tied
+    # neighbours (x +- t e_a for orthogonal e_a) must not confuse the selection.
+    base = random_features(n=1000, d=80, seed=9).astype(np.float64)
+    dup = np.repeat(base[:30], 3, axis=0)
+    e = np.eye(80)[:6]
+    star = np.concatenate([base[30:40, None, :] + s * 0.01 * e[None] for s in (1, -1)], axis=1).reshape(-1, 80)
+    x = normalise(np.concatenate([base, dup, star]))
+    for metric in ("ip", "l2"):
+        assert_exact(x, 10, metric, path="bf16")
+
+
+def test_certified_small_or_unequal_inputs_use_exact_product(bf16_path):
+    _, _, stats = knn_certified(random_features(n=300, d=96), 10, "ip")
+    assert stats.path == "exact" and "too small" in stats.reason
+    x = random_features(n=1100, d=96) * np.linspace(0.5, 2, 1100)[:, None].astype(np.float32)
+    scores, idx, stats = knn_certified(x, 10, "ip")  # unnormalised: ranking by distance != by ip
+    assert stats.path == "exact" and "unequal norm" in stats.reason
+    assert_same_neighbours_up_to_ties(x, brute_force(x, 10, "ip"), idx, score_fn(x, "ip"), atol=1e-5)
+
+
+def test_certified_detects_a_product_outside_its_bound(bf16_path, monkeypatch, caplog):
+    real = graph_mod._bf16_operands
+    monkeypatch.setattr(graph_mod, "_bf16_operands", lambda x: (*real(x)[:2], np.full(len(x), -1.0)))
+    x = random_features(n=1100, d=96, seed=2)
+    with caplog.at_level(logging.WARNING, logger="sazs.pipeline.graph"):
+        _, idx, stats = knn_certified(x, 10, "ip")
+    assert "error bound" in caplog.text and stats.path == "exact"
+    assert_same_neighbours_up_to_ties(x, brute_force(x, 10, "ip"), idx, score_fn(x, "ip"), atol=1e-6)

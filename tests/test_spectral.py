@@ -102,6 +102,18 @@ def test_solver_matches_dense(solver, image_case, numpy_cupy):
     np.testing.assert_allclose(s.eigvecs[:, 0], np.sqrt(d / d.sum()), atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_eigsh_precisions_match_dense(precision, image_case):
+    graph, ref = image_case
+    cfg = SpectralConfig(num_eigs=K, solver="eigsh", precision=precision)
+    s = laplacian_eigs(graph, cfg)
+    assert_well_formed(s, graph.num_nodes, K, cfg)
+    assert_matches_reference(s, ref, K)
+    # float64 Rayleigh quotients: eigenvalues far more accurate than float32 Ritz values
+    np.testing.assert_allclose(s.eigvals, ref.eigvals[:K], atol=1e-7)
+    assert s.residuals.max() < 1e-4
+
+
 @pytest.mark.parametrize("solver", ITERATIVE)
 def test_deterministic(solver, numpy_cupy):
     g = build_knn_graph(random_features(n=800, d=16, seed=5), GraphConfig(), grid=(20, 40))
@@ -111,14 +123,15 @@ def test_deterministic(solver, numpy_cupy):
     np.testing.assert_array_equal(a.eigvecs, b.eigvecs)
 
 
-@pytest.mark.parametrize("solver", ITERATIVE + ["dense"])
+@pytest.mark.parametrize("solver", ITERATIVE + ["dense", "eigsh-float64"])
 def test_two_components(solver, numpy_cupy):
     f = random_features(n=600, d=8, seed=4) * 0.3
     f[:300, 0] += 1  # left/right halves point in opposite directions: no edges across
     f[300:, 0] -= 1
     g = build_knn_graph(normalise(f), GraphConfig(k=10), grid=(20, 30))
     assert connected_components(g.W, directed=False)[0] == 2
-    cfg = SpectralConfig(num_eigs=4, solver=solver)
+    cfg = SpectralConfig(num_eigs=4, solver="eigsh", precision="float64") if solver == "eigsh-float64" else (
+        SpectralConfig(num_eigs=4, solver=solver))
     s = laplacian_eigs(g, cfg)
     assert s.converged
     np.testing.assert_allclose(s.eigvals[:2], 0, atol=1e-6)
@@ -172,6 +185,8 @@ def test_input_checks():
     g = build_knn_graph(random_features(n=20, d=4), GraphConfig(k=5), grid=(4, 5))
     with pytest.raises(ValueError, match="num_eigs"):
         laplacian_eigs(g, SpectralConfig(num_eigs=20))
+    with pytest.raises(ValueError, match=r"unknown precision 'float16'; choose from \['float32'"):
+        laplacian_eigs(g, SpectralConfig(num_eigs=3, precision="float16"))
     big = Graph(W=sp.diags([np.ones(6000), np.ones(6000)], [-1, 1], format="csr"), grid=(1, 6001))
     with pytest.raises(ValueError, match="dense solver refuses"):
         laplacian_eigs(big, SpectralConfig(solver="dense"))
