@@ -509,6 +509,16 @@ def _color_affinity(colors: np.ndarray, cfg: GraphConfig, grid: tuple[int, int],
     return _sparse_from_knn(weights, idx, f.shape[0])
 
 
+def _pair_dots(x: np.ndarray, idx: np.ndarray, block: int = 1024) -> np.ndarray:
+    """x_i . x_idx[i, j] in float64 with a fixed summation order (thread-independent)."""
+    out = np.empty(idx.shape, dtype=np.float64)
+    x64 = x.astype(np.float64)
+    for lo in range(0, len(idx), block):
+        rows = x64[lo:lo + block]
+        out[lo:lo + block] = np.einsum("nd,nkd->nk", rows, x64[idx[lo:lo + block]])
+    return out
+
+
 def build_knn_graph(
     feats: np.ndarray, cfg: GraphConfig, *, grid: tuple[int, int], colors: np.ndarray | None = None
 ) -> Graph:
@@ -538,7 +548,10 @@ def build_knn_graph(
     if k >= n:
         logger.warning("k=%d >= number of patches %d; clamping k to %d", k, n, n - 1)
         k = n - 1
-    sims, idx = knn(x, k, metric="ip", backend=cfg.backend, device=cfg.device)
+    _, idx = knn(x, k, metric="ip", backend=cfg.backend, device=cfg.device)
+    # Recompute the kept similarities per pair in float64: BLAS products change in the last
+    # bit with the thread count (and backend), and the store must not depend on either.
+    sims = _pair_dots(x, idx)
     # Dropping <= threshold (>= 0) also removes every negative cosine: W = max(cos, 0).
     W = _sparse_from_knn(np.where(sims > cfg.threshold, sims, 0.0), idx, n)
 
