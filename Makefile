@@ -1,7 +1,15 @@
 # sazs — the README's commands. Every target bootstraps .venv from nothing.
 #   make priors [DATASET=sample|folder|voc|coco] [DATA=path] [SPLIT=val] [EXTRACTOR=imgfocus-vits14]
 #               [WEIGHTS=path] [DEVICE=auto] [SOLVER=eigsh] [LIMIT=N] [OUT=path.zarr] [OVERWRITE=1] [ARGS=...]
-#   make test   make bench   make synth-voc   make synth-coco   make clean
+#               [EXECUTOR=local|ray]   (ray: a local Ray instance, or the cluster at $RAY_ADDRESS)
+#   make train  [DATASET=voc|coco DATA=path FOLD=0..3|all CLIP_WEIGHTS=path PRIORS=store.zarr ARCH=ViT-B-16]
+#               [SPECTRAL_WEIGHT=1 EDGE_WEIGHT=0 STEPS=N|EPOCHS=E BATCH=6 CROP=512 LR=... RUN=dir RESUME=1 ARGS=...]
+#               without DATASET: the embedded synthetic demo (synthetic VOC + its priors + a short CPU run)
+#   make eval   [DATASET=voc|coco DATA=path FOLD=0..3|all|0,2 CKPT='runs/voc-fold{fold}-ViT-B-16/checkpoint.pt'|RUN=dir]
+#               [PRIORS=val-store.zarr SPLITS=hsnet/data/splits EPISODES=1000 FUSION=none,project,select,oracle]
+#               [HEADLINE=select REPORT=dir ARGS=...]   without DATASET: the `make train` demo (trained first if
+#               missing) on the synthetic VOC val split, 50 episodes
+#   make test   make bench (solvers)   make bench-store   make bench-train   make synth-voc   make synth-coco   make clean
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -19,16 +27,64 @@ SOLVER ?= eigsh
 LIMIT ?=
 OUT ?=
 OVERWRITE ?=
+EXECUTOR ?= local
 ARGS ?=
+
+# Trainer (make train). DATASET/DATA/SPLIT/EXTRACTOR/DEVICE/LIMIT/ARGS are shared with `priors`:
+# EXTRACTOR names the default store priors/<dataset>-<split>-<extractor>.zarr; SPLIT defaults to train.
+FOLD ?= 0
+CLIP_WEIGHTS ?=
+PRIORS ?=
+ARCH ?=
+SPECTRAL_WEIGHT ?=
+EDGE_WEIGHT ?=
+STEPS ?=
+EPOCHS ?=
+BATCH ?=
+CROP ?=
+LR ?=
+RUN ?=
+RESUME ?=
+
+# Evaluator (make eval). DATASET/DATA/EXTRACTOR/DEVICE/LIMIT/ARCH/RUN/ARGS as above; SPLIT defaults to val and
+# PRIORS is the store of that split; FOLD picks the folds to evaluate (all = 0..3, each with its own checkpoint;
+# CKPT may hold '{fold}', default runs/<dataset>-fold{fold}-<arch>/checkpoint.pt, or RUN=dir for one fold).
+CKPT ?=
+EPISODES ?=
+SPLITS ?=
+FUSION ?=
+HEADLINE ?=
+REPORT ?=
+
+# DATASET defaults to `sample` for `make priors`; `make train` trains on a real dataset only when
+# DATASET is given (command line or environment) and otherwise runs the embedded synthetic demo.
+TRAIN_DATASET := $(if $(filter-out file default undefined,$(origin DATASET)),$(DATASET))
 
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-PRIOR_ARGS = --dataset $(DATASET) --extractor $(EXTRACTOR) --device $(DEVICE) --solver $(SOLVER) \
+PRIOR_ARGS = --dataset $(DATASET) --extractor $(EXTRACTOR) --device $(DEVICE) --solver $(SOLVER) --executor $(EXECUTOR) \
 	$(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	$(if $(LIMIT),--limit $(LIMIT)) $(if $(OUT),--out $(OUT)) $(if $(OVERWRITE),--overwrite) $(ARGS)
 
-.PHONY: venv priors test bench synth-voc synth-coco clean
+TRAIN_COMMON = --device $(DEVICE) $(if $(CLIP_WEIGHTS),--clip-weights $(CLIP_WEIGHTS)) $(if $(ARCH),--arch $(ARCH)) \
+	$(if $(STEPS),--steps $(STEPS)) $(if $(RUN),--out $(RUN))
+TRAIN_ARGS = --dataset $(TRAIN_DATASET) --fold $(FOLD) --split $(or $(SPLIT),train) --extractor $(EXTRACTOR) \
+	$(if $(DATA),--data $(DATA)) $(if $(PRIORS),--priors $(PRIORS)) $(if $(LIMIT),--limit $(LIMIT)) \
+	$(if $(SPECTRAL_WEIGHT),--spectral-weight $(SPECTRAL_WEIGHT)) $(if $(EDGE_WEIGHT),--edge-weight $(EDGE_WEIGHT)) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) $(if $(CROP),--crop-size $(CROP)) \
+	$(if $(LR),--lr $(LR)) $(if $(RESUME),--resume) $(TRAIN_COMMON) $(ARGS)
+
+EVAL_COMMON = --device $(DEVICE) $(if $(EPISODES),--episodes $(EPISODES)) $(if $(REPORT),--out $(REPORT))
+EVAL_ARGS = --dataset $(TRAIN_DATASET) --split $(or $(SPLIT),val) --folds $(FOLD) --extractor $(EXTRACTOR) \
+	$(if $(DATA),--data $(DATA)) $(if $(PRIORS),--priors $(PRIORS)) $(if $(LIMIT),--limit $(LIMIT)) \
+	$(if $(CKPT),--ckpt '$(CKPT)',$(if $(RUN),--ckpt $(RUN)/checkpoint.pt)) $(if $(ARCH),--arch $(ARCH)) \
+	$(if $(SPLITS),--splits $(SPLITS)) $(if $(FUSION),--fusion $(FUSION)) $(if $(HEADLINE),--headline $(HEADLINE)) \
+	$(EVAL_COMMON) $(ARGS)
+EVAL_DEMO_ARGS = $(EVAL_COMMON) $(if $(RUN),--run $(RUN)) $(if $(STEPS),--steps $(STEPS)) $(if $(ARCH),--arch $(ARCH)) \
+	$(if $(CLIP_WEIGHTS),--clip-weights $(CLIP_WEIGHTS)) $(ARGS)
+
+.PHONY: venv priors train eval test bench bench-store bench-train synth-voc synth-coco clean
 
 venv: $(STAMP)
 
@@ -44,11 +100,31 @@ $(STAMP): pyproject.toml constraints.txt
 priors: $(STAMP)
 	$(VENV)/bin/sazs-priors run $(PRIOR_ARGS)
 
+train: $(STAMP)
+ifeq ($(TRAIN_DATASET),)
+	$(VENV)/bin/sazs-train demo $(TRAIN_COMMON) $(ARGS)
+else
+	$(VENV)/bin/sazs-train run $(TRAIN_ARGS)
+endif
+
+eval: $(STAMP)
+ifeq ($(TRAIN_DATASET),)
+	$(VENV)/bin/sazs-eval demo $(EVAL_DEMO_ARGS)
+else
+	$(VENV)/bin/sazs-eval run $(EVAL_ARGS)
+endif
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/solvers.py $(ARGS)
+
+bench-store: $(STAMP)
+	$(PY) bench/store.py $(ARGS)
+
+bench-train: $(STAMP)
+	$(PY) bench/train_step.py $(ARGS)
 
 synth-voc: $(STAMP)
 	$(VENV)/bin/sazs-priors synth voc $(or $(DATA),data/synth-voc)

@@ -7,6 +7,8 @@ Examples (all run offline; the first one is what `make priors` does):
     sazs-priors synth voc /tmp/voc && sazs-priors run --dataset voc --data /tmp/voc --split val
     sazs-priors run --dataset coco --data /data/coco --split val2017 --device cuda
     sazs-priors run --extractor dino-vits8 --weights dino_deitsmall8_pretrain.pth
+    sazs-priors run --dataset coco --data /data/coco --split train2017 --executor ray   # local Ray instance
+    RAY_ADDRESS=head-node:6379 sazs-priors run --dataset coco --data /data/coco --executor ray  # a cluster
     sazs-priors show priors/sample-default-imgfocus-vits14.zarr --ids astronaut coffee
     sazs-priors list
 
@@ -47,7 +49,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="auto: fp32 on CPU, bf16 autocast on GPU")
     g = p.add_argument_group("graph")
     g.add_argument("--knn", type=int, default=10, metavar="K", help="neighbours per patch (default 10)")
-    g.add_argument("--graph-backend", default="faiss", choices=["faiss", "torch"], help="kNN search backend")
+    g.add_argument("--graph-backend", default="certified", choices=["certified", "faiss", "torch"],
+                   help="kNN search: certified (default; bf16 search with an error bound, exact "
+                        "float32 answer), faiss (IndexFlatIP) or torch (blocked matmul); all give the same graph")
     g.add_argument("--threshold", type=float, default=0.0, help="drop affinities <= this (default 0)")
     g.add_argument("--color-weight", type=float, default=0.0, help="weight of the colour/position kNN term (0 = off)")
     g = p.add_argument_group("spectrum")
@@ -66,6 +70,23 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="remove the store's lock left by another (dead) writer instead of refusing")
     g.add_argument("--preview", type=int, default=4, metavar="N", help="images in the preview PNG (0 = none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: Ray actors on this machine or a cluster (Makefile: EXECUTOR=)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (default: $RAY_ADDRESS; if unset, start a local Ray instance)")
+    g.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
+                   help="CPUs of a local Ray instance (default: all)")
+    g.add_argument("--ray-num-gpus", type=int, default=None, metavar="N",
+                   help="GPUs of a local Ray instance (default: all)")
+    g.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="feature-extraction actors (default: one per GPU, else one per CPU)")
+    g.add_argument("--ray-solve-on", default="actor", choices=["actor", "cpu-tasks"],
+                   help="graph + eigen-solve in the actor, where the features are (default), or in CPU tasks")
+    g.add_argument("--ray-max-in-flight", type=int, default=None, metavar="N",
+                   help="shards outstanding at once (default 2 x actors): bounds memory")
+    g.add_argument("--ray-max-retries", type=int, default=3, metavar="N",
+                   help="resubmissions of a shard whose worker or node was lost (then its images are recorded failed)")
     return p
 
 
@@ -87,6 +108,14 @@ def build_configs(args: argparse.Namespace):
     return dataset, extractor, graph, spectral
 
 
+def build_ray_config(args: argparse.Namespace):
+    from .executors import RayConfig
+
+    return RayConfig(address=args.ray_address, num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus,
+                     actors=args.ray_actors, solve_on=args.ray_solve_on, max_in_flight=args.ray_max_in_flight,
+                     max_retries=args.ray_max_retries)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .datasets import build_dataset
     from .extractors import build_extractor
@@ -101,13 +130,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = JobConfig(out=out, shard_size=args.shard_size, overwrite=args.overwrite, retry_failed=args.retry_failed,
                     progress=not args.no_progress, preview=args.preview, take_over_lock=args.take_over_lock,
                     part=parse_part(args.part) if args.part else None)
-    extractor = build_extractor(extractor_cfg)
-    log.info("dataset %s/%s: %d images → %s", dataset.name, dataset.split, len(dataset), out)
-    try:
-        summary = run_local(dataset, extractor, graph_cfg, spectral_cfg, job)
-    except StoreError as exc:
-        print(f"sazs-priors: error: {exc}", file=sys.stderr)
-        return 2
+    if args.executor == "ray":
+        from .executors import RayJobError, run_ray
+
+        ray_cfg = build_ray_config(args)
+        log.info("dataset %s/%s: %d images → %s (executor ray)", dataset.name, dataset.split, len(dataset), out)
+        try:
+            summary = run_ray(dataset, extractor_cfg, graph_cfg, spectral_cfg, job, ray_cfg)
+        except StoreError as exc:
+            print(f"sazs-priors: error: {exc}", file=sys.stderr)
+            return 2
+        except (RayJobError, ConnectionError) as exc:
+            print(f"sazs-priors: error: {exc}", file=sys.stderr)
+            return 1
+    else:
+        extractor = build_extractor(extractor_cfg)
+        log.info("dataset %s/%s: %d images → %s", dataset.name, dataset.split, len(dataset), out)
+        try:
+            summary = run_local(dataset, extractor, graph_cfg, spectral_cfg, job)
+        except StoreError as exc:
+            print(f"sazs-priors: error: {exc}", file=sys.stderr)
+            return 2
     print("\n".join(summary.lines()))
     return 0
 

@@ -3,7 +3,16 @@
 The stages (extract → kNN graph → eigenvectors) are pure functions in their own
 modules; this module is the edge where datasets are read, devices used and the store
 written. Work is done shard by shard (a shard is the unit a writer owns), so an
-interrupted job loses at most the shard in flight and a re-run resumes.
+interrupted job loses at most the shards in flight and a re-run resumes.
+
+Two executors share everything here but the loop that hands out shards: ``run_local``
+(this process) and ``executors.run_ray`` (Ray actors). Both compute an image with the
+same functions (``load_images`` → ``compute_priors`` → ``to_result``) in the same
+batches, so their stores are bitwise identical (given the same BLAS/OpenMP thread count
+per process: the kNN similarities can differ in the last bit across thread counts, and
+Ray gives each actor one thread per CPU it holds); both drive the store through
+``JobRun``, which owns the writer (and its lock), the progress bar, the JSON-lines
+progress log next to the store and the final summary.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +34,7 @@ from sazs.stores.reader import open_store
 from sazs.stores.writer import ImageResult, StoreWriter
 
 from .datasets import Dataset, ImageError
-from .extractors import Extractor
+from .extractors import Extractor, Features
 from .graph import GraphConfig, build_knn_graph, patch_colors
 from .spectral import SolverError, SpectralConfig, laplacian_eigs
 
@@ -80,6 +91,8 @@ class JobSummary:
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
     preview: str | None = None
+    executor: str = "local"
+    retries: int = 0  # shards recomputed after a worker, actor or node was lost (ray)
 
     def lines(self) -> list[str]:
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
@@ -89,6 +102,8 @@ class JobSummary:
             + (f", {self.pending} pending" if self.pending else "")
             + f" ({self.computed} computed now at {rate:.2f} img/s, {self.skipped} already finished)",
         ]
+        if self.retries:
+            out.append(f"retries    {self.retries} shard(s) recomputed after a lost worker (see the progress log)")
         if self.not_converged:
             out.append(f"warning    {self.not_converged} image(s) have residuals above the solver's residual_tol")
         for id_, reason in list(self.failures.items())[:20]:
@@ -100,11 +115,33 @@ class JobSummary:
         return out
 
 
-def side_paths(out: str | Path) -> tuple[Path, Path]:
-    """Preview PNG and summary JSON live next to the store: x.zarr → x.preview.png, x.summary.json."""
+def _side_path(out: str | Path, suffix: str) -> Path:
     out = Path(out)
     stem = out.with_suffix("") if out.suffix == ".zarr" else out
-    return stem.with_name(stem.name + ".preview.png"), stem.with_name(stem.name + ".summary.json")
+    return stem.with_name(stem.name + suffix)
+
+
+def side_paths(out: str | Path) -> tuple[Path, Path]:
+    """Preview PNG and summary JSON live next to the store: x.zarr → x.preview.png, x.summary.json."""
+    return _side_path(out, ".preview.png"), _side_path(out, ".summary.json")
+
+
+def progress_path(out: str | Path) -> Path:
+    """The JSON-lines progress log next to the store: x.zarr → x.progress.jsonl (appended to by every run)."""
+    return _side_path(out, ".progress.jsonl")
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+def solve_one(image: np.ndarray, feats: Features, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig):
+    """Graph + spectrum of one image from its features: (grid, Spectrum), or the recorded error."""
+    try:
+        colors = patch_colors(image, feats.grid) if graph_cfg.color_weight > 0 else None
+        graph = build_knn_graph(feats.feats, graph_cfg, grid=feats.grid, colors=colors)
+        return feats.grid, laplacian_eigs(graph, spectral_cfg)
+    except RECORDED_ERRORS as exc:
+        return exc
 
 
 def compute_priors(
@@ -115,27 +152,175 @@ def compute_priors(
 ) -> list[tuple[tuple[int, int], object] | Exception]:
     """Priors for a batch of decoded images: per image (grid, Spectrum), or the recorded error."""
     features = extractor.extract(images)
-    out: list = []
-    for image, feats in zip(images, features):
+    return [solve_one(image, feats, graph_cfg, spectral_cfg) for image, feats in zip(images, features)]
+
+
+def load_images(load: Callable[[int], np.ndarray], indices: list[int]) -> dict[int, np.ndarray | ImageResult]:
+    """Decoded image per index, or the failed ImageResult of an image that cannot be used."""
+    loaded: dict[int, np.ndarray | ImageResult] = {}
+    for i in indices:
         try:
-            colors = patch_colors(image, feats.grid) if graph_cfg.color_weight > 0 else None
-            graph = build_knn_graph(feats.feats, graph_cfg, grid=feats.grid, colors=colors)
-            out.append((feats.grid, laplacian_eigs(graph, spectral_cfg)))
-        except RECORDED_ERRORS as exc:
-            out.append(exc)
-    return out
+            loaded[i] = load(i)
+        except ImageError as exc:
+            loaded[i] = ImageResult(index=i, error=str(exc))
+    return loaded
 
 
-def _manifest(dataset: Dataset, extractor: Extractor, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig,
-              shard_size: int) -> dict:
+def batches(indices: list[int], size: int) -> list[list[int]]:
+    """The extractor batches of a shard. Every executor uses these same slices: batch
+    composition can change the last bits of a model's output."""
+    size = max(1, size)
+    return [indices[lo:lo + size] for lo in range(0, len(indices), size)]
+
+
+def to_result(index: int, image_size: tuple[int, int], out) -> ImageResult:
+    """An image's ImageResult from ``solve_one``'s output."""
+    if isinstance(out, Exception):
+        return ImageResult(index=index, image_size=image_size, error=f"{type(out).__name__}: {out}")
+    grid, spec = out
+    h, w = grid
+    vecs = np.ascontiguousarray(spec.eigvecs.T).reshape(-1, h, w)
+    return ImageResult(index=index, image_size=image_size, grid=grid, eigvals=spec.eigvals, eigvecs=vecs,
+                       residuals=spec.residuals)
+
+
+def priors_of_batch(loaded: dict, indices: list[int], extractor: Extractor, graph_cfg: GraphConfig,
+                    spectral_cfg: SpectralConfig) -> list[ImageResult]:
+    """ImageResults of one batch whose images ``load_images`` decoded, in ``indices`` order."""
+    ok = [i for i in indices if isinstance(loaded[i], np.ndarray)]
+    outs = dict(zip(ok, compute_priors([loaded[i] for i in ok], extractor, graph_cfg, spectral_cfg))) if ok else {}
+    return [to_result(i, tuple(loaded[i].shape[:2]), outs[i]) if i in outs else loaded[i] for i in indices]
+
+
+def _compute_batch(dataset, extractor, graph_cfg, spectral_cfg, indices: list[int]) -> list[ImageResult]:
+    loaded = load_images(lambda i: dataset.load_image(dataset.ids[i]), indices)
+    return priors_of_batch(loaded, indices, extractor, graph_cfg, spectral_cfg)
+
+
+def make_manifest(dataset: Dataset, extractor_provenance: dict, max_grid: tuple[int, int], graph_cfg: GraphConfig,
+                  spectral_cfg: SpectralConfig, shard_size: int) -> dict:
     return build_manifest(
         dataset=dataset.describe(),
-        extractor=extractor.provenance(),
+        extractor=extractor_provenance,
         graph=asdict(graph_cfg),
         solver=asdict(spectral_cfg),
         num_eigs=spectral_cfg.num_eigs,
-        layout={"shard_size": shard_size, "max_grid": list(extractor.max_grid), "eigvecs_dtype": "float16"},
+        layout={"shard_size": shard_size, "max_grid": list(max_grid), "eigvecs_dtype": "float16"},
     )
+
+
+# ----------------------------------------------------------------------------- the driver's side
+
+
+class ProgressLog:
+    """JSON lines next to the store, one per event: start, shard, retry, ..., end.
+
+    Appended to (a resumed job adds its own start..end), flushed per line so that a
+    watcher (or a post-mortem after a kill) sees every finished shard.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.started = time.perf_counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, event: str, **fields) -> None:
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
+                  "elapsed_s": round(time.perf_counter() - self.started, 3), **fields}
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class JobRun:
+    """The driver's side of one job: the store writer (which holds the store's lock), the
+    shards to do, the progress bar and log, and the summary. Use it as a context manager;
+    the executor calls ``record`` for every finished shard, then ``finish`` after the block.
+    """
+
+    def __init__(self, dataset: Dataset, manifest: dict, job: JobConfig, spectral_cfg: SpectralConfig, *,
+                 executor: str = "local", **start_info):
+        self.dataset, self.manifest, self.job, self.spectral_cfg = dataset, manifest, job, spectral_cfg
+        self.executor, self.start_info = executor, start_info
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> "JobRun":
+        from tqdm.auto import tqdm
+
+        job = self.job
+        # The writer holds the store's lock until the block is left: on success, on an error
+        # and on Ctrl-C alike (only a killed process leaves a stale lock behind).
+        self.writer = StoreWriter.open(job.out, ids=list(self.dataset.ids), manifest=self.manifest,
+                                       overwrite=job.overwrite, take_over_lock=job.take_over_lock)
+        try:
+            mine = shards_of_part(self.writer.num_shards, job.part)
+            self.todo = {s: v for s, v in self.writer.todo(retry_failed=job.retry_failed).items() if s in mine}
+            self.num_todo = sum(len(v) for v in self.todo.values())
+            in_part = sum(len(self.writer.shard_range(s)) for s in mine)
+            self.summary = JobSummary(store=str(job.out), total=self.writer.num_images,
+                                      skipped=in_part - self.num_todo, executor=self.executor)
+            log.info("%d of %d images to compute (%d shards)", self.num_todo, self.writer.num_images, len(self.todo))
+            self.progress = ProgressLog(progress_path(job.out))
+            self.progress.write("start", executor=self.executor, total=self.writer.num_images,
+                                images_todo=self.num_todo, shards_todo=len(self.todo), **self.start_info)
+            self.bar = tqdm(total=self.num_todo, unit="img", disable=not job.progress, desc="priors",
+                            dynamic_ncols=True)
+        except BaseException:
+            self.writer.close()
+            raise
+        return self
+
+    def record(self, shard: int, results: list[ImageResult], *, advance: bool = True, **info) -> None:
+        """Write a finished shard, then count it in the summary, the bar and the progress log."""
+        self.writer.write_shard(shard, results)
+        s = self.summary
+        failures = sum(not r.ok for r in results)
+        s.computed += len(results)
+        s.failed += failures
+        s.not_converged += sum(
+            r.ok and bool(np.nanmax(r.residuals) > self.spectral_cfg.residual_tol) for r in results
+        )
+        if advance:
+            self.bar.update(len(results))
+        self.bar.set_postfix(failed=s.failed, refresh=False)
+        elapsed = time.perf_counter() - self.started
+        self.progress.write("shard", shard=shard, images=len(results), failures=failures, done=s.computed,
+                            todo=self.num_todo, rate=round(s.computed / elapsed, 3) if elapsed > 0 else None, **info)
+        fault_point("job.after_shard")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.bar.close()
+            if exc_type is KeyboardInterrupt:
+                log.warning("interrupted: finished shards are saved in %s; re-run the same command to resume",
+                            self.job.out)
+            if exc_type is not None:
+                self.progress.write("stopped", error=f"{exc_type.__name__}: {exc}", done=self.summary.computed)
+            self.counts = self.writer.counts()
+        finally:
+            if exc_type is not None:
+                self.progress.close()
+            self.writer.close()
+
+    def finish(self) -> JobSummary:
+        """After the block: counts, failures, preview and summary JSON, and the progress log's end line."""
+        s, job = self.summary, self.job
+        s.seconds = time.perf_counter() - self.started
+        store = open_store(job.out)
+        s.done, s.failed, s.pending = (self.counts[k] for k in ("done", "failed", "pending"))
+        s.failures = store.failures()
+        preview_png, summary_json = side_paths(job.out)
+        if job.preview > 0 and s.done:
+            s.preview = str(write_preview(store, self.dataset, preview_png, count=job.preview))
+        summary_json.write_text(json.dumps(asdict(s), indent=2))
+        self.progress.write("end", computed=s.computed, failed=s.failed, done=s.done, pending=s.pending,
+                            retries=s.retries, seconds=round(s.seconds, 3),
+                            rate=round(s.computed / s.seconds, 3) if s.seconds > 0 else None)
+        self.progress.close()
+        return s
 
 
 def run_local(
@@ -146,77 +331,19 @@ def run_local(
     job: JobConfig,
 ) -> JobSummary:
     """Compute priors for every image of ``dataset`` in this process, resuming ``job.out``."""
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
-    manifest = _manifest(dataset, extractor, graph_cfg, spectral_cfg, job.shard_size)
-    # The writer holds the store's lock until the block is left: on success, on an error
-    # and on Ctrl-C alike (only a killed process leaves a stale lock behind).
-    with StoreWriter.open(job.out, ids=list(dataset.ids), manifest=manifest, overwrite=job.overwrite,
-                          take_over_lock=job.take_over_lock) as writer:
-        mine = shards_of_part(writer.num_shards, job.part)
-        todo = {s: v for s, v in writer.todo(retry_failed=job.retry_failed).items() if s in mine}
-        num_todo = sum(len(v) for v in todo.values())
-        in_part = sum(len(writer.shard_range(s)) for s in mine)
-        summary = JobSummary(store=str(job.out), total=writer.num_images, skipped=in_part - num_todo)
-        log.info("%d of %d images to compute (%d shards)", num_todo, writer.num_images, len(todo))
-        bar = tqdm(total=num_todo, unit="img", disable=not job.progress, desc="priors", dynamic_ncols=True)
-        batch = max(1, getattr(extractor.config, "batch_size", 8))
-        try:
-            for shard, indices in sorted(todo.items()):
-                results: list[ImageResult] = []
-                for lo in range(0, len(indices), batch):
-                    results.extend(_compute_batch(dataset, extractor, graph_cfg, spectral_cfg,
-                                                  indices[lo:lo + batch]))
-                    bar.update(min(batch, len(indices) - lo))
-                    bar.set_postfix(failed=sum(not r.ok for r in results) + summary.failed)
-                writer.write_shard(shard, results)
-                summary.computed += len(results)
-                summary.failed += sum(not r.ok for r in results)
-                summary.not_converged += sum(
-                    r.ok and bool(np.nanmax(r.residuals) > spectral_cfg.residual_tol) for r in results
-                )
-                fault_point("job.after_shard")
-        except KeyboardInterrupt:
-            log.warning("interrupted: finished shards are saved in %s; re-run the same command to resume", job.out)
-            raise
-        finally:
-            bar.close()
-        status_counts = writer.counts()
-    summary.seconds = time.perf_counter() - started
-    store = open_store(job.out)
-    summary.done, summary.failed, summary.pending = (status_counts[k] for k in ("done", "failed", "pending"))
-    summary.failures = store.failures()
-    preview_png, summary_json = side_paths(job.out)
-    if job.preview > 0 and summary.done:
-        summary.preview = str(write_preview(store, dataset, preview_png, count=job.preview))
-    summary_json.write_text(json.dumps(asdict(summary), indent=2))
-    return summary
-
-
-def _compute_batch(dataset, extractor, graph_cfg, spectral_cfg, indices: list[int]) -> list[ImageResult]:
-    results: dict[int, ImageResult] = {}
-    images, loaded = [], []
-    for i in indices:
-        try:
-            image = dataset.load_image(dataset.ids[i])
-        except ImageError as exc:
-            results[i] = ImageResult(index=i, error=str(exc))
-            continue
-        images.append(image)
-        loaded.append(i)
-    if images:
-        for i, image, out in zip(loaded, images, compute_priors(images, extractor, graph_cfg, spectral_cfg)):
-            size = tuple(image.shape[:2])
-            if isinstance(out, Exception):
-                results[i] = ImageResult(index=i, image_size=size, error=f"{type(out).__name__}: {out}")
-                continue
-            grid, spec = out
-            h, w = grid
-            vecs = np.ascontiguousarray(spec.eigvecs.T).reshape(-1, h, w)
-            results[i] = ImageResult(index=i, image_size=size, grid=grid, eigvals=spec.eigvals,
-                                     eigvecs=vecs, residuals=spec.residuals)
-    return [results[i] for i in indices]
+    manifest = make_manifest(dataset, extractor.provenance(), extractor.max_grid, graph_cfg, spectral_cfg,
+                             job.shard_size)
+    batch = max(1, getattr(extractor.config, "batch_size", 8))
+    with JobRun(dataset, manifest, job, spectral_cfg, executor="local") as run:
+        for shard, indices in sorted(run.todo.items()):
+            t0 = time.perf_counter()
+            results: list[ImageResult] = []
+            for chunk in batches(indices, batch):
+                results.extend(_compute_batch(dataset, extractor, graph_cfg, spectral_cfg, chunk))
+                run.bar.update(len(chunk))
+                run.bar.set_postfix(failed=sum(not r.ok for r in results) + run.summary.failed)
+            run.record(shard, results, advance=False, seconds=round(time.perf_counter() - t0, 3))
+    return run.finish()
 
 
 def write_preview(store, dataset: Dataset | None, out_png: str | Path, *, ids: list[str] | None = None,
