@@ -1,0 +1,367 @@
+"""The evaluation report: tables (terminal and Markdown), JSON, and a picture of episodes.
+
+One table per protocol: rows are the folds and their mean, columns are mIoU, FB-IoU and
+boundary F (%) for each fusion mode. The headline is a ground-truth-free fusion mode
+(:func:`sazs.eval.fusion.check_headline`); the oracle is always printed as
+``oracle (upper bound: uses the ground truth)`` and saved under ``oracle_upper_bound``.
+The generalised setting gets its own table (seen / unseen mIoU, harmonic mean).
+
+Pure: dicts and arrays in, text and files out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .fusion import UPPER_BOUND_TAG, UPPER_BOUNDS, check_headline, fusion_key, fusion_label
+from .protocols import BENCHMARK_TITLES
+
+log = logging.getLogger(__name__)
+
+METRICS = (("miou", "mIoU"), ("fb_iou", "FB-IoU"), ("boundary_f", "BF"))
+GENERALISED_METRICS = (("seen_miou", "seen"), ("unseen_miou", "unseen"), ("harmonic_miou", "hIoU"))
+REPORT_FORMAT = 1
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else None
+
+
+def _clean(x):
+    """NaN -> None, numpy scalars -> Python, recursively (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def build_report(protocols: dict[str, list[dict]], *, headline: str, generalised: dict[str, list[dict]] | None = None,
+                 meta: dict | None = None) -> dict:  # fmt: skip
+    """JSON-able report from the per-fold results of :func:`sazs.eval.evaluate.evaluate_episodes`.
+
+    ``protocols``: benchmark name -> fold results; ``generalised``: benchmark -> results of
+    ``evaluate_generalised``. Fusion modes are keyed by :func:`fusion_key` (the oracle as
+    ``oracle_upper_bound``) and every oracle entry carries ``"upper_bound": true``.
+    """
+    check_headline(headline)
+    out: dict = {"format": REPORT_FORMAT, "headline": None, "protocols": {}, "generalised": {}, **(meta or {})}
+    for bench, folds in protocols.items():
+        modes = list(folds[0]["modes"]) if folds else []
+        table = {}
+        for mode in modes:
+            per_fold = {f"fold{r['fold']}": {k: r["modes"][mode][k] for k, _ in METRICS} for r in folds}
+            mean = {k: _mean([r["modes"][mode][k] for r in folds]) for k, _ in METRICS}
+            entry = {"label": fusion_label(mode), "upper_bound": mode in UPPER_BOUNDS, "folds": per_fold, "mean": mean,
+                     "per_class": {f"fold{r['fold']}": {"iou": r["modes"][mode]["iou"],
+                                                        "boundary_f": r["modes"][mode]["boundary_f_per_class"]}
+                                   for r in folds},
+                     "segment_rate": {f"fold{r['fold']}": r["modes"][mode].get("segment_rate") for r in folds},
+                     "fallbacks": sum(r["modes"][mode].get("fallbacks", 0) for r in folds)}  # fmt: skip
+            table[fusion_key(mode)] = entry
+        out["protocols"][bench] = {
+            "title": BENCHMARK_TITLES.get(bench, bench),
+            "folds": [r["fold"] for r in folds],
+            "episodes": {f"fold{r['fold']}": r["protocol"] for r in folds},
+            "fusion": table,
+            "seconds": sum(r.get("seconds", 0.0) for r in folds),
+        }
+        if out["headline"] is None and headline in modes:
+            out["headline"] = {"protocol": bench, "fusion": headline, "ground_truth_free": True,
+                               "folds": [r["fold"] for r in folds], **table[fusion_key(headline)]["mean"]}  # fmt: skip
+    for bench, folds in (generalised or {}).items():
+        modes = list(folds[0]["modes"]) if folds else []
+        table = {}
+        for mode in modes:
+            per_fold = {f"fold{r['fold']}": {k: r["modes"][mode][k] for k, _ in GENERALISED_METRICS} for r in folds}
+            mean = {k: _mean([r["modes"][mode][k] for r in folds]) for k, _ in GENERALISED_METRICS}
+            table[fusion_key(mode)] = {"label": fusion_label(mode), "upper_bound": mode in UPPER_BOUNDS,
+                                       "folds": per_fold, "mean": mean,
+                                       "per_class": {f"fold{r['fold']}": r["modes"][mode]["iou"] for r in folds}}
+        out["generalised"][bench] = {"title": BENCHMARK_TITLES.get(bench, bench),
+                                     "images": {f"fold{r['fold']}": r["images"] for r in folds}, "fusion": table}
+    return _clean(out)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _mode_title(key: str, entry: dict, headline_key: str | None) -> str:
+    title = entry["label"]
+    if key == headline_key:
+        title += " [headline]"
+    return title
+
+
+def protocol_rows(proto: dict, headline_key: str | None) -> tuple[list[str], list[list[str]]]:
+    """(column headers, rows) of one protocol table: folds + mean x metrics of each fusion mode."""
+    headers = ["fold"]
+    for key, entry in proto["fusion"].items():
+        title = _mode_title(key, entry, headline_key)
+        headers += [f"{title} · {name}" for _, name in METRICS]
+    rows = []
+    for fold in proto["folds"]:
+        row = [str(fold)]
+        for entry in proto["fusion"].values():
+            row += [_pct(entry["folds"][f"fold{fold}"][k]) for k, _ in METRICS]
+        rows.append(row)
+    mean = [f"mean ({len(proto['folds'])} fold{'s' if len(proto['folds']) != 1 else ''})"]
+    for entry in proto["fusion"].values():
+        mean += [_pct(entry["mean"][k]) for k, _ in METRICS]
+    rows.append(mean)
+    return headers, rows
+
+
+def markdown_rows(proto: dict, headline_key: str | None) -> tuple[list[str], list[list[str]]]:
+    """Markdown layout (narrower): one row per fusion mode, cells 'mIoU / FB-IoU / BF' per fold and mean."""
+    folds = proto["folds"]
+    headers = ["fusion"] + [f"fold {f}" for f in folds] + [f"mean ({len(folds)} fold{'s' if len(folds) != 1 else ''})"]
+    rows = []
+    for key, entry in proto["fusion"].items():
+        cells = [" / ".join(_pct(entry["folds"][f"fold{f}"][k]) for k, _ in METRICS) for f in folds]
+        mean = " / ".join(_pct(entry["mean"][k]) for k, _ in METRICS)
+        title = _mode_title(key, entry, headline_key)
+        if key == headline_key:
+            title, mean = f"**{title}**", f"**{mean}**"
+        rows.append([title, *cells, mean])
+    return headers, rows
+
+
+def _episode_note(proto: dict) -> str:
+    eps = list(proto["episodes"].values())
+    n = sorted({e["episodes"] for e in eps})
+    sources = sorted({"HSNet list" if not e["source"].startswith("generated") else "lists generated by rule"
+                      for e in eps})  # fmt: skip
+    return f"{'/'.join(map(str, n))} episodes per fold ({', '.join(sources)}; rule {eps[0]['rule']})"
+
+
+def _text_table(first_header: str, groups: list[str], subheaders: Sequence[str], rows: list[list[str]]) -> list[str]:
+    """Fixed-width table: a first column, then one column group per title with ``subheaders``."""
+    first = max([len(first_header)] + [len(r[0]) for r in rows]) + 1
+    n = len(subheaders)
+    cell = max([6] + [len(h) for h in subheaders] + [len(v) for r in rows for v in r[1:]])
+    widths = [max(len(t), n * cell + 2 * (n - 1)) for t in groups]
+
+    def group_cells(values: Sequence[str], w: int) -> str:
+        return f"{'  '.join(f'{v:>{cell}}' for v in values):<{w}}"
+
+    head1 = " " * first + "".join(f" | {t:<{w}}" for t, w in zip(groups, widths))
+    head2 = f"{first_header:<{first}}" + "".join(f" | {group_cells(subheaders, w)}" for w in widths)
+    out = [head1.rstrip(), head2.rstrip(), "-" * len(head2.rstrip())]
+    for r in rows:
+        out.append((f"{r[0]:<{first}}" + "".join(f" | {group_cells(r[1 + g * n : 1 + (g + 1) * n], w)}"
+                                                for g, w in enumerate(widths))).rstrip())  # fmt: skip
+    return out
+
+
+def format_text(report: dict) -> str:
+    """The terminal tables: one per protocol, fusion modes as column groups, then the generalised table."""
+    lines: list[str] = []
+    headline = report.get("headline")
+    hkey = fusion_key(headline["fusion"]) if headline else None
+    for bench, proto in report["protocols"].items():
+        lines.append(f"{proto['title']} · zero-shot episodes · {_episode_note(proto)}")
+        lines.append("mIoU / FB-IoU / boundary F (BF) over the fold's unseen classes, %")
+        groups = [_mode_title(key, e, hkey) for key, e in proto["fusion"].items()]
+        _, rows = protocol_rows(proto, hkey)
+        lines += _text_table("fold", groups, [name for _, name in METRICS], rows) + [""]
+    for bench, gen in report.get("generalised", {}).items():
+        lines.append(f"{gen['title']} · generalised setting: background + all classes on whole validation masks")
+        lines.append("seen mIoU (background counted as seen) / unseen mIoU / their harmonic mean, %")
+        groups = [e["label"] for e in gen["fusion"].values()]
+        folds = list(next(iter(gen["fusion"].values()))["folds"]) if gen["fusion"] else []
+        rows = []
+        for fold in folds + ["mean"]:
+            row = [fold.removeprefix("fold") if fold != "mean" else "mean"]
+            for e in gen["fusion"].values():
+                src = e["mean"] if fold == "mean" else e["folds"][fold]
+                row += [_pct(src[k]) for k, _ in GENERALISED_METRICS]
+            rows.append(row)
+        lines += _text_table("fold", groups, [name for _, name in GENERALISED_METRICS], rows) + [""]
+    lines.append(headline_line(report))
+    for w in report.get("warnings", []):
+        lines.append(f"WARNING   {w}")
+    return "\n".join(lines)
+
+
+def headline_line(report: dict) -> str:
+    """One line with the headline number: always a ground-truth-free fusion mode."""
+    h = report.get("headline")
+    if not h:
+        return "headline  none (no episode protocol evaluated)"
+    check_headline(h["fusion"])
+    title = report["protocols"][h["protocol"]]["title"]
+    folds = ",".join(map(str, h["folds"]))
+    return (f"headline  {title} mean mIoU {_pct(h['miou'])} (fusion '{h['fusion']}', ground-truth-free; "
+            f"folds {folds}); FB-IoU {_pct(h['fb_iou'])}, boundary F {_pct(h['boundary_f'])}")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def format_markdown(report: dict) -> str:
+    headline = report.get("headline")
+    hkey = fusion_key(headline["fusion"]) if headline else None
+    lines = ["# sazs evaluation", ""]
+    lines += [f"**{headline_line(report)}**", ""]
+    for w in report.get("warnings", []):
+        lines += [f"> **Warning:** {w}", ""]
+    if report.get("checkpoints"):
+        lines += ["Checkpoints: " + ", ".join(f"fold {k}: `{v}`" for k, v in report["checkpoints"].items()), ""]
+    for bench, proto in report["protocols"].items():
+        lines += [f"## {proto['title']}: zero-shot episodes", "",
+                  f"{_episode_note(proto)}. Each cell: mIoU / FB-IoU / boundary F over the fold's unseen classes, %. "
+                  f"The oracle row is an {UPPER_BOUND_TAG}: it picks masks with the ground truth "
+                  "(the released SAZS evaluation), so it is never the headline.", ""]  # fmt: skip
+        lines += _md_table(*markdown_rows(proto, hkey)) + [""]
+        rates = {e["label"]: e["segment_rate"] for e in proto["fusion"].values() if any(
+            v is not None for v in e["segment_rate"].values())}  # fmt: skip
+        for label, r in rates.items():
+            lines.append(f"- {label}: an eigen-segment replaced the prediction in "
+                         + ", ".join(f"{k} {_pct(v)} %" for k, v in r.items() if v is not None) + " of the episodes")
+        if rates:
+            lines.append("")
+    for bench, gen in report.get("generalised", {}).items():
+        lines += [f"## {gen['title']}: generalised setting", "",
+                  "Background + every class scored at once on whole validation masks; seen mIoU counts background "
+                  "as seen; hIoU = harmonic mean of seen and unseen mIoU (%).", ""]  # fmt: skip
+        headers = ["fold"] + [f"{e['label']} · {n}" for e in gen["fusion"].values() for _, n in GENERALISED_METRICS]
+        folds = list(next(iter(gen["fusion"].values()))["folds"]) if gen["fusion"] else []
+        rows = []
+        for fold in folds + ["mean"]:
+            row = [fold.removeprefix("fold") if fold != "mean" else "mean"]
+            for e in gen["fusion"].values():
+                src = e["mean"] if fold == "mean" else e["folds"][fold]
+                row += [_pct(src[k]) for k, _ in GENERALISED_METRICS]
+            rows.append(row)
+        lines += _md_table(headers, rows) + [""]
+    if report.get("pictures"):
+        lines += ["## Episodes", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["pictures"]] + [""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    paths["json"].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    paths["markdown"].write_text(format_markdown(report) + "\n")
+    return paths
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def palette(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 colours, the PASCAL VOC colour map (index 0 black)."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def grid_titles(fusions: Sequence[str], headline: str) -> list[str]:
+    """Column titles of the episode picture (the oracle's says it is an upper bound)."""
+    check_headline(headline)
+    titles = ["image", "ground truth", "prediction (fusion none)"]
+    if headline != "none":
+        titles.append(f"fused: {headline} [headline]")
+    titles += [f"{fusion_label(m)}" for m in fusions if m in UPPER_BOUNDS]
+    return titles + ["eigen-segments (signs of v1..v3)"]
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """Dimmed grey copy of an RGB image: the base of mask panels, so the mask colour stands out."""
+    g = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat((0.35 * g + 60)[..., None], 3, axis=2)
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, color, alpha: float = 0.7) -> np.ndarray:
+    out = _gray(image)
+    m = mask.astype(bool)
+    out[m] = (1 - alpha) * out[m] + alpha * np.asarray(color, np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+GT_COLOR, PRED_COLOR, IGNORE_COLOR = (255, 70, 40), (40, 170, 255), (255, 255, 255)
+
+
+def _target_rgb(image: np.ndarray, target: np.ndarray) -> np.ndarray:
+    out = _overlay(image, target == 1, GT_COLOR)
+    out[target == 255] = IGNORE_COLOR
+    return out
+
+
+def draw_episode_grid(samples: list[dict], out_png: str | Path, *, fusions: Sequence[str], headline: str,
+                      title: str, num_vectors: int = 3) -> Path | None:  # fmt: skip
+    """One row per episode: image, ground truth, prediction, fused, oracle (upper bound), eigen-segments."""
+    if not samples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sazs.stores.preview import eigen_segments
+
+    titles = grid_titles(fusions, headline)
+    modes = ["none"] + ([headline] if headline != "none" else []) + [m for m in fusions if m in UPPER_BOUNDS]
+    cols = len(titles)
+    fig, axes = plt.subplots(len(samples), cols, figsize=(2.7 * cols, 2.5 * len(samples) + 0.6), squeeze=False)
+    for r, s in enumerate(samples):
+        image, target = s["image"], s["target"]
+        panels = [image, _target_rgb(image, target)]
+        labels = ["", f"{s['class']}"]
+        for m in modes:
+            panels.append(_overlay(image, s["masks"][m], PRED_COLOR))
+            iou = s["iou"].get(m)
+            labels.append("" if iou is None or math.isnan(iou) else f"IoU {100 * iou:.1f}")
+        for c, (panel, label) in enumerate(zip(panels, labels)):
+            ax = axes[r, c]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xlabel(label, fontsize=8)
+        ax = axes[r, cols - 1]
+        if s.get("eigvecs") is not None and s["eigvecs"].shape[0] > 1:
+            seg = eigen_segments(s["eigvecs"], num_vectors)
+            h, w = image.shape[:2]
+            ax.imshow(seg, cmap="tab10", vmin=0, vmax=9, interpolation="nearest", extent=(0, w, h, 0))
+        else:
+            ax.text(0.5, 0.5, "no priors", ha="center", va="center", transform=ax.transAxes)
+        axes[r, 0].set_ylabel(f"{s['image_id']}\n{s['class']}", fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for c, t in enumerate(titles):
+        axes[0, c].set_title(t, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the column titles
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    log.info("wrote %s", out_png)
+    return out_png
