@@ -151,7 +151,13 @@ def compute_priors(
     spectral_cfg: SpectralConfig,
 ) -> list[tuple[tuple[int, int], object] | Exception]:
     """Priors for a batch of decoded images: per image (grid, Spectrum), or the recorded error."""
-    features = extractor.extract(images)
+    try:
+        features = extractor.extract(images)
+    except RECORDED_ERRORS as exc:
+        if len(images) == 1:
+            return [exc]
+        # One bad input must not fail its batch-mates: extract one by one to find it.
+        return [compute_priors([image], extractor, graph_cfg, spectral_cfg)[0] for image in images]
     return [solve_one(image, feats, graph_cfg, spectral_cfg) for image, feats in zip(images, features)]
 
 

@@ -167,3 +167,27 @@ def test_parts_merge_into_the_whole(tmp_path):
     for name in ("eigvecs", "eigvals", "residual", "grid", "image_size", "status"):
         np.testing.assert_array_equal(np.asarray(whole.group[name][:]), np.asarray(merged.group[name][:]))
     assert run(*common, "--part", "2/2", "--out", tmp_path / "bad.zarr") == 2
+
+
+def test_an_image_the_extractor_rejects_fails_alone():
+    """A batch whose extraction raises is retried image by image: only the bad one fails."""
+    from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+    from sazs.pipeline.graph import GraphConfig
+    from sazs.pipeline.spectral import SpectralConfig
+
+    real = build_extractor(ExtractorConfig(name="color", short_side=64))
+
+    class Picky:
+        config = real.config
+
+        def extract(self, images):
+            if any(not image.any() for image in images):
+                raise ValueError("all-black image")
+            return real.extract(images)
+
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)
+    black = np.zeros((80, 96, 3), np.uint8)
+    out = job.compute_priors([good, black, good], Picky(), GraphConfig(), SpectralConfig())
+    assert isinstance(out[1], ValueError) and "all-black" in str(out[1])
+    assert out[0][0] == out[2][0] and not isinstance(out[0], Exception)
