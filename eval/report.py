@@ -29,6 +29,19 @@ GENERALISED_METRICS = (("seen_miou", "seen"), ("unseen_miou", "unseen"), ("harmo
 REPORT_FORMAT = 1
 
 
+def _generalised_rows(gen: dict) -> list[list[str]]:
+    """Table rows (one per fold, then the mean) of the generalised setting, for text and Markdown."""
+    folds = list(next(iter(gen["fusion"].values()))["folds"]) if gen["fusion"] else []
+    rows = []
+    for fold in folds + ["mean"]:
+        row = [fold.removeprefix("fold") if fold != "mean" else "mean"]
+        for e in gen["fusion"].values():
+            src = e["mean"] if fold == "mean" else e["folds"][fold]
+            row += [_pct(src[k]) for k, _ in GENERALISED_METRICS]
+        rows.append(row)
+    return rows
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(vals)) if vals else None
@@ -184,14 +197,7 @@ def format_text(report: dict) -> str:
         lines.append(f"{gen['title']} · generalised setting: background + all classes on whole validation masks")
         lines.append("seen mIoU (background counted as seen) / unseen mIoU / their harmonic mean, %")
         groups = [e["label"] for e in gen["fusion"].values()]
-        folds = list(next(iter(gen["fusion"].values()))["folds"]) if gen["fusion"] else []
-        rows = []
-        for fold in folds + ["mean"]:
-            row = [fold.removeprefix("fold") if fold != "mean" else "mean"]
-            for e in gen["fusion"].values():
-                src = e["mean"] if fold == "mean" else e["folds"][fold]
-                row += [_pct(src[k]) for k, _ in GENERALISED_METRICS]
-            rows.append(row)
+        rows = _generalised_rows(gen)
         lines += _text_table("fold", groups, [name for _, name in GENERALISED_METRICS], rows) + [""]
     lines.append(headline_line(report))
     for w in report.get("warnings", []):
@@ -244,14 +250,7 @@ def format_markdown(report: dict) -> str:
                   "Background + every class scored at once on whole validation masks; seen mIoU counts background "
                   "as seen; hIoU = harmonic mean of seen and unseen mIoU (%).", ""]  # fmt: skip
         headers = ["fold"] + [f"{e['label']} · {n}" for e in gen["fusion"].values() for _, n in GENERALISED_METRICS]
-        folds = list(next(iter(gen["fusion"].values()))["folds"]) if gen["fusion"] else []
-        rows = []
-        for fold in folds + ["mean"]:
-            row = [fold.removeprefix("fold") if fold != "mean" else "mean"]
-            for e in gen["fusion"].values():
-                src = e["mean"] if fold == "mean" else e["folds"][fold]
-                row += [_pct(src[k]) for k, _ in GENERALISED_METRICS]
-            rows.append(row)
+        rows = _generalised_rows(gen)
         lines += _md_table(headers, rows) + [""]
     if report.get("pictures"):
         lines += ["## Episodes", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["pictures"]] + [""]
