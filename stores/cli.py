@@ -173,10 +173,10 @@ def cmd_show(args) -> int:
 
 
 def cmd_unlock(args) -> int:
-    from .lock import break_lock
+    from .lock import break_lock, describe
 
     info = break_lock(args.store)
-    print(f"removed lock of {info.get('owner')} pid {info.get('pid')}" if info else f"{args.store} was not locked")
+    print(f"removed the lock of {describe(info)}" if info else f"{args.store} was not locked")
     return 0
 
 

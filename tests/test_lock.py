@@ -250,3 +250,21 @@ def test_fault_kill_and_wait_in_a_subprocess(tmp_path):
     go.touch()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -9 and out.split() == ["0", "1"]
+
+
+def test_store_cli_unlock_removes_a_dead_writers_lock(tmp_path, capsys):
+    from sazs.stores import cli as store_cli
+
+    path = tmp_path / "s.zarr"
+    StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS)).close()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    now = datetime.now(timezone.utc).isoformat()
+    (path / LOCK_FILE).write_text(json.dumps({"owner": "ghost@" + socket.gethostname(), "host": socket.gethostname(),
+                                              "pid": int(dead.stdout), "started": now, "heartbeat": now}))
+    with pytest.raises(StoreError, match="stale"):
+        StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS))
+    assert store_cli.main(["unlock", str(path)]) == 0
+    assert f"removed the lock of ghost@{socket.gethostname()} pid {int(dead.stdout)}" in capsys.readouterr().out
+    assert store_cli.main(["unlock", str(path)]) == 0
+    assert "was not locked" in capsys.readouterr().out
+    StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS)).close()
