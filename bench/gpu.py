@@ -1,0 +1,258 @@
+"""GPU fast-path benchmark: per-stage images/s, accuracy vs float64, COCO projection.
+
+Example (any CUDA machine with cupy-cuda12x, < 5 minutes):
+    python bench/gpu.py --out bench/results/gpu.json
+    python bench/gpu.py --cpu --out /tmp/gpu-cpu.json   # tiny CPU version (checks the script runs)
+
+Stages, each warmed up once, then timed `--repeats` times with device synchronisation,
+median reported:
+- features: `sazs.pipeline.extractors` imgfocus-vits14 (and dino-vits8 with
+  --dino-weights) at short side 480 on 480x640 images, batch --feat-batch;
+- knn: `batched_knn` (bf16 ranking product on the GPU) + `ell_graph` on B=--batch images
+  of N=--n ViT-like features (resampled from the stored ViT-S/14 features of
+  bench/results with noise, or random when absent), d=--dim;
+- eigen: `batched_eigs` (cupy on the GPU) on those graphs, vs per-image torch.lobpcg on
+  the same device, cupy LOBPCG (`spectral` solver 'cupy-lobpcg') and SciPy eigsh on
+  this machine's CPU cores, on --baseline-images images each;
+- accuracy of the batched solver vs float64 eigsh (tol 1e-12) on --check images.
+End to end is the serial estimate 1 / sum(1 / rate) of features + knn + eigen (no
+overlap between stages), and COCO train2017 (118,287 images) is projected from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from sazs.pipeline import spectral
+from sazs.pipeline.graph import Graph
+from sazs.pipeline.batched import batched_eigs, batched_knn, ell_graph, ell_to_csr
+from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs, normalized_adjacency
+
+COCO_TRAIN = 118_287
+FEATS = Path(__file__).resolve().parent / "results" / "feats_imgfocus-vits14_672_astronaut.npy"
+logger = logging.getLogger("bench.gpu")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("GPU fast-path benchmark", add_help=add_help)
+    p.add_argument("--cpu", action="store_true", help="tiny run on numpy/torch CPU (no CUDA needed)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--n", type=int, default=3600, help="patches per image (N)")
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--num-eigs", type=int, default=8)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--short-side", type=int, default=480)
+    p.add_argument("--feat-images", type=int, default=128)
+    p.add_argument("--feat-batch", type=int, default=64)
+    p.add_argument("--dino-weights", default=None, help="dino_deitsmall8_pretrain.pth: also time dino-vits8")
+    p.add_argument("--baseline-images", type=int, default=16)
+    p.add_argument("--check", type=int, default=4, help="images checked against float64")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench/results/gpu.json")
+    return p
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+class Timer:
+    """Median wall time of fn() after one warm-up, synchronising the device around each call."""
+
+    def __init__(self, cuda: bool, xp):
+        self.cuda, self.xp = cuda, xp
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def __call__(self, fn, repeats: int):
+        out = fn()  # warm-up (kernel compilation, allocator, caches)
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), out
+
+
+def vit_like_features(B: int, N: int, d: int, device, seed: int = 0):
+    """(B, N, d) features with ViT-like neighbourhoods: stored patch features resampled + noise."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if FEATS.exists():
+        base = torch.from_numpy(np.load(FEATS).reshape(-1, np.load(FEATS).shape[-1]))
+        if base.shape[1] != d:
+            base = base[:, :d] if base.shape[1] > d else torch.randn(base.shape[0], d, generator=g)
+    else:
+        base = torch.randn(2048, d, generator=g)
+    base = base / base.norm(dim=1, keepdim=True)
+    rows = torch.randint(0, base.shape[0], (B, N), generator=g)
+    x = base[rows] + 0.05 * torch.randn(B, N, d, generator=g)
+    return x.to(device)
+
+
+def stage_features(args, device: str, timer: Timer) -> list[dict]:
+    from skimage import data
+    from skimage.transform import resize
+
+    from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+
+    img = (resize(data.astronaut(), (480, 640), anti_aliasing=True) * 255).astype(np.uint8)
+    images = [img] * args.feat_images
+    names = [("imgfocus-vits14", None)] + ([("dino-vits8", args.dino_weights)] if args.dino_weights else [])
+    rows = []
+    for name, weights in names:
+        try:
+            ext = build_extractor(ExtractorConfig(name=name, weights=weights, short_side=args.short_side,
+                                                  device=device, batch_size=args.feat_batch))
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            rows.append({"stage": f"features {name}", "skipped": str(e)})
+            continue
+        sec, feats = timer(lambda: ext.extract(images), args.repeats)
+        h, w = feats[0].grid
+        rows.append({"stage": f"features {name}", "images_per_s": len(images) / sec, "N": h * w,
+                     "precision": ext.precision, "seconds": sec})
+    return rows
+
+
+def _torch_lobpcg(A, K: int, device: str, tol: float):
+    import torch
+
+    warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
+    At = torch.sparse_csr_tensor(torch.from_numpy(A.indptr).long(), torch.from_numpy(A.indices).long(),
+                                 torch.from_numpy(A.data).float(), size=A.shape).to(device)
+    X0 = torch.randn(A.shape[0], K + max(2, K // 2), generator=torch.Generator().manual_seed(0)).to(device)
+    vals, vecs = torch.lobpcg(At, X=X0, k=K + max(2, K // 2), largest=True, tol=tol, niter=500)
+    return vals[:K], vecs[:, :K]
+
+
+def subspace_cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.svd(a.astype(np.float64).T @ b.astype(np.float64), compute_uv=False).min())
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda and not args.cpu:
+        print("bench/gpu.py needs a CUDA GPU; pass --cpu for a tiny CPU run that checks the script.")
+        return 2
+    if args.cpu:  # tiny sizes: the point is that every stage runs, not the numbers
+        args.batch, args.n, args.dim = min(args.batch, 4), min(args.n, 400), min(args.dim, 384)
+        args.feat_images, args.feat_batch, args.short_side = 2, 2, 112
+        args.baseline_images, args.check, args.repeats = 2, 2, min(args.repeats, 2)
+    if cuda:
+        try:
+            import cupy as xp
+        except ImportError as e:
+            raise SystemExit("bench/gpu.py needs CuPy on a GPU: pip install cupy-cuda12x") from e
+    else:
+        xp = np
+    device = "cuda" if cuda else "cpu"
+    timer = Timer(cuda, xp)
+    B, N, K = args.batch, args.n, args.num_eigs
+    meta = {
+        "args": vars(args), "git_sha": _git_sha(), "python": sys.version.split()[0], "torch": torch.__version__,
+        "cupy": getattr(xp, "__version__", None) if cuda else None, "numpy": np.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    print(json.dumps({k: v for k, v in meta.items() if k != "args"}))
+    print("args:", json.dumps(vars(args)))
+    rows: list[dict] = []
+
+    rows += stage_features(args, device, timer)
+
+    feats = vit_like_features(B, N, args.dim, device)
+    precision = "bf16" if cuda else "fp32"
+    sec, (idx, sims) = timer(lambda: batched_knn(feats, args.k, device=device, precision=precision), args.repeats)
+    rows.append({"stage": f"knn batched ({precision})", "images_per_s": B / sec, "N": N, "B": B, "seconds": sec})
+    sec, ell = timer(lambda: ell_graph(idx, sims), args.repeats)
+    rows.append({"stage": "ell graph", "images_per_s": B / sec, "N": N, "B": B, "width": ell.shape[2],
+                 "seconds": sec})
+
+    sec, spectra = timer(lambda: batched_eigs(ell, K, xp=xp, tol=args.tol), args.repeats)
+    its = [s.iterations for s in spectra]
+    rows.append({"stage": f"eigen batched ({xp.__name__})", "images_per_s": B / sec, "N": N, "B": B,
+                 "seconds": sec, "iterations_median": float(np.median(its)), "iterations_max": int(max(its)),
+                 "converged": int(sum(s.converged for s in spectra)),
+                 "max_residual": float(max(s.residuals.max() for s in spectra))})
+
+    # accuracy vs float64 eigsh on a few graphs
+    errs, coss, ress = [], [], []
+    graphs = [ell_to_csr(ell, b) for b in range(max(args.check, args.baseline_images))]
+    for b in range(args.check):
+        ref = laplacian_eigs(Graph(W=graphs[b], grid=(1, N)),
+                             SpectralConfig(num_eigs=K + 1, solver="eigsh", precision="float64", tol=1e-12))
+        s = spectra[b]
+        errs.append(float(np.abs(s.eigvals - ref.eigvals[:K]).max()))
+        coss.append(subspace_cos(ref.eigvecs[:, : K - 1], s.eigvecs[:, : K - 1]))
+        ress.append(float(s.residuals.max()))
+    rows.append({"stage": "accuracy vs float64", "max_abs_dlambda": max(errs), "min_subspace_cos_first_K-1": min(coss),
+                 "max_residual": max(ress), "images": args.check})
+
+    # per-image baselines on the same graphs
+    nb = args.baseline_images
+    As = [normalized_adjacency(W) for W in graphs[:nb]]
+    sec, _ = timer(lambda: [_torch_lobpcg(A, K, device, args.tol) for A in As], max(1, args.repeats - 1))
+    rows.append({"stage": f"eigen torch.lobpcg per image ({device})", "images_per_s": nb / sec, "N": N})
+    if cuda:
+        cfg = SpectralConfig(num_eigs=K, solver="cupy-lobpcg", device="cuda")
+        try:
+            sec, _ = timer(lambda: [laplacian_eigs(Graph(W=W, grid=(1, N)), cfg) for W in graphs[:nb]],
+                           max(1, args.repeats - 1))
+            rows.append({"stage": "eigen cupy-lobpcg per image (cuda)", "images_per_s": nb / sec, "N": N})
+        except spectral.SolverError as e:
+            rows.append({"stage": "eigen cupy-lobpcg per image (cuda)", "skipped": str(e)})
+    cfg = SpectralConfig(num_eigs=K, solver="eigsh")
+    sec, _ = timer(lambda: [laplacian_eigs(Graph(W=W, grid=(1, N)), cfg) for W in graphs[:nb]],
+                   max(1, args.repeats - 1))
+    rows.append({"stage": f"eigen scipy eigsh per image (cpu, {torch.get_num_threads()} threads)",
+                 "images_per_s": nb / sec, "N": N})
+
+    # end to end (serial estimate) and COCO projection
+    rates = [r["images_per_s"] for r in rows if r["stage"].startswith(("features imgfocus", "knn", "ell", "eigen batched"))]
+    e2e = 1.0 / sum(1.0 / r for r in rates)
+    rows.append({"stage": "end to end (serial estimate)", "images_per_s": e2e,
+                 "coco_train2017_minutes": COCO_TRAIN / e2e / 60, "stages": len(rates)})
+
+    print(f"\n{'stage':48s} {'images/s':>10s}  notes")
+    for r in rows:
+        rate = f"{r['images_per_s']:10.1f}" if "images_per_s" in r else f"{'-':>10s}"
+        notes = {k: v for k, v in r.items() if k not in ("stage", "images_per_s", "seconds")}
+        print(f"{r['stage']:48s} {rate}  " + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in notes.items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Batched kNN graphs and a batched eigensolver: many images' spectra per call.
+
+A GPU only beats SciPy on one CPU core at these graph sizes (N ~ 1,000-5,000 patches)
+when it works on many graphs at once (issue 7): one (B, N, N) product + top-k for the
+kNN, then Chebyshev-filtered subspace iteration on all B graphs together, stored as a
+padded ELL array (B, N, m): row i of image b has m (neighbour, weight) slots, unused
+slots point at i itself with weight 0, so every product is a gather plus a sum.
+
+Images of different sizes share a batch by padding to a common N with a per-image
+count `n_valid`: padded nodes get no edges, degree 0, D^-1/2 = 0, and start with zero
+rows in the iteration block, so they stay exactly zero and never enter a spectrum.
+
+Array modules: the kNN runs in torch (CPU or CUDA); the solver takes `xp` = numpy on
+the CPU or cupy on a GPU (the tests run the exact GPU code on numpy). Semantics match
+the per-image path: `build_knn_graph` (threshold 0, no colour term) for the graph, and
+`spectral.laplacian_eigs` (ascending order, `fix_signs`, float32 orthonormal vectors,
+float64 residuals ||L u - lambda u||) for the spectra.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from .spectral import Spectrum, fix_signs
+
+logger = logging.getLogger(__name__)
+
+_KNN_BYTES = 1 << 30  # score block per kNN chunk (images x N x N), ~1 GiB
+_RERANK = 16  # extra candidates re-ranked exactly after a bf16/fp16 ranking product
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# --- batched kNN (torch) --------------------------------------------------------------
+
+
+def _as_torch(x, device):
+    import torch
+
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(device)
+
+
+def _valid_mask(n_valid, B: int, N: int, device):
+    import torch
+
+    if n_valid is None:
+        return torch.ones((B, N), dtype=torch.bool, device=device), torch.full((B,), N, device=device)
+    nv = _as_torch(n_valid, device).long()
+    if nv.shape != (B,) or int(nv.min()) < 2 or int(nv.max()) > N:
+        raise ValueError(f"n_valid must be (B,)={B} counts in [2, {N}], got {nv.tolist()}")
+    return torch.arange(N, device=device)[None, :] < nv[:, None], nv
+
+
+def batched_knn(feats, k: int, *, n_valid=None, device: str = "cpu", precision: str = "fp32"):
+    """k nearest other patches (by cosine) of each of B images at once.
+
+    feats: (B, N, d) array or tensor; rows past n_valid[b] are padding and ignored.
+    Returns (idx, sims), each (B, N, k) on `device`: idx int64 (best first), sims the
+    float64 cosines x_i . x_j recomputed per pair from the float32 unit rows, exactly
+    as `build_knn_graph` computes its weights (the ranking product may be fp16/bf16 on
+    a GPU; the kept values never are). Slots without a neighbour (padded rows, or
+    images with n_valid[b] <= k) hold idx = -1, sims = 0. Rows are re-normalised here.
+    """
+    import torch
+
+    from .graph import _torch_device
+
+    if precision not in _TORCH_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose from {list(_TORCH_DTYPES)}")
+    dev = _torch_device(device)
+    x = _as_torch(feats, dev).float()
+    if x.ndim != 3:
+        raise ValueError(f"feats must be (B, N, d), got shape {tuple(x.shape)}")
+    B, N, _ = x.shape
+    valid, _ = _valid_mask(n_valid, B, N, dev)
+    if k < 1 or k >= N:
+        raise ValueError(f"k must be in [1, {N - 1}] for N={N}, got {k}")
+    norms = torch.linalg.vector_norm(x, dim=2, keepdim=True)
+    if not torch.isfinite(x[valid]).all() or (norms[valid] == 0).any():
+        raise ValueError("feats contain NaN/Inf or all-zero rows among the valid patches")
+    x = torch.where(valid[..., None], x / norms.clamp_min(1e-30), 0.0)
+    dtype = getattr(torch, _TORCH_DTYPES[precision])
+    # Low precision: row i ranks j by x_i . x_j = (x_i - mu) . (x_j - mu) + mu . x_j + c_i
+    # with mu the image's mean feature: both factors are small (ViT patches are alike),
+    # and so are their rounding errors, which would otherwise swamp the ~1e-4 gaps
+    # between neighbours. Not exact: ~1% of rows may still differ (see the tests);
+    # "fp32" gives the exact float32 ranking of `build_knn_graph`.
+    if dtype == torch.float32:
+        xa = xb = x
+        col = torch.zeros((B, 1, N), device=dev)
+    else:
+        mu = x.sum(1, keepdim=True) / valid.sum(1)[:, None, None]
+        xa = xb = torch.where(valid[..., None], x - mu, 0.0).to(dtype)
+        col = (x @ mu.transpose(1, 2)).transpose(1, 2)  # (B, 1, N) float32
+    eye = torch.eye(N, dtype=torch.bool, device=dev)
+    chunk = max(1, _KNN_BYTES // (N * N * 4))
+    # A bf16/fp16 ranking is re-ranked exactly: its best c = k + _RERANK candidates get
+    # float64 dot products and the k best of those are kept.
+    c = k if dtype == torch.float32 else min(N - 1, k + _RERANK)
+    idx = torch.empty((B, N, c), dtype=torch.int64, device=dev)
+    found = torch.empty((B, N, c), dtype=torch.bool, device=dev)
+    for s in range(0, B, chunk):
+        e = min(B, s + chunk)
+        scores = torch.bmm(xa[s:e], xb[s:e].transpose(1, 2)).float() + col[s:e]
+        # self and padded columns are never selected; -inf marks "no neighbour left"
+        scores.masked_fill_(eye | ~valid[s:e, None, :], -torch.inf)
+        vals, ids = torch.topk(scores, c, dim=2, largest=True, sorted=True)
+        idx[s:e], found[s:e] = ids, torch.isfinite(vals) & valid[s:e, :, None]
+    idx = torch.where(found, idx, -1)
+    sims = _pair_dots(x, idx)
+    if c > k:
+        sims, order = torch.topk(torch.where(idx >= 0, sims, -torch.inf), k, dim=2, sorted=True)
+        idx = torch.gather(idx, 2, order)
+        sims = torch.where(idx >= 0, sims, 0.0)
+    return idx, sims
+
+
+def _pair_dots(x, idx, block_bytes: int = 1 << 28):
+    """float64 x_i . x_idx for (B, N, k) idx (-1: 0), in row blocks to bound memory."""
+    import torch
+
+    B, N, k = idx.shape
+    rows = max(1, block_bytes // (8 * k * x.shape[-1]))
+    xf, out = x.reshape(B * N, -1), torch.zeros((B * N, k), dtype=torch.float64, device=x.device)
+    flat = torch.where(idx >= 0, idx + (torch.arange(B, device=x.device) * N)[:, None, None], -1).reshape(B * N, k)
+    for s in range(0, B * N, rows):
+        j = flat[s:s + rows]
+        xi = xf[s:s + rows].double()
+        xj = xf[j.clamp_min(0)].double()
+        out[s:s + rows] = torch.where(j >= 0, torch.einsum("nd,nkd->nk", xi, xj), 0.0)
+    return out.reshape(B, N, k)
+
+
+@dataclass
+class Ell:
+    """B symmetric graphs in padded ELL form (torch tensors or xp arrays).
+
+    idx (B, N, m) int64 neighbour indices (unused slots: the row itself), w (B, N, m)
+    float64 weights (unused slots: 0), n_valid (B,) int64 real node counts.
+    """
+
+    idx: object
+    w: object
+    n_valid: object
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.idx.shape)
+
+
+def ell_graph(idx, sims, *, n_valid=None, threshold: float = 0.0) -> Ell:
+    """Symmetrised kNN affinity W = max(W, W^T), W_ij = sims_ij if > threshold, as ELL.
+
+    The same graph as `build_knn_graph(..., GraphConfig(k, threshold))` per image
+    (no colour term). Runs in torch on the tensors' device; the width m is the largest
+    row degree in the batch (k plus the one-sided in-edges of the busiest hub).
+    """
+    import torch
+
+    idx, sims = _as_torch(idx, None), _as_torch(sims, None)
+    dev = idx.device
+    sims = sims.to(dev, torch.float64)
+    B, N, k = idx.shape
+    _, nv = _valid_mask(n_valid, B, N, dev)
+    keep = (idx >= 0) & (sims > threshold)
+    b = torch.arange(B, device=dev)[:, None, None].expand(B, N, k)[keep]
+    i = torch.arange(N, device=dev)[None, :, None].expand(B, N, k)[keep]
+    j, w = idx[keep], sims[keep]
+    # both directions, then max over duplicate (b, row, col) keys
+    rows, cols, ws, bs = torch.cat([i, j]), torch.cat([j, i]), torch.cat([w, w]), torch.cat([b, b])
+    key = (bs * N + rows) * N + cols
+    ukey, inv = torch.unique(key, sorted=True, return_inverse=True)
+    uw = torch.full(ukey.shape, -torch.inf, dtype=torch.float64, device=dev).scatter_reduce(0, inv, ws, "amax")
+    urow = ukey // N  # b * N + row
+    ucol = ukey % N
+    counts = torch.bincount(urow, minlength=B * N)
+    m = max(1, int(counts.max()) if len(counts) else 1)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(ukey), device=dev) - start[urow]
+    out_idx = torch.arange(N, device=dev).repeat(B, 1).reshape(B * N, 1).expand(B * N, m).clone()
+    out_w = torch.zeros((B * N, m), dtype=torch.float64, device=dev)
+    out_idx[urow, slot] = ucol
+    out_w[urow, slot] = uw
+    return Ell(out_idx.reshape(B, N, m), out_w.reshape(B, N, m), nv.clone())
+
+
+def ell_from_csr(mats: list[sp.spmatrix], n: int | None = None) -> Ell:
+    """Pack per-image sparse symmetric matrices (e.g. `Graph.W`, any weights) into one ELL (numpy)."""
+    sizes = [m.shape[0] for m in mats]
+    n = n or max(sizes)
+    if max(sizes) > n:
+        raise ValueError(f"graph of {max(sizes)} nodes does not fit N={n}")
+    mats = [sp.csr_matrix(m, dtype=np.float64) for m in mats]
+    width = max(1, max(int(np.diff(m.indptr).max()) if m.nnz else 1 for m in mats))
+    B = len(mats)
+    idx = np.broadcast_to(np.arange(n)[None, :, None], (B, n, width)).copy()
+    w = np.zeros((B, n, width))
+    for b, m in enumerate(mats):  # host-side packing only; the solver has no per-image loop
+        counts = np.diff(m.indptr)
+        rows = np.repeat(np.arange(m.shape[0]), counts)
+        slot = np.arange(m.nnz) - m.indptr[rows]
+        idx[b, rows, slot], w[b, rows, slot] = m.indices, m.data
+    return Ell(idx, w, np.asarray(sizes, dtype=np.int64))
+
+
+# --- batched solver (numpy / cupy) ----------------------------------------------------
+
+
+def _to_xp(a, xp, dtype=None):
+    """torch tensor or array -> xp array (DLPack for torch on a GPU, no host round trip)."""
+    if hasattr(a, "detach"):  # torch
+        a = a.detach()
+        a = a.cpu().numpy() if xp is np else xp.from_dlpack(a)
+    out = xp.asarray(a)
+    return out.astype(dtype, copy=False) if dtype is not None else out
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+class _Operator:
+    """A = D^-1/2 W D^-1/2 of B graphs in ELL form: Y[b, i] = sum_j a[b, i, j] X[b, idx[b, i, j]]."""
+
+    def __init__(self, idx, a, xp, cols_per_gather: int = 8):
+        self.idx, self.a, self.xp, self.step = idx, a, xp, cols_per_gather
+
+    def take(self, sel) -> "_Operator":
+        return _Operator(self.idx[sel], self.a[sel], self.xp, self.step)
+
+    def __call__(self, X):
+        xp = self.xp
+        B, N, m = self.idx.shape
+        bsel = xp.arange(B)[:, None, None]
+        Y = xp.zeros_like(X)
+        # A few ELL columns per gather: memory B*N*step*p instead of B*N*m*p.
+        for s in range(0, m, self.step):
+            g = X[bsel, self.idx[:, :, s:s + self.step]]  # (B, N, step, p)
+            Y += xp.einsum("bnj,bnjp->bnp", self.a[:, :, s:s + self.step], g)
+        return Y
+
+
+def _gram(X, Y, xp):
+    """X^T Y per image in float64, (B, p, q)."""
+    return xp.einsum("bnp,bnq->bpq", X.astype(xp.float64), Y.astype(xp.float64))
+
+
+def _orthonormalise(X, xp, stats: dict):
+    """Batched Cholesky-QR, twice (CholQR2), with float64 Gram matrices.
+
+    Images whose block is numerically rank deficient (Cholesky fails or its diagonal
+    spans more than 1e6, i.e. cond(X) > 1e6) are orthonormalised with Householder QR.
+    """
+    dt = X.dtype
+    for _ in range(2):
+        G = _gram(X, X, xp)
+        try:
+            Lc = xp.linalg.cholesky(G)
+            diag = xp.abs(xp.diagonal(Lc, axis1=1, axis2=2))
+            bad = ~xp.isfinite(Lc).all(axis=(1, 2)) | (diag.min(axis=1) <= 1e-6 * diag.max(axis=1))
+        except np.linalg.LinAlgError:
+            Lc, bad = None, xp.ones(X.shape[0], dtype=bool)
+        if bool(bad.all()):
+            return _qr(X, xp, stats, xp.arange(X.shape[0]))
+        if bool(bad.any()):
+            Lc[bad] = xp.eye(G.shape[1])
+        # X L^-T: inverse of a small (p x p) triangular factor, batched
+        Rinv = xp.linalg.inv(xp.swapaxes(Lc, 1, 2))
+        X = xp.einsum("bnp,bpq->bnq", X, Rinv.astype(dt))
+        if bool(bad.any()):
+            X = _qr(X, xp, stats, xp.nonzero(bad)[0])
+    return X
+
+
+def _qr(X, xp, stats, which):
+    stats["qr_fallbacks"] = stats.get("qr_fallbacks", 0) + int(len(which))
+    X[which] = xp.linalg.qr(X[which].astype(xp.float64))[0].astype(X.dtype)
+    return X
+
+
+def _chebyshev(op, X, lo, hi, degree: int):
+    """p(A) X with p the degree-d Chebyshev polynomial damping [lo, hi] (per image), scaled."""
+    e = ((hi - lo) / 2)[:, None, None]
+    c = ((hi + lo) / 2)[:, None, None]
+    Y = (op(X) - c * X) / e
+    for _ in range(2, degree + 1):
+        Y, X = 2 * (op(Y) - c * Y) / e - X, Y
+    return Y
+
+
+def _rayleigh_ritz(op, X, xp):
+    """Ritz pairs of A on span(X) (orthonormal), largest first: (theta, X V, A X V)."""
+    AX = op(X)
+    H = _gram(X, AX, xp)
+    H = (H + xp.swapaxes(H, 1, 2)) / 2
+    theta, V = xp.linalg.eigh(H)
+    theta, V = theta[:, ::-1], V[:, :, ::-1]
+    Vd = V.astype(X.dtype)
+    return theta, xp.einsum("bnp,bpq->bnq", X, Vd), xp.einsum("bnp,bpq->bnq", AX, Vd)
+
+
+@dataclass
+class BatchedResult:
+    """Raw batched output (xp arrays) before the per-image post-processing."""
+
+    theta: object  # (B, K) Ritz values of A, descending
+    vecs: object  # (B, N, K)
+    iterations: np.ndarray  # (B,) outer iterations (each = degree + 1 block products)
+    converged: np.ndarray  # (B,) bool: every Ritz residual <= tol within max_iter
+    info: dict = field(default_factory=dict)
+
+
+def chebyshev_subspace(
+    op: _Operator, sqrt_d, valid, K: int, *, xp=np, tol: float = 1e-4, block: int | None = None,
+    degree: int = 10, max_iter: int = 100, seed: int = 0, dtype=np.float32,
+) -> BatchedResult:
+    """K largest eigenpairs of B normalised adjacencies A (spectra in [-1, 1]) at once.
+
+    Chebyshev-filtered subspace iteration: each outer step applies p(A), the degree-d
+    Chebyshev polynomial that stays within [-1, 1] on [-1, a] and grows fast above it,
+    with a = the smallest Ritz value of the block (so the block's own top part is
+    amplified), then CholQR2 and Rayleigh-Ritz. An image stops when its K Ritz
+    residuals ||A x - theta x|| are <= tol; it then leaves the active set, so later
+    steps cost only what the remaining images need.
+    """
+    B, N, _ = op.idx.shape
+    nmin = int(_host(valid.sum(axis=1)).min())
+    p = min(block or 2 * K, nmin - 1)
+    if p <= K:
+        raise ValueError(f"block of {p} columns needs more than K={K}; smallest image has {nmin} nodes")
+    rng = xp.random.default_rng(seed) if hasattr(xp.random, "default_rng") else xp.random.RandomState(seed)
+    X = rng.standard_normal((B, N, p), dtype=dtype)
+    X[:, :, 0] = sqrt_d.astype(dtype)  # the trivial eigenvector, exact from the start
+    X *= valid[:, :, None].astype(dtype)  # padded rows stay exactly zero
+    stats: dict = {}
+    X = _orthonormalise(X, xp, stats)
+    theta, X, AX = _rayleigh_ritz(op, X, xp)
+
+    out_theta = xp.zeros((B, K))
+    out_vecs = xp.zeros((B, N, K), dtype=dtype)
+    iters = np.zeros(B, dtype=np.int64)
+    done = np.zeros(B, dtype=bool)
+    active = np.arange(B)
+    aop = op
+    for it in range(1, max_iter + 1):
+        res = xp.linalg.norm(AX[:, :, :K] - X[:, :, :K] * theta[:, None, :K].astype(dtype), axis=1)
+        conv = _host((res <= tol).all(axis=1))
+        if conv.any():
+            sel = np.flatnonzero(conv)
+            dst, src = xp.asarray(active[sel]), xp.asarray(sel)
+            out_theta[dst] = theta[src, :K]
+            out_vecs[dst] = X[src, :, :K]
+            done[active[sel]] = True
+            keep = np.flatnonzero(~conv)
+            active = active[keep]
+            if not len(active):
+                break
+            kx = xp.asarray(keep)
+            aop, X, theta = aop.take(kx), X[kx], theta[kx]
+        iters[active] = it
+        lo = xp.full(len(active), -1.0)
+        hi = xp.clip(theta[:, -1], -1.0 + 1e-3, 1.0 - 1e-3)  # keep [lo, hi] non-degenerate
+        X = _chebyshev(aop, X, lo, hi, degree)
+        X = _orthonormalise(X, xp, stats)
+        theta, X, AX = _rayleigh_ritz(aop, X, xp)
+    if len(active) and not done[active].all():  # max_iter reached: keep the last iterate, flagged
+        kx = xp.arange(len(active))
+        res = xp.linalg.norm(AX[:, :, :K] - X[:, :, :K] * theta[:, None, :K].astype(dtype), axis=1)
+        conv = _host((res <= tol).all(axis=1))
+        out_theta[xp.asarray(active)] = theta[kx, :K]
+        out_vecs[xp.asarray(active)] = X[kx, :, :K]
+        done[active] = conv
+    info = {"block": p, "degree": degree, **stats}
+    return BatchedResult(out_theta, out_vecs, iters, done, info)
+
+
+def _normalised_weights(ell: Ell, xp):
+    """(idx, a, sqrt_d, dinv, valid) with a = D^-1/2 W D^-1/2 on the ELL slots, float64."""
+    idx, w = _to_xp(ell.idx, xp, xp.int64), _to_xp(ell.w, xp, xp.float64)
+    B, N, _ = idx.shape
+    nv = _to_xp(ell.n_valid, xp, xp.int64)
+    valid = xp.arange(N)[None, :] < nv[:, None]
+    if not bool(xp.isfinite(w).all()):
+        raise ValueError("graph weights contain NaN/Inf")
+    if bool((w < 0).any()):
+        raise ValueError("graph weights must be non-negative")
+    w = w * valid[:, :, None]
+    d = w.sum(axis=2)
+    dinv = xp.where(d > 0, 1.0 / xp.sqrt(xp.where(d > 0, d, 1.0)), 0.0)
+    bsel = xp.arange(B)[:, None, None]
+    a = w * (dinv[:, :, None] * dinv[bsel, idx])
+    return idx, a, xp.sqrt(d), valid
+
+
+def batched_eigs(
+    ell: Ell, K: int, *, xp=np, tol: float = 1e-4, residual_tol: float = 1e-3, block: int | None = None,
+    degree: int = 10, max_iter: int = 100, seed: int = 0, dtype=np.float32,
+) -> list[Spectrum]:
+    """K smallest eigenpairs of L = I - D^-1/2 W D^-1/2 for each of B graphs in one ELL batch.
+
+    ell.w holds the affinities W (see `ell_graph`, `ell_from_csr`). Returns one `Spectrum`
+    per image, like `laplacian_eigs`: eigvals ascending (float64), eigvecs (n_valid, K)
+    float32 with `fix_signs`, residuals ||L u - lambda u|| of the returned float32
+    vectors computed in float64, converged = solver converged and residuals <= residual_tol,
+    iterations = outer iterations of this image (it stops costing work once converged).
+    """
+    t0 = time.perf_counter()
+    if not 1 <= K:
+        raise ValueError(f"K must be >= 1, got {K}")
+    idx, a64, sqrt_d, valid = _normalised_weights(ell, xp)
+    return _solve(idx, a64, sqrt_d, valid, K, xp=xp, tol=tol, residual_tol=residual_tol, block=block,
+                  degree=degree, max_iter=max_iter, seed=seed, dtype=dtype, t0=t0)
+
+
+def _solve(idx, a64, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, max_iter, seed, dtype, t0):
+    B, N, _ = idx.shape
+    nv = _host(valid.sum(axis=1))
+    if K >= int(nv.min()):
+        raise ValueError(f"K={K} needs graphs with more than {K} nodes (smallest has {int(nv.min())})")
+    nrm = xp.linalg.norm(sqrt_d, axis=1, keepdims=True)
+    start = sqrt_d / xp.where(nrm > 0, nrm, 1.0)
+    op = _Operator(idx, a64.astype(dtype), xp)
+    r = chebyshev_subspace(op, start, valid, K, xp=xp, tol=tol, block=block, degree=degree,
+                           max_iter=max_iter, seed=seed, dtype=dtype)
+    # Residuals of the returned float32 vectors in float64 (as laplacian_eigs): Lu - lu = u - Au - lu.
+    u = r.vecs.astype(dtype).astype(xp.float64)
+    norms = xp.linalg.norm(u, axis=1, keepdims=True)
+    u = u / xp.where(norms > 0, norms, 1.0)
+    Au = _Operator(idx, a64, xp)(u)
+    lam = 1.0 - xp.einsum("bnk,bnk->bk", u, Au)  # float64 Rayleigh quotients (error ~ residual^2)
+    res = xp.linalg.norm(u - Au - u * lam[:, None, :], axis=1)
+    lam_h, u_h, res_h = _host(lam), _host(u), _host(res)
+    seconds = time.perf_counter() - t0
+    out = []
+    for b in range(B):  # host post-processing: order, signs (spectral's convention), float32
+        order = np.argsort(lam_h[b], kind="stable")
+        vecs = fix_signs(u_h[b, : nv[b]][:, order])
+        vecs32 = (vecs / np.linalg.norm(vecs, axis=0, keepdims=True)).astype(np.float32)
+        conv = bool(r.converged[b]) and bool((res_h[b] <= residual_tol).all())
+        if not conv:
+            logger.warning("batched solver: image %d not converged (residuals %s, %d iterations)",
+                           b, np.array2string(res_h[b][order], precision=2), r.iterations[b])
+        out.append(Spectrum(
+            eigvals=lam_h[b][order].astype(np.float64), eigvecs=vecs32, residuals=res_h[b][order],
+            converged=conv, iterations=int(r.iterations[b]), solver="batched",
+            info={"seconds": seconds, "batch": B, "solver_converged": bool(r.converged[b]),
+                  "matvecs": int(r.iterations[b] * (degree + 1) + 1), **r.info},
+        ))
+    return out
+
+
+def solve_batched(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg):
+    """`spectral.SOLVERS` signature: one normalised adjacency solved as a batch of one (numpy)."""
+    from .spectral import _Raw
+
+    ell = ell_from_csr([A])
+    idx, a64 = ell.idx, ell.w
+    valid = np.ones((1, A.shape[0]), dtype=bool)
+    (s,) = _solve(idx, a64, np.asarray(sqrt_d, np.float64)[None], valid, cfg.num_eigs, xp=np,
+                  tol=cfg.tol, residual_tol=cfg.residual_tol, block=None, degree=10,
+                  max_iter=cfg.max_iter or 100, seed=cfg.seed, dtype=np.float32, t0=time.perf_counter())
+    return _Raw(s.eigvals, s.eigvecs.astype(np.float64), iterations=s.iterations, info=dict(s.info))
+
+
+def ell_to_csr(ell: Ell, b: int) -> sp.csr_matrix:
+    """Image b of an ELL batch as an (n_valid, n_valid) CSR matrix (host; for tests and checks)."""
+    n = int(_host(_to_xp(ell.n_valid, np))[b])
+    idx, w = _to_xp(ell.idx, np)[b, :n], _to_xp(ell.w, np)[b, :n]
+    rows = np.repeat(np.arange(n), idx.shape[1])
+    keep = w.ravel() != 0
+    return sp.csr_matrix((w.ravel()[keep], (rows[keep], idx.ravel()[keep])), shape=(n, n))
