@@ -15,7 +15,7 @@ from sazs.pipeline.batched import batched_eigs, batched_knn, ell_from_csr, ell_g
 from sazs.pipeline.graph import GraphConfig, build_knn_graph, knn, patch_colors
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
 
-from test_graph import FEATS_DIR, GRID, assert_same_neighbours_up_to_ties, image_features, normalise, random_features
+from test_graph import FEATS_DIR, GRID, real_vit_features, assert_same_neighbours_up_to_ties, image_features, normalise, random_features
 from test_spectral import assert_matches_reference, assert_well_formed
 
 K = 8
@@ -31,10 +31,7 @@ def pad(feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def vit_features(name: str) -> np.ndarray:
-    path = FEATS_DIR / f"feats_imgfocus-vits14_672_{name}.npy"
-    if not path.exists():
-        pytest.skip(f"{path.name} not present")
-    f = np.load(path)
+    f = real_vit_features(name)
     return normalise(f.reshape(-1, f.shape[-1]))
 
 
@@ -228,8 +225,7 @@ def test_cholesky_qr_falls_back_to_qr_per_image():
 
 def test_low_precision_ranking_is_reranked_exactly():
     """The bf16 ranking product (the GPU setting) keeps the float64-best k of its k + 8 candidates."""
-    f = vit_features("coffee") if (FEATS_DIR / "feats_imgfocus-vits14_672_coffee.npy").exists() else (
-        random_features(n=1000, d=64, seed=7))
+    f = vit_features("coffee")
     idx, sims = batched_knn(f[None], 10, precision="bf16")
     _, ref = knn(f, 10, metric="ip", backend="torch")
     cos = f.astype(np.float64) @ f.T.astype(np.float64)

