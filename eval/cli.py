@@ -397,17 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     from sazs.pipeline.datasets import ImageError
     from sazs.stores.writer import StoreError
 
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("sazs-eval: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, KeyError, StoreError, ImageError, DemoError) as exc:
-        if args.verbose:
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"sazs-eval: error: {msg}", file=sys.stderr)
-        return 2
+    from sazs.stores.console import run_command
+
+    return run_command("sazs-eval", args, user_errors=(StoreError, ImageError, DemoError))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
-from pathlib import Path
 
 log = logging.getLogger("sazs.priors")
 
@@ -223,20 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
     if args.verbose:
         logging.getLogger("sazs").setLevel(logging.DEBUG)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("sazs-priors: interrupted; finished shards are saved, re-run the same command to resume",
-              file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        # Bad input (unknown names, missing files, wrong layouts): the message says what to
-        # fix, so print it without a traceback (-v keeps the traceback for debugging).
-        if args.verbose:
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"sazs-priors: error: {msg}", file=sys.stderr)
-        return 2
+    from sazs.stores.console import run_command
+
+    return run_command("sazs-priors", args,
+                       interrupted="interrupted; finished shards are saved, re-run the same command to resume")
 
 
 if __name__ == "__main__":

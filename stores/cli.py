@@ -242,14 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     if args.verbose:
         logging.getLogger("sazs").setLevel(logging.DEBUG)
-    try:
-        return args.func(args)
-    except (StoreError, ValueError, FileNotFoundError, KeyError) as exc:
-        if args.verbose:
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"sazs-store: error: {msg}", file=sys.stderr)
-        return 2
+    from .console import run_command
+
+    return run_command("sazs-store", args, user_errors=(StoreError,))
 
 
 if __name__ == "__main__":

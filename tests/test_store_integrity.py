@@ -259,3 +259,29 @@ def test_format_md_describes_what_the_writer_writes(store):
     for section in ("dataset", "graph", "solver", "layout"):
         for key in manifest[section]:
             assert f"`{key}`" in text or key in text, f"{section}.{key} is not documented"
+
+
+def test_run_command_exit_codes(capsys):
+    """The shared dispatcher: user errors exit 2 (traceback only with -v), own codes, Ctrl-C 130."""
+    import argparse
+
+    from sazs.stores.console import run_command
+
+    class Boom(Exception):
+        pass
+
+    def ns(exc, verbose=False):
+        def func(_):
+            raise exc
+        return argparse.Namespace(func=func, verbose=verbose)
+
+    assert run_command("x", ns(KeyError("image id 'a' is not in store"))) == 2
+    assert "x: error: image id 'a' is not in store" in capsys.readouterr().err
+    assert run_command("x", ns(Boom("nan loss")), codes={Boom: 3}) == 3
+    assert run_command("x", ns(KeyboardInterrupt()), interrupted="stopped") == 130
+    assert "x: stopped" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        run_command("x", ns(ValueError("bad"), verbose=True))
+    with pytest.raises(RuntimeError):  # a bug is not bad input: never swallowed
+        run_command("x", ns(RuntimeError("bug")))
+    assert run_command("x", argparse.Namespace(func=lambda _: 0)) == 0

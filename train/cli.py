@@ -289,20 +289,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .loop import NonFiniteLossError
 
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("sazs-train: interrupted; continue from the last checkpoint with --resume", file=sys.stderr)
-        return 130
-    except NonFiniteLossError as exc:
-        print(f"sazs-train: error: {exc}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, StoreError) as exc:
-        if args.verbose:
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"sazs-train: error: {msg}", file=sys.stderr)
-        return 2
+    from sazs.stores.console import run_command
+
+    return run_command("sazs-train", args, user_errors=(FileExistsError, StoreError), codes={NonFiniteLossError: 3},
+                       interrupted="interrupted; continue from the last checkpoint with --resume")
 
 
 if __name__ == "__main__":
