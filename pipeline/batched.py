@@ -19,6 +19,7 @@ float64 residuals ||L u - lambda u||) for the spectra.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -225,24 +226,93 @@ def _host(a) -> np.ndarray:
 
 
 class _Operator:
-    """A = D^-1/2 W D^-1/2 of B graphs in ELL form: Y[b, i] = sum_j a[b, i, j] X[b, idx[b, i, j]]."""
+    """A = D^-1/2 W D^-1/2 of B graphs in ELL form: Y[b, i] = sum_j a[b, i, j] X[b, idx[b, i, j]].
 
-    def __init__(self, idx, a, xp, cols_per_gather: int = 8):
+    On cupy (float32/float64, C-contiguous) the product is one fused gather-and-sum kernel
+    (`_ell_kernel`): no (B, N, m, p) gather is ever materialised. Elsewhere, and whenever
+    the kernel is unavailable or failed its self-check, a few ELL columns are gathered at
+    a time (memory B*N*step*p instead of B*N*m*p) and summed with einsum.
+    """
+
+    def __init__(self, idx, a, xp, cols_per_gather: int = 8, fused: bool | None = None):
         self.idx, self.a, self.xp, self.step = idx, a, xp, cols_per_gather
+        self.fused = _fused_available(xp) if fused is None else fused
 
     def take(self, sel) -> "_Operator":
-        return _Operator(self.idx[sel], self.a[sel], self.xp, self.step)
+        return _Operator(self.idx[sel], self.a[sel], self.xp, self.step, self.fused)
 
-    def __call__(self, X):
+    def gathered(self, X):
+        """The unfused product (the reference the fused kernel is checked against)."""
         xp = self.xp
         B, N, m = self.idx.shape
         bsel = xp.arange(B)[:, None, None]
         Y = xp.zeros_like(X)
-        # A few ELL columns per gather: memory B*N*step*p instead of B*N*m*p.
         for s in range(0, m, self.step):
             g = X[bsel, self.idx[:, :, s:s + self.step]]  # (B, N, step, p)
             Y += xp.einsum("bnj,bnjp->bnp", self.a[:, :, s:s + self.step], g)
         return Y
+
+    def __call__(self, X):
+        if self.fused and X.dtype == self.a.dtype:
+            return _fused_product(self, X)
+        return self.gathered(X)
+
+
+# The fused ELL product for cupy: one thread per output entry (b, i, c); the p threads of
+# a row read its m (index, weight) slots once from cache and X's rows coalesced.
+_ELL_SOURCE = r"""
+extern "C" __global__ void ell_spmm_{T}(const long long* idx, const {T}* a, const {T}* X, {T}* Y,
+                                       long long rows, int N, int m, int p) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= rows * p) return;
+    long long row = t / p;
+    int c = (int)(t - row * p);
+    const long long* ir = idx + row * m;
+    const {T}* ar = a + row * m;
+    const {T}* Xb = X + (row / N) * (long long)N * p;
+    {T} s = 0;
+    for (int j = 0; j < m; ++j) s += ar[j] * Xb[ir[j] * p + c];
+    Y[t] = s;
+}
+"""
+_FUSED_STATE: dict = {}  # "ok": result of the first self-check in this process; kernels by dtype
+
+
+def _fused_available(xp) -> bool:
+    """Only on cupy, and only until a self-check has failed (see `_fused_product`)."""
+    return getattr(xp, "__name__", "") == "cupy" and _FUSED_STATE.get("ok", True)
+
+
+def _ell_kernel(xp, dtype):
+    name = {"float32": "float", "float64": "double"}[xp.dtype(dtype).name]
+    key = ("kernel", name)
+    if key not in _FUSED_STATE:
+        _FUSED_STATE[key] = xp.RawKernel(_ELL_SOURCE.replace("{T}", name), f"ell_spmm_{name}")
+    return _FUSED_STATE[key]
+
+
+def _fused_product(op: _Operator, X):
+    xp = op.xp
+    B, N, m = op.idx.shape
+    p = X.shape[2]
+    X = xp.ascontiguousarray(X)
+    idx, a = xp.ascontiguousarray(op.idx), xp.ascontiguousarray(op.a)
+    Y = xp.empty_like(X)
+    total, threads = B * N * p, 256
+    _ell_kernel(xp, X.dtype)(((total + threads - 1) // threads,), (threads,),
+                             (idx, a, X, Y, np.int64(B * N), np.int32(N), np.int32(m), np.int32(p)))
+    if "ok" not in _FUSED_STATE:
+        # First use in this process: the kernel must agree with the gather product, or it
+        # is switched off for good (a warning, then the slower but plain path).
+        ref = op.gathered(X)
+        err = float(xp.abs(Y - ref).max()) / max(float(xp.abs(ref).max()), 1e-30)
+        _FUSED_STATE["ok"] = err <= 1e-4
+        if not _FUSED_STATE["ok"]:
+            logger.warning("fused ELL kernel disagrees with the gather product (relative error %.2e); "
+                           "using the gather product from now on", err)
+            op.fused = False
+            return ref
+    return Y
 
 
 def _gram(X, Y, xp):
@@ -329,12 +399,15 @@ def chebyshev_subspace(
     steps cost only what the remaining images need.
     """
     B, N, _ = op.idx.shape
+    p = block or 2 * K
     nmin = int(_host(valid.sum(axis=1)).min())
-    p = min(block or 2 * K, nmin - 1)
-    if p <= K:
-        raise ValueError(f"block of {p} columns needs more than K={K}; smallest image has {nmin} nodes")
+    if not K < p < nmin:
+        raise ValueError(f"block of {p} columns needs K={K} < block < nodes of the smallest image ({nmin})")
+    # One (N, p) draw shared by the batch: image b starts from its first n_b rows, which
+    # do not depend on the batch's padded N (the generator fills row by row), so an image
+    # starts the same way in any batch, and as a batch of one.
     rng = xp.random.default_rng(seed) if hasattr(xp.random, "default_rng") else xp.random.RandomState(seed)
-    X = rng.standard_normal((B, N, p), dtype=dtype)
+    X = xp.broadcast_to(rng.standard_normal((N, p), dtype=dtype), (B, N, p)).copy()
     X[:, :, 0] = sqrt_d.astype(dtype)  # the trivial eigenvector, exact from the start
     X *= valid[:, :, None].astype(dtype)  # padded rows stay exactly zero
     stats: dict = {}
@@ -420,18 +493,31 @@ def batched_eigs(
 def _solve(idx, a64, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, max_iter, seed, dtype, t0):
     B, N, _ = idx.shape
     nv = _host(valid.sum(axis=1))
-    if K >= int(nv.min()):
-        raise ValueError(f"K={K} needs graphs with more than {K} nodes (smallest has {int(nv.min())})")
+    if K + 2 > int(nv.min()):
+        raise ValueError(f"K={K} needs graphs with more than {K + 1} nodes (smallest has {int(nv.min())})")
     nrm = xp.linalg.norm(sqrt_d, axis=1, keepdims=True)
     start = sqrt_d / xp.where(nrm > 0, nrm, 1.0)
     op = _Operator(idx, a64.astype(dtype), xp)
-    r = chebyshev_subspace(op, start, valid, K, xp=xp, tol=tol, block=block, degree=degree,
-                           max_iter=max_iter, seed=seed, dtype=dtype)
+    # Block size per image: 2K columns, fewer only for graphs too small for that. Images
+    # of one block size are solved together (in practice: the whole batch at once).
+    blocks = np.minimum(block or 2 * K, nv - 1)
+    vecs = xp.zeros((B, N, K), dtype=dtype)
+    iterations, converged = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool)
+    qr_fallbacks = 0
+    for p in np.unique(blocks):
+        sel = np.flatnonzero(blocks == p)
+        s = xp.asarray(sel)
+        part = (op, start, valid) if len(sel) == B else (op.take(s), start[s], valid[s])
+        r = chebyshev_subspace(*part, K, xp=xp, tol=tol, block=int(p), degree=degree, max_iter=max_iter,
+                               seed=seed, dtype=dtype)
+        vecs[s] = r.vecs
+        iterations[sel], converged[sel] = r.iterations, r.converged
+        qr_fallbacks += r.info.get("qr_fallbacks", 0)
     # Residuals of the returned float32 vectors in float64 (as laplacian_eigs): Lu - lu = u - Au - lu.
-    u = r.vecs.astype(dtype).astype(xp.float64)
+    u = vecs.astype(xp.float64)
     norms = xp.linalg.norm(u, axis=1, keepdims=True)
     u = u / xp.where(norms > 0, norms, 1.0)
-    Au = _Operator(idx, a64, xp)(u)
+    Au = _Operator(idx, a64, xp, fused=False)(u)  # plain float64 product: checks the fused one
     lam = 1.0 - xp.einsum("bnk,bnk->bk", u, Au)  # float64 Rayleigh quotients (error ~ residual^2)
     res = xp.linalg.norm(u - Au - u * lam[:, None, :], axis=1)
     lam_h, u_h, res_h = _host(lam), _host(u), _host(res)
@@ -439,19 +525,46 @@ def _solve(idx, a64, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, 
     out = []
     for b in range(B):  # host post-processing: order, signs (spectral's convention), float32
         order = np.argsort(lam_h[b], kind="stable")
-        vecs = fix_signs(u_h[b, : nv[b]][:, order])
-        vecs32 = (vecs / np.linalg.norm(vecs, axis=0, keepdims=True)).astype(np.float32)
-        conv = bool(r.converged[b]) and bool((res_h[b] <= residual_tol).all())
+        v = fix_signs(u_h[b, : nv[b]][:, order])
+        vecs32 = (v / np.linalg.norm(v, axis=0, keepdims=True)).astype(np.float32)
+        conv = bool(converged[b]) and bool((res_h[b] <= residual_tol).all())
         if not conv:
             logger.warning("batched solver: image %d not converged (residuals %s, %d iterations)",
-                           b, np.array2string(res_h[b][order], precision=2), r.iterations[b])
+                           b, np.array2string(res_h[b][order], precision=2), iterations[b])
         out.append(Spectrum(
             eigvals=lam_h[b][order].astype(np.float64), eigvecs=vecs32, residuals=res_h[b][order],
-            converged=conv, iterations=int(r.iterations[b]), solver="batched",
-            info={"seconds": seconds, "batch": B, "solver_converged": bool(r.converged[b]),
-                  "matvecs": int(r.iterations[b] * (degree + 1) + 1), **r.info},
+            converged=conv, iterations=int(iterations[b]), solver="batched",
+            info={"seconds": seconds, "batch": B, "solver_converged": bool(converged[b]), "block": int(blocks[b]),
+                  "degree": degree, "matvecs": int(iterations[b] * (degree + 1) + 1), "qr_fallbacks": qr_fallbacks},
         ))
     return out
+
+
+def array_module(device: str, ell: Ell | None = None):
+    """(xp, context) for the batched solver: cupy and its device on a GPU, else numpy.
+
+    "cuda"/"cuda:N" ask for cupy (an ImportError with the install hint if it is
+    missing); "auto" uses cupy when the graphs are already on a GPU (torch CUDA tensors
+    or cupy arrays) and cupy is installed; "cpu" is numpy.
+    """
+    if device == "cpu":
+        return np, contextlib.nullcontext()
+    on_gpu = ell is not None and (getattr(getattr(ell.idx, "device", None), "type", None) == "cuda"
+                                  or type(ell.idx).__module__.startswith("cupy"))
+    if device == "auto" and not on_gpu:
+        return np, contextlib.nullcontext()
+    try:
+        import cupy
+    except ImportError as e:
+        if device == "auto":
+            logger.warning("graphs are on a GPU but CuPy is missing: solving on the CPU "
+                           "(pip install cupy-cuda12x for the GPU solver)")
+            return np, contextlib.nullcontext()
+        raise ImportError(f"solver 'batched' on device {device!r} needs CuPy: pip install cupy-cuda12x") from e
+    index = int(device.split(":")[1]) if ":" in device else None
+    if index is None and on_gpu and hasattr(ell.idx, "device") and ell.idx.device.index is not None:
+        index = ell.idx.device.index
+    return cupy, cupy.cuda.Device(index or 0)
 
 
 def solve_batched(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg):

@@ -246,7 +246,49 @@ def test_bench_gpu_script_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     assert mod.main(["--cpu", "--repeats", "1", "--out", str(out)]) == 0
     rows = {r["stage"]: r for r in json.loads(out.read_text())["rows"]}
-    eig = rows["eigen batched (numpy)"]
+    eig = rows["eigen batched (numpy, gather)"]
     assert eig["converged"] == eig["B"] and eig["max_residual"] <= 1e-4
     assert rows["accuracy vs float64"]["max_abs_dlambda"] < 1e-4
-    assert rows["end to end (serial estimate)"]["coco_train2017_minutes"] > 0
+    e2e = rows["end to end (measured, make priors defaults)"]
+    assert e2e["done"] == e2e["images"] == 4 and e2e["images_per_s"] > 0 and e2e["coco_train2017_minutes"] > 0
+    assert (e2e["solver"], e2e["graph_backend"]) == ("eigsh", "certified")  # no GPU: the CPU path
+    assert rows["end to end (serial estimate of the stages)"]["images_per_s"] > 0
+
+
+def _emulated_kernel(grid, block, args):
+    """The fused CUDA kernel's index arithmetic (`batched._ELL_SOURCE`), one numpy lane per thread."""
+    idx, a, X, Y, rows, N, m, p = args
+    t = np.arange(grid[0] * block[0])
+    t = t[t < rows * p]
+    row = t // p
+    c = t - row * p
+    slots = row[:, None] * m + np.arange(m)
+    base = (row // N) * N * p
+    vals = X.reshape(-1)[base[:, None] + idx.reshape(-1)[slots] * p + c[:, None]]
+    Y.reshape(-1)[t] = (a.reshape(-1)[slots] * vals).sum(axis=1)
+
+
+@pytest.mark.parametrize("kernel", ["emulated", "broken"])
+def test_fused_product_launch_and_its_self_check(monkeypatch, caplog, kernel):
+    """The launch glue of the fused ELL kernel (on a GPU: cupy.RawKernel), with the kernel
+    emulated on numpy; a kernel that disagrees with the gather product is switched off."""
+    from sazs.pipeline import batched
+
+    assert not batched._fused_available(np)  # numpy never takes the fused path by itself
+    W = build_knn_graph(random_features(n=300, d=8, seed=2), GraphConfig(), grid=(15, 20)).W
+    ell = ell_from_csr([W, W[:200, :200]])
+    X = np.random.default_rng(0).standard_normal((2, 300, 16)).astype(np.float32)
+    X[1, 200:] = 0
+    fake = _emulated_kernel if kernel == "emulated" else (lambda grid, block, args: args[3].fill(1.0))
+    monkeypatch.setattr(batched, "_FUSED_STATE", {})
+    monkeypatch.setattr(batched, "_ell_kernel", lambda xp, dtype: fake)
+    op = batched._Operator(ell.idx, ell.w.astype(np.float32), np, fused=True)
+    with caplog.at_level(logging.WARNING):
+        Y = op(X)
+    ref = op.gathered(X)
+    np.testing.assert_allclose(Y, ref, rtol=1e-5, atol=1e-6)
+    if kernel == "emulated":
+        assert batched._FUSED_STATE["ok"] and op.fused and not caplog.text
+    else:
+        assert batched._FUSED_STATE["ok"] is False and not op.fused
+        assert "fused ELL kernel disagrees" in caplog.text
