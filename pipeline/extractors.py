@@ -76,7 +76,8 @@ class ExtractorConfig:
 
 @dataclass
 class Features:
-    feats: np.ndarray  # (h*w, d) float32, unit rows, row-major over the grid
+    feats: np.ndarray  # (h*w, d) float32, unit rows, row-major over the grid (a torch tensor on
+    #                    the extractor's device when extracted with on_device=True)
     grid: tuple[int, int]  # (h, w)
 
 
@@ -186,8 +187,12 @@ class Extractor:
         return n, n
 
     # -- extraction
-    def extract(self, images: list[np.ndarray]) -> list[Features]:
-        """Features per image, in input order; images of equal resized shape share batches."""
+    def extract(self, images: list[np.ndarray], *, on_device: bool = False) -> list[Features]:
+        """Features per image, in input order; images of equal resized shape share batches.
+
+        on_device=True leaves a ViT's features as float32 tensors on its device (the GPU
+        fast path hands them to the batched kNN without a round trip through the host).
+        """
         images = [_check_image(img, i) for i, img in enumerate(images)]
         grids = [self.grid_for(*img.shape[:2]) for img in images]
         groups: dict[tuple[int, int], list[int]] = {}
@@ -202,11 +207,14 @@ class Extractor:
                 feats = self._run([images[i] for i in chunk], (h * p, w * p))
                 logger.debug("%s: %d image(s) at grid %dx%d in %.3fs", self.name, len(chunk), h, w,
                              time.perf_counter() - t0)
+                if isinstance(feats, torch.Tensor) and not on_device:
+                    feats = feats.cpu().numpy()
                 for i, f in zip(chunk, feats):
                     out[i] = Features(feats=f, grid=(h, w))
         return out  # type: ignore[return-value]
 
-    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray | torch.Tensor:
+        """(B, h*w, d) float32 unit rows: a numpy array, or a tensor on the extractor's device."""
         raise NotImplementedError
 
     def _resize(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
@@ -300,9 +308,9 @@ class ViTExtractor(Extractor):
                 x = qkv[..., c:2 * c]  # q;k;v stacked: keys are the middle third, all heads
             return x[:, m.num_prefix_tokens:].float()
 
-    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
         pixels = (self._resize(images, size) - self._mean) / self._std
-        return _l2_normalise(self.forward_features(pixels)).cpu().numpy()
+        return _l2_normalise(self.forward_features(pixels))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("certified", "faiss", "torch")
+BACKENDS = ("certified", "faiss", "torch", "batched")
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,10 @@ class GraphConfig:
     of Deep Spectral Methods' `knn_affinity`.
 
     backend: "certified" (default; exact, fastest on CPUs with native bfloat16, see
-    `knn_certified`), "faiss" (exact float32 flat index) or "torch" (exact float32
-    product in row blocks, also on a GPU). All three return the same neighbours up to
-    exact ties.
+    `knn_certified`), "faiss" (exact float32 flat index), "torch" (exact float32
+    product in row blocks, also on a GPU) or "batched" (the GPU fast path: every image
+    of a batch at once, `build_knn_graphs`, on the features' device; one image at a
+    time it is "torch"). All return the same neighbours up to exact ties.
     """
 
     k: int = 10
@@ -51,8 +52,8 @@ class GraphConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown graph backend {self.backend!r}; choose from {list(BACKENDS)}")
+        if self.backend not in (*BACKENDS, "auto"):  # "auto": resolved by the job (job.resolve_auto)
+            raise ValueError(f"unknown graph backend {self.backend!r}; choose from {[*BACKENDS, 'auto']}")
         if self.k < 1 or self.color_k < 1:
             raise ValueError(f"k and color_k must be >= 1 (got k={self.k}, color_k={self.color_k})")
         # A negative threshold would let negative cosines in as negative weights, and a
@@ -469,7 +470,7 @@ def knn(x: np.ndarray, k: int, *, metric: str, backend: str, device: str = "cpu"
     x = np.ascontiguousarray(x, dtype=np.float32)
     if backend not in BACKENDS:
         raise ValueError(f"unknown kNN backend {backend!r}; choose from {list(BACKENDS)}")
-    fn = {"certified": _knn_certified, "faiss": _knn_faiss, "torch": _knn_torch}[backend]
+    fn = {"certified": _knn_certified, "faiss": _knn_faiss, "torch": _knn_torch, "batched": _knn_torch}[backend]
     scores, idx = fn(x, k, metric, device)
     if metric == "l2":
         scores = np.maximum(scores, 0.0)
@@ -569,6 +570,40 @@ def build_knn_graph(
     if graph.num_isolated:
         logger.debug("graph %s: %d isolated patches (degree 0)", (h, w), graph.num_isolated)
     return graph
+
+
+def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, int]]):
+    """The kNN graphs of B images at once, as one padded ELL batch (`batched.Ell`).
+
+    feats: per image (h*w, d) arrays or torch tensors; tensors stay on their device (a
+    GPU extractor's output never visits the host), arrays go to cfg.device. Same graph
+    as `build_knn_graph` per image, up to exact ties: float32 ranking product, float64
+    weights. No colour term: that one is built per image (`build_knn_graph`, then
+    `batched.ell_from_csr`).
+    """
+    import torch
+
+    from .batched import batched_knn, ell_graph
+
+    if cfg.color_weight > 0:
+        raise ValueError("build_knn_graphs has no colour term; build those graphs per image with build_knn_graph")
+    if not feats or len(feats) != len(grids):
+        raise ValueError(f"need one grid per image and at least one image, got {len(feats)} and {len(grids)}")
+    tensors = [f if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f, dtype=np.float32))
+               for f in feats]
+    for t, (h, w) in zip(tensors, grids):
+        if t.ndim != 2 or t.shape[0] != h * w or t.shape[0] < 2:
+            raise ValueError(f"features of shape {tuple(t.shape)} do not fit grid {(h, w)} (need >= 2 patches)")
+    device = tensors[0].device if isinstance(feats[0], torch.Tensor) else _torch_device(cfg.device)
+    n_valid = [t.shape[0] for t in tensors]
+    n, d = max(n_valid), tensors[0].shape[1]
+    padded = torch.zeros((len(tensors), n, d), dtype=torch.float32, device=device)
+    for b, t in enumerate(tensors):
+        padded[b, : t.shape[0]] = t.to(device, torch.float32)
+    # k clamps to the smallest image's size like build_knn_graph's (missing slots are empty)
+    k = min(cfg.k, n - 1)
+    idx, sims = batched_knn(padded, k, n_valid=n_valid, device=str(device))
+    return ell_graph(idx, sims, n_valid=n_valid, threshold=cfg.threshold)
 
 
 def _area_matrix(n_in: int, n_out: int) -> np.ndarray:

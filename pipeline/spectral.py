@@ -215,11 +215,19 @@ def _solve_dense(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _
     return _Raw(vals, vecs)
 
 
+def _solve_batched(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+    """The batched solver on one graph (a batch of one); see `laplacian_eigs_batch` for many."""
+    from .batched import solve_batched
+
+    return solve_batched(A, sqrt_d, cfg)
+
+
 SOLVERS: dict[str, Callable[[sp.csr_matrix, np.ndarray, SpectralConfig], _Raw]] = {
     "eigsh": _solve_eigsh,
     "lobpcg": _solve_lobpcg,
     "cupy-lobpcg": _solve_cupy_lobpcg,
     "dense": _solve_dense,
+    "batched": _solve_batched,
 }
 
 
@@ -296,3 +304,22 @@ def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
         eigvals=vals, eigvecs=vecs32, residuals=residuals, converged=converged,
         iterations=raw.iterations, solver=cfg.solver, info={"seconds": seconds, **raw.info},
     )
+
+
+def laplacian_eigs_batch(ell, cfg: SpectralConfig) -> list[Spectrum]:
+    """K smallest eigenpairs of many graphs at once (solver "batched"), one `Spectrum` each.
+
+    ell: a `batched.Ell` of affinities W (`graph.build_knn_graphs`, `batched.ell_from_csr`).
+    Runs with cupy on a GPU (cfg.device cuda[:N], or auto with the graphs already on a
+    GPU) and numpy otherwise: the same code, so the CPU tests check the GPU solver. The
+    Spectra follow `laplacian_eigs`' conventions (ascending, `fix_signs`, float32 vectors,
+    float64 residuals of what is returned, converged = residuals <= residual_tol).
+    """
+    from .batched import array_module, batched_eigs
+
+    if cfg.solver != "batched":
+        raise ValueError(f"laplacian_eigs_batch runs the 'batched' solver, not {cfg.solver!r}")
+    xp, device = array_module(cfg.device, ell)
+    with device:
+        return batched_eigs(ell, cfg.num_eigs, xp=xp, tol=cfg.tol, residual_tol=cfg.residual_tol,
+                            max_iter=cfg.max_iter or 100, seed=cfg.seed)

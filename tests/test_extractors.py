@@ -360,3 +360,14 @@ def test_device_and_precision_resolution(caplog):
         with caplog.at_level(logging.WARNING, logger=E.__name__):
             assert E.resolve_device("cuda").type == "cpu"
         assert "falling back to cpu" in caplog.text
+
+
+def test_on_device_features_stay_tensors(keys_ext):
+    """on_device=True (the GPU fast path) hands over the same features as torch tensors."""
+    imgs = [smooth_image(60, 80, seed=1), smooth_image(80, 60, seed=2)]
+    host = keys_ext.extract(imgs)
+    dev = keys_ext.extract(imgs, on_device=True)
+    for h, d in zip(host, dev):
+        assert isinstance(h.feats, np.ndarray) and isinstance(d.feats, torch.Tensor)
+        assert d.feats.device == keys_ext.device and d.grid == h.grid
+        np.testing.assert_array_equal(d.feats.cpu().numpy(), h.feats)

@@ -30,7 +30,7 @@ def numpy_cupy(monkeypatch):
     monkeypatch.setattr(spectral, "_cupy_modules", lambda: (np, sp, sla.lobpcg))
 
 
-ITERATIVE = ["eigsh", "lobpcg", "cupy-lobpcg"]
+ITERATIVE = ["eigsh", "lobpcg", "cupy-lobpcg", "batched"]
 
 
 @pytest.fixture(scope="module", params=["astronaut", "chelsea", "coffee"])
@@ -74,9 +74,9 @@ def assert_well_formed(s, n, num, cfg):
 
 
 def test_registry():
-    assert list_solvers() == ["cupy-lobpcg", "dense", "eigsh", "lobpcg"]
+    assert list_solvers() == ["batched", "cupy-lobpcg", "dense", "eigsh", "lobpcg"]
     g = build_knn_graph(random_features(n=100, d=8), GraphConfig(), grid=(10, 10))
-    with pytest.raises(ValueError, match=r"unknown solver 'arpack'; choose from \['cupy-lobpcg'"):
+    with pytest.raises(ValueError, match=r"unknown solver 'arpack'; choose from \[.batched., .cupy-lobpcg."):
         laplacian_eigs(g, SpectralConfig(solver="arpack"))
 
 
