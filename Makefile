@@ -1,6 +1,6 @@
 # sazs — the README's commands. Every target bootstraps .venv from nothing.
 #   make priors [DATASET=sample|folder|voc|coco] [DATA=path] [SPLIT=val] [EXTRACTOR=imgfocus-vits14]
-#               [WEIGHTS=path] [DEVICE=auto] [SOLVER=eigsh] [LIMIT=N] [OUT=path.zarr] [OVERWRITE=1] [ARGS=...]
+#               [WEIGHTS=path] [DEVICE=auto] [SOLVER=auto] [LIMIT=N] [OUT=path.zarr] [OVERWRITE=1] [ARGS=...]
 #               [EXECUTOR=local|ray]   (ray: a local Ray instance, or the cluster at $RAY_ADDRESS)
 #   make train  [DATASET=voc|coco DATA=path FOLD=0..3|all CLIP_WEIGHTS=path PRIORS=store.zarr ARCH=ViT-B-16]
 #               [SPECTRAL_WEIGHT=1 EDGE_WEIGHT=0 STEPS=N|EPOCHS=E BATCH=6 CROP=512 LR=... RUN=dir RESUME=1 ARGS=...]
@@ -23,7 +23,7 @@ SPLIT ?=
 EXTRACTOR ?= imgfocus-vits14
 WEIGHTS ?=
 DEVICE ?= auto
-SOLVER ?= eigsh
+SOLVER ?= auto
 LIMIT ?=
 OUT ?=
 OVERWRITE ?=

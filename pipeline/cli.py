@@ -47,14 +47,18 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="auto: fp32 on CPU, bf16 autocast on GPU")
     g = p.add_argument_group("graph")
     g.add_argument("--knn", type=int, default=10, metavar="K", help="neighbours per patch (default 10)")
-    g.add_argument("--graph-backend", default="certified", choices=["certified", "faiss", "torch"],
-                   help="kNN search: certified (default; bf16 search with an error bound, exact "
-                        "float32 answer), faiss (IndexFlatIP) or torch (blocked matmul); all give the same graph")
+    g.add_argument("--graph-backend", default="auto", choices=["auto", "certified", "faiss", "torch", "batched"],
+                   help="kNN search: auto (default: batched on a GPU, certified on a CPU), certified (bf16 "
+                        "search with an error bound, exact float32 answer), faiss (IndexFlatIP), torch (blocked "
+                        "matmul) or batched (a shard's images at once on the features' device); all give the "
+                        "same graph up to exact ties")
     g.add_argument("--threshold", type=float, default=0.0, help="drop affinities <= this (default 0)")
     g.add_argument("--color-weight", type=float, default=0.0, help="weight of the colour/position kNN term (0 = off)")
     g = p.add_argument_group("spectrum")
     g.add_argument("--num-eigs", type=int, default=8, metavar="K", help="eigenvectors kept per image (default 8)")
-    g.add_argument("--solver", default="eigsh", help="eigensolver (see `sazs-priors list`; default eigsh)")
+    g.add_argument("--solver", default="auto",
+                   help="eigensolver (see `sazs-priors list`); auto (default): batched on a GPU with CuPy "
+                        "(a shard's graphs in one call), eigsh on a CPU")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="PATH",
                    help="store path (default priors/<dataset>-<split>-<extractor>.zarr)")
@@ -68,6 +72,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="remove the store's lock left by another (dead) writer instead of refusing")
     g.add_argument("--preview", type=int, default=4, metavar="N", help="images in the preview PNG (0 = none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--decode-workers", type=int, default=4, metavar="N",
+                   help="threads decoding images one shard ahead of the compute (local executor; default 4)")
     g = p.add_argument_group("executor")
     g.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="local: this process; ray: Ray actors on this machine or a cluster (Makefile: EXECUTOR=)")
@@ -127,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or f"priors/{dataset.name}-{dataset.split}-{extractor_cfg.name}.zarr"
     job = JobConfig(out=out, shard_size=args.shard_size, overwrite=args.overwrite, retry_failed=args.retry_failed,
                     progress=not args.no_progress, preview=args.preview, take_over_lock=args.take_over_lock,
-                    part=parse_part(args.part) if args.part else None)
+                    part=parse_part(args.part) if args.part else None, decode_workers=args.decode_workers)
     if args.executor == "ray":
         from .executors import RayJobError, run_ray
 

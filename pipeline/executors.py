@@ -24,7 +24,7 @@ How the work is spread (``run_ray``):
   failed). A killed driver leaves a stale lock: re-run with ``--take-over-lock``.
 
 Every image is computed with the local executor's functions in the same batches
-(``job.load_images``, ``job.priors_of_batch``, ``job.solve_one``), so a store written
+(``job.load_images``, ``job.priors_of_shard``, ``job.solve_features``), so a store written
 through Ray is bitwise identical to one written by ``run_local`` with as many threads as
 an actor has (Ray sets OMP_NUM_THREADS to the actor's CPUs, 1, unless it is set).
 
@@ -50,8 +50,8 @@ from sazs.stores.writer import ImageResult
 from .datasets import Dataset, read_image
 from .extractors import ExtractorConfig, Features, build_extractor
 from .graph import GraphConfig
-from .job import (JobConfig, JobRun, JobSummary, batches, load_images, make_manifest, priors_of_batch, solve_one,
-                  to_result)
+from .job import (JobConfig, JobRun, JobSummary, batches, extract_features, load_images, make_manifest,
+                  priors_of_shard, resolve_auto, solve_features, to_result)
 from .spectral import SpectralConfig
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,10 @@ class Extracted(NamedTuple):
 
 def solve_shard(items: list, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig) -> list[ImageResult]:
     """Graph + spectrum of every image of a shard from ``ShardWorker.extract``'s output."""
-    return [to_result(x.index, x.image_size, solve_one(x.image, x.features, graph_cfg, spectral_cfg))
-            if isinstance(x, Extracted) else x for x in items]
+    ready = [x for x in items if isinstance(x, Extracted)]
+    solved = dict(zip((x.index for x in ready),
+                      solve_features([(x.image, x.features) for x in ready], graph_cfg, spectral_cfg)))
+    return [to_result(x.index, x.image_size, solved[x.index]) if isinstance(x, Extracted) else x for x in items]
 
 
 class ShardWorker:
@@ -158,11 +160,8 @@ class ShardWorker:
 
     def compute(self, indices: list[int], images) -> list[ImageResult]:
         """Features, graphs and spectra of a shard's images, batch by batch as ``run_local`` does."""
-        loaded = self._loaded(indices, images)
-        out: list[ImageResult] = []
-        for chunk in batches(indices, self.batch):
-            out.extend(priors_of_batch(loaded, chunk, self.extractor, self.graph_cfg, self.spectral_cfg))
-        return out
+        return priors_of_shard(self._loaded(indices, images), indices, self.extractor, self.graph_cfg,
+                               self.spectral_cfg, batch=self.batch)
 
     def extract(self, indices: list[int], images) -> list[Extracted | ImageResult]:
         """Features only (solve_on="cpu-tasks"), in the same batches; failed loads pass through."""
@@ -171,9 +170,15 @@ class ShardWorker:
         out: list[Extracted | ImageResult] = []
         for chunk in batches(indices, self.batch):
             ok = [i for i in chunk if isinstance(loaded[i], np.ndarray)]
-            feats = dict(zip(ok, self.extractor.extract([loaded[i] for i in ok]))) if ok else {}
-            out.extend(Extracted(i, tuple(loaded[i].shape[:2]), feats[i], loaded[i] if keep_image else None)
-                       if i in feats else loaded[i] for i in chunk)
+            feats = dict(zip(ok, extract_features([loaded[i] for i in ok], self.extractor))) if ok else {}
+            for i in chunk:
+                if i not in feats:
+                    out.append(loaded[i])
+                elif isinstance(feats[i], Exception):
+                    out.append(to_result(i, tuple(loaded[i].shape[:2]), feats[i]))
+                else:
+                    out.append(Extracted(i, tuple(loaded[i].shape[:2]), feats[i],
+                                         loaded[i] if keep_image else None))
         return out
 
 
@@ -289,6 +294,12 @@ class _Driver:
         num_shards = -(-len(dataset) // max(1, job.shard_size))
         self.plan = plan(resources, cfg, extractor_cfg, num_shards)
         self.extractor_cfg = replace(extractor_cfg, device=self.plan.device)
+        # "auto" backend/solver: decided here for the whole cluster (the manifest needs one
+        # answer): the fast path when GPU actors solve (they use CuPy if the driver has it:
+        # the cluster shares one environment); CPU solve tasks get the CPU path.
+        gpu_solve = self.plan.use_gpus and cfg.solve_on == "actor"
+        self.graph_cfg, self.spectral_cfg = resolve_auto(graph_cfg, spectral_cfg, gpu=gpu_solve,
+                                                         cupy=_cupy_installed() if gpu_solve else False)
         log.info("ray: %d node(s), %g CPUs, %g GPUs; %d %s actor(s), decode in %s, solve in %s, "
                  "at most %d shards in flight", self.nodes, resources.get("CPU", 0), resources.get("GPU", 0),
                  self.plan.actors, "GPU" if self.plan.use_gpus else "CPU",
@@ -472,6 +483,12 @@ class _Driver:
         for actor in self.actors:
             if not actor.dead:
                 self.ray.kill(actor.handle, no_restart=True)
+
+
+def _cupy_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cupy") is not None
 
 
 def _one_line(exc: BaseException) -> str:

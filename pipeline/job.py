@@ -7,7 +7,7 @@ interrupted job loses at most the shards in flight and a re-run resumes.
 
 Two executors share everything here but the loop that hands out shards: ``run_local``
 (this process) and ``executors.run_ray`` (Ray actors). Both compute an image with the
-same functions (``load_images`` → ``compute_priors`` → ``to_result``) in the same
+same functions (``load_images`` → ``priors_of_shard`` → ``to_result``) in the same
 batches, so their stores are bitwise identical (given the same BLAS/OpenMP thread count
 per process: the kNN similarities can differ in the last bit across thread counts, and
 Ray gives each actor one thread per CPU it holds); both drive the store through
@@ -21,7 +21,8 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,14 +36,18 @@ from sazs.stores.writer import ImageResult, StoreWriter
 
 from .datasets import Dataset, ImageError
 from .extractors import Extractor, Features
-from .graph import GraphConfig, build_knn_graph, patch_colors
-from .spectral import SolverError, SpectralConfig, laplacian_eigs
+from .batched import ell_from_csr
+from .graph import GraphConfig, build_knn_graph, build_knn_graphs, patch_colors
+from .spectral import SolverError, SpectralConfig, laplacian_eigs, laplacian_eigs_batch
 
 log = logging.getLogger(__name__)
 
 # Per-image failures that are recorded in the store instead of stopping the job: bad
 # images, and numerical trouble in the graph or the solver for one image.
 RECORDED_ERRORS = (ImageError, SolverError, ValueError, FloatingPointError, np.linalg.LinAlgError)
+# Images per batched eigensolve (solver "batched"): GPU throughput is flat from ~256 on,
+# and memory grows with it (about 10 MB per image at N = 3,600).
+SOLVE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class JobConfig:
     # (i, n): compute only part i of n contiguous ranges of shards, so that several machines
     # or teams can each fill their own store and `sazs-store merge` combines them.
     part: tuple[int, int] | None = None
+    decode_workers: int = 4  # threads decoding images one shard ahead of the compute (run_local)
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -134,14 +140,74 @@ def progress_path(out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- per image
 
 
-def solve_one(image: np.ndarray, feats: Features, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig):
+def solve_one(image: np.ndarray | None, feats: Features, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig):
     """Graph + spectrum of one image from its features: (grid, Spectrum), or the recorded error."""
     try:
         colors = patch_colors(image, feats.grid) if graph_cfg.color_weight > 0 else None
-        graph = build_knn_graph(feats.feats, graph_cfg, grid=feats.grid, colors=colors)
+        graph = build_knn_graph(_host(feats.feats), graph_cfg, grid=feats.grid, colors=colors)
         return feats.grid, laplacian_eigs(graph, spectral_cfg)
     except RECORDED_ERRORS as exc:
         return exc
+
+
+def _host(feats) -> np.ndarray:
+    """Features as a numpy array (they stay a device tensor on the batched path)."""
+    return feats.detach().float().cpu().numpy() if hasattr(feats, "detach") else np.asarray(feats)
+
+
+def solve_batch(items: list[tuple[np.ndarray | None, Features]], graph_cfg: GraphConfig,
+                spectral_cfg: SpectralConfig) -> list:
+    """Graphs and spectra of many images in batched calls (solver "batched"): per image
+    (grid, Spectrum) or the recorded error.
+
+    Graph backend "batched": one padded kNN over all images on the features' device (a
+    GPU extractor's features never leave the GPU), then one batched eigensolve there.
+    Other backends (or the colour term, which is built per image) build each graph on
+    the CPU and only the solve is batched. A recorded error anywhere in the batch falls
+    back to image by image, so one bad image never fails its batch-mates.
+    """
+    try:
+        if graph_cfg.backend == "batched" and graph_cfg.color_weight == 0:
+            ell = build_knn_graphs([f.feats for _, f in items], graph_cfg, grids=[f.grid for _, f in items])
+        else:
+            graphs = [build_knn_graph(_host(f.feats), graph_cfg, grid=f.grid,
+                                      colors=patch_colors(image, f.grid) if graph_cfg.color_weight > 0 else None)
+                      for image, f in items]
+            ell = ell_from_csr([g.W for g in graphs])
+        spectra = laplacian_eigs_batch(ell, spectral_cfg)
+        return [(f.grid, spec) for (_, f), spec in zip(items, spectra)]
+    except RECORDED_ERRORS as exc:
+        if len(items) == 1:
+            return [exc]
+        log.info("batched solve failed (%s: %s); solving its %d images one by one", type(exc).__name__, exc,
+                 len(items))
+        return [solve_batch([item], graph_cfg, spectral_cfg)[0] for item in items]
+
+
+def solve_features(items: list[tuple[np.ndarray | None, Features]], graph_cfg: GraphConfig,
+                   spectral_cfg: SpectralConfig) -> list:
+    """Graph + spectrum per (image, features) pair, in order: one by one, or with the
+    batched solver in batches of up to SOLVE_BATCH images of similar size (less padding)."""
+    if spectral_cfg.solver != "batched":
+        return [solve_one(image, f, graph_cfg, spectral_cfg) for image, f in items]
+    order = sorted(range(len(items)), key=lambda j: (items[j][1].feats.shape[0], j))
+    out: list = [None] * len(items)
+    for lo in range(0, len(order), SOLVE_BATCH):
+        group = order[lo:lo + SOLVE_BATCH]
+        for j, result in zip(group, solve_batch([items[j] for j in group], graph_cfg, spectral_cfg)):
+            out[j] = result
+    return out
+
+
+def extract_features(images: list[np.ndarray], extractor: Extractor, *, on_device: bool = False) -> list:
+    """Features per image, or the recorded error: one bad input must not fail its
+    batch-mates, so a failed batch is extracted again one image at a time."""
+    try:
+        return extractor.extract(images, on_device=on_device)
+    except RECORDED_ERRORS as exc:
+        if len(images) == 1:
+            return [exc]
+        return [extract_features([image], extractor, on_device=on_device)[0] for image in images]
 
 
 def compute_priors(
@@ -151,25 +217,25 @@ def compute_priors(
     spectral_cfg: SpectralConfig,
 ) -> list[tuple[tuple[int, int], object] | Exception]:
     """Priors for a batch of decoded images: per image (grid, Spectrum), or the recorded error."""
+    graph_cfg, spectral_cfg = resolve_auto(graph_cfg, spectral_cfg, gpu=_on_gpu(extractor))
+    on_device = spectral_cfg.solver == "batched"
+    features = extract_features(images, extractor, on_device=on_device)
+    ok = [j for j, f in enumerate(features) if not isinstance(f, Exception)]
+    solved = dict(zip(ok, solve_features([(images[j], features[j]) for j in ok], graph_cfg, spectral_cfg)))
+    return [solved.get(j, f) for j, f in enumerate(features)]
+
+
+def load_one(load: Callable[[int], np.ndarray], i: int) -> np.ndarray | ImageResult:
+    """A decoded image, or the failed ImageResult of an image that cannot be used."""
     try:
-        features = extractor.extract(images)
-    except RECORDED_ERRORS as exc:
-        if len(images) == 1:
-            return [exc]
-        # One bad input must not fail its batch-mates: extract one by one to find it.
-        return [compute_priors([image], extractor, graph_cfg, spectral_cfg)[0] for image in images]
-    return [solve_one(image, feats, graph_cfg, spectral_cfg) for image, feats in zip(images, features)]
+        return load(i)
+    except ImageError as exc:
+        return ImageResult(index=i, error=str(exc))
 
 
 def load_images(load: Callable[[int], np.ndarray], indices: list[int]) -> dict[int, np.ndarray | ImageResult]:
     """Decoded image per index, or the failed ImageResult of an image that cannot be used."""
-    loaded: dict[int, np.ndarray | ImageResult] = {}
-    for i in indices:
-        try:
-            loaded[i] = load(i)
-        except ImageError as exc:
-            loaded[i] = ImageResult(index=i, error=str(exc))
-    return loaded
+    return {i: load_one(load, i) for i in indices}
 
 
 def batches(indices: list[int], size: int) -> list[list[int]]:
@@ -190,21 +256,82 @@ def to_result(index: int, image_size: tuple[int, int], out) -> ImageResult:
                        residuals=spec.residuals)
 
 
-def priors_of_batch(loaded: dict, indices: list[int], extractor: Extractor, graph_cfg: GraphConfig,
-                    spectral_cfg: SpectralConfig) -> list[ImageResult]:
-    """ImageResults of one batch whose images ``load_images`` decoded, in ``indices`` order."""
-    ok = [i for i in indices if isinstance(loaded[i], np.ndarray)]
-    outs = dict(zip(ok, compute_priors([loaded[i] for i in ok], extractor, graph_cfg, spectral_cfg))) if ok else {}
+def priors_of_shard(loaded: dict, indices: list[int], extractor: Extractor, graph_cfg: GraphConfig,
+                    spectral_cfg: SpectralConfig, *, batch: int,
+                    progress: Callable[[int], None] | None = None) -> list[ImageResult]:
+    """ImageResults of a shard whose images ``load_images`` decoded, in ``indices`` order.
+
+    Both executors compute a shard with this function, in the same extractor batches.
+    Per-image solvers solve each extractor batch as it comes (``compute_priors``). The
+    batched solver keeps the features of the whole shard (on the extractor's device) and
+    solves them together at the end, so the GPU sees one big batch per shard.
+    ``progress(n)`` is called as images are finished.
+    """
+    batched = spectral_cfg.solver == "batched"
+    outs: dict[int, object] = {}
+    pending: list[tuple[int, Features]] = []
+    for chunk in batches(indices, batch):
+        ok = [i for i in chunk if isinstance(loaded[i], np.ndarray)]
+        if not batched:
+            outs.update(zip(ok, compute_priors([loaded[i] for i in ok], extractor, graph_cfg, spectral_cfg)
+                            if ok else []))
+            if progress:
+                progress(len(chunk))
+            continue
+        for i, f in zip(ok, extract_features([loaded[i] for i in ok], extractor, on_device=True) if ok else []):
+            if isinstance(f, Exception):
+                outs[i] = f
+            else:
+                pending.append((i, f))
+    if batched:
+        solved = solve_features([(loaded[i], f) for i, f in pending], graph_cfg, spectral_cfg)
+        outs.update(zip([i for i, _ in pending], solved))
+        if progress:
+            progress(len(indices))
     return [to_result(i, tuple(loaded[i].shape[:2]), outs[i]) if i in outs else loaded[i] for i in indices]
 
 
-def _compute_batch(dataset, extractor, graph_cfg, spectral_cfg, indices: list[int]) -> list[ImageResult]:
-    loaded = load_images(lambda i: dataset.load_image(dataset.ids[i]), indices)
-    return priors_of_batch(loaded, indices, extractor, graph_cfg, spectral_cfg)
+def _on_gpu(extractor: Extractor) -> bool:
+    return getattr(getattr(extractor, "device", None), "type", "cpu") == "cuda"
+
+
+def gpu_solver_available() -> bool:
+    """CuPy installed and seeing a CUDA device (what the batched solver needs on a GPU)."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except (ImportError, RuntimeError):  # not installed, or no driver/device (CUDARuntimeError)
+        return False
+
+
+def resolve_auto(graph_cfg: GraphConfig, spectral_cfg: SpectralConfig, *, gpu: bool,
+                 cupy: bool | None = None) -> tuple[GraphConfig, SpectralConfig]:
+    """Pick the path for "auto" graph backend / solver, once per job.
+
+    gpu: the features are computed on a CUDA device. Then the GPU fast path: backend
+    "batched" (all of a shard's kNN graphs in one call on the GPU) and solver "batched"
+    (their spectra in one CuPy call), if CuPy is installed; otherwise "eigsh" on the
+    CPU. Without a GPU: "certified" kNN and "eigsh", the fastest CPU path.
+    """
+    backend, solver = graph_cfg.backend, spectral_cfg.solver
+    if backend == "auto":
+        backend = "batched" if gpu else "certified"
+    if solver == "auto":
+        cupy = gpu_solver_available() if cupy is None and gpu else cupy
+        solver = "batched" if gpu and cupy else "eigsh"
+        if gpu and not cupy:
+            log.warning("GPU found but CuPy is missing: eigenvectors are solved per image on the CPU "
+                        "(pip install cupy-cuda12x for the GPU fast path)")
+    if (backend, solver) != (graph_cfg.backend, spectral_cfg.solver):
+        log.info("path: graph backend %s, solver %s (%s)", backend, solver, "GPU" if gpu else "CPU")
+    return replace(graph_cfg, backend=backend), replace(spectral_cfg, solver=solver)
 
 
 def make_manifest(dataset: Dataset, extractor_provenance: dict, max_grid: tuple[int, int], graph_cfg: GraphConfig,
                   spectral_cfg: SpectralConfig, shard_size: int) -> dict:
+    if "auto" in (graph_cfg.backend, spectral_cfg.solver):
+        raise ValueError("resolve the 'auto' graph backend / solver (job.resolve_auto) before writing a manifest")
     return build_manifest(
         dataset=dataset.describe(),
         extractor=extractor_provenance,
@@ -337,18 +464,28 @@ def run_local(
     job: JobConfig,
 ) -> JobSummary:
     """Compute priors for every image of ``dataset`` in this process, resuming ``job.out``."""
+    graph_cfg, spectral_cfg = resolve_auto(graph_cfg, spectral_cfg, gpu=_on_gpu(extractor))
     manifest = make_manifest(dataset, extractor.provenance(), extractor.max_grid, graph_cfg, spectral_cfg,
                              job.shard_size)
     batch = max(1, getattr(extractor.config, "batch_size", 8))
-    with JobRun(dataset, manifest, job, spectral_cfg, executor="local") as run:
-        for shard, indices in sorted(run.todo.items()):
-            t0 = time.perf_counter()
-            results: list[ImageResult] = []
-            for chunk in batches(indices, batch):
-                results.extend(_compute_batch(dataset, extractor, graph_cfg, spectral_cfg, chunk))
-                run.bar.update(len(chunk))
-                run.bar.set_postfix(failed=sum(not r.ok for r in results) + run.summary.failed)
-            run.record(shard, results, advance=False, seconds=round(time.perf_counter() - t0, 3))
+    load = lambda i: dataset.load_image(dataset.ids[i])  # noqa: E731
+    # Decoding runs in worker threads (PIL releases the GIL), one shard ahead of the
+    # compute, so a GPU extractor never waits on JPEG decode.
+    pool = ThreadPoolExecutor(max(1, job.decode_workers), thread_name_prefix="sazs-decode")
+    try:
+        with JobRun(dataset, manifest, job, spectral_cfg, executor="local") as run:
+            shards = sorted(run.todo.items())
+            decode = lambda indices: {i: pool.submit(load_one, load, i) for i in indices}  # noqa: E731
+            ahead = decode(shards[0][1]) if shards else {}
+            for n, (shard, indices) in enumerate(shards):
+                t0 = time.perf_counter()
+                loaded = {i: f.result() for i, f in ahead.items()}
+                ahead = decode(shards[n + 1][1]) if n + 1 < len(shards) else {}
+                results = priors_of_shard(loaded, indices, extractor, graph_cfg, spectral_cfg, batch=batch,
+                                          progress=run.bar.update)
+                run.record(shard, results, advance=False, seconds=round(time.perf_counter() - t0, 3))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return run.finish()
 
 

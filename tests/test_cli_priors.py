@@ -180,7 +180,7 @@ def test_an_image_the_extractor_rejects_fails_alone():
     class Picky:
         config = real.config
 
-        def extract(self, images):
+        def extract(self, images, **kw):
             if any(not image.any() for image in images):
                 raise ValueError("all-black image")
             return real.extract(images)

@@ -384,3 +384,17 @@ def test_driver_killed_then_resumed(coco, reference, tmp_path, ray_tmp, capsys):
     assert_same_arrays(out, reference)
     summary = json.loads(side_paths(out)[1].read_text())
     assert summary["skipped"] >= 1 and summary["computed"] + summary["skipped"] == 12
+
+
+def test_batched_solver_through_ray_matches_local(coco, tmp_path, own_ray):
+    """The fast path's per-shard code (batched kNN + batched solve of a whole shard) gives the
+    same store through Ray actors and through CPU solve tasks as in this process."""
+    fast = [*ARGS, "--solver", "batched", "--graph-backend", "batched", "--shard-size", 4, "--data", coco]
+    local = tmp_path / "local.zarr"
+    assert run(*fast, "--out", local) == 0
+    expected = arrays(local)
+    assert open_store(local).manifest["solver"]["solver"] == "batched"
+    for mode in ("actor", "cpu-tasks"):
+        out = tmp_path / f"{mode}.zarr"
+        assert run(*fast, *RAY, "--ray-solve-on", mode, "--ray-actors", 1, "--out", out) == 0
+        assert_same_arrays(out, expected)

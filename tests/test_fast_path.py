@@ -1,0 +1,143 @@
+"""The GPU fast path wired into the pipeline (graph backend and solver "batched"), on the CPU.
+
+On a GPU the same functions run on torch CUDA tensors and cupy arrays; here they run on
+torch CPU and numpy, through the real `sazs-priors` CLI and the job's own functions.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+from skimage import data
+
+from sazs.pipeline import cli
+from sazs.pipeline.datasets import DatasetConfig, build_dataset
+from sazs.pipeline.extractors import ExtractorConfig, Features, build_extractor
+from sazs.pipeline.graph import GraphConfig
+from sazs.pipeline.job import make_manifest, resolve_auto, solve_batch, solve_features
+from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs_batch
+from sazs.pipeline.synthetic import write_bad_images
+from sazs.stores.reader import open_store
+
+K = 8
+FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
+BATCHED = ["--solver", "batched", "--graph-backend", "batched"]
+
+
+def run(*argv):
+    return cli.main(["run", *map(str, argv)])
+
+
+def color_features(names, short_side=64):
+    ext = build_extractor(ExtractorConfig(name="color", short_side=short_side))
+    images = [getattr(data, n)() for n in names]
+    return images, ext.extract(images)
+
+
+def test_auto_picks_the_cpu_path_without_a_gpu_and_the_fast_path_with_one(caplog):
+    auto = GraphConfig(backend="auto"), SpectralConfig(solver="auto")
+    g, s = resolve_auto(*auto, gpu=False)
+    assert (g.backend, s.solver) == ("certified", "eigsh")
+    g, s = resolve_auto(*auto, gpu=True, cupy=True)
+    assert (g.backend, s.solver) == ("batched", "batched")
+    with caplog.at_level(logging.WARNING):
+        g, s = resolve_auto(*auto, gpu=True, cupy=False)
+    assert (g.backend, s.solver) == ("batched", "eigsh") and "cupy-cuda12x" in caplog.text
+    # explicit choices are never overridden
+    g, s = resolve_auto(GraphConfig(backend="faiss"), SpectralConfig(solver="lobpcg"), gpu=True, cupy=True)
+    assert (g.backend, s.solver) == ("faiss", "lobpcg")
+    dataset = build_dataset(DatasetConfig(name="sample", limit=1))
+    with pytest.raises(ValueError, match="resolve the 'auto'"):
+        make_manifest(dataset, {}, (8, 8), *auto, 64)
+
+
+def test_default_cli_on_a_cpu_writes_what_the_explicit_cpu_path_writes(tmp_path):
+    """`make priors` without a GPU: auto = certified + eigsh, the same store (and fingerprint) as before."""
+    a, b = tmp_path / "auto.zarr", tmp_path / "explicit.zarr"
+    assert run(*FAST, "--limit", 2, "--out", a) == 0
+    assert run(*FAST, "--limit", 2, "--out", b, "--solver", "eigsh", "--graph-backend", "certified") == 0
+    sa, sb = open_store(a), open_store(b)
+    assert sa.manifest["solver"]["solver"] == "eigsh" and sa.manifest["graph"]["backend"] == "certified"
+    assert sa.fingerprint == sb.fingerprint
+    for name in ("eigvecs", "eigvals", "residual", "status"):
+        np.testing.assert_array_equal(np.asarray(sa.group[name][:]), np.asarray(sb.group[name][:]))
+
+
+@pytest.mark.parametrize("backend", ["batched", "certified"])
+def test_batched_path_end_to_end_matches_the_per_image_path(tmp_path, backend):
+    ref, fast = tmp_path / "ref.zarr", tmp_path / "fast.zarr"
+    assert run(*FAST, "--limit", 5, "--out", ref, "--solver", "eigsh") == 0
+    # shards of 3: a batch of 3 images of different sizes, then one of 2
+    assert run(*FAST, "--limit", 5, "--out", fast, "--solver", "batched", "--graph-backend", backend,
+               "--shard-size", 3) == 0
+    r, f = open_store(ref), open_store(fast)
+    assert f.manifest["solver"]["solver"] == "batched" and f.manifest["graph"]["backend"] == backend
+    assert r.fingerprint != f.fingerprint  # another solver: other last bits, another fingerprint
+    assert f.done_ids() == r.done_ids() and len(f.done_ids()) == 5
+    assert len({tuple(f.get(i).grid) for i in f.done_ids()}) > 1  # padded batches really were mixed
+    for id_ in f.done_ids():
+        a, b = f.get(id_), r.get(id_)
+        assert a.grid == b.grid and (a.residuals <= 1e-4).all()
+        np.testing.assert_allclose(a.eigvals, b.eigvals, atol=1e-5)
+        # vectors: compare against the per-image result where eigenvalues are separated
+        gaps = np.diff(b.eigvals)
+        for j in range(1, K - 1):
+            if min(gaps[j - 1], gaps[j]) > 1e-3:
+                u, v = a.eigvecs[j].ravel().astype(np.float64), b.eigvecs[j].ravel().astype(np.float64)
+                assert abs(u @ v) / (np.linalg.norm(u) * np.linalg.norm(v)) > 1 - 1e-3, (id_, j)
+
+
+def test_bad_images_are_recorded_on_the_batched_path_too(tmp_path):
+    root = tmp_path / "bad"
+    expected = write_bad_images(root)
+    out = tmp_path / "s.zarr"
+    assert run(*FAST, *BATCHED, "--dataset", "folder", "--data", root, "--out", out, "--shard-size", 16) == 0
+    store = open_store(out)
+    bad = {id_ for id_, outcome in expected.items() if outcome != "ok"}
+    assert set(store.failures()) == bad
+    assert set(store.done_ids()) == set(expected) - bad
+
+
+def test_one_bad_graph_fails_alone_and_batch_mates_match_their_solo_solve():
+    images, feats = color_features(["astronaut", "coffee", "chelsea"])
+    broken = feats[1].feats.copy()
+    broken[5] = np.nan
+    items = [(images[0], feats[0]), (images[1], Features(broken, feats[1].grid)), (images[2], feats[2])]
+    graph_cfg, spectral_cfg = GraphConfig(backend="batched"), SpectralConfig(solver="batched")
+    out = solve_batch(items, graph_cfg, spectral_cfg)
+    assert isinstance(out[1], ValueError) and "NaN" in str(out[1])
+    for j in (0, 2):
+        (solo,) = solve_batch([items[j]], graph_cfg, spectral_cfg)
+        grid, spec = out[j]
+        assert grid == feats[j].grid and spec.converged
+        np.testing.assert_allclose(spec.eigvals, solo[1].eigvals, atol=1e-7)
+        np.testing.assert_allclose(np.abs(spec.eigvecs.T @ solo[1].eigvecs).diagonal()[:3], 1, atol=1e-4)
+
+
+def test_solve_features_orders_results_like_its_input():
+    """Batches are formed by size (less padding); results still come back in input order."""
+    images, feats = color_features(["coffee", "astronaut", "chelsea"])
+    sizes = [f.feats.shape[0] for f in feats]
+    assert sizes != sorted(sizes)  # the solve order differs from the input order
+    out = solve_features(list(zip(images, feats)), GraphConfig(backend="batched"), SpectralConfig(solver="batched"))
+    for (grid, spec), f in zip(out, feats):
+        assert grid == f.grid and spec.eigvecs.shape == (f.feats.shape[0], K)
+
+
+def test_laplacian_eigs_batch_picks_numpy_on_cpu_and_asks_for_cupy_on_cuda():
+    from sazs.pipeline.batched import array_module, ell_from_csr
+    from sazs.pipeline.graph import build_knn_graph
+
+    _, feats = color_features(["coffee"])
+    g = build_knn_graph(feats[0].feats, GraphConfig(), grid=feats[0].grid)
+    ell = ell_from_csr([g.W])
+    assert array_module("cpu", ell)[0] is np and array_module("auto", ell)[0] is np
+    (s,) = laplacian_eigs_batch(ell, SpectralConfig(solver="batched", device="cpu"))
+    assert s.converged and s.solver == "batched"
+    with pytest.raises(ValueError, match="'batched' solver"):
+        laplacian_eigs_batch(ell, SpectralConfig(solver="eigsh"))
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install cupy-cuda12x"):
+            array_module("cuda", ell)
