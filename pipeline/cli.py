@@ -72,8 +72,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="remove the store's lock left by another (dead) writer instead of refusing")
     g.add_argument("--preview", type=int, default=4, metavar="N", help="images in the preview PNG (0 = none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--decode-workers", type=int, default=4, metavar="N",
-                   help="threads decoding images one shard ahead of the compute (local executor; default 4)")
+    g.add_argument("--decode-workers", type=int, default=None, metavar="N",
+                   help="local executor: threads decoding images one shard ahead of the compute, while a writer "
+                        "thread stores the previous shard (default: 4 with a GPU extractor; 0, all in one thread, "
+                        "on a CPU, where the compute already uses every core)")
     g = p.add_argument_group("executor")
     g.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="local: this process; ray: Ray actors on this machine or a cluster (Makefile: EXECUTOR=)")

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,7 +62,9 @@ class JobConfig:
     # (i, n): compute only part i of n contiguous ranges of shards, so that several machines
     # or teams can each fill their own store and `sazs-store merge` combines them.
     part: tuple[int, int] | None = None
-    decode_workers: int = 4  # threads decoding images one shard ahead of the compute (run_local)
+    # run_local: threads decoding images one shard ahead of the compute (plus a writer thread
+    # writing the previous shard); 0 = both inline; None = 4 with a GPU extractor, else 0.
+    decode_workers: int | None = None
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -261,31 +263,27 @@ def priors_of_shard(loaded: dict, indices: list[int], extractor: Extractor, grap
                     progress: Callable[[int], None] | None = None) -> list[ImageResult]:
     """ImageResults of a shard whose images ``load_images`` decoded, in ``indices`` order.
 
-    Both executors compute a shard with this function, in the same extractor batches.
-    Per-image solvers solve each extractor batch as it comes (``compute_priors``). The
-    batched solver keeps the features of the whole shard (on the extractor's device) and
-    solves them together at the end, so the GPU sees one big batch per shard.
-    ``progress(n)`` is called as images are finished.
+    Both executors compute a shard with this function, so they form the same batches.
+    Per-image solvers: extractor batch by extractor batch (``compute_priors``), as the
+    images come. The batched solver: the whole shard goes to the extractor at once (it
+    groups equal-sized images into batches of its batch_size, so a GPU gets full batches
+    on mixed-size datasets too), the features stay on its device, and the shard's graphs
+    and spectra are solved together. ``progress(n)`` is called as images are finished.
     """
-    batched = spectral_cfg.solver == "batched"
     outs: dict[int, object] = {}
-    pending: list[tuple[int, Features]] = []
-    for chunk in batches(indices, batch):
-        ok = [i for i in chunk if isinstance(loaded[i], np.ndarray)]
-        if not batched:
+    if spectral_cfg.solver != "batched":
+        for chunk in batches(indices, batch):
+            ok = [i for i in chunk if isinstance(loaded[i], np.ndarray)]
             outs.update(zip(ok, compute_priors([loaded[i] for i in ok], extractor, graph_cfg, spectral_cfg)
                             if ok else []))
             if progress:
                 progress(len(chunk))
-            continue
-        for i, f in zip(ok, extract_features([loaded[i] for i in ok], extractor, on_device=True) if ok else []):
-            if isinstance(f, Exception):
-                outs[i] = f
-            else:
-                pending.append((i, f))
-    if batched:
-        solved = solve_features([(loaded[i], f) for i, f in pending], graph_cfg, spectral_cfg)
-        outs.update(zip([i for i, _ in pending], solved))
+    else:
+        ok = [i for i in indices if isinstance(loaded[i], np.ndarray)]
+        feats = dict(zip(ok, extract_features([loaded[i] for i in ok], extractor, on_device=True) if ok else []))
+        outs.update((i, f) for i, f in feats.items() if isinstance(f, Exception))
+        good = [i for i in ok if not isinstance(feats[i], Exception)]
+        outs.update(zip(good, solve_features([(loaded[i], feats[i]) for i in good], graph_cfg, spectral_cfg)))
         if progress:
             progress(len(indices))
     return [to_result(i, tuple(loaded[i].shape[:2]), outs[i]) if i in outs else loaded[i] for i in indices]
@@ -456,6 +454,19 @@ class JobRun:
         return s
 
 
+class _Inline:
+    """The part of ThreadPoolExecutor that run_local uses, running each call at once (its
+    errors are raised at once too, as before there were helper threads)."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 def run_local(
     dataset: Dataset,
     extractor: Extractor,
@@ -469,23 +480,42 @@ def run_local(
                              job.shard_size)
     batch = max(1, getattr(extractor.config, "batch_size", 8))
     load = lambda i: dataset.load_image(dataset.ids[i])  # noqa: E731
-    # Decoding runs in worker threads (PIL releases the GIL), one shard ahead of the
-    # compute, so a GPU extractor never waits on JPEG decode.
-    pool = ThreadPoolExecutor(max(1, job.decode_workers), thread_name_prefix="sazs-decode")
+    # With a GPU extractor, two helpers keep the GPU busy: decoding runs in worker threads
+    # one shard ahead (PIL releases the GIL), and each finished shard is written by a
+    # writer thread while the next one is computed. Shards are still written one at a time
+    # and in order, and a shard that was computed is always written, also on Ctrl-C. On a
+    # CPU the compute already uses every core, and helper threads would only compete with
+    # it (measured: bench/cpu_path.py), so there both run inline, as they always did.
+    # job.decode_workers overrides the choice (0: inline).
+    workers = job.decode_workers if job.decode_workers is not None else (4 if _on_gpu(extractor) else 0)
+    if workers > 0:
+        decoders = ThreadPoolExecutor(workers, thread_name_prefix="sazs-decode")
+        writes = ThreadPoolExecutor(1, thread_name_prefix="sazs-write")
+    else:
+        decoders = writes = _Inline()
     try:
         with JobRun(dataset, manifest, job, spectral_cfg, executor="local") as run:
             shards = sorted(run.todo.items())
-            decode = lambda indices: {i: pool.submit(load_one, load, i) for i in indices}  # noqa: E731
+            decode = lambda indices: {i: decoders.submit(load_one, load, i) for i in indices}  # noqa: E731
             ahead = decode(shards[0][1]) if shards else {}
-            for n, (shard, indices) in enumerate(shards):
-                t0 = time.perf_counter()
-                loaded = {i: f.result() for i, f in ahead.items()}
-                ahead = decode(shards[n + 1][1]) if n + 1 < len(shards) else {}
-                results = priors_of_shard(loaded, indices, extractor, graph_cfg, spectral_cfg, batch=batch,
-                                          progress=run.bar.update)
-                run.record(shard, results, advance=False, seconds=round(time.perf_counter() - t0, 3))
+            writing = None
+            try:
+                for n, (shard, indices) in enumerate(shards):
+                    t0 = time.perf_counter()
+                    loaded = {i: f.result() for i, f in ahead.items()}
+                    ahead = decode(shards[n + 1][1]) if n + 1 < len(shards) else {}
+                    results = priors_of_shard(loaded, indices, extractor, graph_cfg, spectral_cfg, batch=batch,
+                                              progress=run.bar.update)
+                    if writing is not None:
+                        writing.result()  # the previous shard's write, and its errors
+                    writing = writes.submit(run.record, shard, results, advance=False,
+                                            seconds=round(time.perf_counter() - t0, 3))
+            finally:
+                if writing is not None:
+                    writing.result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        decoders.shutdown(wait=True, cancel_futures=True)
+        writes.shutdown(wait=True)
     return run.finish()
 
 

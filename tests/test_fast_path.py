@@ -141,3 +141,58 @@ def test_laplacian_eigs_batch_picks_numpy_on_cpu_and_asks_for_cupy_on_cuda():
     except ImportError:
         with pytest.raises(ImportError, match="pip install cupy-cuda12x"):
             array_module("cuda", ell)
+
+
+# --- run_local's helper threads (on by default with a GPU extractor; forced on here) ----
+
+
+def test_decode_and_write_threads_give_the_same_store(tmp_path):
+    root = tmp_path / "imgs"
+    write_bad_images(root)
+    common = [*FAST, "--dataset", "folder", "--data", root, "--shard-size", 3]
+    inline, threaded = tmp_path / "inline.zarr", tmp_path / "threaded.zarr"
+    assert run(*common, "--out", inline, "--decode-workers", 0) == 0
+    assert run(*common, "--out", threaded, "--decode-workers", 2) == 0
+    a, b = open_store(inline), open_store(threaded)
+    assert a.failures() == b.failures() and a.failures()
+    for name in ("eigvecs", "eigvals", "residual", "grid", "image_size", "status"):
+        np.testing.assert_array_equal(np.asarray(a.group[name][:]), np.asarray(b.group[name][:]))
+
+
+def test_ctrl_c_with_threads_keeps_every_computed_shard(tmp_path, monkeypatch):
+    from sazs.pipeline import job
+
+    ref = tmp_path / "ref.zarr"
+    args = [*FAST, "--limit", 6, "--shard-size", 2, "--batch-size", 2, "--decode-workers", 2]
+    assert run(*args, "--out", ref) == 0
+    real, calls = job.compute_priors, {"n": 0}
+
+    def interrupted_at_third(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C while shard 2 is computed and shard 1 may still be writing
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    out = tmp_path / "int.zarr"
+    monkeypatch.setattr(job, "compute_priors", interrupted_at_third)
+    assert run(*args, "--out", out) == 130
+    assert list(open_store(out).status()) == [1, 1, 1, 1, 0, 0]
+    monkeypatch.setattr(job, "compute_priors", real)
+    assert run(*args, "--out", out) == 0
+    for name in ("eigvecs", "eigvals", "status"):
+        np.testing.assert_array_equal(np.asarray(open_store(ref).group[name][:]),
+                                      np.asarray(open_store(out).group[name][:]))
+
+
+def test_a_failed_write_in_the_writer_thread_stops_the_job(tmp_path, monkeypatch):
+    from sazs.stores.lock import read_lock
+    from sazs.stores.writer import StoreWriter
+
+    def disk_full(self, shard, results):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StoreWriter, "write_shard", disk_full)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(["run", *map(str, [*FAST, "--limit", 4, "--shard-size", 2, "--decode-workers", 2, "--out", out])])
+    assert read_lock(out) is None  # the lock is released on the way out
