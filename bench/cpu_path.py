@@ -1,0 +1,113 @@
+"""The CPU path before and after a change: `sazs-priors run` of two code versions, side by side.
+
+Example (the issue 7 check that the CPU path is no slower than before the GPU fast path):
+    python bench/cpu_path.py --base 2d21ea2
+    make bench-cpu-path ARGS="--base 2d21ea2 --images 32 --repeats 3"
+
+The base revision is checked out into a temporary git worktree and imported through a
+PYTHONPATH shim (`<tmp>/shim/sazs -> worktree`); the head is this working tree. Both run
+the same command (the `make priors` defaults on this machine: `--solver` and
+`--graph-backend` left at their defaults) in fresh processes on one synthetic COCO
+layout, alternating which goes first, per extractor. The table gives median images/s of
+the job itself (the summary's `seconds`, so process start-up and model loading are left
+out), their ratio, and whether the two stores hold bitwise identical arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ARRAYS = ("eigvecs", "eigvals", "residual", "grid", "image_size", "status")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("CPU path: base revision vs working tree", add_help=add_help)
+    p.add_argument("--base", required=True, help="git revision to compare against (e.g. the commit before a change)")
+    p.add_argument("--images", type=int, default=16, help="synthetic COCO val images")
+    p.add_argument("--extractors", default="color,imgfocus-vits14", help="comma-separated extractors")
+    p.add_argument("--short-side", type=int, default=224, help="short side of the ViT input (px)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shard-size", type=int, default=8)
+    p.add_argument("--out", default="bench/results/cpu_path.json")
+    return p
+
+
+def _run_job(tree: str, env: dict, data: Path, extractor: str, args, out: Path) -> float:
+    cmd = [sys.executable, "-m", "sazs.pipeline", "run", "--dataset", "coco", "--data", str(data), "--split",
+           "val2017", "--extractor", extractor, "--short-side", str(args.short_side), "--out", str(out),
+           "--shard-size", str(args.shard_size), "--no-progress", "--preview", "0", "--overwrite"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{tree}: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    summary = json.loads(out.with_name(out.stem + ".summary.json").read_text())
+    return summary["computed"] / summary["seconds"]
+
+
+def _arrays(path: Path) -> dict:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(group[name][:]) for name in ARRAYS}
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from sazs.pipeline.synthetic import make_coco
+
+    with tempfile.TemporaryDirectory(prefix="sazs-bench-cpu-") as tmp:
+        tmp = Path(tmp)
+        worktree = tmp / "base"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.base], cwd=ROOT, check=True)
+        try:
+            (tmp / "shim").mkdir()
+            (tmp / "shim" / "sazs").symlink_to(worktree)
+            base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
+                                      text=True, check=True).stdout.strip()
+            head_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                      text=True, check=True).stdout.strip()
+            data = make_coco(tmp / "coco", num_train=1, num_val=args.images)
+            envs = {"base": {**os.environ, "PYTHONPATH": str(tmp / "shim"), "HF_HUB_OFFLINE": "1"},
+                    "head": {**os.environ, "HF_HUB_OFFLINE": "1"}}
+            envs["head"].pop("PYTHONPATH", None)
+            rows = []
+            for extractor in args.extractors.split(","):
+                rates: dict[str, list[float]] = {"base": [], "head": []}
+                for r in range(args.repeats + 1):  # the first round warms caches (model conversion, page cache)
+                    order = ("base", "head") if r % 2 == 0 else ("head", "base")
+                    for label in order:
+                        rate = _run_job(label, envs[label], data, extractor, args, tmp / f"{label}.zarr")
+                        if r > 0:
+                            rates[label].append(rate)
+                same = all(np.array_equal(a, b) for a, b in zip(_arrays(tmp / "base.zarr").values(),
+                                                                 _arrays(tmp / "head.zarr").values()))
+                base, head = statistics.median(rates["base"]), statistics.median(rates["head"])
+                rows.append({"extractor": extractor, "base_img_s": base, "head_img_s": head, "ratio": head / base,
+                             "identical_arrays": same, "base_runs": rates["base"], "head_runs": rates["head"]})
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
+
+    print(f"\nCPU path, {args.images} synthetic COCO images, short side {args.short_side}, "
+          f"{os.cpu_count()} CPUs; base {base_rev} vs head {head_rev} (working tree)")
+    print(f"{'extractor':18s} {'base img/s':>11s} {'head img/s':>11s} {'head/base':>10s}  identical arrays")
+    for r in rows:
+        print(f"{r['extractor']:18s} {r['base_img_s']:11.2f} {r['head_img_s']:11.2f} {r['ratio']:10.2f}  "
+              f"{'yes' if r['identical_arrays'] else 'NO'}")
+    out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"base": base_rev, "head": head_rev, "args": vars(args), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
