@@ -9,7 +9,8 @@
 #               [PRIORS=val-store.zarr SPLITS=hsnet/data/splits EPISODES=1000 FUSION=none,project,select,oracle]
 #               [HEADLINE=select REPORT=dir ARGS=...]   without DATASET: the `make train` demo (trained first if
 #               missing) on the synthetic VOC val split, 50 episodes
-#   make test   make bench (solvers)   make bench-store   make bench-ray   make bench-train   make synth-voc   make synth-coco   make clean
+#   make test   make bench (solvers)   make bench-store   make bench-ray   make bench-train   make bench-gpu (CUDA)
+#   make bench-cpu-path ARGS="--base REV"   make synth-voc   make synth-coco   make clean
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -84,7 +85,7 @@ EVAL_ARGS = --dataset $(TRAIN_DATASET) --split $(or $(SPLIT),val) --folds $(FOLD
 EVAL_DEMO_ARGS = $(EVAL_COMMON) $(if $(RUN),--run $(RUN)) $(if $(STEPS),--steps $(STEPS)) $(if $(ARCH),--arch $(ARCH)) \
 	$(if $(CLIP_WEIGHTS),--clip-weights $(CLIP_WEIGHTS)) $(ARGS)
 
-.PHONY: venv priors train eval test bench bench-store bench-ray bench-train synth-voc synth-coco clean
+.PHONY: venv priors train eval test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path synth-voc synth-coco clean
 
 venv: $(STAMP)
 
@@ -128,6 +129,12 @@ bench-ray: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/train_step.py $(ARGS)
+
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py $(ARGS)
+
+bench-cpu-path: $(STAMP)
+	$(PY) bench/cpu_path.py $(ARGS)
 
 synth-voc: $(STAMP)
 	$(VENV)/bin/sazs-priors synth voc $(or $(DATA),data/synth-voc)
