@@ -284,7 +284,7 @@ def _fused_available(xp) -> bool:
 
 
 def _ell_kernel(xp, dtype):
-    name = {"float32": "float", "float64": "double"}[xp.dtype(dtype).name]
+    name = {"float32": "float", "float64": "double"}[np.dtype(dtype).name]
     key = ("kernel", name)
     if key not in _FUSED_STATE:
         _FUSED_STATE[key] = xp.RawKernel(_ELL_SOURCE.replace("{T}", name), f"ell_spmm_{name}")
