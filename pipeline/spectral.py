@@ -59,6 +59,13 @@ class SpectralConfig:
     device: str = "auto"
     precision: str = "float32"
 
+    def __post_init__(self) -> None:
+        # Checked here, so that a typo fails the job at once instead of every image in it.
+        if self.solver != "auto" and self.solver not in SOLVERS:  # "auto": resolved by the job
+            raise ValueError(f"unknown solver {self.solver!r}; choose from {['auto', *list_solvers()]}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
+
 
 @dataclass
 class Spectrum:

@@ -51,6 +51,12 @@ def test_auto_picks_the_cpu_path_without_a_gpu_and_the_fast_path_with_one(caplog
         make_manifest(dataset, {}, (8, 8), *auto, 64)
 
 
+def test_an_unknown_solver_fails_the_job_at_once(tmp_path, capsys):
+    assert run(*FAST, "--limit", 1, "--solver", "arpack", "--out", tmp_path / "s.zarr") == 2
+    assert "unknown solver 'arpack'; choose from ['auto', 'batched'" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()  # nothing was started
+
+
 def test_default_cli_on_a_cpu_writes_what_the_explicit_cpu_path_writes(tmp_path):
     """`make priors` without a GPU: auto = certified + eigsh, the same store (and fingerprint) as before."""
     a, b = tmp_path / "auto.zarr", tmp_path / "explicit.zarr"

@@ -76,7 +76,7 @@ def assert_well_formed(s, n, num, cfg):
 def test_registry():
     assert list_solvers() == ["batched", "cupy-lobpcg", "dense", "eigsh", "lobpcg"]
     g = build_knn_graph(random_features(n=100, d=8), GraphConfig(), grid=(10, 10))
-    with pytest.raises(ValueError, match=r"unknown solver 'arpack'; choose from \[.batched., .cupy-lobpcg."):
+    with pytest.raises(ValueError, match=r"unknown solver 'arpack'; choose from \[.auto., .batched., .cupy-lobpcg."):
         laplacian_eigs(g, SpectralConfig(solver="arpack"))
 
 
