@@ -325,6 +325,9 @@ def _orthonormalise(X, xp, stats: dict):
 
     Images whose block is numerically rank deficient (Cholesky fails or its diagonal
     spans more than 1e6, i.e. cond(X) > 1e6) are orthonormalised with Householder QR.
+    A failed factorisation is recognised by L L^T != G: numpy raises for the whole batch,
+    but CuPy's batched Cholesky only flags the image in an info array it does not check
+    (cupyx.errstate 'ignore'), and leaves a partial factor that need not hold a NaN.
     """
     dt = X.dtype
     for _ in range(2):
@@ -332,7 +335,8 @@ def _orthonormalise(X, xp, stats: dict):
         try:
             Lc = xp.linalg.cholesky(G)
             diag = xp.abs(xp.diagonal(Lc, axis1=1, axis2=2))
-            bad = ~xp.isfinite(Lc).all(axis=(1, 2)) | (diag.min(axis=1) <= 1e-6 * diag.max(axis=1))
+            err = xp.linalg.norm(Lc @ xp.swapaxes(Lc, 1, 2) - G, axis=(1, 2)) / xp.linalg.norm(G, axis=(1, 2))
+            bad = ~(err <= 1e-10) | ~(diag.min(axis=1) > 1e-6 * diag.max(axis=1))  # NaN counts as bad
         except np.linalg.LinAlgError:
             Lc, bad = None, xp.ones(X.shape[0], dtype=bool)
         if bool(bad.all()):
@@ -348,8 +352,11 @@ def _orthonormalise(X, xp, stats: dict):
 
 
 def _qr(X, xp, stats, which):
-    stats["qr_fallbacks"] = stats.get("qr_fallbacks", 0) + int(len(which))
-    X[which] = xp.linalg.qr(X[which].astype(xp.float64))[0].astype(X.dtype)
+    """Householder QR of the images `which`, one at a time (rare; CuPy's qr takes 2-D input only)."""
+    which = [int(b) for b in _host(which)]
+    stats["qr_fallbacks"] = stats.get("qr_fallbacks", 0) + len(which)
+    for b in which:
+        X[b] = xp.linalg.qr(X[b].astype(xp.float64))[0].astype(X.dtype)
     return X
 
 

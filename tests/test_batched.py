@@ -292,3 +292,25 @@ def test_fused_product_launch_and_its_self_check(monkeypatch, caplog, kernel):
     else:
         assert batched._FUSED_STATE["ok"] is False and not op.fused
         assert "fused ELL kernel disagrees" in caplog.text
+
+
+def test_a_silently_failed_cholesky_is_caught(monkeypatch):
+    """CuPy's batched Cholesky does not raise: a partial factor of one image must be
+    recognised (L L^T != G) and that image orthonormalised by QR."""
+    from sazs.pipeline import batched
+
+    X = np.random.default_rng(1).standard_normal((3, 120, 6)).astype(np.float32)
+    real = np.linalg.cholesky
+
+    def partial_on_image_1(G):
+        L = real(G)
+        L[1, 3:, 3:] = np.eye(3)  # stopped half-way, finite and well-scaled: only L L^T != G shows it
+        return L
+
+    monkeypatch.setattr(np.linalg, "cholesky", partial_on_image_1)
+    stats: dict = {}
+    Q = batched._orthonormalise(X.copy(), np, stats)
+    assert stats["qr_fallbacks"] >= 1
+    for b in range(3):
+        np.testing.assert_allclose(Q[b].T.astype(np.float64) @ Q[b], np.eye(6), atol=1e-5)
+        assert np.linalg.svd(Q[b].T @ np.linalg.qr(X[b])[0], compute_uv=False).min() > 1 - 1e-5
