@@ -6,6 +6,7 @@ Examples (all run offline; the first one is what `make priors` does):
     sazs-priors run --extractor color --limit 3       # no weights needed
     sazs-priors synth voc /tmp/voc && sazs-priors run --dataset voc --data /tmp/voc --split val
     sazs-priors run --dataset coco --data /data/coco --split val2017 --device cuda
+    sazs-priors run --dataset coco --data /data/coco --split train2017 --device cuda --shard-size 256  # GPU fast path
     sazs-priors run --extractor dino-vits8 --weights dino_deitsmall8_pretrain.pth
     sazs-priors run --dataset coco --data /data/coco --split train2017 --executor ray   # local Ray instance
     RAY_ADDRESS=head-node:6379 sazs-priors run --dataset coco --data /data/coco --executor ray  # a cluster
