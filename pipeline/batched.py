@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .spectral import Spectrum, fix_signs
+from .spectral import Spectrum
 
 logger = logging.getLogger(__name__)
 
@@ -520,31 +520,49 @@ def _solve(idx, a64, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, 
         vecs[s] = r.vecs
         iterations[sel], converged[sel] = r.iterations, r.converged
         qr_fallbacks += r.info.get("qr_fallbacks", 0)
-    # Residuals of the returned float32 vectors in float64 (as laplacian_eigs): Lu - lu = u - Au - lu.
+    # What is returned, made on the device for the whole batch at once: unit vectors with
+    # spectral's sign convention, rounded to float32; then the residuals of exactly those
+    # float32 vectors, in float64, as laplacian_eigs measures them: Lu - lu = u - Au - lu.
     u = vecs.astype(xp.float64)
     norms = xp.linalg.norm(u, axis=1, keepdims=True)
-    u = u / xp.where(norms > 0, norms, 1.0)
+    u32 = fix_signs_batched(u / xp.where(norms > 0, norms, 1.0), xp).astype(xp.float32)
+    u = u32.astype(xp.float64)
     Au = _Operator(idx, a64, xp, fused=False)(u)  # plain float64 product: checks the fused one
     lam = 1.0 - xp.einsum("bnk,bnk->bk", u, Au)  # float64 Rayleigh quotients (error ~ residual^2)
     res = xp.linalg.norm(u - Au - u * lam[:, None, :], axis=1)
-    lam_h, u_h, res_h = _host(lam), _host(u), _host(res)
+    lam_h, res_h = _host(lam), _host(res)
+    order = np.argsort(lam_h, axis=1, kind="stable")  # ascending, per image
+    lam_h, res_h = np.take_along_axis(lam_h, order, 1), np.take_along_axis(res_h, order, 1)
+    u_h = np.take_along_axis(_host(u32), order[:, None, :], 2)
     seconds = time.perf_counter() - t0
     out = []
-    for b in range(B):  # host post-processing: order, signs (spectral's convention), float32
-        order = np.argsort(lam_h[b], kind="stable")
-        v = fix_signs(u_h[b, : nv[b]][:, order])
-        vecs32 = (v / np.linalg.norm(v, axis=0, keepdims=True)).astype(np.float32)
+    for b in range(B):
         conv = bool(converged[b]) and bool((res_h[b] <= residual_tol).all())
         if not conv:
             logger.warning("batched solver: image %d not converged (residuals %s, %d iterations)",
-                           b, np.array2string(res_h[b][order], precision=2), iterations[b])
+                           b, np.array2string(res_h[b], precision=2), iterations[b])
         out.append(Spectrum(
-            eigvals=lam_h[b][order].astype(np.float64), eigvecs=vecs32, residuals=res_h[b][order],
-            converged=conv, iterations=int(iterations[b]), solver="batched",
+            eigvals=lam_h[b].astype(np.float64), eigvecs=np.ascontiguousarray(u_h[b, : nv[b]]),
+            residuals=res_h[b], converged=conv, iterations=int(iterations[b]), solver="batched",
             info={"seconds": seconds, "batch": B, "solver_converged": bool(converged[b]), "block": int(blocks[b]),
                   "degree": degree, "matvecs": int(iterations[b] * (degree + 1) + 1), "qr_fallbacks": qr_fallbacks},
         ))
     return out
+
+
+def fix_signs_batched(u, xp):
+    """`spectral.fix_signs` for a (B, N, K) batch at once, on any array module.
+
+    Per column: entries with |u| <= 1e-6 max|u| count as zero (so do padded rows);
+    one-signed columns are made non-negative, otherwise the positive part is made the
+    minority, and on a tie the entry of largest |u| (first such) is made positive.
+    """
+    a = xp.abs(u)
+    eps = 1e-6 * a.max(axis=1, keepdims=True)
+    pos, neg = (u > eps).sum(axis=1), (u < -eps).sum(axis=1)
+    at_max = xp.take_along_axis(u, xp.argmax(a, axis=1)[:, None, :], axis=1)[:, 0, :]
+    flip = xp.where((pos == 0) | (neg == 0), pos == 0, xp.where(pos != neg, pos > neg, at_max < 0))
+    return xp.where(flip[:, None, :], -u, u)
 
 
 def array_module(device: str, ell: Ell | None = None):

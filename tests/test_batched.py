@@ -314,3 +314,20 @@ def test_a_silently_failed_cholesky_is_caught(monkeypatch):
     for b in range(3):
         np.testing.assert_allclose(Q[b].T.astype(np.float64) @ Q[b], np.eye(6), atol=1e-5)
         assert np.linalg.svd(Q[b].T @ np.linalg.qr(X[b])[0], compute_uv=False).min() > 1 - 1e-5
+
+
+def test_fix_signs_batched_is_spectrals_convention():
+    from sazs.pipeline.batched import fix_signs_batched
+    from sazs.pipeline.spectral import fix_signs
+
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((5, 40, 6))
+    u[0, :, 1] = np.abs(u[0, :, 1])  # one-signed, positive
+    u[1, :, 2] = -np.abs(u[1, :, 2])  # one-signed, negative
+    u[2, :, 3] = np.repeat([1.0, -1.0], 20) * np.linspace(1, 2, 40)  # 20 vs 20: the largest |u| decides
+    u[3, :, 4] = np.repeat([-1.0, 1.0], 20) * np.linspace(1, 2, 40)
+    u[4, :3, 0] = 1e-9  # below 1e-6 max|u|: counts as zero
+    u[4, 30:, :] = 0  # padded rows
+    out = fix_signs_batched(u, np)
+    for b in range(5):
+        np.testing.assert_array_equal(out[b], fix_signs(u[b]))
