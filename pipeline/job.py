@@ -166,7 +166,8 @@ def solve_batch(items: list[tuple[np.ndarray | None, Features]], graph_cfg: Grap
     GPU extractor's features never leave the GPU), then one batched eigensolve there.
     Other backends (or the colour term, which is built per image) build each graph on
     the CPU and only the solve is batched. A recorded error anywhere in the batch falls
-    back to image by image, so one bad image never fails its batch-mates.
+    back to image by image, so one bad image never fails its batch-mates; running out of
+    (GPU) memory splits the batch in halves until it fits.
     """
     try:
         if graph_cfg.backend == "batched" and graph_cfg.color_weight == 0:
@@ -184,6 +185,33 @@ def solve_batch(items: list[tuple[np.ndarray | None, Features]], graph_cfg: Grap
         log.info("batched solve failed (%s: %s); solving its %d images one by one", type(exc).__name__, exc,
                  len(items))
         return [solve_batch([item], graph_cfg, spectral_cfg)[0] for item in items]
+    except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(exc):
+            raise
+        if len(items) == 1:
+            return [exc]
+        half = len(items) // 2
+        log.warning("out of memory solving %d images at once (%s); splitting the batch in two", len(items),
+                    type(exc).__name__)
+        _release_device_memory()
+        return solve_batch(items[:half], graph_cfg, spectral_cfg) + solve_batch(items[half:], graph_cfg, spectral_cfg)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Host or device out of memory: MemoryError (numpy, CuPy's OutOfMemoryError) or torch's."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _release_device_memory() -> None:
+    """Give cached GPU blocks back before a retry with smaller batches (no-op without a GPU)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def solve_features(items: list[tuple[np.ndarray | None, Features]], graph_cfg: GraphConfig,

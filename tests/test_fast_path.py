@@ -202,3 +202,34 @@ def test_a_failed_write_in_the_writer_thread_stops_the_job(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         cli.main(["run", *map(str, [*FAST, "--limit", 4, "--shard-size", 2, "--decode-workers", 2, "--out", out])])
     assert read_lock(out) is None  # the lock is released on the way out
+
+
+def test_out_of_memory_splits_the_batch_until_it_fits(monkeypatch, caplog):
+    from sazs.pipeline import job
+
+    images, feats = color_features(["coffee", "astronaut", "chelsea", "rocket"])
+    items = list(zip(images, feats))
+    cfgs = GraphConfig(backend="batched"), SpectralConfig(solver="batched")
+    expected = solve_batch(items, *cfgs)
+    real, sizes = job.laplacian_eigs_batch, []
+
+    def small_memory(ell, cfg):
+        sizes.append(ell.shape[0])
+        if ell.shape[0] > 1:
+            raise MemoryError("out of memory allocating 8 GiB")  # what cupy raises
+        return real(ell, cfg)
+
+    monkeypatch.setattr(job, "laplacian_eigs_batch", small_memory)
+    with caplog.at_level(logging.WARNING):
+        out = solve_batch(items, *cfgs)
+    assert sizes == [4, 2, 1, 1, 2, 1, 1] and "splitting the batch in two" in caplog.text
+    for (grid, spec), (grid0, spec0) in zip(out, expected):
+        assert grid == grid0
+        np.testing.assert_allclose(spec.eigvals, spec0.eigvals, atol=1e-7)
+
+    def broken(ell, cfg):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")  # not OOM: not hidden
+
+    monkeypatch.setattr(job, "laplacian_eigs_batch", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        solve_batch(items, *cfgs)
