@@ -39,8 +39,9 @@ class GraphConfig:
     backend: "certified" (default; exact, fastest on CPUs with native bfloat16, see
     `knn_certified`), "faiss" (exact float32 flat index), "torch" (exact float32
     product in row blocks, also on a GPU) or "batched" (the GPU fast path: every image
-    of a batch at once, `build_knn_graphs`, on the features' device; one image at a
-    time it is "torch"). All return the same neighbours up to exact ties.
+    of a batch at once, `build_knn_graphs`, on the features' device, a certified fp16
+    search on a GPU; one image at a time it is "torch"). All return the same neighbours
+    up to exact ties.
     """
 
     k: int = 10
@@ -572,14 +573,16 @@ def build_knn_graph(
     return graph
 
 
-def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, int]]):
+def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, int]], precision: str | None = None):
     """The kNN graphs of B images at once, as one padded ELL batch (`batched.Ell`).
 
     feats: per image (h*w, d) arrays or torch tensors; tensors stay on their device (a
     GPU extractor's output never visits the host), arrays go to cfg.device. Same graph
-    as `build_knn_graph` per image, up to exact ties: float32 ranking product, float64
-    weights. No colour term: that one is built per image (`build_knn_graph`, then
-    `batched.ell_from_csr`).
+    as `build_knn_graph` per image, up to exact ties, with float64 weights. The search
+    (`batched.batched_knn`) runs in `precision`: by default the certified fp16 search on
+    a GPU (tensor cores; rows it cannot certify are searched again in float32) and one
+    float32 product on a CPU. No colour term: that one is built per image
+    (`build_knn_graph`, then `batched.ell_from_csr`).
     """
     import torch
 
@@ -602,7 +605,8 @@ def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, in
         padded[b, : t.shape[0]] = t.to(device, torch.float32)
     # k clamps to the smallest image's size like build_knn_graph's (missing slots are empty)
     k = min(cfg.k, n - 1)
-    idx, sims = batched_knn(padded, k, n_valid=n_valid, device=str(device))
+    precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+    idx, sims = batched_knn(padded, k, n_valid=n_valid, device=str(device), precision=precision)
     return ell_graph(idx, sims, n_valid=n_valid, threshold=cfg.threshold)
 
 

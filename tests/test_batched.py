@@ -223,14 +223,38 @@ def test_cholesky_qr_falls_back_to_qr_per_image():
     assert np.isfinite(Q).all()
 
 
-def test_low_precision_ranking_is_reranked_exactly():
-    """The bf16 ranking product (the GPU setting) keeps the float64-best k of its k + 8 candidates."""
-    f = vit_features("coffee")
-    idx, sims = batched_knn(f[None], 10, precision="bf16")
-    _, ref = knn(f, 10, metric="ip", backend="torch")
-    cos = f.astype(np.float64) @ f.T.astype(np.float64)
-    assert_same_neighbours_up_to_ties(f, idx[0].numpy(), ref, lambda i, j: cos[i, j])
-    np.testing.assert_allclose(sims[0].numpy(), np.take_along_axis(cos, idx[0].numpy(), 1), atol=1e-6)
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_search_is_certified_exact(precision):
+    """fp16/bf16 ranking (tensor cores on a GPU), certified: the float32 answer on every row,
+    on real ViT features and on features built to defeat a low-precision ranking."""
+    rng = np.random.default_rng(7)
+    hard = np.zeros((600, 64), np.float32)  # two far clusters, ~1e-3 apart inside: bf16 cannot rank them
+    hard[:, 0] = np.repeat([1.0, -1.0], 300)
+    hard = normalise(hard + 1e-3 * rng.standard_normal(hard.shape).astype(np.float32))
+    for f, min_redo in ((vit_features("coffee"), 0), (hard, 0.5)):
+        stats: dict = {}
+        idx, sims = batched_knn(f[None], 10, precision=precision, stats=stats)
+        assert stats["rows"] == len(f) and stats["searched_again"] >= min_redo * len(f)
+        _, ref = knn(f, 10, metric="ip", backend="torch")
+        cos = f.astype(np.float64) @ f.T.astype(np.float64)
+        assert_same_neighbours_up_to_ties(f, idx[0].numpy(), ref, lambda i, j: cos[i, j], atol=1e-6)
+        np.testing.assert_allclose(sims[0].numpy(), np.take_along_axis(cos, idx[0].numpy(), 1), atol=1e-6)
+        # the order within a row is best first
+        assert (np.diff(sims[0].numpy(), axis=1) <= 0).all()
+
+
+def test_certified_search_with_padding_and_small_images():
+    f = [random_features(n=300, d=16, seed=1), random_features(n=9, d=16, seed=2)]
+    F, nv = pad(f)
+    stats: dict = {}
+    idx, sims = batched_knn(F, 10, n_valid=nv, precision="fp16", stats=stats)
+    ref, _ = batched_knn(F, 10, n_valid=nv, precision="fp32")
+    assert stats["rows"] == 309
+    assert (idx[1, :9, 8:] == -1).all() and (idx[1, 9:] == -1).all()  # 8 others only; padded rows empty
+    for b, x in enumerate(f):
+        cos = x.astype(np.float64) @ x.T.astype(np.float64)
+        assert_same_neighbours_up_to_ties(x, idx[b, : len(x), : len(x) - 1].numpy(),
+                                          ref[b, : len(x), : len(x) - 1].numpy(), lambda i, j: cos[i, j])
 
 
 def test_bench_gpu_script_runs_on_cpu(tmp_path):

@@ -233,3 +233,36 @@ def test_out_of_memory_splits_the_batch_until_it_fits(monkeypatch, caplog):
     monkeypatch.setattr(job, "laplacian_eigs_batch", broken)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         solve_batch(items, *cfgs)
+
+
+def test_build_knn_graphs_certified_fp16_is_the_float32_graph(monkeypatch):
+    """What a GPU runs by default (the certified fp16 search), here on torch CPU: the float32
+    neighbours up to exact ties (flat colour regions have many), and fp32 on a CPU."""
+    import torch
+
+    from sazs.pipeline import batched
+    from sazs.pipeline.graph import build_knn_graphs, knn
+
+    from test_graph import assert_same_neighbours_up_to_ties
+
+    _, feats = color_features(["coffee", "astronaut"], short_side=96)
+    seen, real = [], batched.batched_knn
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        stats: dict = {}
+        idx, sims = real(*args, **kwargs, stats=stats)
+        seen.append(stats)
+        for b, f in enumerate(feats):
+            n = len(f.feats)
+            _, ref = knn(f.feats, 10, metric="ip", backend="torch")
+            cos = f.feats.astype(np.float64) @ f.feats.T.astype(np.float64)
+            assert_same_neighbours_up_to_ties(f.feats, idx[b, :n].numpy(), ref, lambda i, j: cos[i, j], atol=1e-6)
+        return idx, sims
+
+    monkeypatch.setattr(batched, "batched_knn", spy)
+    grids = [f.grid for f in feats]
+    build_knn_graphs([torch.from_numpy(f.feats) for f in feats], GraphConfig(k=10), grids=grids, precision="fp16")
+    build_knn_graphs([f.feats for f in feats], GraphConfig(k=10), grids=grids)
+    assert seen[0] == "fp16" and seen[2] == "fp32"
+    assert seen[1]["rows"] == sum(len(f.feats) for f in feats)
