@@ -119,7 +119,8 @@ def batched_knn(feats, k: int, *, n_valid=None, device: str = "cpu", precision: 
     best_other = torch.empty((B, N), dtype=torch.float32, device=dev)
     for s in range(0, B, chunk):
         e = min(B, s + chunk)
-        scores = torch.bmm(al[s:e], al[s:e].transpose(1, 2)).float() + col[s:e]
+        with _full_precision_reductions():  # the bound below assumes fp32 accumulation
+            scores = torch.bmm(al[s:e], al[s:e].transpose(1, 2)).float() + col[s:e]
         vals, ids = _top(scores, eye | ~valid[s:e, None, :], valid[s:e], c + 1)  # c + 1 <= N
         idx[s:e] = ids[..., :c]
         best_other[s:e] = vals[..., c]  # the best score outside the candidates (-inf: there is none)
@@ -146,6 +147,20 @@ def batched_knn(feats, k: int, *, n_valid=None, device: str = "cpu", precision: 
     if stats is not None:
         stats.update(rows=int(valid.sum()), searched_again=int(redo.sum()))
     return idx, sims
+
+
+@contextlib.contextmanager
+def _full_precision_reductions():
+    """cuBLAS may accumulate split-K fp16/bf16 products in that precision unless told not to."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    saved = m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction
+    m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
 
 
 def _top(scores, exclude, row_valid, k: int):

@@ -355,3 +355,22 @@ def test_fix_signs_batched_is_spectrals_convention():
     out = fix_signs_batched(u, np)
     for b in range(5):
         np.testing.assert_array_equal(out[b], fix_signs(u[b]))
+
+
+def test_low_precision_product_runs_with_full_precision_reductions(monkeypatch):
+    """The certificate's error bound assumes fp32 accumulation; cuBLAS is told so, then restored."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    real, seen = torch.bmm, []
+
+    def spy(a, b):
+        if a.dtype == torch.float16:
+            seen.append((m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    before = m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction
+    batched_knn(random_features(n=200, d=16, seed=3)[None], 5, precision="fp16")
+    assert seen == [(False, False)]
+    assert (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction) == before
