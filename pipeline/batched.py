@@ -101,7 +101,8 @@ def batched_knn(feats, k: int, *, n_valid=None, device: str = "cpu", precision: 
         idx = torch.empty((B, N, k), dtype=torch.int64, device=dev)
         for s in range(0, B, chunk):
             e = min(B, s + chunk)
-            scores = torch.bmm(x[s:e], x[s:e].transpose(1, 2))
+            with _full_precision_reductions():
+                scores = torch.bmm(x[s:e], x[s:e].transpose(1, 2))
             idx[s:e] = _top(scores, eye | ~valid[s:e, None, :], valid[s:e], k)[1]
         if stats is not None:
             stats.update(rows=int(valid.sum()), searched_again=0)
@@ -151,16 +152,21 @@ def batched_knn(feats, k: int, *, n_valid=None, device: str = "cpu", precision: 
 
 @contextlib.contextmanager
 def _full_precision_reductions():
-    """cuBLAS may accumulate split-K fp16/bf16 products in that precision unless told not to."""
+    """No TF32 for float32 products, and no fp16/bf16 accumulation of split-K fp16/bf16
+    products: the certificate's bound assumes fp32 accumulation, and the float32 search
+    must be float32 (torch's flags are global; they are restored on the way out)."""
     import torch
 
     m = torch.backends.cuda.matmul
-    saved = m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction
-    m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = False
+    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = [getattr(m, n) for n in names]
+    for n in names:
+        setattr(m, n, False)
     try:
         yield
     finally:
-        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
+        for n, v in zip(names, saved):
+            setattr(m, n, v)
 
 
 def _top(scores, exclude, row_valid, k: int):
@@ -178,7 +184,8 @@ def _search_again(x, valid, k: int, redo, idx, sims) -> None:
 
     for b in torch.nonzero(redo.any(dim=1)).flatten().tolist():
         rows = torch.nonzero(redo[b]).flatten()
-        scores = (x[b, rows] @ x[b].T)[None]  # (1, R, N)
+        with _full_precision_reductions():
+            scores = (x[b, rows] @ x[b].T)[None]  # (1, R, N)
         scores[0, torch.arange(len(rows), device=x.device), rows] = -torch.inf  # never itself
         _, ids = _top(scores, ~valid[b][None, None, :], torch.ones_like(rows, dtype=torch.bool)[None], k)
         xj = x[b][ids[0].clamp_min(0)].double()  # (R, k, d)
