@@ -20,7 +20,8 @@ median reported:
 - accuracy of the batched solver vs float64 eigsh (tol 1e-12) on --check images;
 - end to end, measured: `run_local` with the defaults of `make priors DEVICE=cuda`
   (auto: batched kNN + batched solver, imgfocus-vits14 at --short-side) over
-  --e2e-images JPEGs written to a temporary folder, store writes included;
+  --e2e-images JPEGs written to a temporary folder, store writes included, at shard
+  sizes 64 (the default) and 256 (--e2e-shard-sizes);
 - the serial estimate 1 / sum(1 / rate) of the stages, and COCO train2017 (118,287
   images) projected from the measured end-to-end rate.
 """
@@ -70,7 +71,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--check", type=int, default=4, help="images checked against float64")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--e2e-images", type=int, default=1024, help="images of the measured end-to-end run")
-    p.add_argument("--shard-size", type=int, default=256, help="store shard = batched-solve batch (end to end)")
+    p.add_argument("--e2e-shard-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256],
+                   help="store shard sizes of the end-to-end runs (the shard is the batched-solve batch; "
+                        "64 is the default of make priors)")
     p.add_argument("--out", default="bench/results/gpu.json")
     return p
 
@@ -164,8 +167,9 @@ def write_jpegs(folder: Path, count: int) -> None:
         Image.fromarray(np.ascontiguousarray(img)).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def stage_end_to_end(args, device: str) -> dict:
-    """`make priors DEVICE=<device>` in-process: decode + features + graph + spectra + store writes."""
+def stage_end_to_end(args, device: str) -> list[dict]:
+    """`make priors DEVICE=<device>` in-process: decode + features + graph + spectra + store
+    writes, once per shard size in --e2e-shard-sizes (the shard is the batched-solve batch)."""
     import tempfile
 
     from sazs.pipeline.datasets import DatasetConfig, build_dataset
@@ -174,26 +178,29 @@ def stage_end_to_end(args, device: str) -> dict:
     from sazs.pipeline.job import JobConfig, run_local
     from sazs.stores.reader import open_store
 
+    rows = []
     with tempfile.TemporaryDirectory(prefix="sazs-bench-gpu-") as tmp:
         write_jpegs(Path(tmp) / "images", args.e2e_images)
         ext = build_extractor(ExtractorConfig(name=args.extractor, weights=args.weights, short_side=args.short_side,
                                               device=device, batch_size=args.feat_batch))
         cfgs = GraphConfig(backend="auto"), SpectralConfig(solver="auto")
-        warm = build_dataset(DatasetConfig(name="folder", root=str(Path(tmp) / "images"),
-                                           limit=min(args.e2e_images, args.shard_size)))
-        run_local(warm, ext, *cfgs, JobConfig(out=str(Path(tmp) / "warm.zarr"), shard_size=args.shard_size,
-                                              progress=False, preview=0))
-        dataset = build_dataset(DatasetConfig(name="folder", root=str(Path(tmp) / "images")))
-        out = Path(tmp) / "e2e.zarr"
-        summary = run_local(dataset, ext, *cfgs, JobConfig(out=str(out), shard_size=args.shard_size,
-                                                            progress=False, preview=0))
-        manifest = open_store(out).manifest
-    rate = summary.computed / summary.seconds
-    return {"stage": "end to end (measured, make priors defaults)", "images_per_s": rate, "extractor": args.extractor,
-            "images": summary.computed, "done": summary.done, "failed": summary.failed,
-            "not_converged": summary.not_converged, "solver": manifest["solver"]["solver"],
-            "graph_backend": manifest["graph"]["backend"], "short_side": args.short_side,
-            "coco_train2017_minutes": COCO_TRAIN / rate / 60}
+        for shard_size in args.e2e_shard_sizes:
+            warm = build_dataset(DatasetConfig(name="folder", root=str(Path(tmp) / "images"),
+                                               limit=min(args.e2e_images, shard_size)))
+            run_local(warm, ext, *cfgs, JobConfig(out=str(Path(tmp) / f"warm{shard_size}.zarr"),
+                                                  shard_size=shard_size, progress=False, preview=0))
+            dataset = build_dataset(DatasetConfig(name="folder", root=str(Path(tmp) / "images")))
+            out = Path(tmp) / f"e2e{shard_size}.zarr"
+            summary = run_local(dataset, ext, *cfgs, JobConfig(out=str(out), shard_size=shard_size,
+                                                                progress=False, preview=0))
+            manifest = open_store(out).manifest
+            rate = summary.computed / summary.seconds
+            rows.append({"stage": f"end to end (measured, shard {shard_size})", "images_per_s": rate,
+                         "extractor": args.extractor, "images": summary.computed, "done": summary.done,
+                         "failed": summary.failed, "not_converged": summary.not_converged,
+                         "solver": manifest["solver"]["solver"], "graph_backend": manifest["graph"]["backend"],
+                         "short_side": args.short_side, "coco_train2017_minutes": COCO_TRAIN / rate / 60})
+    return rows
 
 
 def _torch_lobpcg(A, K: int, device: str, tol: float):
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
         args.batch, args.n, args.dim = min(args.batch, 4), min(args.n, 400), min(args.dim, 384)
         args.feat_images, args.feat_batch, args.short_side = 2, 2, 112
         args.baseline_images, args.check, args.repeats = 2, 2, min(args.repeats, 2)
-        args.e2e_images, args.shard_size = 4, 2
+        args.e2e_images, args.e2e_shard_sizes = 4, [2]
     if cuda:
         try:
             import cupy as xp
@@ -311,7 +318,7 @@ def main(argv=None) -> int:
     rows.append({"stage": f"eigen scipy eigsh per image (cpu, {torch.get_num_threads()} threads)",
                  "images_per_s": nb / sec, "N": N})
 
-    rows.append(stage_end_to_end(args, device))
+    rows += stage_end_to_end(args, device)
     # serial estimate from the stages, and the COCO projection from the measured run
     firsts = (f"features {args.extractor}", "knn batched (fp16", "ell", f"eigen batched ({xp.__name__}, {variants[0][0]}")
     rates = [r["images_per_s"] for r in rows if r["stage"].startswith(firsts) and "images_per_s" in r]

@@ -273,7 +273,7 @@ def test_bench_gpu_script_runs_on_cpu(tmp_path):
     eig = rows["eigen batched (numpy, gather)"]
     assert eig["converged"] == eig["B"] and eig["max_residual"] <= 1e-4
     assert rows["accuracy vs float64"]["max_abs_dlambda"] < 1e-4
-    e2e = rows["end to end (measured, make priors defaults)"]
+    e2e = rows["end to end (measured, shard 2)"]
     assert e2e["done"] == e2e["images"] == 4 and e2e["images_per_s"] > 0 and e2e["coco_train2017_minutes"] > 0
     assert (e2e["solver"], e2e["graph_backend"]) == ("eigsh", "certified")  # no GPU: the CPU path
     assert rows["end to end (serial estimate of the stages)"]["images_per_s"] > 0
