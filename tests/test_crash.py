@@ -23,9 +23,10 @@ from sazs.stores.integrity import finalize, verify
 from sazs.stores.lock import is_stale, read_lock
 from sazs.stores.reader import open_store
 
+from storecheck import ARRAYS, arrays, assert_same_arrays
+
 ARGS = ["--extractor", "color", "--short-side", "64", "--limit", "6", "--shard-size", "2", "--batch-size", "2",
         "--no-progress", "--preview", "0"]
-ARRAYS = ("eigvecs", "eigvals", "residual", "grid", "image_size", "status", "ids")
 KILLED = -signal.SIGKILL
 
 
@@ -54,17 +55,6 @@ def start_cli(out, *, fault=None, args=ARGS):
 def rerun(out, *extra, args=ARGS):
     """A re-run in this process (quicker than a subprocess; the same code path)."""
     return cli.main(["run", *args, "--out", str(out), *map(str, extra)])
-
-
-def arrays(path):
-    group = open_store(path).group
-    return {name: np.asarray(group[name][:]) for name in ARRAYS}
-
-
-def assert_same_arrays(path, expected):
-    got = arrays(path)
-    for name in ARRAYS:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def wait_for(condition, timeout=120.0):

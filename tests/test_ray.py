@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -33,7 +32,8 @@ from sazs.pipeline.synthetic import make_coco  # noqa: E402
 from sazs.stores.lock import is_stale, read_lock  # noqa: E402
 from sazs.stores.reader import open_store  # noqa: E402
 
-ARRAYS = ("eigvecs", "eigvals", "residual", "grid", "image_size", "status")
+from storecheck import arrays, assert_same_arrays  # noqa: E402
+
 # 12 COCO-layout images, one shard each: enough shards in flight to kill something mid-job.
 ARGS = ["--dataset", "coco", "--split", "val2017", "--extractor", "color", "--short-side", "128",
         "--shard-size", "1", "--batch-size", "1", "--no-progress", "--preview", "0"]
@@ -122,17 +122,6 @@ def last_run(out) -> list[dict]:
     evs = events(out)
     starts = [k for k, e in enumerate(evs) if e["event"] == "start"]
     return evs[starts[-1]:] if starts else []
-
-
-def arrays(path):
-    group = open_store(path).group
-    return {name: np.asarray(group[name][:]) for name in ARRAYS}
-
-
-def assert_same_arrays(path, expected):
-    got = arrays(path)
-    for name in ARRAYS:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def run(*argv) -> int:
