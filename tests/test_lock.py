@@ -16,8 +16,9 @@ from sazs.pipeline import cli, job
 from sazs.stores import faults
 from sazs.stores.integrity import LOCK_FILE, finalize
 from sazs.stores.lock import break_lock, is_stale, read_lock
-from sazs.stores.manifest import build_manifest
 from sazs.stores.writer import ImageResult, StoreError, StoreWriter
+
+from storecheck import toy_manifest
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
 IDS = ["a", "b", "c", "d", "e"]
@@ -25,14 +26,7 @@ K = 4
 
 
 def make_manifest(ids, *, knn=10):
-    return build_manifest(
-        dataset={"name": "toy", "split": "val", "root": "/nowhere", "num_images": len(ids), "ids_sha256": "x"},
-        extractor={"name": "color", "weights_sha256": None, "facet": "key", "device": "cpu"},
-        graph={"k": knn, "threshold": 0.0},
-        solver={"solver": "eigsh", "num_eigs": K},
-        num_eigs=K,
-        layout={"shard_size": 2, "max_grid": [6, 7], "eigvecs_dtype": "float16"},
-    )
+    return toy_manifest(ids, num_eigs=K, knn=knn, shard_size=2)
 
 
 def result(i, grid=(3, 5)):

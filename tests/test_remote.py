@@ -11,25 +11,18 @@ import zarr
 from s3server import bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 from sazs.stores.integrity import CHECKSUM_FILE, LOCK_FILE, SUMMARY_FILE, finalize, verify
-from sazs.stores.manifest import build_manifest
 from sazs.stores.reader import open_store
 from sazs.stores.remote import publish, pull
 from sazs.stores.writer import ImageResult, StoreError, StoreWriter
 
+from storecheck import ARRAYS, toy_manifest
+
 K = 4
 IDS = [f"img{i:02d}" for i in range(7)]
-ARRAYS = ("ids", "image_size", "grid", "eigvals", "eigvecs", "residual", "status", "errors")
 
 
 def make_manifest(ids, *, knn=10, shard_size=3, max_grid=(6, 7)):
-    return build_manifest(
-        dataset={"name": "toy", "split": "val", "root": "/nowhere", "num_images": len(ids), "ids_sha256": "x"},
-        extractor={"name": "color", "weights_sha256": None, "facet": "key", "device": "cpu"},
-        graph={"k": knn, "threshold": 0.0},
-        solver={"solver": "eigsh", "num_eigs": K},
-        num_eigs=K,
-        layout={"shard_size": shard_size, "max_grid": list(max_grid), "eigvecs_dtype": "float16"},
-    )
+    return toy_manifest(ids, num_eigs=K, knn=knn, shard_size=shard_size, max_grid=max_grid)
 
 
 def result(i, seed=0):
