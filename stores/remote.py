@@ -63,12 +63,17 @@ def _read_json(fs, path: str, url: str) -> dict | None:
     data = _cat(fs, path)
     if data is None:
         return None
+    return _json_object(data, f"{url}: {PurePosixPath(path).name}")
+
+
+def _json_object(data: bytes, where: str, hint: str = "") -> dict:
+    """`data` parsed as a JSON object, or a StoreError naming `where` (and `hint`)."""
     try:
         out = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{url}: {PurePosixPath(path).name} is not valid JSON ({exc})") from None
+        raise StoreError(f"{where} is not valid JSON ({exc}){hint}") from None
     if not isinstance(out, dict):
-        raise StoreError(f"{url}: {PurePosixPath(path).name} is not a JSON object")
+        raise StoreError(f"{where} is not a JSON object{hint}")
     return out
 
 
@@ -273,13 +278,7 @@ def _parse_summary(data: bytes | None, url: str) -> dict:
     if data is None:
         raise StoreError(f"{url} is not a published store / upload incomplete (no {SUMMARY_FILE}); "
                          "check the URL, or re-run `sazs-store publish` to complete the upload")
-    try:
-        out = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{url}/{SUMMARY_FILE} is not valid JSON ({exc}); the published store is damaged") from None
-    if not isinstance(out, dict):
-        raise StoreError(f"{url}/{SUMMARY_FILE} is not a JSON object; the published store is damaged")
-    return out
+    return _json_object(data, f"{url}/{SUMMARY_FILE}", "; the published store is damaged")
 
 
 def published_summary(url: str, *, storage_options: dict | None = None) -> dict:
