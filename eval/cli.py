@@ -136,13 +136,13 @@ def checkpoint_paths(args: argparse.Namespace, folds) -> dict[int, Path]:
 def check_checkpoints(ckpts: dict[int, Path], dataset: str) -> None:
     """Refuse, before any work, a checkpoint whose training saw its fold's unseen classes
     (trained for another fold, or with no class held out)."""
-    import torch
+    from sazs.train.checkpoint import load_checkpoint
 
     from .protocols import BENCHMARKS
 
     bench = BENCHMARKS[dataset][0]
     for fold, path in ckpts.items():
-        split = torch.load(path, map_location="cpu", weights_only=False).get("split") or {}
+        split = load_checkpoint(path).get("split") or {}
         got_bench, got_fold = split.get("benchmark"), split.get("fold")
         if got_bench != bench or got_fold != fold:
             raise ValueError(f"checkpoint {path} was trained for {got_bench} fold {got_fold}, not {bench} fold {fold}: "
@@ -282,9 +282,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "--short-side", "128", "--out", args.priors, "--preview", "0", "--no-progress"])
     if rc != 0:
         raise DemoError(f"computing the demo's validation priors failed (sazs-priors exit code {rc})")
-    import torch
+    from sazs.train.checkpoint import load_checkpoint
 
-    fold = torch.load(ckpt, map_location="cpu", weights_only=False).get("split", {}).get("fold")
+    fold = (load_checkpoint(ckpt).get("split") or {}).get("fold")
     if fold is None:
         raise ValueError(f"{ckpt} holds no class out (fold 'all'); a zero-shot evaluation needs a fold's checkpoint")
     run_args = get_args_parser().parse_args([

@@ -1,10 +1,10 @@
 """Inference with a training checkpoint: class probabilities for any image and class names.
 
 This is one of eval's two edge modules (with ``cli.py``): it rebuilds the model from a
-checkpoint through :func:`sazs.train.loop.load_for_inference` and computes priors for a new
-image through the pipeline's stage functions, both imported lazily inside the functions
-that need them, so the pure modules (protocols, metrics, fusion, report, evaluate) never
-import the trainer or the pipeline.
+checkpoint through :func:`sazs.train.checkpoint.load_for_inference` (which runs nothing a
+checkpoint holds) and computes priors for a new image through the pipeline's stage
+functions, both imported lazily inside the functions that need them, so the pure modules
+(protocols, metrics, fusion, report, evaluate) never import the trainer or the pipeline.
 
 :class:`Predictor` resizes an image (any size) so its short side is ``short_side`` (default:
 the checkpoint's training crop), both sides multiples of the patch size and the long side at
@@ -40,11 +40,9 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike, *, device: str = "auto", short_side: int | None = None,
                  max_long_side: int | None = None, precision: str = "auto"):  # fmt: skip
-        from sazs.train.loop import load_for_inference
+        from sazs.train.checkpoint import load_for_inference
 
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}; train one with `make train` / sazs-train")
         self.model, self.text, self.ckpt = load_for_inference(path, device)
         self.path = str(path)
         self.device = next(self.model.parameters()).device

@@ -11,6 +11,7 @@ from sazs.pipeline import cli as priors_cli
 from sazs.pipeline.synthetic import make_voc
 from sazs.stores.manifest import code_version
 from sazs.train import cli, loop
+from sazs.train.checkpoint import load_for_inference
 from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset
 from sazs.train.losses import LossConfig, compute_losses
 from sazs.train.model import RANDOM_WEIGHTS_WARNING, ModelConfig, TextClassifier, build_model
@@ -47,7 +48,7 @@ def test_end_to_end_run(synth_voc, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"checkpoint  {out / 'checkpoint.pt'}" in printed and f"metrics     {out / 'metrics.jsonl'}" in printed
     assert "seen mIoU" in printed and "MEANINGLESS" in printed
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["code_version"] == code_version()
     assert ckpt["random_weights"] is True and ckpt["warning"] == RANDOM_WEIGHTS_WARNING
     assert ckpt["config"]["model"]["arch"] == "sazs-tiny" and ckpt["config"]["loss"]["spectral_weight"] == 1.0
@@ -70,7 +71,7 @@ def test_end_to_end_run(synth_voc, tmp_path, capsys):
     assert cli.main(tiny_args(voc, store, out)) == 2
     assert "already holds a training run" in capsys.readouterr().err
     # a checkpoint rebuilds the model for inference (the evaluator's entry point)
-    model, text, _ = loop.load_for_inference(out / "checkpoint.pt", "cpu")
+    model, text, _ = load_for_inference(out / "checkpoint.pt", "cpu")
     assert model(torch.zeros(1, 3, 64, 64), ckpt["text_embeddings"])["logits"].shape == (1, 16, 16, 16)
 
 
@@ -80,7 +81,7 @@ def test_resume_continues_exactly(synth_voc, tmp_path, capsys):
     assert cli.main(tiny_args(voc, store, tmp_path / "a", *common)) == 0
     assert cli.main(tiny_args(voc, store, tmp_path / "b", *common, "--stop-at", 3)) == 0
     assert "stopped early" in capsys.readouterr().out
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
     # a resumed run may change where / how fast it runs (workers), not what it computes
     assert cli.main(tiny_args(voc, store, tmp_path / "b", *common, "--lr", "1e-3", "--resume")) == 2
     err = capsys.readouterr().err
@@ -91,8 +92,8 @@ def test_resume_continues_exactly(synth_voc, tmp_path, capsys):
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     key = lambda r: (r["loss"], r["ce"], r["spectral"], r["lr"])  # noqa: E731
     assert [key(r) for r in a] == [key(r) for r in b]  # bit-identical, not approximately equal
-    sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
 
@@ -115,7 +116,7 @@ def test_non_finite_loss_stops_with_a_clear_message(synth_voc, tmp_path, monkeyp
     assert cli.main(tiny_args(voc, store, out, "--checkpoint-every", 1)) == 3
     err = capsys.readouterr().err
     assert "non-finite loss at step 3" in err and "spectral=nan" in err and "lower --lr" in err
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2  # the last good checkpoint
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # the last good checkpoint
     assert read_metrics(out / "metrics.jsonl")[-1]["event"] == "non_finite_loss"
 
 

@@ -2,10 +2,10 @@
 
 One optimiser step = ``accum_steps`` micro-batches of ``batch_size``. The learning rate
 follows a poly schedule lr * (1 - step / steps) ** power after an optional linear warm-up,
-stepped once per optimiser step. A checkpoint (``<out>/checkpoint.pt``, written atomically)
-holds the trained weights, optimiser, scheduler, step, every RNG state, the full config, the
-code version (package version + git SHA), the CLIP weights' SHA-256 and whether they were
-random. ``resume`` restores all of it and restarts the data stream after the samples
+stepped once per optimiser step. A checkpoint (``<out>/checkpoint.pt``, written and read by
+:mod:`.checkpoint` only: tensors and plain values, never code) holds the trained weights,
+optimiser, scheduler, step, every RNG state, the full config, the code version (package
+version + git SHA), the CLIP weights' SHA-256 and whether they were random. ``resume`` restores all of it and restarts the data stream after the samples
 already consumed, so the resumed run computes the very losses the uninterrupted one would.
 
 Every ``log_every`` steps a line with ETA, iteration time, data time, throughput and peak
@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import resource
 import time
@@ -34,6 +33,7 @@ import torch
 from sazs.pipeline.extractors import resolve_device
 from sazs.stores.manifest import code_version
 
+from .checkpoint import RESUME_KEYS, load_checkpoint, restore_training, rng_state, save_checkpoint
 from .data import DataConfig, PriorSegDataset, build_loader
 from .losses import LossConfig, compute_losses
 from .model import RANDOM_WEIGHTS_WARNING, ModelConfig, build_model, output_stride
@@ -137,27 +137,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (peak RSS)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -228,6 +207,8 @@ def train(cfg: RunConfig) -> dict:
                               "--overwrite to start over, or choose another --out")
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"no checkpoint to resume at {resume}")
+    # Read (and check) the checkpoint to resume before any work: a bad file fails at once.
+    ckpt = load_checkpoint(resume, need=RESUME_KEYS) if resume is not None else None
     out.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(tc.device)
@@ -275,17 +256,13 @@ def train(cfg: RunConfig) -> dict:
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(tc.steps, tc.poly_power, tc.warmup_steps))
     step = 0
-    if resume is not None:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+    if ckpt is not None:
         changes = [d for d in _diff(ckpt["config"], cfg.to_dict()) if not d.startswith(_RESUMABLE_CHANGES)]
         if changes:
             raise ResumeMismatchError(f"cannot resume {resume} with a different setting "
                                       f"({'; '.join(changes[:6])}); use the same flags or start a new run (--out)")
-        model.load_checkpoint_state(ckpt["model"], ckpt.get("backbone_digest"))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step = int(ckpt["step"])
-        _set_rng_state(ckpt["rng"])
+        step = restore_training(ckpt, resume, model, optimizer, scheduler)
+        del ckpt
         log.info("resumed %s at step %d/%d", resume, step, tc.steps)
     (out / CONFIG).write_text(json.dumps({"config": cfg.to_dict(), "code_version": version,
                                           "clip": model.info, "split": split.describe()}, indent=1))
@@ -311,12 +288,12 @@ def train(cfg: RunConfig) -> dict:
                     tb.add_scalar(k, v, rec.get("step", step))
 
     def save() -> None:
-        _atomic_save({
+        save_checkpoint({
             "step": step,
             "model": model.checkpoint_state(include_backbone=tc.save_backbone or None),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": cfg.to_dict(),
             "code_version": version,
             "clip": model.info,
@@ -328,7 +305,7 @@ def train(cfg: RunConfig) -> dict:
             "text_embeddings": text_emb.cpu(),
             "store_fingerprint": getattr(dataset, "store_fingerprint", None),
             "skipped_images": dataset.skipped,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }, ckpt_path)  # fmt: skip
 
     val_dataset = None
@@ -449,15 +426,3 @@ def train(cfg: RunConfig) -> dict:
     summary.update(step=step, finished=step >= tc.steps, last=last_terms, val=val_res,
                    peak_mem_mb=peak_memory_mb(device))
     return summary
-
-
-def load_for_inference(path: str | os.PathLike, device: str = "auto"):
-    """(model, text classifier, checkpoint dict) rebuilt from a training checkpoint."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    dev = resolve_device(device)
-    torch.manual_seed(cfg.train.seed)  # a random frozen backbone is recreated from the run's seed
-    model, text = build_model(cfg.model, dev)
-    model.load_checkpoint_state(ckpt["model"], ckpt.get("backbone_digest"))
-    model.eval()
-    return model, text, ckpt

@@ -1,0 +1,211 @@
+"""Training checkpoints: the one place that writes, reads and checks a ``checkpoint.pt``.
+
+A checkpoint is shared between people exactly like a prior store, so reading one must never
+run code. It therefore holds tensors and plain containers only (dicts, lists, tuples,
+strings, numbers, booleans, None) and is read with ``torch.load(weights_only=True)``, which
+refuses any pickled object. :func:`save_checkpoint` checks that before writing, so a run
+never leaves a checkpoint it could not resume from. The RNG states, which Python and NumPy
+return as objects, are stored as tensors and plain values (:func:`rng_state`).
+
+:func:`load_checkpoint` is what every entry point reads a checkpoint with (``sazs-train run
+--resume``, ``sazs-eval run`` and ``sazs-eval predict``): a file that is missing, truncated,
+not a sazs-train checkpoint (e.g. a bare state dict) or that holds pickled objects (e.g.
+one written by an older sazs-train, which pickled NumPy's RNG state) fails with a
+:class:`CheckpointError` naming the file and the fix. :func:`restore_model` does the same
+for weights that do not fit the model their config describes, and
+:func:`load_for_inference` rebuilds the model of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections import OrderedDict
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sazs.pipeline.extractors import resolve_device
+
+from .model import ModelConfig, build_model
+
+# What a checkpoint must hold to rebuild its model, and to continue its training.
+INFERENCE_KEYS = ("config", "model")
+RESUME_KEYS = (*INFERENCE_KEYS, "step", "optimizer", "scheduler", "rng")
+# Exact types: subclasses (numpy floats, torch's TorchVersion string) pickle as objects.
+_PLAIN = {str, int, float, bool, type(None), torch.Size}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and what to do instead."""
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    """Every RNG state the training draws from, as tensors and plain values (no pickled objects)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured, exactly."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))  # fmt: skip
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _not_plain(obj, where: str = "checkpoint") -> str | None:
+    """Where ``obj`` holds something ``weights_only`` loading would refuse, or None."""
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            bad = _not_plain(k, f"{where} key") or _not_plain(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if type(obj) in (list, tuple):
+        return next((bad for i, v in enumerate(obj) if (bad := _not_plain(v, f"{where}[{i}]"))), None)
+    if type(obj) in _PLAIN or isinstance(obj, torch.Tensor):
+        return None
+    return f"{where} ({type(obj).__module__}.{type(obj).__qualname__})"
+
+
+def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
+    """Write ``ckpt`` atomically (a crash leaves the previous checkpoint); tensors and plain values only."""
+    bad = _not_plain(ckpt)
+    if bad:  # a bug in the trainer, not a user error: the checkpoint could not be loaded back
+        raise TypeError(f"refusing to save a checkpoint holding a Python object at {bad}: "
+                        "checkpoints hold tensors and plain containers only")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def load_checkpoint(path: str | os.PathLike, *, need: tuple[str, ...] = INFERENCE_KEYS) -> dict:
+    """Read a sazs-train checkpoint without running any code in it, and check it holds ``need``.
+
+    Raises :class:`CheckpointError` (one line: the file and the fix) for a file that is
+    truncated or not a checkpoint, holds pickled objects, or lacks what ``need`` names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `make train` / sazs-train")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # not a refused object: a damaged pickle
+            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}; the file is damaged or not "
+                                  "a checkpoint: copy it again or pass the checkpoint.pt sazs-train wrote") from None
+        raise CheckpointError(
+            f"refusing checkpoint {path}: it holds a pickled Python object ({found.group(1)}) and loading it could "
+            "run code; sazs reads checkpoints as tensors and plain values only. A checkpoint written by an older "
+            "sazs-train (which pickled NumPy's RNG state) is refused too: train it again with this version"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a torch checkpoint "
+                              f"({_first_line(exc) or 'empty'}); copy it again or pass the checkpoint.pt "
+                              "sazs-train wrote") from None  # fmt: skip
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a sazs-train checkpoint (a dict with the "
+                              "weights and the run's config); pass the checkpoint.pt sazs-train wrote")
+    missing = [k for k in need if k not in ckpt]
+    if missing:
+        if "config" in missing and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise CheckpointError(f"{path} is a bare state dict ({len(ckpt)} tensors) without the training config "
+                                  "needed to rebuild the model; pass the checkpoint.pt sazs-train wrote, which "
+                                  "holds both")  # fmt: skip
+        raise CheckpointError(f"{path} is not a complete sazs-train checkpoint (no {', '.join(missing)}); pass the "
+                              "checkpoint.pt sazs-train wrote")  # fmt: skip
+    config = ckpt["config"]
+    sections = ("data", "model", "loss", "train")
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in sections) \
+            or not isinstance(config["data"].get("augment"), dict):
+        raise CheckpointError(f"{path}: its 'config' is not a sazs-train run config (sections {', '.join(sections)}); "
+                              "pass the checkpoint.pt sazs-train wrote")  # fmt: skip
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise CheckpointError(f"{path}: its 'model' is not a state dict of tensors; pass the checkpoint.pt "
+                              "sazs-train wrote")  # fmt: skip
+    return ckpt
+
+
+def model_config(ckpt: dict, path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig a checkpoint was trained with."""
+    try:
+        return ModelConfig(**ckpt["config"]["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its model config does not fit this version of sazs ({_first_line(exc)}); "
+                              "train it again, or evaluate it with the sazs version that wrote it") from None
+
+
+def restore_model(model, ckpt: dict, path: str | os.PathLike) -> None:
+    """Load a checkpoint's weights into ``model``; weights of another architecture fail naming the file."""
+    try:
+        model.load_checkpoint_state(ckpt["model"], ckpt.get("backbone_digest"))
+    except (RuntimeError, ValueError) as exc:  # load_state_dict: size mismatch (RuntimeError); missing keys
+        arch = ckpt["config"]["model"].get("arch")
+        raise CheckpointError(f"{path}: its weights do not fit the {arch} model its config describes "
+                              f"({_first_line(exc)}); the file was edited or mixes two runs: pass the "
+                              "checkpoint.pt sazs-train wrote") from None  # fmt: skip
+
+
+def restore_training(ckpt: dict, path: str | os.PathLike, model, optimizer, scheduler) -> int:
+    """Weights, optimiser, schedule and RNG states of a checkpoint to resume; returns its step."""
+    restore_model(model, ckpt, path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step = int(ckpt["step"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume {path}: its optimiser, schedule or RNG state does not fit this run "
+                              f"({_first_line(exc)}); start a new run (--out, or --overwrite)") from None
+    return step
+
+
+def load_for_inference(path: str | os.PathLike, device: str = "auto"):
+    """(model, text classifier, checkpoint dict) rebuilt from a training checkpoint."""
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(path)
+    cfg = model_config(ckpt, path)
+    seed = ckpt["config"].get("train", {}).get("seed", 0)
+    torch.manual_seed(int(seed))  # a random frozen backbone is recreated from the run's seed
+    try:
+        model, text = build_model(cfg, dev)
+    except ValueError as exc:  # e.g. an architecture this version does not know
+        raise CheckpointError(f"{path}: {_first_line(exc, 300)}") from None
+    restore_model(model, ckpt, path)
+    model.eval()
+    return model, text, ckpt
