@@ -389,3 +389,224 @@ class COCODataset(Dataset):
         for a in sorted((a for a in anns if not a.get("iscrowd", 0)), key=lambda a: (-a["area"], a["id"])):
             mask[self.coco.annToMask(a) > 0] = self.cat_to_label[a["category_id"]]
         return mask
+
+
+# ----------------------------------------------------------------------------- mask layouts (DAVIS, salient objects, CamVid)
+
+
+def _read_mask(path: Path, image_path: Path, *, labels: bool) -> np.ndarray:
+    """A mask file as a 2-D uint8 array the size of its image; ImageError (naming the file) otherwise.
+
+    ``labels``: class indices, decoded raw (palette or grayscale PNG, never through RGB).
+    Otherwise any grayscale, palette, bilevel or colour encoding of a binary mask is
+    accepted and returned as stored (colour through luminance, 16-bit scaled to 8 bits).
+    """
+    if not path.is_file():
+        raise ImageError(f"mask not found: {path} (for image {image_path})", path)
+    if labels:
+        a = _read_label_png(path)
+    else:
+        try:
+            with Image.open(path) as img:
+                if img.mode == "1":
+                    a = np.array(img, dtype=np.uint8) * 255
+                elif img.mode.startswith("I") or img.mode == "F":
+                    a = _gray_to_uint8(np.array(img), img.mode)
+                elif img.mode in ("L", "P"):
+                    a = np.array(img, dtype=np.uint8)
+                else:
+                    a = np.array(img.convert("L"), dtype=np.uint8)
+        except UnidentifiedImageError:
+            raise ImageError(f"not a recognised image format: {path}", path) from None
+        except _DECODE_ERRORS as err:
+            raise ImageError(f"cannot decode mask {path}: {_one_line(err)}", path) from None
+    if a.ndim != 2:
+        raise ImageError(f"mask {path} has shape {a.shape}; expected a single-channel (H, W) image", path)
+    hw = image_size(image_path)
+    if a.shape != hw:
+        raise ImageError(f"mask {path} is {a.shape[0]}x{a.shape[1]} but its image {image_path} is "
+                         f"{hw[0]}x{hw[1]}", path)  # fmt: skip
+    return a
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files directly in ``folder`` by id: the stem, or the file name where two files share a stem."""
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+    clash = {s for s, n in Counter(p.stem for p in files).items() if n > 1}
+    return {(p.name if p.stem in clash else p.stem): p for p in files}
+
+
+@_register
+class DAVISDataset(Dataset):
+    """DAVIS (2016/2017) video object segmentation: frames as images, binary masks, sequences as groups.
+
+    Layout: ``JPEGImages/480p/<seq>/<frame>.jpg`` and ``Annotations/480p/<seq>/<frame>.png``
+    (``Full-Resolution`` when there is no ``480p``). Ids are ``<seq>/<frame>``, sorted.
+    Splits: the sequence lists ``ImageSets/2016/<split>.txt`` (or ``ImageSets/480p``, whose
+    lines are frame paths) when the release has them, default ``val``; ``all`` is every
+    sequence folder (the default without lists). Masks: any non-zero value is the object
+    (2017's per-object ids all count), so ``load_mask`` gives 0 / 1.
+    :meth:`group` gives an id's sequence, for per-sequence scores.
+    """
+
+    name = "davis"
+    LAYOUT = ("expected the DAVIS layout (JPEGImages/480p/<seq>/<frame>.jpg, Annotations/480p/<seq>/<frame>.png), "
+              "pass DATA=path/to/DAVIS")  # fmt: skip
+
+    def __init__(self, cfg: DatasetConfig):
+        root = _require_root(self.name, cfg.root, self.LAYOUT)
+        res = next((r for r in ("480p", "Full-Resolution") if (root / "JPEGImages" / r).is_dir()), None)
+        if res is None:
+            raise FileNotFoundError(f"no JPEGImages/480p/ under {root}: {self.LAYOUT}")
+        frames_dir = root / "JPEGImages" / res
+        present = sorted(p.name for p in frames_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        lists = next((d for d in (root / "ImageSets" / "2016", root / "ImageSets" / res) if d.is_dir()), None)
+        listed = {p.stem: p for p in lists.glob("*.txt")} if lists else {}
+        split = cfg.split or ("val" if "val" in listed else "all")
+        _check_split(self.name, split, ["all", *listed])
+        if split == "all":
+            sequences = present
+        else:
+            lines = [ln.split()[0] for ln in listed[split].read_text().splitlines() if ln.strip()]
+            # ImageSets/2016: one sequence per line; ImageSets/480p: '/JPEGImages/480p/<seq>/<frame>.jpg ...'
+            sequences = list(dict.fromkeys(ln.strip("/").split("/")[-2] if "/" in ln else ln for ln in lines))
+            missing = [s for s in sequences if s not in present]
+            if missing:
+                raise FileNotFoundError(f"split {split} of {root} lists sequence(s) {missing[:5]} with no folder "
+                                        f"under {frames_dir}; download the whole split or pass --split all")
+        paths = {f"{seq}/{p.stem}": p for seq in sequences
+                 for p in sorted((frames_dir / seq).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}  # fmt: skip
+        if not paths:
+            raise FileNotFoundError(f"no frames under {frames_dir}: {self.LAYOUT}")
+        self.masks_dir = root / "Annotations" / res
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=["background", "object"])
+
+    def group(self, id: str) -> str:
+        """The sequence of a frame id ``<seq>/<frame>``."""
+        self.image_path(id)
+        return id.split("/", 1)[0]
+
+    def mask_path(self, id: str) -> Path:
+        return self.masks_dir / f"{id}.png"
+
+    def load_mask(self, id: str) -> np.ndarray:
+        return (_read_mask(self.mask_path(id), self.image_path(id), labels=False) != 0).astype(np.uint8)
+
+
+IMAGE_DIR_NAMES = ("images", "image", "imgs", "img", "im", "jpegimages", "duts-te-image", "duts-tr-image",
+                   "dut-omron-image", "ecssd-image")  # fmt: skip
+MASK_DIR_NAMES = ("masks", "mask", "gt", "gts", "ground_truth", "ground_truth_mask", "groundtruth", "annotations",
+                  "duts-te-mask", "duts-tr-mask", "pixelwisegt-new-png", "ecssd-mask")  # fmt: skip
+
+
+def _find_dir(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...], what: str, flag: str) -> Path:
+    subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    found = [d for d in subdirs if d.name.lower() in names]
+    found = found or [d for d in subdirs if d.name.lower().endswith(suffixes)]
+    if len(found) != 1:
+        why = "no" if not found else f"{len(found)} candidate ({', '.join(d.name for d in found)})"
+        raise FileNotFoundError(f"{why} {what} folder under {root} (looked for {', '.join(names[:6])}, ...); "
+                                f"name it with {flag}")
+    return found[0]
+
+
+@_register
+class MasksDataset(Dataset):
+    """Salient-object layout (ECSSD, DUTS-TE, DUT-OMRON, ...): an image folder and a mask folder, same stems.
+
+    The folders are found under the root by their usual names (images|Image|imgs|DUTS-TE-Image
+    ... and masks|GT|ground_truth_mask|DUTS-TE-Mask ..., or any name ending in -image / -mask),
+    or given as ``images_dir`` / ``masks_dir`` (absolute, or relative to the root; the
+    ``sazs-eval priors --images-dir/--masks-dir`` flags). Ids: the image stems, sorted. Masks are
+    binary: 0/1 masks as they are, 0..255 masks thresholded at 128 (JPEG-compressed masks
+    carry noise around both values); ``load_mask`` gives 0 / 1.
+    """
+
+    name = "masks"
+    LAYOUT = "expected an image folder and a mask folder with matching file names, pass DATA=path/to/dataset"
+
+    def __init__(self, cfg: DatasetConfig, *, images_dir: str | None = None, masks_dir: str | None = None):
+        root = _require_root(self.name, cfg.root, self.LAYOUT)
+        pick = lambda given: given if Path(given).is_absolute() else root / given  # noqa: E731
+        images = Path(pick(images_dir)) if images_dir else _find_dir(
+            root, IMAGE_DIR_NAMES, ("-image", "_image", "-images", "_images"), "image", "--images-dir")
+        masks = Path(pick(masks_dir)) if masks_dir else _find_dir(
+            root, MASK_DIR_NAMES, ("-mask", "_mask", "-masks", "_masks", "-gt", "_gt"), "mask", "--masks-dir")
+        for d, flag in ((images, "--images-dir"), (masks, "--masks-dir")):
+            if not d.is_dir():
+                raise FileNotFoundError(f"{d} is not a directory; fix {flag}")
+        split = cfg.split or "all"
+        _check_split(self.name, split, ["all"])
+        paths = _files_by_stem(images)
+        if not paths:
+            raise FileNotFoundError(f"no images in {images} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        by_stem = _files_by_stem(masks)
+        self.images_dir, self.masks_dir = images, masks
+        # a mask file per image stem, PNG first (a folder may hold both a .png and a .jpg mask)
+        self._masks = {}
+        for p in sorted(by_stem.values(), key=lambda p: p.suffix.lower() != ".png"):
+            self._masks.setdefault(p.stem, p)
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=["background", "object"])
+
+    def mask_path(self, id: str) -> Path:
+        image = self.image_path(id)
+        return self._masks.get(image.stem, self.masks_dir / f"{image.stem}.png")
+
+    def load_mask(self, id: str) -> np.ndarray:
+        a = _read_mask(self.mask_path(id), self.image_path(id), labels=False)
+        return (a > 0 if a.max() <= 1 else a >= 128).astype(np.uint8)
+
+
+CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car",
+                  "pedestrian", "bicyclist"]  # fmt: skip
+
+
+@_register
+class CamVidDataset(Dataset):
+    """CamVid in SegNet's 11-class layout: ``<split>/`` images and ``<split>annot/`` labels, same file names.
+
+    Splits: those of train, val, test present with their ``annot`` folder (default val).
+    Labels: CamVid has no background class, so here ``load_mask`` values 0..10 ARE the 11
+    classes (``class_names[0]`` is "sky", not "background"; ``has_background`` is False) and
+    SegNet's 11 (unlabelled) becomes 255, the ignore value of every reader. Class names come
+    from ``classes.json`` in the root when there is one (SegNet's order otherwise).
+    """
+
+    name = "camvid"
+    has_background = False
+    LAYOUT = "expected SegNet's CamVid layout (train/, trainannot/, val/, valannot/, ...), pass DATA=path/to/CamVid"
+
+    def __init__(self, cfg: DatasetConfig):
+        import json
+
+        root = _require_root(self.name, cfg.root, self.LAYOUT)
+        available = [s for s in ("train", "val", "test") if (root / s).is_dir() and (root / f"{s}annot").is_dir()]
+        if not available:
+            raise FileNotFoundError(f"no train/ + trainannot/ (or val, test) folders under {root}: {self.LAYOUT}")
+        split = cfg.split or "val"
+        _check_split(self.name, split, available)
+        names, self.unlabelled = list(CAMVID_CLASSES), 11
+        meta = root / "classes.json"
+        if meta.is_file():
+            info = json.loads(meta.read_text())
+            names = [str(n) for n in info.get("classes", names)]
+            self.unlabelled = int(info.get("ignore_index", info.get("unlabelled", 11)))
+        self.annot_dir = root / f"{split}annot"
+        paths = _files_by_stem(root / split)
+        if not paths:
+            raise FileNotFoundError(f"no images in {root / split}: {self.LAYOUT}")
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names)
+
+    def mask_path(self, id: str) -> Path:
+        return self.annot_dir / self.image_path(id).name
+
+    def load_mask(self, id: str) -> np.ndarray:
+        path = self.mask_path(id)
+        a = _read_mask(path, self.image_path(id), labels=True)
+        out = np.where(a == self.unlabelled, 255, a).astype(np.uint8)
+        bad = np.unique(out[(out >= len(self.class_names)) & (out != 255)])
+        if bad.size:
+            raise ImageError(f"mask {path} has label values {bad.tolist()[:5]} outside 0..{len(self.class_names) - 1} "
+                             f"and {self.unlabelled} (unlabelled)", path)
+        return out
