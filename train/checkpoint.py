@@ -149,13 +149,15 @@ def load_checkpoint(path: str | os.PathLike, *, need: tuple[str, ...] = INFERENC
                                   "holds both")  # fmt: skip
         raise CheckpointError(f"{path} is not a complete sazs-train checkpoint (no {', '.join(missing)}); pass the "
                               "checkpoint.pt sazs-train wrote")  # fmt: skip
-    config = ckpt["config"]
+    config = ckpt.get("config")
     sections = ("data", "model", "loss", "train")
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in sections) \
-            or not isinstance(config["data"].get("augment"), dict):
+    if "config" in need and not (isinstance(config, dict) and all(isinstance(config.get(k), dict) for k in sections)
+                                 and isinstance(config["data"].get("augment"), dict)):
         raise CheckpointError(f"{path}: its 'config' is not a sazs-train run config (sections {', '.join(sections)}); "
                               "pass the checkpoint.pt sazs-train wrote")  # fmt: skip
-    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+    weights = ckpt.get("model")
+    if "model" in need and not (isinstance(weights, dict)
+                                and all(isinstance(v, torch.Tensor) for v in weights.values())):
         raise CheckpointError(f"{path}: its 'model' is not a state dict of tensors; pass the checkpoint.pt "
                               "sazs-train wrote")  # fmt: skip
     return ckpt

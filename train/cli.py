@@ -216,6 +216,7 @@ def prepare_demo_data(data: str = DEMO_DATA, priors: str = DEMO_PRIORS, *, num_t
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from .checkpoint import CheckpointError
     from .loop import ResumeMismatchError, train
 
     voc, priors = prepare_demo_data(args.data, args.priors, progress=not args.no_progress)
@@ -232,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = build_config(run_args)
     try:
         summary = train(cfg)
-    except ResumeMismatchError as exc:  # e.g. `make train STEPS=500` after a 300-step demo
+    except (ResumeMismatchError, CheckpointError) as exc:  # `make train STEPS=500` after 300; an old checkpoint
         log.warning("%s; the demo starts over in %s", exc, args.out)
         summary = train(replace(cfg, train=replace(cfg.train, resume=None, overwrite=True)))
     _print_summary(summary)

@@ -5,8 +5,9 @@ follows a poly schedule lr * (1 - step / steps) ** power after an optional linea
 stepped once per optimiser step. A checkpoint (``<out>/checkpoint.pt``, written and read by
 :mod:`.checkpoint` only: tensors and plain values, never code) holds the trained weights,
 optimiser, scheduler, step, every RNG state, the full config, the code version (package
-version + git SHA), the CLIP weights' SHA-256 and whether they were random. ``resume`` restores all of it and restarts the data stream after the samples
-already consumed, so the resumed run computes the very losses the uninterrupted one would.
+version + git SHA), the CLIP weights' SHA-256 and whether they were random. ``resume``
+restores all of it and restarts the data stream after the samples already consumed, so the
+resumed run computes the very losses the uninterrupted one would.
 
 Every ``log_every`` steps a line with ETA, iteration time, data time, throughput and peak
 memory is logged and a JSON record appended to ``<out>/metrics.jsonl``; a non-finite loss
