@@ -15,16 +15,64 @@ Examples (all run offline; the first one is what `make priors` does):
 
 A re-run of the same command skips finished images; a different setting refuses to
 write into an existing store unless --overwrite is given.
+
+Exit codes: 0 done (images that failed, e.g. unreadable files, are recorded in the store
+and listed, and the job still succeeds); 1 every image of the store failed, or a Ray job
+failed; 2 a bad argument, dataset or store, or an --out that cannot be written (full
+disk, read-only); 130 interrupted (re-run to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import sys
+from pathlib import PurePosixPath
 
 log = logging.getLogger("sazs.priors")
+
+
+def at_least(lo: int):
+    """argparse type: an integer >= lo (the error names the value and the range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo}")
+        return value
+
+    return parse
+
+
+def number(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite float in [lo, hi] (an end open where asked)."""
+    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (math.isfinite(value) and (value > lo if lo_open else value >= lo)
+              and (value < hi if hi_open else value <= hi))  # fmt: skip
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {span}")
+        return value
+
+    return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line naming it (not the whole usage), exit code 2 as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -34,36 +82,43 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="sample", help="dataset name (see `sazs-priors list`; default: sample)")
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root directory (Makefile: DATA=)")
     g.add_argument("--split", default=None, help="split, e.g. val, train, val2017 (default: the dataset's)")
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
+    g.add_argument("--limit", type=at_least(1), default=None, metavar="N", help="only the first N images")
+    g.add_argument("--max-megapixels", type=number(0, lo_open=True), default=None, metavar="MP",
+                   help="refuse (record as failed, before decoding) images larger than this "
+                        "(default 40, i.e. 40 million pixels)")
     g = p.add_argument_group("features")
     g.add_argument("--extractor", default="imgfocus-vits14", help="feature extractor (default: imgfocus-vits14)")
     g.add_argument("--weights", default=None, metavar="PATH", help="local checkpoint for dino-*/dinov2-* extractors")
     g.add_argument("--facet", default="key", choices=["key", "token"], help="last-block keys (DSM) or tokens")
-    g.add_argument("--short-side", type=int, default=None, metavar="PX",
+    g.add_argument("--short-side", type=at_least(1), default=None, metavar="PX",
                    help="resize so the short side is this (rounded to the patch size; default 448)")
-    g.add_argument("--max-long-side", type=int, default=None, metavar="PX", help="cap on the long side (default 2x short)")
+    g.add_argument("--max-long-side", type=at_least(1), default=None, metavar="PX", help="cap on the long side (default 2x short)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda if present)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per extractor batch")
+    g.add_argument("--batch-size", type=at_least(1), default=8, help="images per extractor batch")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp32 on CPU, bf16 autocast on GPU")
     g = p.add_argument_group("graph")
-    g.add_argument("--knn", type=int, default=10, metavar="K", help="neighbours per patch (default 10)")
+    g.add_argument("--knn", type=at_least(1), default=10, metavar="K",
+                   help="neighbours per patch (default 10; an image with fewer patches links each to all)")
     g.add_argument("--graph-backend", default="auto", choices=["auto", "certified", "faiss", "torch", "batched"],
                    help="kNN search: auto (default: batched on a GPU, certified on a CPU), certified (bf16 "
                         "search with an error bound, exact float32 answer), faiss (IndexFlatIP), torch (blocked "
                         "matmul) or batched (a shard's images at once on the features' device); all give the "
                         "same graph up to exact ties")
-    g.add_argument("--threshold", type=float, default=0.0, help="drop affinities <= this (default 0)")
-    g.add_argument("--color-weight", type=float, default=0.0, help="weight of the colour/position kNN term (0 = off)")
+    g.add_argument("--threshold", type=number(0, 1, hi_open=True), default=0.0,
+                   help="drop affinities <= this, in [0, 1) (default 0)")
+    g.add_argument("--color-weight", type=number(0), default=0.0,
+                   help="weight of the colour/position kNN term, >= 0 (0 = off)")
     g = p.add_argument_group("spectrum")
-    g.add_argument("--num-eigs", type=int, default=8, metavar="K", help="eigenvectors kept per image (default 8)")
+    g.add_argument("--num-eigs", type=at_least(2), default=8, metavar="K",
+                   help="eigenvectors kept per image, >= 2 (default 8; an image needs more than K patches)")
     g.add_argument("--solver", default="auto",
                    help="eigensolver (see `sazs-priors list`); auto (default): batched on a GPU with CuPy "
                         "(a shard's graphs in one call), eigsh on a CPU")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="PATH",
                    help="store path (default priors/<dataset>-<split>-<extractor>.zarr)")
-    g.add_argument("--shard-size", type=int, default=64, metavar="S", help="images per store shard (default 64)")
+    g.add_argument("--shard-size", type=at_least(1), default=64, metavar="S", help="images per store shard (default 64)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store of a different setting")
     g.add_argument("--part", default=None, metavar="I/N",
                    help="compute only part I of N (contiguous shard ranges, from 0) into this store; "
@@ -71,9 +126,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--retry-failed", action="store_true", help="recompute images recorded as failed")
     g.add_argument("--take-over-lock", action="store_true",
                    help="remove the store's lock left by another (dead) writer instead of refusing")
-    g.add_argument("--preview", type=int, default=4, metavar="N", help="images in the preview PNG (0 = none)")
+    g.add_argument("--preview", type=at_least(0), default=4, metavar="N", help="images in the preview PNG (0 = none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--decode-workers", type=int, default=None, metavar="N",
+    g.add_argument("--decode-workers", type=at_least(0), default=None, metavar="N",
                    help="local executor: threads decoding images one shard ahead of the compute, while a writer "
                         "thread stores the previous shard (default: 4 with a GPU extractor; 0, all in one thread, "
                         "on a CPU, where the compute already uses every core)")
@@ -82,17 +137,17 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="local: this process; ray: Ray actors on this machine or a cluster (Makefile: EXECUTOR=)")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: $RAY_ADDRESS; if unset, start a local Ray instance)")
-    g.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
+    g.add_argument("--ray-num-cpus", type=at_least(0), default=None, metavar="N",
                    help="CPUs of a local Ray instance (default: all)")
-    g.add_argument("--ray-num-gpus", type=int, default=None, metavar="N",
+    g.add_argument("--ray-num-gpus", type=at_least(0), default=None, metavar="N",
                    help="GPUs of a local Ray instance (default: all)")
-    g.add_argument("--ray-actors", type=int, default=None, metavar="N",
+    g.add_argument("--ray-actors", type=at_least(1), default=None, metavar="N",
                    help="feature-extraction actors (default: one per GPU, else one per CPU)")
     g.add_argument("--ray-solve-on", default="actor", choices=["actor", "cpu-tasks"],
                    help="graph + eigen-solve in the actor, where the features are (default), or in CPU tasks")
-    g.add_argument("--ray-max-in-flight", type=int, default=None, metavar="N",
+    g.add_argument("--ray-max-in-flight", type=at_least(1), default=None, metavar="N",
                    help="shards outstanding at once (default 2 x actors): bounds memory")
-    g.add_argument("--ray-max-retries", type=int, default=3, metavar="N",
+    g.add_argument("--ray-max-retries", type=at_least(0), default=3, metavar="N",
                    help="resubmissions of a shard whose worker or node was lost (then its images are recorded failed)")
     return p
 
@@ -104,7 +159,8 @@ def build_configs(args: argparse.Namespace):
     from .graph import GraphConfig
     from .spectral import SpectralConfig
 
-    dataset = DatasetConfig(name=args.dataset, root=args.data, split=args.split, limit=args.limit)
+    dataset = DatasetConfig(name=args.dataset, root=args.data, split=args.split, limit=args.limit,
+                            **({"max_pixels": max(1, round(args.max_megapixels * 1e6))} if args.max_megapixels else {}))
     extractor = ExtractorConfig(
         name=args.extractor, weights=args.weights, facet=args.facet, short_side=args.short_side,
         max_long_side=args.max_long_side, device=args.device, batch_size=args.batch_size, precision=args.precision,
@@ -137,29 +193,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = JobConfig(out=out, shard_size=args.shard_size, overwrite=args.overwrite, retry_failed=args.retry_failed,
                     progress=not args.no_progress, preview=args.preview, take_over_lock=args.take_over_lock,
                     part=parse_part(args.part) if args.part else None, decode_workers=args.decode_workers)
-    if args.executor == "ray":
-        from .executors import RayJobError, run_ray
+    extractor = build_extractor(extractor_cfg) if args.executor == "local" else None
+    try:
+        if args.executor == "ray":
+            from .executors import RayJobError, run_ray
 
-        ray_cfg = build_ray_config(args)
-        log.info("dataset %s/%s: %d images → %s (executor ray)", dataset.name, dataset.split, len(dataset), out)
-        try:
-            summary = run_ray(dataset, extractor_cfg, graph_cfg, spectral_cfg, job, ray_cfg)
-        except StoreError as exc:
-            print(f"sazs-priors: error: {exc}", file=sys.stderr)
-            return 2
-        except (RayJobError, ConnectionError) as exc:
-            print(f"sazs-priors: error: {exc}", file=sys.stderr)
-            return 1
-    else:
-        extractor = build_extractor(extractor_cfg)
-        log.info("dataset %s/%s: %d images → %s", dataset.name, dataset.split, len(dataset), out)
-        try:
+            ray_cfg = build_ray_config(args)
+            log.info("dataset %s/%s: %d images → %s (executor ray)", dataset.name, dataset.split, len(dataset), out)
+            try:
+                summary = run_ray(dataset, extractor_cfg, graph_cfg, spectral_cfg, job, ray_cfg)
+            except (RayJobError, ConnectionError) as exc:
+                print(f"sazs-priors: error: {exc}", file=sys.stderr)
+                return 1
+        else:
+            log.info("dataset %s/%s: %d images → %s", dataset.name, dataset.split, len(dataset), out)
             summary = run_local(dataset, extractor, graph_cfg, spectral_cfg, job)
-        except StoreError as exc:
-            print(f"sazs-priors: error: {exc}", file=sys.stderr)
-            return 2
+    except StoreError as exc:
+        print(f"sazs-priors: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the store or its side files: full disk, read-only --out
+        print(f"sazs-priors: error: {write_error(exc, out)}", file=sys.stderr)
+        return 2
     print("\n".join(summary.lines()))
+    if summary.done == 0 and summary.failed > 0:
+        print(f"sazs-priors: error: all {summary.failed} images of {out} failed (reasons above); fix the cause, "
+              "then re-run with --retry-failed", file=sys.stderr)
+        return 1
     return 0
+
+
+def write_error(exc: OSError, out: str) -> str:
+    """One line for an OSError while writing a store: the file, the cause, the fix."""
+    where = exc.filename or out
+    if exc.errno == errno.ENOSPC:
+        fix = "free disk space (finished shards are kept; re-run to resume) or choose another --out"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable --out"
+    else:
+        fix = "check the path, or choose another --out"
+    return f"cannot write {where}: {exc.strerror or exc}; {fix}"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -167,6 +239,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .job import side_paths, write_preview
     from sazs.stores.reader import open_store
 
+    for id_ in args.ids or []:
+        if PurePosixPath(id_).is_absolute() or ".." in PurePosixPath(id_).parts:
+            raise ValueError(f"--ids {id_}: an image id is the store's name of an image (see its ids), "
+                             "never an absolute path or one with '..'")
     store = open_store(args.store)
     ds = store.manifest["dataset"]
     dataset = None
@@ -178,7 +254,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     ids = args.ids or None
     for id_ in ids or []:
         store.index(id_)  # unknown id → clear KeyError before drawing anything
-    path = write_preview(store, dataset, out, ids=ids, count=args.count)
+    try:
+        path = write_preview(store, dataset, out, ids=ids, count=args.count)
+    except OSError as exc:
+        print(f"sazs-priors: error: {write_error(exc, out).replace('--out', 'show --out')}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 
@@ -201,7 +281,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sazs-priors", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -214,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                           description="Example: sazs-priors show priors/x.zarr --ids astronaut coffee --out x.png")
     show.add_argument("store", help="path of a prior store")
     show.add_argument("--ids", nargs="*", default=None, help="image ids (default: the first --count done images)")
-    show.add_argument("--count", type=int, default=4, help="how many images when --ids is not given")
+    show.add_argument("--count", type=at_least(1), default=4, help="how many images when --ids is not given")
     show.add_argument("--out", default=None, help="PNG path (default: next to the store, <store>.show.png)")
     show.add_argument("--data", default=None, help="dataset root, if it moved since the store was written")
     show.set_defaults(func=cmd_show)
@@ -231,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.getLogger("sazs").setLevel(logging.DEBUG)
     from sazs.stores.console import run_command
+    from sazs.stores.writer import StoreError
 
-    return run_command("sazs-priors", args,
+    from .datasets import ImageError
+
+    return run_command("sazs-priors", args, user_errors=(StoreError, ImageError),
                        interrupted="interrupted; finished shards are saved, re-run the same command to resume")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import struct
@@ -33,6 +34,15 @@ VOC_CLASSES = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
+# Largest image decoded, in pixels (H x W), checked from the header before decoding.
+# Pillow's own decompression-bomb limit (~179 MP) still lets a 13000x13000 PNG through,
+# which takes ~5 GB to decode; every extractor resizes to a short side of a few hundred
+# pixels anyway. Raise it per job with `sazs-priors run --max-megapixels`.
+MAX_PIXELS = 40_000_000
+# Split list files (VOC ImageSets) larger than this are refused: the biggest real one
+# (SBD trainaug, 10,582 ids) is ~130 KB.
+MAX_LIST_BYTES = 16 << 20
+
 # Exceptions PIL raises for a bad file during open/decode/convert. SyntaxError and
 # struct.error come from format plugins that parse broken headers and chunks.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
@@ -45,6 +55,13 @@ class DatasetConfig:
     split: str | None = None  # None -> the dataset's default split
     limit: int | None = None  # keep the first N ids (quick runs)
     min_side: int = 16  # reject images whose shorter side is below this
+    max_pixels: int = MAX_PIXELS  # reject (before decoding) images with more pixels than this
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (or None for all images), got {self.limit}")
+        if self.min_side < 1 or self.max_pixels < 1:
+            raise ValueError(f"min_side and max_pixels must be >= 1, got {self.min_side} and {self.max_pixels}")
 
 
 class ImageError(Exception):
@@ -97,14 +114,45 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))  # L, 1, P, CMYK, YCbCr, HSV; others raise ValueError
 
 
-def read_image(path: str | os.PathLike, min_side: int = 16) -> np.ndarray:
+def _check_path(path: Path, root: str | os.PathLike | None) -> None:
+    """Refuse a file name no store can hold, and a path that leaves the dataset's root.
+
+    A name that is not valid UTF-8 reaches Python with surrogate escapes (os.walk); it
+    cannot be written to a store, a manifest or a log line, so it is named by the repr
+    of its bytes. The root check is lexical: a '..' component or an absolute path in a
+    list file or annotation that leads out of ``root`` is refused; symlinks inside the
+    root are followed (datasets often link their image folder to shared storage).
+    """
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        name = repr(os.fsencode(path))
+        raise ImageError(f"file name is not valid UTF-8: {name}; rename the file", name) from None
+    if root is not None:
+        base = os.path.normpath(os.path.abspath(root))
+        if os.path.commonpath([base, os.path.normpath(os.path.abspath(path))]) != base:
+            raise ImageError(f"path leaves the dataset root: {path} is outside {base}; "
+                             "fix the entry in the split list or annotation file", path)
+
+
+def _check_pixels(path: Path, h: int, w: int, max_pixels: int) -> None:
+    if h * w > max_pixels:
+        raise ImageError(f"image too large: {path} is {h}x{w} = {h * w / 1e6:.1f} megapixels > the limit of "
+                         f"{max_pixels / 1e6:g}; downscale it or raise --max-megapixels", path)
+
+
+def read_image(path: str | os.PathLike, min_side: int = 16, max_pixels: int = MAX_PIXELS, *,
+               root: str | os.PathLike | None = None) -> np.ndarray:
     """Decode ``path`` fully into an (H, W, 3) uint8 RGB array, upright per EXIF.
 
     Raises ImageError (with a reason naming the file) for a missing, empty,
-    unrecognised, truncated or too-small image. The full decode happens here,
-    not lazily, so a truncated file fails at read time and not inside a worker.
+    unrecognised, truncated, too-small or too-large image, a file name that is not
+    UTF-8, and (given ``root``) a path outside ``root``. The size limits are checked on
+    the header, before decoding; the full decode happens here, not lazily, so a
+    truncated file fails at read time and not inside a worker.
     """
     path = Path(path)
+    _check_path(path, root)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"empty file (0 bytes): {path}", path)
@@ -112,6 +160,7 @@ def read_image(path: str | os.PathLike, min_side: int = 16) -> np.ndarray:
             h, w = img.height, img.width
             if min(h, w) < min_side:
                 raise ImageError(f"image too small: {path} is {h}x{w} < min_side {min_side}", path)
+            _check_pixels(path, h, w, max_pixels)
             img.load()
             arr = _to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
@@ -127,16 +176,23 @@ def read_image(path: str | os.PathLike, min_side: int = 16) -> np.ndarray:
     return arr
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) as :func:`read_image` would return it, from the header only (no decode)."""
+def image_size(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, *,
+               root: str | os.PathLike | None = None) -> tuple[int, int]:
+    """(H, W) as :func:`read_image` would return it, from the header only (no decode);
+    the same ImageError as read_image for a bad name or path or too many pixels."""
+    path = Path(path)
+    _check_path(path, root)
     try:
         with Image.open(path) as img:
             w, h = img.size
+            _check_pixels(path, h, w, max_pixels)
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}", path) from None
     except UnidentifiedImageError:
         raise ImageError(f"not a recognised image format: {path}", path) from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"refusing decompression bomb {path}: {_one_line(err)}", path) from None
     except _DECODE_ERRORS as err:
         raise ImageError(f"cannot read header of {path}: {_one_line(err)}", path) from None
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
@@ -170,11 +226,12 @@ class Dataset:
     name = ""
 
     def __init__(self, cfg: DatasetConfig, *, root: str, split: str, paths: dict[str, Path],
-                 class_names: list[str]):  # fmt: skip
-        if cfg.limit is not None and cfg.limit < 0:
-            raise ValueError(f"limit must be >= 0, got {cfg.limit}")
+                 class_names: list[str], image_root: str | os.PathLike | None = None):  # fmt: skip
         ids = list(paths)[: cfg.limit]
-        self.root, self.split, self.min_side = root, split, cfg.min_side
+        self.root, self.split, self.min_side, self.max_pixels = root, split, cfg.min_side, cfg.max_pixels
+        # Every image path must stay inside this folder (read_image's root check): an entry
+        # of a split list or annotation file with '..' or an absolute path fails alone.
+        self.image_root = str(image_root if image_root is not None else root)
         self.ids: list[str] = ids
         self._paths = {i: paths[i] for i in ids}
         self.class_names: list[str] = class_names
@@ -192,7 +249,7 @@ class Dataset:
             raise KeyError(f"unknown image id {id!r} in dataset {self.name}/{self.split}") from None
 
     def load_image(self, id: str) -> np.ndarray:
-        return read_image(self.image_path(id), self.min_side)
+        return read_image(self.image_path(id), self.min_side, self.max_pixels, root=self.image_root)
 
     def load_mask(self, id: str) -> np.ndarray | None:
         self.image_path(id)  # unknown id -> KeyError
@@ -228,6 +285,19 @@ def build_dataset(cfg: DatasetConfig) -> Dataset:
     return ds
 
 
+def _read_list(path: Path) -> list[str]:
+    """The first field of every non-blank line of a split list file (one image id a line)."""
+    size = path.stat().st_size
+    if size > MAX_LIST_BYTES:
+        raise ValueError(f"split list {path} is {size} bytes, over the {MAX_LIST_BYTES >> 20} MiB a list of "
+                         "image ids needs; is it the right file?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"split list {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    return [ln.split()[0] for ln in text.splitlines() if ln.strip()]
+
+
 def _check_split(name: str, split: str, available: list[str]) -> None:
     if split not in available:
         raise ValueError(f"unknown split {split!r} for dataset {name!r}; available: {sorted(available)}")
@@ -239,6 +309,11 @@ def _require_root(name: str, root: str | None, hint: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"dataset root {path} is not a directory: {hint}")
+    try:
+        str(path.resolve()).encode("utf-8")  # the manifest records it
+    except UnicodeEncodeError:
+        raise ValueError(f"dataset root {os.fsencode(path.resolve())!r} is not valid UTF-8; "
+                         "rename it or pass a symlink with a UTF-8 name") from None
     return path
 
 
@@ -276,9 +351,34 @@ class SampleDataset(Dataset):
         super().__init__(cfg, root=str(data_dir), split=split, paths=paths, class_names=["background"])
 
 
+def folder_ids(rel_paths: list[str]) -> list[str]:
+    """Ids of the files at ``rel_paths`` (relative POSIX paths), in the same order.
+
+    An id is the path without its extension; files whose ids would be equal all keep
+    their extension instead, repeated until every id is distinct, so no file is dropped
+    and the rule does not depend on the listing order: ``a.jpg, a.png, a.png.jpg, b.png``
+    -> ``a.jpg, a.png, a.png.jpg, b``. A path that is not valid UTF-8 (surrogate escapes
+    from os.walk) keeps its extension with the undecodable bytes written as ``\\xNN``;
+    its image is recorded as failed when read (see read_image).
+    """
+    full = [os.fsencode(r).decode("utf-8", "backslashreplace") for r in rel_paths]
+    ids = [f.rsplit(".", 1)[0] if f == r else f for f, r in zip(full, rel_paths)]
+    while True:
+        counts = Counter(ids)
+        clash = [j for j, i in enumerate(ids) if counts[i] > 1 and i != full[j]]
+        if not clash:
+            break
+        for j in clash:
+            ids[j] = full[j]
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dupes:  # only names that differ in undecodable bytes vs. literal backslash escapes
+        raise ValueError(f"image files with the same id {dupes[0]!r} (one name is not valid UTF-8); rename one")
+    return ids
+
+
 @_register
 class FolderDataset(Dataset):
-    """Every image under a directory, recursively; ids are relative paths without extension."""
+    """Every image under a directory, recursively; ids: see :func:`folder_ids`."""
 
     name = "folder"
 
@@ -293,11 +393,7 @@ class FolderDataset(Dataset):
                       if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
         if not files:
             raise FileNotFoundError(f"no images under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-        rel = [f.relative_to(root).as_posix() for f in files]
-        stems = [r.rsplit(".", 1)[0] for r in rel]
-        clash = {s for s, n in Counter(stems).items() if n > 1}
-        # a.jpg and a.png would share the id 'a': keep the extension for those only.
-        ids = [r if s in clash else s for r, s in zip(rel, stems)]
+        ids = folder_ids([f.relative_to(root).as_posix() for f in files])
         paths = dict(sorted(zip(ids, files)))
         super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=["background"])
 
@@ -322,16 +418,17 @@ class VOCDataset(Dataset):
             raise FileNotFoundError(f"no split files {sets}/*.txt: {self.LAYOUT}")
         split = cfg.split or "val"
         _check_split(self.name, split, available)
-        lines = (sets / f"{split}.txt").read_text().split("\n")
-        ids = [ln.split()[0] for ln in lines if ln.strip()]
+        ids = _read_list(sets / f"{split}.txt")
         paths = {i: root / "JPEGImages" / f"{i}.jpg" for i in ids}
-        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=list(VOC_CLASSES))
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=list(VOC_CLASSES),
+                         image_root=root / "JPEGImages")
 
     def mask_path(self, id: str) -> Path | None:
         """SegmentationClassAug (SBD, grayscale) if present for the id, else SegmentationClass."""
         self.image_path(id)
         for sub in ("SegmentationClassAug", "SegmentationClass"):
             p = Path(self.root, sub, f"{id}.png")
+            _check_path(p, Path(self.root, sub))  # an id with '..' must not reach outside
             if p.is_file():
                 return p
         return None
@@ -339,6 +436,49 @@ class VOCDataset(Dataset):
     def load_mask(self, id: str) -> np.ndarray | None:
         p = self.mask_path(id)
         return None if p is None else _read_label_png(p)
+
+
+def _coco_problem(data) -> str | None:
+    """What makes ``data`` unusable as COCO instances (None if nothing): the fields that
+    pycocotools' index and this module read, with the index of the first bad record."""
+    if not isinstance(data, dict):
+        return f"the top level is a JSON {type(data).__name__}, not an object"
+    required = {"images": {"id": int, "file_name": str}, "categories": {"id": int, "name": str},
+                "annotations": {"id": int, "image_id": int, "category_id": int}}
+    for key, fields in required.items():
+        records = data.get(key, [])
+        if not isinstance(records, list):
+            return f"'{key}' is a JSON {type(records).__name__}, not a list"
+        for j, record in enumerate(records):
+            if not isinstance(record, dict):
+                return f"{key}[{j}] is a JSON {type(record).__name__}, not an object"
+            for name, kind in fields.items():
+                value = record.get(name)
+                if not isinstance(value, kind) or isinstance(value, bool) or value == "":
+                    return f"{key}[{j}] has no {kind.__name__} '{name}' (got {value!r:.40})"
+    return None
+
+
+def _load_coco(path: Path):
+    """pycocotools' index of an instances JSON; a malformed file is a one-line ValueError."""
+    from pycocotools.coco import COCO
+
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"annotation file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}); re-download or regenerate it") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"annotation file {path} is not UTF-8 JSON (byte {err.start}: {err.reason})") from None
+    problem = _coco_problem(data)
+    if problem:
+        raise ValueError(f"annotation file {path}: {problem}; expected COCO instances JSON")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
 
 
 @_register
@@ -356,8 +496,6 @@ class COCODataset(Dataset):
               "pass DATA=path/to/coco")  # fmt: skip
 
     def __init__(self, cfg: DatasetConfig):
-        from pycocotools.coco import COCO
-
         root = _require_root(self.name, cfg.root, self.LAYOUT)
         ann_dir = root / "annotations"
         available = sorted(p.stem.removeprefix("instances_") for p in ann_dir.glob("instances_*.json"))
@@ -369,15 +507,14 @@ class COCODataset(Dataset):
         _check_split(self.name, split, available)
         if not (root / split).is_dir():
             raise FileNotFoundError(f"no {split}/ image directory under {root}: {self.LAYOUT}")
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(str(ann_dir / f"instances_{split}.json"))
+        self.coco = _load_coco(ann_dir / f"instances_{split}.json")
         cat_ids = sorted(self.coco.getCatIds())
         if len(cat_ids) > 254:
             raise ValueError(f"{len(cat_ids)} categories do not fit uint8 labels 1..254")
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         names = ["background"] + [self.coco.cats[c]["name"] for c in cat_ids]
         paths = {str(i): root / split / self.coco.imgs[i]["file_name"] for i in sorted(self.coco.imgs)}
-        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names)
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names, image_root=root / split)
 
     def load_mask(self, id: str) -> np.ndarray:
         self.image_path(id)

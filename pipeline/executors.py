@@ -96,17 +96,20 @@ class ShardSource:
     """What a worker needs to decode a shard's images: absolute paths (workers do not share
     the driver's working directory) and the dataset's size check. Shipping the paths, not
     the Dataset, keeps big annotation indexes (COCO) off the workers. ``load`` is what
-    ``Dataset.load_image`` does: ``read_image(path, min_side)``."""
+    ``Dataset.load_image`` does: ``read_image(path, min_side, max_pixels, root=image_root)``."""
 
     paths: dict[int, str]
     min_side: int
+    max_pixels: int
+    root: str  # the dataset's image_root, absolute: no path may leave it
 
     @classmethod
     def of(cls, dataset: Dataset, indices: list[int]) -> "ShardSource":
-        return cls({i: os.path.abspath(dataset.image_path(dataset.ids[i])) for i in indices}, dataset.min_side)
+        return cls({i: os.path.abspath(dataset.image_path(dataset.ids[i])) for i in indices}, dataset.min_side,
+                   dataset.max_pixels, os.path.abspath(dataset.image_root))
 
     def load(self, i: int) -> np.ndarray:
-        return read_image(self.paths[i], self.min_side)
+        return read_image(self.paths[i], self.min_side, self.max_pixels, root=self.root)
 
 
 def decode_shard(source: ShardSource, indices: list[int]) -> dict[int, np.ndarray | ImageResult]:

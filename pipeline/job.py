@@ -17,6 +17,7 @@ progress log next to the store and the final summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -65,6 +66,22 @@ class JobConfig:
     # run_local: threads decoding images one shard ahead of the compute (plus a writer thread
     # writing the previous shard); 0 = both inline; None = 4 with a GPU extractor, else 0.
     decode_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        # Checked before the store is created, so that a bad value leaves nothing behind.
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.preview < 0 or (self.decode_workers is not None and self.decode_workers < 0):
+            raise ValueError(f"preview and decode_workers must be >= 0, got {self.preview} and {self.decode_workers}")
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path.write_text``, with the path in the OSError of a failed write as well as of a
+    failed open (a full disk fails the write, whose OSError names no file)."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -387,8 +404,11 @@ class ProgressLog:
     def write(self, event: str, **fields) -> None:
         record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
                   "elapsed_s": round(time.perf_counter() - self.started, 3), **fields}
-        self._file.write(json.dumps(record, default=str) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, default=str) + "\n")
+            self._file.flush()
+        except OSError as exc:  # a full disk: name the file (the write's own error names none)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
 
     def close(self) -> None:
         self._file.close()
@@ -457,11 +477,15 @@ class JobRun:
                 log.warning("interrupted: finished shards are saved in %s; re-run the same command to resume",
                             self.job.out)
             if exc_type is not None:
-                self.progress.write("stopped", error=f"{exc_type.__name__}: {exc}", done=self.summary.computed)
+                # Best effort: on a full disk this line cannot be written either, and its error
+                # must not hide the one that stopped the job.
+                with contextlib.suppress(OSError):
+                    self.progress.write("stopped", error=f"{exc_type.__name__}: {exc}", done=self.summary.computed)
             self.counts = self.writer.counts()
         finally:
             if exc_type is not None:
-                self.progress.close()
+                with contextlib.suppress(OSError):
+                    self.progress.close()
             self.writer.close()
 
     def finish(self) -> JobSummary:
@@ -474,7 +498,7 @@ class JobRun:
         preview_png, summary_json = side_paths(job.out)
         if job.preview > 0 and s.done:
             s.preview = str(write_preview(store, self.dataset, preview_png, count=job.preview))
-        summary_json.write_text(json.dumps(asdict(s), indent=2))
+        write_text(summary_json, json.dumps(asdict(s), indent=2))
         self.progress.write("end", computed=s.computed, failed=s.failed, done=s.done, pending=s.pending,
                             retries=s.retries, seconds=round(s.seconds, 3),
                             rate=round(s.computed / s.seconds, 3) if s.seconds > 0 else None)
