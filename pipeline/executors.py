@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sazs.stores.faults import fault_point
 from sazs.stores.writer import ImageResult
 
 from .datasets import Dataset, read_image
@@ -163,11 +164,13 @@ class ShardWorker:
 
     def compute(self, indices: list[int], images) -> list[ImageResult]:
         """Features, graphs and spectra of a shard's images, batch by batch as ``run_local`` does."""
+        fault_point("ray.actor_shard")
         return priors_of_shard(self._loaded(indices, images), indices, self.extractor, self.graph_cfg,
                                self.spectral_cfg, batch=self.batch)
 
     def extract(self, indices: list[int], images) -> list[Extracted | ImageResult]:
         """Features only (solve_on="cpu-tasks"), in the same batches; failed loads pass through."""
+        fault_point("ray.actor_shard")
         loaded = self._loaded(indices, images)
         keep_image = self.graph_cfg.color_weight > 0
         out: list[Extracted | ImageResult] = []

@@ -12,15 +12,20 @@ A spec is ``point:occurrence[:action]``; several specs are separated by commas.
 * ``occurrence``: ``N`` fires at the N-th time the point is reached (1-based), ``*`` every time.
 * ``action``: ``kill`` (the default) sends SIGKILL to this process (no ``finally``, no
   ``atexit``, no flush: what a power cut or the OOM killer does); ``sleep=SECONDS`` pauses;
-  ``wait=PATH`` pauses until PATH exists (at most ``WAIT_TIMEOUT_S``), so a test can hold
-  a writer at a known point while it starts a second one.
+  ``wait=PATH`` holds the process at the point until PATH exists, so a test can act (start
+  a second writer, kill a worker or a node) while a job is held at a known point, then
+  release it. On arrival the held process creates ``PATH.held-<pid>`` (see ``held_pids``):
+  the test waits for that file, never for a time. A hold longer than ``WAIT_TIMEOUT_S``
+  raises TimeoutError (a test that never released its job fails, it does not go on).
 
 Points:
 
 * ``write_shard.start``, ``write_shard.after_eigvecs`` (the eigvecs shard is written, the
   small arrays are not), ``write_shard.after_data`` (all data written, status not yet),
   ``write_shard.after_status``: in ``StoreWriter.write_shard``;
-* ``job.after_shard``: in ``run_local``, after each shard is written;
+* ``job.after_shard``: in ``JobRun.record`` (the driver of either executor), after each shard
+  is written and logged;
+* ``ray.actor_shard``: in a Ray ``ShardWorker`` (the actor's process), as it starts a shard;
 * ``zarr.before_rename``: inside Zarr's local store, after an object's temporary file
   (``*.partial``) is written and before it is renamed into place. Naming this point patches
   Zarr's private ``_atomic_write``; a kill there leaves a real ``*.partial`` file behind.
@@ -40,7 +45,7 @@ ENV_VAR = "SAZS_FAULT"
 WAIT_TIMEOUT_S = 300.0
 POINTS = frozenset({
     "write_shard.start", "write_shard.after_eigvecs", "write_shard.after_data", "write_shard.after_status",
-    "job.after_shard", "zarr.before_rename",
+    "job.after_shard", "ray.actor_shard", "zarr.before_rename",
 })
 
 
@@ -108,9 +113,20 @@ def _act(fault: Fault, n: int) -> None:
     elif fault.action == "sleep":
         time.sleep(float(fault.arg))
     else:
+        open(f"{fault.arg}.held-{os.getpid()}", "w").close()
         deadline = time.monotonic() + WAIT_TIMEOUT_S
-        while not os.path.exists(fault.arg) and time.monotonic() < deadline:
+        while not os.path.exists(fault.arg):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{ENV_VAR}: held at {fault.point} (time {n}) for {WAIT_TIMEOUT_S:.0f}s and "
+                                   f"{fault.arg} was never created")
             time.sleep(0.02)
+
+
+def held_pids(path) -> list[int]:
+    """The processes that reached a ``wait=PATH`` fault (held there until PATH exists)."""
+    prefix = f"{os.path.basename(path)}.held-"
+    folder = os.path.dirname(os.path.abspath(path))
+    return sorted(int(name[len(prefix):]) for name in os.listdir(folder) if name.startswith(prefix))
 
 
 def _patch_zarr() -> None:

@@ -3,7 +3,8 @@
 A kill leaves a store whose finished shards verify, a stale lock that a plain re-run
 refuses (naming it), and a re-run with --take-over-lock that ends with exactly the arrays
 of an uninterrupted run. The kills come from ``SAZS_FAULT`` (stores/faults.py), plus one
-from outside at a random moment.
+from outside at a random moment. Nothing races the job: where a test acts while the job runs,
+the job is held at a fault point (``wait=PATH``) that the test waits for (``held_pids``).
 """
 
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from sazs.pipeline import cli
-from sazs.stores.faults import ENV_VAR
+from sazs.stores.faults import ENV_VAR, held_pids
 from sazs.stores.integrity import finalize, verify
 from sazs.stores.lock import is_stale, read_lock
 from sazs.stores.reader import open_store
@@ -57,11 +58,12 @@ def rerun(out, *extra, args=ARGS):
     return cli.main(["run", *args, "--out", str(out), *map(str, extra)])
 
 
-def wait_for(condition, timeout=120.0):
+def wait_for(condition, what, timeout=180.0):
+    """Poll ``condition`` until it holds; the timeout is a safety net that fails the test."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
+            raise TimeoutError(f"{what}: not seen in {timeout:.0f}s")
         time.sleep(0.01)
 
 
@@ -150,11 +152,12 @@ def test_kill_inside_a_zarr_write_leaves_a_partial_file(tmp_path, reference, cap
 
 def test_second_writer_is_refused_while_the_first_runs(tmp_path, reference):
     out, go = tmp_path / "s.zarr", tmp_path / "go"
-    # The first writer waits after its first shard until `go` exists.
+    # The first writer holds after its first shard until `go` exists.
     first = start_cli(out, fault=f"job.after_shard:1:wait={go}")
     try:
-        wait_for(lambda: (out / "status" / "c" / "0").exists() or first.poll() is not None)
+        wait_for(lambda: first.pid in held_pids(go) or first.poll() is not None, "the first writer after a shard")
         assert first.poll() is None, (tmp_path / "first.log").read_text()
+        assert list(open_store(out).status()) == [1, 1, 0, 0, 0, 0]
         second = run_cli(out)
         assert second.returncode == 2, second.stderr_text[-3000:]
         assert "locked by " in second.stderr_text and f"pid {first.pid} since" in second.stderr_text
@@ -170,7 +173,10 @@ def test_second_writer_is_refused_while_the_first_runs(tmp_path, reference):
 
 @pytest.mark.slow
 def test_sigkill_from_outside_at_any_moment(tmp_path, capsys):
-    """One shard per image and larger images, killed at a random moment after the first shard."""
+    """One shard per image and larger images, killed at a random moment after the first shard.
+
+    The moment is random (the seed is in every message); the outcome is not: the job is held
+    before it writes its last shard, so it is always killed mid-job, at worst while held."""
     args = ["--extractor", "color", "--short-side", "160", "--limit", "8", "--shard-size", "1", "--batch-size", "1",
             "--no-progress", "--preview", "0"]
     ref = tmp_path / "ref.zarr"
@@ -179,16 +185,17 @@ def test_sigkill_from_outside_at_any_moment(tmp_path, capsys):
     out = tmp_path / "s.zarr"
     seed = random.randrange(1 << 30)
     delay = random.Random(seed).uniform(0.0, 0.5)
-    proc = start_cli(out, args=args)
-    wait_for(lambda: (out / "status" / "c" / "0").exists() or proc.poll() is not None)
-    time.sleep(delay)
+    proc = start_cli(out, args=args, fault=f"write_shard.start:8:wait={tmp_path / 'never'}")
+    wait_for(lambda: (out / "status" / "c" / "0").exists() or proc.poll() is not None, "a first shard")
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()
+    time.sleep(delay)  # picks the moment of the kill; the hold above keeps the job running until then
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     context = f"seed {seed}, delay {delay:.3f}s"
     assert proc.returncode == KILLED, f"the run ended before the kill ({context})"
     status = open_store(out).status()
     n_done = int(status.sum())
-    assert n_done >= 1 and list(status) == [1] * n_done + [0] * (8 - n_done), context
+    assert 1 <= n_done <= 7 and list(status) == [1] * n_done + [0] * (8 - n_done), context
     report = verify(str(out))  # may list a *.partial if the kill hit a Zarr write
     assert report.ok and len(report.pending) == 8 - n_done, (context, report.lines())
     assert is_stale(read_lock(out)), context

@@ -239,11 +239,25 @@ def test_fault_kill_and_wait_in_a_subprocess(tmp_path):
             "    fault_point('job.after_shard'); print(i, flush=True)\n")
     env = {**os.environ, faults.ENV_VAR: f"job.after_shard:1:wait={go},job.after_shard:3"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    assert proc.poll() is None  # held at the first point until `go` exists
-    go.touch()
+    try:
+        deadline = time.monotonic() + 120  # a safety net: the outcome is decided by the hold below
+        while proc.pid not in faults.held_pids(go) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert faults.held_pids(go) == [proc.pid], "the subprocess never reached the wait fault"
+        assert proc.poll() is None  # held at the first point until `go` exists
+    finally:
+        go.touch()
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == -9 and out.split() == ["0", "1"]
+    assert proc.returncode == -9 and out.split() == ["0", "1"]  # released, then killed at the 3rd time
+
+
+def test_fault_wait_that_is_never_released_fails(armed, tmp_path, monkeypatch):
+    never = tmp_path / "never"
+    armed(f"job.after_shard:1:wait={never}")
+    monkeypatch.setattr(faults, "WAIT_TIMEOUT_S", 0.0)
+    with pytest.raises(TimeoutError, match=rf"held at job.after_shard \(time 1\).*{never.name} was never created"):
+        faults.fault_point("job.after_shard")
+    assert faults.held_pids(never) == [os.getpid()]
 
 
 def test_store_cli_unlock_removes_a_dead_writers_lock(tmp_path, capsys):

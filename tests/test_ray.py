@@ -6,8 +6,14 @@ Every Ray instance these tests start lives under a temporary directory of their 
 failures too) kills only processes whose environment names that directory: never a Ray
 that someone else runs on the machine. ``RAY_AUTH_MODE=disabled`` keeps Ray from writing
 an auth token into the home directory.
+
+No fault test races the job: the job is held at a fault point (``SAZS_FAULT`` with
+``wait=PATH``, stores/faults.py) until the test has killed what it kills, then released.
+The held process announces itself (``faults.held_pids``), so the tests wait for events,
+never for a time; their timeouts are safety nets that fail the test with a message.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +35,7 @@ from sazs.pipeline.executors import RayConfig, plan  # noqa: E402
 from sazs.pipeline.extractors import ExtractorConfig  # noqa: E402
 from sazs.pipeline.job import progress_path, side_paths  # noqa: E402
 from sazs.pipeline.synthetic import make_coco  # noqa: E402
+from sazs.stores.faults import ENV_VAR, held_pids  # noqa: E402
 from sazs.stores.lock import is_stale, read_lock  # noqa: E402
 from sazs.stores.reader import open_store  # noqa: E402
 
@@ -128,12 +135,40 @@ def run(*argv) -> int:
     return cli.main(["run", *map(str, argv)])
 
 
-def wait_for(condition, timeout=120.0, what="condition"):
+def wait_for(condition, timeout=180.0, what="condition"):
+    """Poll ``condition`` until it holds; the timeout is a safety net that fails the test."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met in {timeout:.0f}s")
-        time.sleep(0.005)
+            raise TimeoutError(f"{what}: not seen in {timeout:.0f}s")
+        time.sleep(0.01)
+
+
+def held(go: Path, count: int, what: str) -> list[int]:
+    """The pids of the first ``count`` processes held at a ``wait=go`` fault (waits for them)."""
+    wait_for(lambda: len(held_pids(go)) >= count, what=f"{count} {what} held at the fault point")
+    return held_pids(go)
+
+
+@contextlib.contextmanager
+def meanwhile(action):
+    """Run ``action`` in a thread while the block (the job, in this thread) runs; after the
+    block, wait for it and raise what it raised. ``action`` must release the job itself."""
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    yield
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the test's action did not finish after the job"
+    if errors:
+        raise errors[0]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -232,40 +267,34 @@ def test_solve_in_cpu_tasks_with_decode_tasks(coco, reference, tmp_path, own_ray
     assert start["ray"]["mode"] == "existing" and start["decode"] == "tasks" and start["solve_on"] == "cpu-tasks"
 
 
-def test_worker_killed_mid_shard_is_retried(coco, reference, tmp_path, own_ray):
-    out = tmp_path / "killed.zarr"
+def test_worker_killed_mid_shard_is_retried(coco, reference, tmp_path, monkeypatch):
+    """An actor's process SIGKILLed while it computes a shard: a new actor computes it again."""
+    out, go = tmp_path / "killed.zarr", tmp_path / "go"
+    # Every actor holds at the start of its first shard until `go` exists (the job forwards
+    # SAZS_* to its workers), so the kill always lands mid-shard, never after the job.
+    monkeypatch.setenv(ENV_VAR, f"ray.actor_shard:1:wait={go}")
     killed: list[int] = []
-    stop = threading.Event()
 
-    def kill_first_busy_actor():
-        # As soon as one shard is back, SIGKILL the process of the actor that computed it:
-        # it holds the next shards (2 per actor in flight), so one dies mid-shard.
-        while not stop.is_set():
-            evs = events(out)
-            actors = {e["actor"]: e["pid"] for e in evs if e["event"] == "actor"}
-            shard = next((e for e in evs if e["event"] == "shard"), None)
-            if shard is not None and shard["actor"] in actors:
-                os.kill(actors[shard["actor"]], signal.SIGKILL)
-                killed.append(actors[shard["actor"]])
-                return
-            time.sleep(0.002)
+    def kill_a_held_actor():
+        try:
+            pid = held(go, 1, "actor")[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        finally:
+            go.touch()  # release the other actor (and the replacement, which passes the point)
 
-    watcher = threading.Thread(target=kill_first_busy_actor, daemon=True)
-    watcher.start()
-    try:
-        assert run(*ARGS, *RAY, "--data", coco, "--out", out) == 0
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
-    assert killed, "the watcher never saw a finished shard"
+    with meanwhile(kill_a_held_actor):
+        assert run(*ARGS, *RAY, "--ray-num-cpus", 2, "--data", coco, "--out", out) == 0
     assert_same_arrays(out, reference)
     evs = last_run(out)
-    kinds = [e["event"] for e in evs]
-    assert "actor_lost" in kinds and "retry" in kinds, kinds
+    victim = next(e["actor"] for e in evs if e["event"] == "actor" and e["pid"] == killed[0])
+    assert [e["actor"] for e in evs if e["event"] == "actor_lost"] == [victim]
     retried = {e["shard"] for e in evs if e["event"] == "retry"}
-    assert all(any(e["event"] == "shard" and e["shard"] == s and e["attempt"] >= 1 for e in evs) for s in retried)
-    assert evs[-1]["event"] == "end" and evs[-1]["retries"] >= 1
-    assert json.loads(side_paths(out)[1].read_text())["retries"] >= 1
+    assert retried and all(e["actor"] == victim for e in evs if e["event"] == "retry")
+    assert all(any(e["event"] == "shard" and e["shard"] == s and e["attempt"] >= 1 and e["actor"] != victim
+                   for e in evs) for s in retried)
+    assert evs[-1]["event"] == "end" and evs[-1]["retries"] == len(retried) and evs[-1]["done"] == 12
+    assert json.loads(side_paths(out)[1].read_text())["retries"] == len(retried)
 
 
 @pytest.fixture
@@ -306,48 +335,47 @@ def two_nodes(ray_tmp, tmp_path):
 @pytest.mark.slow
 def test_node_lost_mid_job(coco, reference, tmp_path, two_nodes, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", two_nodes["address"])
-    out = tmp_path / "node.zarr"
-    killed = threading.Event()
+    out, go = tmp_path / "node.zarr", tmp_path / "go"
+    # One actor per node (1 CPU each); each holds at the start of its first shard until `go`
+    # exists: the second node dies while its actor is mid-shard, whatever the machine's load.
+    monkeypatch.setenv(ENV_VAR, f"ray.actor_shard:1:wait={go}")
+    lost: list[set[int]] = []
 
     def kill_node2():
-        # Both actors up (one per node: 1 CPU each) and one shard back: kill the second node.
-        def ready():
-            evs = events(out)
-            return len({e["actor"] for e in evs if e["event"] == "actor"}) >= 2 and any(
-                e["event"] == "shard" for e in evs)
         try:
-            wait_for(ready, timeout=120, what="two actors and a shard")
-        except TimeoutError:
-            return
-        if kill_node(two_nodes["node2_group"]):
-            killed.set()
+            actors = set(held(go, 2, "actors"))
+            lost.append(actors & set(kill_node(two_nodes["node2_group"])))
+        finally:
+            go.touch()
 
-    watcher = threading.Thread(target=kill_node2, daemon=True)
-    watcher.start()
-    assert run(*ARGS, *RAY, "--data", coco, "--out", out) == 0
-    watcher.join(timeout=10)
-    assert killed.is_set(), "the second node was never killed"
+    with meanwhile(kill_node2):
+        assert run(*ARGS, *RAY, "--data", coco, "--out", out) == 0
+    assert len(lost[0]) == 1, "the second node's actor was not among the held actors"
     assert_same_arrays(out, reference)
     evs = last_run(out)
     assert evs[0]["ray"]["mode"] == "cluster" and evs[0]["ray"]["nodes"] == 2
-    nodes = {e["node_id"] for e in evs if e["event"] == "actor"}
-    assert len(nodes) == 2  # the actors were spread over both nodes
-    kinds = [e["event"] for e in evs]
-    assert "actor_lost" in kinds and "retry" in kinds, kinds
+    actors = {e["pid"]: e for e in evs if e["event"] == "actor"}
+    assert len({e["node_id"] for e in actors.values()}) == 2  # the actors were spread over both nodes
+    victim = actors[next(iter(lost[0]))]["actor"]
+    assert [e["actor"] for e in evs if e["event"] == "actor_lost"] == [victim]
+    retried = {e["shard"] for e in evs if e["event"] == "retry"}
+    assert retried and all(any(e["event"] == "shard" and e["shard"] == s and e["actor"] != victim for e in evs)
+                           for s in retried)
     assert evs[-1]["event"] == "end" and evs[-1]["done"] == 12
 
 
 @pytest.mark.slow
 def test_driver_killed_then_resumed(coco, reference, tmp_path, ray_tmp, capsys):
-    out = tmp_path / "driver.zarr"
+    out, never = tmp_path / "driver.zarr", tmp_path / "never"
     cmd = [sys.executable, "-m", "sazs.pipeline", "run", *ARGS, *RAY, "--ray-num-cpus", "2", "--data", str(coco),
            "--out", str(out)]
     log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+    # The driver holds after writing its first shard (`never` is never created) and is killed there.
+    env = {**os.environ, ENV_VAR: f"job.after_shard:1:wait={never}"}
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        wait_for(lambda: any(e["event"] == "shard" for e in events(out)) or proc.poll() is not None,
-                 timeout=180, what="a first shard")
+        wait_for(lambda: proc.pid in held_pids(never) or proc.poll() is not None, what="the driver after a shard")
         assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -359,8 +387,8 @@ def test_driver_killed_then_resumed(coco, reference, tmp_path, ray_tmp, capsys):
             pass
         kill_scoped(ray_tmp)
     assert proc.returncode == -signal.SIGKILL
-    status = open_store(out).status()
-    assert 1 <= int((status == 1).sum()) < 12
+    status = open_store(out).status()  # what the driver had written: one shard (one image), whichever came first
+    assert int((status == 1).sum()) == 1 and int((status == 0).sum()) == 11, status
     assert is_stale(read_lock(out)) and read_lock(out)["pid"] == proc.pid
 
     # The same command again: refused, and the message says what to do.
@@ -372,7 +400,7 @@ def test_driver_killed_then_resumed(coco, reference, tmp_path, ray_tmp, capsys):
     assert read_lock(out) is None
     assert_same_arrays(out, reference)
     summary = json.loads(side_paths(out)[1].read_text())
-    assert summary["skipped"] >= 1 and summary["computed"] + summary["skipped"] == 12
+    assert summary["skipped"] == 1 and summary["computed"] == 11
 
 
 def test_batched_solver_through_ray_matches_local(coco, tmp_path, own_ray):
