@@ -123,6 +123,76 @@ def test_coco_pickle_lists_are_read_without_running_code(tmp_path, capsys):
         hsnet_list_path(tmp_path, "pascal-5i", 1)
 
 
+def _shared_nest(depth, make=list):
+    """A structure of 2**depth leaves that pickles in a few hundred bytes (each level shares the one below)."""
+    x = make()
+    for _ in range(depth):
+        x = make((x, x))
+    return x
+
+
+@pytest.mark.parametrize("case", ["class value", "inside the names", "top level", "tuple key"])
+def test_a_tiny_pickle_of_shared_nested_containers_is_refused_at_once(tmp_path, case):
+    """A pickle of ~200 bytes used to expand to 2**22 leaves (a 38 MB error line); now it is
+    refused by its opcodes, before decoding, with a short message naming the file."""
+    obj = {
+        "class value": {0: _shared_nest(22)},
+        "inside the names": {0: ["val2014/COCO_val2014_000000000139.jpg", _shared_nest(22)]},
+        "top level": _shared_nest(22),
+        "tuple key": {_shared_nest(22, tuple): ["a_1.jpg"]},  # hashing it alone takes 2**22 steps
+    }[case]
+    path = tmp_path / "fold0.pkl"
+    path.write_bytes(pickle.dumps(obj))
+    assert path.stat().st_size < 600
+    with pytest.raises(ValueError) as info:
+        read_split_list(path, "coco-20i")
+    msg = str(info.value)
+    assert str(path) in msg and len(msg) < 400, msg[:400]
+    assert ("nested deeper than a dict of lists" in msg) or ("TUPLE has no place" in msg), msg
+
+
+def test_split_list_size_and_entry_bounds(tmp_path, monkeypatch):
+    # a list of 30 000 names shared by all 80 classes: 2.4 million entries from a 60 kB file
+    shared = ["val2014/COCO_val2014_000000000139.jpg"] * 30_000
+    many = tmp_path / "many.pkl"
+    many.write_bytes(pickle.dumps({c: shared for c in range(80)}))
+    assert many.stat().st_size < 100_000
+    with pytest.raises(ValueError, match=f"{many}: more than 2000000 entries"):
+        read_coco_pickle(many)
+    # a file larger than any split list is refused before it is read (sparse: no disk used)
+    for name in ("big.pkl", "big.txt"):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(protocols.MAX_SPLIT_LIST_BYTES + 1)
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is 16 MiB, larger than any HSNet split list"):
+            read_split_list(tmp_path / name, "coco-20i")
+    # the text format is bounded too (checked while parsing), and a long line is not echoed whole
+    monkeypatch.setattr(protocols, "MAX_SPLIT_LIST_ENTRIES", 3)
+    with pytest.raises(ValueError, match="more than 3 entries"):
+        parse_split_lines("a__01\nb__01\nc__01\nd__01\n", benchmark="pascal-5i", source="fold0.txt")
+    with pytest.raises(ValueError) as info:
+        parse_split_lines("x" * 100_000 + "__01\n", benchmark="pascal-5i", source="fold0.txt")
+    assert len(str(info.value)) < 200
+
+
+def test_a_split_list_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "fold0.txt"
+    path.write_bytes(b"2007_000033__01\n2007_\xff00042__02\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 text \(byte 0xff\).*re-save it as UTF-8"):
+        read_split_list(path, "pascal-5i")
+
+
+def test_pickle_names_must_be_short_strings(tmp_path):
+    path = tmp_path / "fold0.pkl"
+    for names, expected in (([b"a_1.jpg"], "BINBYTES"), ([["a_1.jpg"]], "nested deeper"),
+                            (["9" * 5000], "expected image names"), ([2**70], "expected image names")):
+        path.write_bytes(pickle.dumps({0: names}))
+        with pytest.raises(ValueError) as info:
+            read_coco_pickle(path)
+        assert expected in str(info.value) and len(str(info.value)) < 400, str(info.value)[:400]
+    path.write_bytes(pickle.dumps({0: [139, "val2014/COCO_val2014_000000000007.jpg"]}, protocol=0))
+    assert read_coco_pickle(path) == [Episode("139", 1), Episode("7", 1)]
+
+
 def test_cycle_rule_is_hsnet_and_deterministic():
     entries = [Episode(f"im{i}", 1 + i % 5) for i in range(3)]
     assert sample_episodes(entries, 7, rule="cycle") == [entries[j % 3] for j in range(7)]
