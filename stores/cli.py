@@ -47,13 +47,18 @@ def _human_bytes(n: float) -> str:
 
 
 def store_info(url: str, storage_options: dict | None = None) -> dict:
-    from .integrity import is_finalized, list_objects
+    from .integrity import is_finalized, list_objects, missing_objects
     from .reader import open_store
 
     store = open_store(url, storage_options=storage_options)
     m = store.manifest
     objects = list_objects(store.fs, store.root)
     ex = m["extractor"]
+    counts = store.counts()
+    # Cheap signs of damage (no chunk but status is decoded): done images without their
+    # chunk objects, status bytes outside the defined values. `verify` checks the rest.
+    damaged = {"missing_data": len(missing_objects(store, objects)),
+               "bad_status": len(store) - sum(counts.values())}
     return {
         "url": store.url,
         "format_version": m["format_version"],
@@ -63,7 +68,8 @@ def store_info(url: str, storage_options: dict | None = None) -> dict:
         "graph": m["graph"],
         "solver": {k: m["solver"].get(k) for k in ("solver", "tol", "residual_tol")},
         "num_eigs": m["num_eigs"],
-        "counts": store.counts(),
+        "counts": counts,
+        "damaged": damaged,
         "finalized": is_finalized(url, storage_options),
         "bytes": int(sum(objects.values())),
         "objects": len(objects),
@@ -88,7 +94,7 @@ def cmd_info(args) -> int:
         f"graph        k={info['graph'].get('k')}, threshold={info['graph'].get('threshold')}, "
         f"colour weight={info['graph'].get('color_weight')}",
         f"spectrum     K={info['num_eigs']}, solver {info['solver']['solver']} (tol {info['solver']['tol']})",
-        f"images       {c['done']} done, {c['failed']} failed, {c['pending']} pending",
+        f"images       {c['done']} done, {c['failed']} failed, {c['pending']} pending" + _damage_note(info["damaged"]),
         f"size         {_human_bytes(info['bytes'])} in {info['objects']} objects",
         f"created      {info['created']} by {info['created_by']} with sazs {info['code_version']}",
         f"fingerprint  {info['fingerprint']}",
@@ -97,6 +103,15 @@ def cmd_info(args) -> int:
         lines.append("merged from  " + ", ".join(info["merged_from"]))
     print("\n".join(lines))
     return 0
+
+
+def _damage_note(damaged: dict) -> str:
+    parts = []
+    if damaged["missing_data"]:
+        parts.append(f"{damaged['missing_data']} of the done have missing data objects")
+    if damaged["bad_status"]:
+        parts.append(f"{damaged['bad_status']} with an undefined status")
+    return f"  (DAMAGED: {', '.join(parts)}; run `sazs-store verify` for the list)" if parts else ""
 
 
 def cmd_verify(args) -> int:

@@ -9,23 +9,34 @@ A finalised store carries two side files at its root:
   SHA-256 of the checksum file itself.
 
 ``verify`` recomputes the checksums (missing, extra and corrupted objects) and checks the
-content shard by shard (status, NaN/Inf, residuals above the solver's tolerance, eigenvalue
-order). Both passes run in parallel over objects / shards with dask's threaded scheduler.
+content shard by shard, finalised or not: every status byte is a defined value; every image
+marked done has all its chunk objects (a missing object reads back as fill values: that is
+damage, not zeros) and finite values in range (eigenvalues of the normalised Laplacian in
+[0, 2], residuals >= 0); residuals above the solver's tolerance and eigenvalue order are
+reported too. Both passes run in parallel over objects / shards with dask's threaded
+scheduler.
+
+Both side files are written atomically (a temporary file, fsync, rename; on object
+storage one PUT each), so a finalize interrupted by a full disk never leaves a partial
+checksum file that would make the store look finalised.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 
+from .console import disk_error_message
 from .manifest import code_version
 from .reader import PriorStore, open_store, split_url
-from .writer import DONE, FAILED, PENDING, StoreError
+from .schema import ARRAYS, DONE, FAILED, PENDING, STATUS_NAMES, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,12 @@ SUMMARY_FILE = "sazs-summary.json"
 LOCK_FILE = ".sazs-lock"
 SIDE_FILES = frozenset({CHECKSUM_FILE, SUMMARY_FILE, LOCK_FILE})
 TEMP_SUFFIX = ".partial"  # what Zarr's local store leaves behind when a write is killed
+# Eigenvalues of the normalised Laplacian lie in [0, 2]; a Ritz value of any unit vector does
+# too, so anything further out than rounding is damage, converged or not.
+EIGVAL_RANGE = (-1e-3, 2 + 1e-3)
+# Arrays every image marked done must have a chunk object of ("errors" is empty then, and
+# Zarr does not store a chunk of fill values).
+DONE_ARRAYS = tuple(a for a in ARRAYS if a not in ("status", "errors"))
 
 
 def _key(root: str, path: str) -> str:
@@ -79,12 +96,38 @@ def read_checksums(fs, root: str) -> dict[str, str] | None:
     if not fs.exists(path):
         return None
     out = {}
-    for n, line in enumerate(fs.cat_file(path).decode().splitlines(), 1):
+    for n, line in enumerate(fs.cat_file(path).decode(errors="replace").splitlines(), 1):
         digest, sep, key = line.partition("  ")
         if not sep or len(digest) != 64:
-            raise StoreError(f"{CHECKSUM_FILE} line {n} is malformed: {line[:80]!r}")
+            raise StoreError(f"{root}/{CHECKSUM_FILE} line {n} is malformed: {line[:80]!r}; if finalize was "
+                             f"interrupted (a full disk?), re-run `sazs-store finalize {root}` to rewrite it")
         out[key] = digest
     return out
+
+
+def _write_side_file(fs, path: str, data: bytes) -> None:
+    """Write a side file whole or not at all: temp file + fsync + rename locally, one PUT elsewhere."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    try:
+        if "file" not in protocols and "local" not in protocols:
+            fs.pipe_file(path, data)  # an object store writes each object atomically
+            return
+        tmp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        msg = disk_error_message(exc, path)
+        if msg is None:
+            raise
+        raise StoreError(f"finalize: {msg}; nothing was half-written, re-run `sazs-store finalize` "
+                         "afterwards") from None
 
 
 def is_finalized(url: str, storage_options: dict | None = None) -> bool:
@@ -111,7 +154,7 @@ def finalize(url: str, *, storage_options: dict | None = None, allow_incomplete:
         objects.pop(key)
     digests = _hash_all(fs, root, sorted(objects), progress)
     text = "".join(f"{digests[k]}  {k}\n" for k in sorted(digests))
-    fs.pipe_file(f"{root.rstrip('/')}/{CHECKSUM_FILE}", text.encode())
+    _write_side_file(fs, f"{root.rstrip('/')}/{CHECKSUM_FILE}", text.encode())
     summary = {
         "fingerprint": store.fingerprint,
         "format_version": store.manifest["format_version"],
@@ -123,7 +166,7 @@ def finalize(url: str, *, storage_options: dict | None = None, allow_incomplete:
         "finalized": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finalized_with": code_version(),
     }
-    fs.pipe_file(f"{root.rstrip('/')}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+    _write_side_file(fs, f"{root.rstrip('/')}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     log.info("finalized %s: %d objects, %d bytes", url, len(objects), summary["total_bytes"])
     return summary
 
@@ -138,7 +181,10 @@ class VerifyReport:
     extra: list[str] = field(default_factory=list)
     corrupted: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    missing_data: list[str] = field(default_factory=list)
+    bad_status: list[str] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
+    out_of_range: list[str] = field(default_factory=list)
     not_ascending: list[str] = field(default_factory=list)
     high_residual: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
@@ -148,8 +194,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """No damage: every object intact, every done image finite and well-formed."""
-        return not (self.missing or self.extra or self.corrupted or self.unreadable or self.nonfinite
-                    or self.not_ascending)
+        return not any(getattr(self, name) for name in DAMAGE)
 
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -157,34 +202,88 @@ class VerifyReport:
     def lines(self, limit: int = 10) -> list[str]:
         out = [f"store       {self.url}",
                f"finalized   {'yes' if self.finalized else 'no (no checksums: content checks only)'}"]
-        for name in ("missing", "extra", "corrupted", "unreadable", "nonfinite", "not_ascending",
-                     "high_residual", "pending", "failed", "temp_files"):
+        for name in (*DAMAGE, "high_residual", "pending", "failed", "temp_files"):
             items = getattr(self, name)
             if items:
                 shown = ", ".join(items[:limit]) + (f" ... (+{len(items) - limit})" if len(items) > limit else "")
                 out.append(f"{name:<11} {len(items)}: {shown}")
         out.append("result      " + ("OK" if self.ok else "DAMAGED") +
                    (f" ({len(self.pending)} image(s) pending)" if self.pending else ""))
+        if not self.ok:
+            out.append("fix         pull a good copy (sazs-store pull), or re-create the store "
+                       "(sazs-priors run with --overwrite); images with an undefined status are recomputed "
+                       "by re-running the job that wrote it")
         return out
 
 
-def _check_shard(store: PriorStore, shard: int, residual_tol: float) -> dict[str, list[str]]:
-    """Content checks for one shard; returns id lists per problem kind."""
+# The report fields that mean damage (the others are information: pending, failed, ...).
+DAMAGE = ("missing", "extra", "corrupted", "unreadable", "missing_data", "bad_status", "nonfinite",
+          "out_of_range", "not_ascending")
+
+
+def _row_keys(array, name: str, i: int) -> list[str]:
+    """Keys (relative to the store root) of the objects holding row ``i`` of ``array``."""
+    chunk = array.shards or array.chunks  # the stored object: a shard when sharded
+    rest = [range(-(-size // c)) for size, c in zip(array.shape[1:], chunk[1:])]
+    return [f"{name}/{array.metadata.encode_chunk_key((i // chunk[0], *coords))}"
+            for coords in itertools.product(*rest)]
+
+
+def missing_objects(store: PriorStore, objects: dict[str, int] | set[str]) -> dict[str, str]:
+    """{id: first missing key} of the images marked done whose chunk objects are not in ``objects``.
+
+    ``objects`` is the store's listing (``list_objects``); the keys come from Zarr's own chunk
+    key encoding, so this holds for local and object-storage stores alike and decodes nothing
+    but ``status``.
+    """
+    out: dict[str, str] = {}
+    arrays = {name: store.group[name] for name in DONE_ARRAYS}
+    for i in np.flatnonzero(store.status() == DONE):
+        for name, array in arrays.items():
+            gone = next((k for k in _row_keys(array, name, int(i)) if k not in objects), None)
+            if gone is not None:
+                out[store.ids[i]] = gone
+                break
+    return out
+
+
+def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[str, str]) -> dict[str, list[str]]:
+    """Content checks for one shard; returns id lists per problem kind (``gone``: missing_objects)."""
     s = int(store.manifest["layout"]["shard_size"])
     lo, hi = shard * s, min((shard + 1) * s, len(store))
-    out: dict[str, list[str]] = {"unreadable": [], "nonfinite": [], "not_ascending": [], "high_residual": []}
+    out: dict[str, list[str]] = {name: [] for name in
+                                 ("unreadable", "missing_data", "bad_status", "nonfinite", "out_of_range",
+                                  "not_ascending", "high_residual")}
     try:
         status = np.asarray(store.group["status"][lo:hi])
         eigvals = np.asarray(store.group["eigvals"][lo:hi])
         residual = np.asarray(store.group["residual"][lo:hi])
+        grid = np.asarray(store.group["grid"][lo:hi])
         eigvecs = np.asarray(store.group["eigvecs"][lo:hi])
     except (KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:
         out["unreadable"].append(f"shard {shard} (images {lo}..{hi - 1}): {type(exc).__name__}: {exc}")
         return out
+    for j in np.flatnonzero(~np.isin(status, list(STATUS_NAMES))):
+        out["bad_status"].append(f"{store.ids[lo + j]} (status {int(status[j])})")
+    (hmax, wmax), (low, high) = store.max_grid, EIGVAL_RANGE
     for j in np.flatnonzero(status == DONE):
         id_ = store.ids[lo + j]
+        h, w = (int(x) for x in grid[j])
+        if id_ in gone:
+            out["missing_data"].append(f"{id_} ({gone[id_]} is missing)")
+            continue
+        if not (0 < h <= hmax and 0 < w <= wmax):
+            out["missing_data"].append(f"{id_} (grid {h}x{w})")
+            continue
+        if not eigvecs[j].any():  # a chunk missing inside its shard reads back as zeros
+            out["missing_data"].append(f"{id_} (eigvecs are all zero)")
+            continue
         if not (np.isfinite(eigvals[j]).all() and np.isfinite(residual[j]).all() and np.isfinite(eigvecs[j]).all()):
             out["nonfinite"].append(id_)
+            continue
+        if (eigvals[j] < low).any() or (eigvals[j] > high).any() or (residual[j] < 0).any():
+            out["out_of_range"].append(f"{id_} (eigenvalues {eigvals[j].min():.4g}..{eigvals[j].max():.4g}, "
+                                       f"smallest residual {residual[j].min():.4g})")
             continue
         if np.any(np.diff(eigvals[j]) < -1e-6):
             out["not_ascending"].append(id_)
@@ -225,9 +324,10 @@ def verify(url: str, *, storage_options: dict | None = None, progress: bool = Fa
     report.fingerprint = store.fingerprint
     report.pending = [store.ids[i] for i in np.flatnonzero(status == PENDING)]
     report.failed = [store.ids[i] for i in np.flatnonzero(status == FAILED)]
+    gone = missing_objects(store, objects)
     tol = float(store.manifest["solver"].get("residual_tol", 1e-3))
     num_shards = -(-len(store) // int(store.manifest["layout"]["shard_size"]))
-    results = dask.compute(*[dask.delayed(_check_shard)(store, s, tol) for s in range(num_shards)],
+    results = dask.compute(*[dask.delayed(_check_shard)(store, s, tol, gone) for s in range(num_shards)],
                            scheduler="threads")
     for part in results:
         for name, items in part.items():

@@ -30,8 +30,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .console import disk_error_message
 from .integrity import LOCK_FILE
-from .writer import StoreError
+from .schema import MAX_JSON_BYTES, StoreError, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def lock_path(store: str | Path) -> Path:
 def read_lock(store: str | Path) -> dict | None:
     """The lock's JSON, ``{}`` if the file exists but cannot be parsed, None if unlocked."""
     try:
-        text = lock_path(store).read_text(errors="replace")
+        with open(lock_path(store), "rb") as f:
+            text = f.read(MAX_JSON_BYTES + 1).decode(errors="replace")
     except FileNotFoundError:
         return None
     return _parse_lock(text)
@@ -73,8 +75,8 @@ def read_lock(store: str | Path) -> dict | None:
 
 def _parse_lock(text: str) -> dict:
     try:
-        info = json.loads(text)
-    except json.JSONDecodeError:
+        info = parse_json(text.encode(), LOCK_FILE)  # bounded: a lock file is untrusted too
+    except StoreError:
         return {}  # crashed between O_EXCL create and write, or not ours
     return info if isinstance(info, dict) else {}
 
@@ -185,7 +187,10 @@ def acquire_lock(store: str | Path, *, take_over: bool = False, command: str | N
     logged; that holder notices at its next shard and stops.
     """
     store = Path(store)
-    store.mkdir(parents=True, exist_ok=True)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _disk_error(exc, store) from None
     host = socket.gethostname()
     info = {
         "owner": f"{_user()}@{host}",
@@ -212,10 +217,22 @@ def acquire_lock(store: str | Path, *, take_over: bool = False, command: str | N
             if held is not None or attempt == 2:
                 raise StoreError(locked_message(store, held or {})) from None
             # released between our open and read: try again
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(info, indent=1))
+        except OSError as exc:
+            raise _disk_error(exc, store) from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info, indent=1))
+    except OSError as exc:
+        lock_path(store).unlink(missing_ok=True)  # ours, and unreadable: leave no lock behind
+        raise _disk_error(exc, store) from None
     log.debug("locked %s (pid %d)", store, info["pid"])
     return StoreLock(store, info)
+
+
+def _disk_error(exc: OSError, store: Path) -> OSError | StoreError:
+    """A full or read-only disk as a StoreError naming the store and the fix; other errors as they are."""
+    msg = disk_error_message(exc, lock_path(store))
+    return StoreError(msg) if msg else exc
 
 
 def break_lock(store: str | Path) -> dict | None:

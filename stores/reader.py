@@ -1,9 +1,11 @@
 """Reading a prior store from a local path or an object-storage URL.
 
-``open_store(url)`` validates the store before any chunk is decoded: the manifest
-(format, major version, required fields) and, for every array, the raw ``zarr.json``
-(data type, shape, codecs). Only a fixed list of codecs is accepted, so a store from
-somewhere else can never make the reader run code it names (no pickle, no plugins).
+``open_store(url)`` validates the store before any chunk is decoded (stores/schema.py):
+the manifest (format, major version, required fields, limits on its sizes, the
+fingerprint recomputed from its settings) and, for every array, the raw ``zarr.json``
+(size and nesting bounded, codecs, data type, shape). Only a fixed list of codecs is
+accepted, so a store from somewhere else can never make the reader run code it names (no
+pickle, no plugins).
 
 Per-image metadata (ids, status, grid, eigenvalues, residuals) is small and read once,
 on first use; ``get(id)`` then costs one byte-range read of the image's eigenvector chunk.
@@ -11,7 +13,6 @@ on first use; ``get(id)`` then costs one byte-range read of the image's eigenvec
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,31 +21,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .manifest import FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS
-from .writer import DONE, FAILED, PENDING, StoreError
+from .schema import (
+    ALLOWED_CODECS, ARRAYS, DONE, FAILED, PENDING, StoreError, array_spec, validate_store,
+)
 
 log = logging.getLogger(__name__)
 
-# Codecs a v1 store may use. Anything else is refused before Zarr sees it.
-ALLOWED_CODECS = frozenset({
-    "bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "sharding_indexed", "vlen-utf8",
-    "numcodecs.zstd", "numcodecs.blosc", "numcodecs.gzip", "numcodecs.zlib", "numcodecs.crc32c",
-})
-
-
-def array_spec(num_images: int, num_eigs: int, max_grid: tuple[int, int]) -> dict[str, tuple[tuple, str]]:
-    """Expected (shape, data type) of every array of a format-v1 store."""
-    n, k = num_images, num_eigs
-    return {
-        "ids": ((n,), "string"),
-        "image_size": ((n, 2), "int32"),
-        "grid": ((n, 2), "int16"),
-        "eigvals": ((n, k), "float32"),
-        "eigvecs": ((n, k, *max_grid), "float16"),
-        "residual": ((n, k), "float32"),
-        "status": ((n,), "uint8"),
-        "errors": ((n,), "string"),
-    }
+__all__ = ["ALLOWED_CODECS", "Prior", "PriorStore", "array_spec", "open_store", "split_url"]
 
 
 @dataclass
@@ -66,17 +49,6 @@ def split_url(url: str | Path, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
 
 
-def _codec_names(codecs: list) -> list[str]:
-    names = []
-    for codec in codecs or []:
-        name = codec.get("name") if isinstance(codec, dict) else str(codec)
-        names.append(name)
-        if name == "sharding_indexed":
-            conf = codec.get("configuration", {})
-            names += _codec_names(conf.get("codecs", [])) + _codec_names(conf.get("index_codecs", []))
-    return names
-
-
 class PriorStore:
     """Read-only view of a prior store (local path or fsspec URL)."""
 
@@ -84,76 +56,22 @@ class PriorStore:
         self.url = str(url)
         self.storage_options = storage_options or {}
         self.fs, self.root = split_url(url, self.storage_options)
-        self.manifest = self._read_manifest()
+        # Every zarr.json is checked (bounded, codecs allow-listed, shapes within limits)
+        # before Zarr parses any of them.
+        self.manifest, _ = validate_store(self.fs, self.root, self.url)
         layout = self.manifest["layout"]
         self.num_eigs = int(self.manifest["num_eigs"])
         self.max_grid = tuple(int(x) for x in layout["max_grid"])
-        self._check_arrays()
         try:
             self.group = zarr.open_group(self._zarr_store(), mode="r", zarr_format=3)
             # Parse every array's metadata now (not at first use) and keep the handles:
             # re-opening an array per read would double the cost of a random-access get().
-            self._arrays = {name: self.group[name] for name in array_spec(0, 1, (1, 1))}
+            self._arrays = {name: self.group[name] for name in ARRAYS}
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"cannot open {self.url}: damaged metadata ({type(exc).__name__}: {exc}); "
                              "run `sazs-store verify` and pull or re-create the store") from None
         self.ids: list[str] = [str(x) for x in self._read("ids")]
         self._index = {id_: i for i, id_ in enumerate(self.ids)}
-
-    # -- validation ----------------------------------------------------------------------
-
-    def _read_json(self, key: str) -> dict:
-        path = f"{self.root.rstrip('/')}/{key}"
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            raise StoreError(f"{self.url}/{key} is missing") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{self.url}/{key} is not valid JSON ({exc}); the object is damaged: "
-                             "run `sazs-store verify` and pull or re-create the store") from None
-
-    def _read_manifest(self) -> dict:
-        if not self.fs.exists(f"{self.root.rstrip('/')}/zarr.json"):
-            kind = "does not exist" if not self.fs.exists(self.root) else "has no zarr.json"
-            raise StoreError(f"{self.url} is not a prior store ({kind}); create one with `sazs-priors run`")
-        meta = self._read_json("zarr.json")
-        if meta.get("node_type") != "group" or meta.get("zarr_format") != 3:
-            raise StoreError(f"{self.url} is not a Zarr v3 group (prior stores are Zarr v3 groups)")
-        manifest = meta.get("attributes", {}).get("manifest")
-        if not isinstance(manifest, dict):
-            raise StoreError(f"{self.url} is a Zarr group but has no sazs manifest in its attributes")
-        if manifest.get("format") != FORMAT_NAME:
-            raise StoreError(f"{self.url}: manifest format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-        major = str(manifest.get("format_version", "?")).split(".")[0]
-        if major != FORMAT_VERSION.split(".")[0]:
-            raise StoreError(
-                f"{self.url} is format version {manifest.get('format_version')}, this sazs reads "
-                f"{FORMAT_VERSION.split('.')[0]}.x; upgrade sazs to read it"
-            )
-        missing = [k for k in REQUIRED_KEYS if k not in manifest]
-        missing += [f"layout.{k}" for k in ("shard_size", "max_grid") if k not in manifest.get("layout", {})]
-        if missing:
-            raise StoreError(f"{self.url}: manifest is missing the field(s) {missing}; "
-                             "the store was not written by sazs or was edited")
-        return manifest
-
-    def _check_arrays(self) -> None:
-        num_images = None
-        for name, (shape, dtype) in array_spec(0, self.num_eigs, self.max_grid).items():
-            meta = self._read_json(f"{name}/zarr.json")
-            bad = [c for c in _codec_names(meta.get("codecs", [])) if c not in ALLOWED_CODECS]
-            if bad:
-                raise StoreError(f"{self.url}/{name} uses codec(s) {bad} that a prior store never uses; "
-                                 "refusing to read it (allowed: " + ", ".join(sorted(ALLOWED_CODECS)) + ")")
-            if meta.get("data_type") != dtype:
-                raise StoreError(f"{self.url}/{name} has data type {meta.get('data_type')!r}, expected {dtype!r}")
-            got = tuple(meta.get("shape", ()))
-            num_images = got[0] if num_images is None and got else num_images
-            want = (num_images, *shape[1:])
-            if got != want:
-                raise StoreError(f"{self.url}/{name} has shape {got}, expected {want} "
-                                 f"(K={self.num_eigs}, max grid {self.max_grid} from the manifest)")
 
     def _zarr_store(self):
         from zarr.storage import FsspecStore, LocalStore
@@ -227,14 +145,30 @@ class PriorStore:
         i = self.index(id_)
         meta = self._meta
         status = int(meta["status"][i])
+        if status not in (DONE, FAILED, PENDING):
+            raise StoreError(f"no priors for {id_!r} in {self.url}: its status is {status}, not a defined value; "
+                             "the store is damaged: run `sazs-store verify`")
         if status != DONE:
             reason = str(self._read("errors", i)) if status == FAILED else "not computed yet"
             raise StoreError(f"no priors for {id_!r} in {self.url}: {reason}")
         h, w = (int(x) for x in meta["grid"][i])
+        eigvals = meta["eigvals"][i]
+        # A chunk that is missing reads back as its fill value (grid 0, NaN, zeros): for an
+        # image marked done that is damage, never data.
+        missing = ("grid" if not (0 < h <= self.max_grid[0] and 0 < w <= self.max_grid[1])
+                   else "eigvals" if np.isnan(eigvals).all() else "")
+        eigvecs = None
+        if not missing:
+            eigvecs = self._read("eigvecs", (i, slice(None), slice(0, h), slice(0, w)))
+            missing = "" if eigvecs.any() else "eigvecs"
+        if missing:
+            raise StoreError(f"no priors for {id_!r} in {self.url}: it is marked done but its {missing} data is "
+                             "missing (the chunk object was deleted or never written); the store is damaged: "
+                             "run `sazs-store verify` and pull or re-create the store")
         return Prior(
             id=id_,
-            eigvals=meta["eigvals"][i].copy(),
-            eigvecs=self._read("eigvecs", (i, slice(None), slice(0, h), slice(0, w))).astype(np.float32),
+            eigvals=eigvals.copy(),
+            eigvecs=eigvecs.astype(np.float32),
             residuals=meta["residual"][i].copy(),
             grid=(h, w),
             image_size=(int(meta["image_size"][i][0]), int(meta["image_size"][i][1])),

@@ -33,9 +33,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from .integrity import CHECKSUM_FILE, LOCK_FILE, SUMMARY_FILE, VerifyReport, list_objects, read_checksums, verify
+from .integrity import (
+    CHECKSUM_FILE, DAMAGE, LOCK_FILE, SUMMARY_FILE, VerifyReport, list_objects, read_checksums, verify,
+)
 from .reader import split_url
-from .writer import StoreError
+from .schema import StoreError, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,8 @@ def _read_json(fs, path: str, url: str) -> dict | None:
 
 
 def _json_object(data: bytes, where: str, hint: str = "") -> dict:
-    """`data` parsed as a JSON object, or a StoreError naming `where` (and `hint`)."""
-    try:
-        out = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{where} is not valid JSON ({exc}){hint}") from None
+    """`data` parsed as a JSON object (size and depth bounded first), or a StoreError naming `where` (and `hint`)."""
+    out = parse_json(data, where, hint)
     if not isinstance(out, dict):
         raise StoreError(f"{where} is not a JSON object{hint}")
     return out
@@ -119,7 +118,7 @@ def _transfer(jobs: list[tuple[str, int]], do: Callable[[str], None], *, what: s
 
 def _problems(report: VerifyReport, limit: int = 5) -> str:
     parts = []
-    for name in ("missing", "extra", "corrupted", "unreadable", "nonfinite", "not_ascending"):
+    for name in DAMAGE:
         items = getattr(report, name)
         if items:
             shown = ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
@@ -138,10 +137,7 @@ def _local_finalised(path: Path) -> tuple[dict, bytes]:
         missing = CHECKSUM_FILE if not checksums.is_file() else SUMMARY_FILE
         raise StoreError(f"{path} is not finalised (no {missing}); {hint}")
     text = checksums.read_bytes()
-    try:
-        summary = json.loads(summary_path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{path}/{SUMMARY_FILE} is not valid JSON ({exc}); {hint}") from None
+    summary = _json_object(summary_path.read_bytes(), f"{path}/{SUMMARY_FILE}", f"; {hint}")
     if summary.get("checksums_sha256") != _sha256(text):
         raise StoreError(f"{path}/{SUMMARY_FILE} does not match {CHECKSUM_FILE} (edited after finalize?); "
                          f"verify it (sazs-store verify {path}) and {hint}")
@@ -364,8 +360,8 @@ def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, pro
 
 def _local_summary(path: Path) -> dict | None:
     try:
-        return json.loads((path / SUMMARY_FILE).read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return _json_object((path / SUMMARY_FILE).read_bytes(), f"{path}/{SUMMARY_FILE}")
+    except (OSError, StoreError):
         return None
 
 

@@ -27,18 +27,21 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .console import disk_error_message
 from .faults import fault_point
-from .manifest import REQUIRED_KEYS, fingerprint_diff
+from .integrity import CHECKSUM_FILE, LOCK_FILE, SIDE_FILES, TEMP_SUFFIX
+from .lock import acquire_lock
+from .manifest import FORMAT_NAME, REQUIRED_KEYS, fingerprint_diff
+from .schema import (
+    ARRAYS, DONE, FAILED, MAX_IMAGES, PENDING, STATUS_NAMES, StoreError, check_layout, read_json_object,
+    validate_store,
+)
 
 log = logging.getLogger(__name__)
 
-PENDING, DONE, FAILED = 0, 1, 2
-STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 EIGVECS_DTYPE = "float16"
-
-
-class StoreError(Exception):
-    """A store cannot be created, opened or written as asked."""
+# What a writer creates at a store's root besides the side files (lock, checksums, summary).
+_WRITER_ENTRIES = frozenset({"zarr.json", *ARRAYS})
 
 
 @dataclass
@@ -58,15 +61,69 @@ class ImageResult:
         return self.error is None
 
 
+def _local_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def inspect_dir(path: str | Path) -> tuple[str, str]:
+    """(kind, reason) of what ``path`` holds, reading nothing but a bounded root ``zarr.json``.
+
+    kind is ``"empty"`` (absent, or only a lock), ``"store"`` (a Zarr group with a sazs
+    manifest; whether it is intact is for ``validate_store`` to say), ``"leftover"`` (only
+    what a sazs writer creates, without a usable manifest: e.g. a creation that crashed
+    before the manifest was written) or ``"foreign"`` (anything else: never deleted).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return ("empty", "") if not path.exists() else ("foreign", "it is a file")
+    names = {p.name for p in path.iterdir()} - {LOCK_FILE}
+    if not names:
+        return "empty", ""
+    reason = "it has no zarr.json"
+    if "zarr.json" in names:
+        try:
+            meta = read_json_object(_local_fs(), str(path / "zarr.json"), f"{path}/zarr.json")
+            manifest = (meta.get("attributes") or {}).get("manifest") if isinstance(meta.get("attributes"), dict) else None
+            if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
+                return "store", ""
+            reason = "its zarr.json has no sazs manifest (was its creation interrupted?)"
+        except (StoreError, OSError) as exc:
+            reason = str(exc)
+    ours = all(n in _WRITER_ENTRIES or n in SIDE_FILES or n.endswith(TEMP_SUFFIX) for n in names)
+    if ours:
+        return "leftover", reason
+    shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
+    return "foreign", f"it holds {shown}"
+
+
 def is_store(path: str | Path) -> bool:
-    root = Path(path) / "zarr.json"
-    if not root.is_file():
-        return False
+    """True when ``path`` is a Zarr group with a sazs manifest (not whether it is intact)."""
+    return inspect_dir(path)[0] == "store"
+
+
+@contextlib.contextmanager
+def disk_errors(path, doing: str):
+    """Turn an OSError of a full or read-only disk into a StoreError naming ``path`` and the fix."""
     try:
-        group = zarr.open_group(str(path), mode="r")
-    except (OSError, ValueError, KeyError):
-        return False
-    return "manifest" in group.attrs
+        yield
+    except OSError as exc:
+        msg = disk_error_message(exc, path)
+        if msg is None:
+            raise
+        raise StoreError(f"{doing}: {msg}") from None
+
+
+def _refuse_foreign(path: Path, reason: str) -> StoreError:
+    return StoreError(f"{path} exists and is not a prior store ({reason}); refusing to write into it or delete "
+                      f"it: choose another output path (--out / OUT=), or remove it yourself (rm -r {path}) if "
+                      "nothing in it is needed")
+
+
+def _refuse_leftover(path: Path, reason: str) -> StoreError:
+    return StoreError(f"{path} is not a usable prior store ({reason}); it holds only what a sazs writer creates, "
+                      "so re-run with --overwrite (OVERWRITE=1) to replace it")
 
 
 class StoreWriter:
@@ -79,6 +136,7 @@ class StoreWriter:
         self.group = group
         self.lock = lock  # stores.lock.StoreLock, or None for a writer built without open()
         self.closed = False
+        self.path = str(getattr(group.store, "root", group.store))
         self.manifest: dict = dict(group.attrs["manifest"])
         layout = self.manifest["layout"]
         self.shard_size = int(layout["shard_size"])
@@ -101,14 +159,13 @@ class StoreWriter:
         """Create the store at ``path``, or resume it if it holds the same setting.
 
         A store with a different fingerprint is refused unless ``overwrite`` is set, in
-        which case it is deleted first. A non-empty directory that is not a store is
-        never deleted. The store's lock is taken first; a store locked by another writer
-        (or a stale lock of a dead one) is refused unless ``take_over_lock`` is set.
+        which case it is deleted first; so is a leftover without a usable manifest (a
+        directory holding only what a writer creates, see ``inspect_dir``). Any other
+        non-empty directory is never deleted. A store is resumed only after the checks
+        the reader makes (``schema.validate_store``). The store's lock is taken first; a
+        store locked by another writer (or a stale lock of a dead one) is refused unless
+        ``take_over_lock`` is set.
         """
-        # Imported here: lock.py needs LOCK_FILE from integrity.py, which imports this module.
-        from .integrity import LOCK_FILE
-        from .lock import acquire_lock
-
         path = Path(path)
         missing = [k for k in REQUIRED_KEYS if k not in manifest]
         if missing:
@@ -116,8 +173,11 @@ class StoreWriter:
         if path.is_file():
             raise StoreError(f"{path} is a file, not a prior store directory")
         existed = path.exists()
-        if existed and not is_store(path) and any(p.name != LOCK_FILE for p in path.iterdir()):
-            raise StoreError(f"{path} exists and is not a prior store; refusing to write into it")
+        kind, reason = inspect_dir(path)
+        if kind == "foreign":
+            raise _refuse_foreign(path, reason)
+        if kind == "leftover" and not overwrite:
+            raise _refuse_leftover(path, reason)
         lock = acquire_lock(path, take_over=take_over_lock)
         try:
             writer = cls._open_locked(path, ids=ids, manifest=manifest, overwrite=overwrite)
@@ -132,23 +192,28 @@ class StoreWriter:
 
     @classmethod
     def _open_locked(cls, path: Path, *, ids: list[str], manifest: dict, overwrite: bool) -> "StoreWriter":
-        from .integrity import LOCK_FILE
-
-        if is_store(path):
-            if (path / "sazs-checksums.sha256").exists() and not overwrite:
+        kind, reason = inspect_dir(path)  # again: it may have changed before we took the lock
+        if kind == "foreign":
+            raise _refuse_foreign(path, reason)
+        if kind == "store" and not overwrite:
+            if (path / CHECKSUM_FILE).exists():
                 raise StoreError(f"{path} is finalised (immutable: it has checksums); write to another "
                                  "path, or pass --overwrite (OVERWRITE=1) to replace it")
-            existing = dict(zarr.open_group(str(path), mode="r").attrs["manifest"])
-            if existing.get("fingerprint") == manifest["fingerprint"] and not overwrite:
+            # Every check the reader makes (codecs allow-listed, sizes bounded, fingerprint
+            # recomputed from the settings) before Zarr decodes anything of it.
+            existing, _ = validate_store(_local_fs(), str(path), str(path))
+            if existing["fingerprint"] == manifest["fingerprint"]:
                 log.info("resuming store %s", path)
-                return cls(zarr.open_group(str(path), mode="r+"))
-            if not overwrite:
-                diff = "; ".join(fingerprint_diff(existing, manifest)) or "fingerprint differs"
-                raise StoreError(
-                    f"{path} holds priors of a different setting ({diff}); "
-                    "choose another output path or pass --overwrite (OVERWRITE=1) to replace it"
-                )
-            log.warning("--overwrite: deleting the existing store %s", path)
+                return cls(zarr.open_group(str(path), mode="r+", zarr_format=3))
+            diff = "; ".join(fingerprint_diff(existing, manifest)) or "fingerprint differs"
+            raise StoreError(
+                f"{path} holds priors of a different setting ({diff}); "
+                "choose another output path or pass --overwrite (OVERWRITE=1) to replace it"
+            )
+        if kind == "leftover" and not overwrite:
+            raise _refuse_leftover(path, reason)
+        if kind != "empty":
+            log.warning("--overwrite: deleting the existing %s %s", "store" if kind == "store" else "leftover", path)
             for entry in path.iterdir():  # everything but the lock we hold
                 if entry.name == LOCK_FILE:
                     continue
@@ -156,8 +221,6 @@ class StoreWriter:
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
-        elif any(p.name != LOCK_FILE for p in path.iterdir()):  # appeared before we took the lock
-            raise StoreError(f"{path} exists and is not a prior store; refusing to write into it")
         return cls._create(path, ids=ids, manifest=manifest)
 
     @classmethod
@@ -165,33 +228,38 @@ class StoreWriter:
         n = len(ids)
         if n == 0:
             raise StoreError("the dataset has no images; nothing to write")
+        if n > MAX_IMAGES:
+            raise StoreError(f"the dataset has {n} images; a store holds at most {MAX_IMAGES}")
         layout = manifest["layout"]
         s = max(1, min(int(layout["shard_size"]), n))
         layout["shard_size"] = s
         hmax, wmax = (int(x) for x in layout["max_grid"])
         k = int(manifest["num_eigs"])
-        # Mode "a", not "w": "w" would empty the directory, lock file included ("w-" refuses
-        # a directory holding the lock). The directory holds nothing else at this point.
-        group = zarr.open_group(str(path), mode="a", zarr_format=3)
-        group.create_array("ids", shape=(n,), dtype=str, chunks=(s,))
-        group.create_array("image_size", shape=(n, 2), dtype="int32", chunks=(s, 2), fill_value=0)
-        group.create_array("grid", shape=(n, 2), dtype="int16", chunks=(s, 2), fill_value=0)
-        group.create_array("eigvals", shape=(n, k), dtype="float32", chunks=(s, k), fill_value=float("nan"))
-        group.create_array("residual", shape=(n, k), dtype="float32", chunks=(s, k), fill_value=float("nan"))
-        group.create_array(
-            "eigvecs",
-            shape=(n, k, hmax, wmax),
-            dtype=EIGVECS_DTYPE,
-            chunks=(1, k, hmax, wmax),
-            shards=(s, k, hmax, wmax),
-            fill_value=0,
-        )
-        group.create_array("errors", shape=(n,), dtype=str, chunks=(s,))
-        group.create_array("status", shape=(n,), dtype="uint8", chunks=(s,), fill_value=PENDING)
-        group["ids"][:] = np.asarray(ids, dtype=object)
-        # The manifest goes last: a directory without it is not a store (is_store), so a
-        # crash during creation never leaves something that looks resumable.
-        group.attrs["manifest"] = manifest
+        check_layout(k, [hmax, wmax], s, str(path))
+        with disk_errors(path, "creating the store"):
+            # Mode "a", not "w": "w" would empty the directory, lock file included ("w-" refuses
+            # a directory holding the lock). The directory holds nothing else at this point.
+            group = zarr.open_group(str(path), mode="a", zarr_format=3)
+            group.create_array("ids", shape=(n,), dtype=str, chunks=(s,))
+            group.create_array("image_size", shape=(n, 2), dtype="int32", chunks=(s, 2), fill_value=0)
+            group.create_array("grid", shape=(n, 2), dtype="int16", chunks=(s, 2), fill_value=0)
+            group.create_array("eigvals", shape=(n, k), dtype="float32", chunks=(s, k), fill_value=float("nan"))
+            group.create_array("residual", shape=(n, k), dtype="float32", chunks=(s, k), fill_value=float("nan"))
+            group.create_array(
+                "eigvecs",
+                shape=(n, k, hmax, wmax),
+                dtype=EIGVECS_DTYPE,
+                chunks=(1, k, hmax, wmax),
+                shards=(s, k, hmax, wmax),
+                fill_value=0,
+            )
+            group.create_array("errors", shape=(n,), dtype=str, chunks=(s,))
+            group.create_array("status", shape=(n,), dtype="uint8", chunks=(s,), fill_value=PENDING)
+            group["ids"][:] = np.asarray(ids, dtype=object)
+            # The manifest goes last: a directory without it is not a store (inspect_dir), so a
+            # crash during creation never leaves something that looks resumable (--overwrite
+            # replaces such a leftover).
+            group.attrs["manifest"] = manifest
         log.info("created store %s: %d images, %d shards of %d", path, n, -(-n // s), s)
         return cls(group)
 
@@ -227,7 +295,9 @@ class StoreWriter:
     def todo(self, *, retry_failed: bool = False) -> dict[int, list[int]]:
         """Images still to compute, grouped by shard (shard -> image indices)."""
         status = self.status()
-        wanted = (status == PENDING) | (retry_failed & (status == FAILED))
+        # A status byte that is not a defined value holds no result: recomputed like a pending one.
+        undefined = ~np.isin(status, list(STATUS_NAMES))
+        wanted = (status == PENDING) | (retry_failed & (status == FAILED)) | undefined
         todo: dict[int, list[int]] = {}
         for i in np.flatnonzero(wanted):
             todo.setdefault(int(i) // self.shard_size, []).append(int(i))
@@ -284,19 +354,20 @@ class StoreWriter:
             else:
                 errors[j] = r.error
                 status[j] = FAILED
-        if self.lock is not None:
-            self.lock.heartbeat()  # also stops here if another writer took the lock over
-        # Data first, status last (see module docstring).
-        g["eigvecs"][start:stop] = eigvecs
-        fault_point("write_shard.after_eigvecs")
-        g["eigvals"][start:stop] = eigvals
-        g["residual"][start:stop] = residual
-        g["grid"][start:stop] = grid
-        g["image_size"][start:stop] = image_size
-        g["errors"][start:stop] = errors
-        fault_point("write_shard.after_data")
-        g["status"][start:stop] = status
-        fault_point("write_shard.after_status")
+        with disk_errors(self.path, f"writing shard {shard}"):
+            if self.lock is not None:
+                self.lock.heartbeat()  # also stops here if another writer took the lock over
+            # Data first, status last (see module docstring).
+            g["eigvecs"][start:stop] = eigvecs
+            fault_point("write_shard.after_eigvecs")
+            g["eigvals"][start:stop] = eigvals
+            g["residual"][start:stop] = residual
+            g["grid"][start:stop] = grid
+            g["image_size"][start:stop] = image_size
+            g["errors"][start:stop] = errors
+            fault_point("write_shard.after_data")
+            g["status"][start:stop] = status
+            fault_point("write_shard.after_status")
 
     def counts(self) -> dict[str, int]:
         status = self.status()
