@@ -10,6 +10,7 @@ Examples (the first one is what `make eval` does; it needs no data and no weight
         --ckpt 'runs/coco-fold{fold}-ViT-B-16/checkpoint.pt'
     sazs-eval predict photo.jpg --classes "cat,dog,sofa" --ckpt runs/voc-fold0-ViT-B-16/checkpoint.pt
     sazs-eval predict photo.jpg --classes "cat,dog" --ckpt ... --fusion project --extractor imgfocus-vits14
+    sazs-eval priors /tmp/davis.zarr --dataset davis --data ../shared/data/davis2016-dev --out runs/priors-davis
     sazs-eval list                                     # fusion modes, protocols, folds
 
 Every table prints one row per fold and the mean, with mIoU, FB-IoU and boundary F for each
@@ -387,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--out", default=None, help="output directory (default <ckpt dir>/predictions)")
     pred.add_argument("--device", default="auto")
     pred.set_defaults(func=cmd_predict)
+    from .prior_report import add_priors_parser  # noqa: PLC0415  (the `priors` subcommand lives there)
+
+    add_priors_parser(sub)
     lst = sub.add_parser("list", help="fusion modes, protocols and the classes of every fold")
     lst.set_defaults(func=cmd_list)
     args = parser.parse_args(argv)

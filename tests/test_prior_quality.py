@@ -134,3 +134,102 @@ def test_score_image_label_map_boundaries_and_span():
 def test_summarise_skips_missing_and_nan():
     rows = [{"a": 1.0, "best_of_n_index": 3.0}, {"a": 3.0, "b": math.nan}, {"b": 2.0}]
     assert pq.summarise(rows) == {"num_images": 3.0, "a": 2.0, "b": 2.0}
+
+
+# ----------------------------------------------------------------------------- end to end: sazs-eval priors
+
+
+def _write_davis(root, size=(48, 64)):
+    from PIL import Image
+
+    h, w = size
+    for seq, (y, x) in (("box", (8, 12)), ("blob", (20, 30))):
+        for frame in ("00000", "00005"):
+            image = np.full((h, w, 3), (30, 60, 40), np.uint8)
+            mask = np.zeros((h, w), np.uint8)
+            mask[y : y + 20, x : x + 24] = 255
+            image[mask > 0] = (230, 200, 40)
+            (root / "JPEGImages/480p" / seq).mkdir(parents=True, exist_ok=True)
+            (root / "Annotations/480p" / seq).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / "JPEGImages/480p" / seq / f"{frame}.png")
+            Image.fromarray(mask).save(root / "Annotations/480p" / seq / f"{frame}.png")
+    (root / "Annotations/480p/blob/00005.png").unlink()  # recorded, not raised
+
+
+def test_eval_priors_end_to_end_on_a_synthetic_davis(tmp_path):
+    import json
+
+    from sazs.eval.cli import main as eval_main
+    from sazs.pipeline.cli import main as priors_main
+
+    root = tmp_path / "DAVIS"
+    _write_davis(root)
+    store = tmp_path / "davis.zarr"
+    assert priors_main(["run", "--dataset", "davis", "--data", str(root), "--extractor", "color", "--short-side", "48",
+                        "--out", str(store), "--preview", "0", "--no-progress"]) == 0
+    out = tmp_path / "report"
+    assert eval_main(["priors", str(store), str(store), "--names", "ours,again", "--dataset", "davis", "--data",
+                      str(root), "--out", str(out), "--refine", "guided", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    ours = report["stores"]["ours"]
+    assert set(ours["variants"]) == {"bilinear", "guided"}
+    mean = ours["variants"]["bilinear"]["mean"]
+    assert mean["num_images"] == 3 and mean["span_iou"] > 0.5
+    assert mean["best_of_n_iou_upper_bound"] >= mean["fiedler_iou"] - 1e-9
+    # the report holds exactly what score_image gives on the store's priors and the dataset's masks
+    from sazs.pipeline.datasets import DatasetConfig, build_dataset
+    from sazs.stores.reader import open_store
+
+    ds, priors = build_dataset(DatasetConfig(name="davis", root=str(root))), open_store(store)
+    rows = [pq.score_image(priors.get(i).eigvecs, ds.load_mask(i)) for i in ("blob/00000", "box/00000", "box/00005")]
+    for key in pq.SINGLE_KEYS:
+        assert mean[key] == pytest.approx(np.mean([r[key] for r in rows]))
+    image = ds.load_image("box/00000")
+    guided = pq.score_image(priors.get("box/00000").eigvecs, ds.load_mask("box/00000"), image=image, refine="guided")
+    got = next(r for r in ours["variants"]["guided"]["images"] if r["id"] == "box/00000")
+    assert got["fiedler_iou"] == pytest.approx(guided["fiedler_iou"]) and got["group"] == "box"
+    assert set(ours["variants"]["bilinear"]["per_group"]) == {"box", "blob"}
+    assert list(ours["failures"]) == ["blob/00005"] and "mask not found" in ours["failures"]["blob/00005"]
+    assert ours["refine_ms_per_image"] > 0 and ours["ms_per_image"] > 0
+    md = (out / "report.md").read_text()
+    assert "upper bound" in md and "| ours | guided |" in md and "per sequence" in md
+    assert (out / "grid-ours.png").is_file()
+    # a dataset the store was not computed for: every image is a recorded failure, exit code 1
+    other = tmp_path / "other"
+    _write_davis(other, size=(40, 64))
+    assert eval_main(["priors", str(store), "--dataset", "davis", "--data", str(other), "--out", str(tmp_path / "r2"),
+                      "--no-pictures", "--no-progress"]) == 1
+
+
+def test_eval_priors_label_maps_on_a_synthetic_camvid(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from sazs.eval.cli import main as eval_main
+    from sazs.pipeline.cli import main as priors_main
+
+    root = tmp_path / "CamVid"
+    for split in ("val", "valannot"):
+        (root / split).mkdir(parents=True)
+    for i in range(2):
+        labels = np.full((48, 64), 0, np.uint8)  # sky on top, road below, a car, unlabelled strip
+        labels[24:] = 3
+        labels[30:44, 10 + 10 * i : 34 + 10 * i] = 8
+        labels[:, :2] = 11
+        colours = {0: (120, 160, 230), 3: (90, 90, 90), 8: (200, 30, 30), 11: (0, 0, 0)}
+        image = np.zeros((48, 64, 3), np.uint8)
+        for v, c in colours.items():
+            image[labels == v] = c
+        Image.fromarray(image).save(root / "val" / f"f{i}.png")
+        Image.fromarray(labels, mode="L").save(root / "valannot" / f"f{i}.png")
+    store = tmp_path / "camvid.zarr"
+    assert priors_main(["run", "--dataset", "camvid", "--data", str(root), "--extractor", "color", "--short-side", "48",
+                        "--out", str(store), "--preview", "0", "--no-progress"]) == 0
+    out = tmp_path / "report"
+    assert eval_main(["priors", str(store), "--dataset", "camvid", "--data", str(root), "--out", str(out),
+                      "--no-progress"]) == 0
+    v = json.loads((out / "report.json").read_text())["stores"]["camvid.zarr"]["variants"]["bilinear"]
+    assert set(v["per_class"]) == {"sky", "road", "car"}
+    assert 0 < v["mean"]["covering"] <= 1 and 0 <= v["mean"]["boundary_recall"] <= 1
+    assert "best IoU per class" in (out / "report.md").read_text()
