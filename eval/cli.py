@@ -319,7 +319,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records = []
     for image in args.images:
         rec = predict_image(predictor, image, classes, out, fusion=args.fusion, priors=priors,
-                            fusion_cfg=FusionConfig(num_eigs=args.num_eigs))  # fmt: skip
+                            fusion_cfg=FusionConfig(num_eigs=args.num_eigs),
+                            refine=None if args.refine == "none" else args.refine)  # fmt: skip
         records.append(rec)
         top = ", ".join(f"{n} {100 * s:.1f}%" for n, s in sorted(rec["share"].items(), key=lambda x: -x[1]) if s > 0)
         print(f"{rec['image']}  ->  {rec['overlay']}  {rec['labels']}  ({top})")
@@ -384,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--weights", default=None, help="weights for --extractor (dino-*, dinov2-*)")
     pred.add_argument("--priors-short-side", type=int, default=None, help="--extractor input short side")
     pred.add_argument("--num-eigs", type=int, default=None, help="eigenvectors spanning the projection")
+    pred.add_argument("--refine", default="none", choices=["none", "guided"],
+                      help="project: refine the upsampled eigenvectors with the image first (guided filter)")
     pred.add_argument("--short-side", type=int, default=None, help="model input short side (default: training crop)")
     pred.add_argument("--out", default=None, help="output directory (default <ckpt dir>/predictions)")
     pred.add_argument("--device", default="auto")

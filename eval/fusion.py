@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .refine import check_refine, refine_eigvecs
+
 IGNORE_INDEX = 255
 
 FUSIONS = ("none", "project", "select", "oracle")
@@ -98,19 +100,26 @@ class FusionConfig:
 # ----------------------------------------------------------------------------- spectral pieces
 
 
-def upsample_eigvecs(eigvecs, size: tuple[int, int]) -> torch.Tensor:
+def upsample_eigvecs(eigvecs, size: tuple[int, int], *, image=None, refine: str | None = None) -> torch.Tensor:
     """(K, h, w) eigenvectors on the patch grid -> (K, H, W) float32 at the image's pixels.
 
     The grid covers the whole image (the pipeline resizes the full image to grid x patch), so
     bilinear interpolation with ``align_corners=False`` maps cell centres to pixel centres,
-    as the trainer's sampling does.
+    as the trainer's sampling does. ``refine="guided"`` then refines the upsampled vectors
+    with ``image`` (H, W, 3) uint8 (the guided filter, :mod:`eval.refine`): their zero
+    crossings move onto the image's edges.
     """
     v = torch.as_tensor(eigvecs, dtype=torch.float32)
     if v.dim() != 3:
         raise ValueError(f"eigvecs must be (K, h, w), got shape {tuple(v.shape)}")
-    if tuple(v.shape[-2:]) == tuple(size):
+    grid = tuple(v.shape[-2:])
+    if grid != tuple(size):
+        v = F.interpolate(v[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    if check_refine(refine) is None:
         return v
-    return F.interpolate(v[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    if image is None:
+        raise ValueError(f"refine={refine!r} needs the image the eigenvectors belong to")
+    return torch.from_numpy(refine_eigvecs(v.numpy(), image, grid=grid))
 
 
 def orthonormal_basis(eigvecs: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:

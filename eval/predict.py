@@ -206,10 +206,11 @@ def draw_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], pa
 
 
 def predict_image(predictor: Predictor, image_path: str | Path, classes: Sequence[str], out_dir: str | Path, *,
-                  fusion: str = "none", priors=None, fusion_cfg=None) -> dict:  # fmt: skip
+                  fusion: str = "none", priors=None, fusion_cfg=None, refine: str | None = None) -> dict:  # fmt: skip
     """Label map of one image for ``classes``; writes the overlay and the raw label PNG.
 
     ``priors``: None, a callable image -> eigvecs (K, h, w), or an open prior store.
+    ``refine``: None, or "guided" to refine the upsampled eigenvectors with the image.
     """
     from sazs.pipeline.datasets import read_image
 
@@ -224,7 +225,7 @@ def predict_image(predictor: Predictor, image_path: str | Path, classes: Sequenc
         if priors is None:
             raise ValueError(f"fusion {fusion!r} needs priors: pass --store STORE or --extractor NAME")
         grid = priors(image) if callable(priors) else store_priors_for(priors, image_path, image.shape[:2])
-        eig = upsample_eigvecs(grid, image.shape[:2])
+        eig = upsample_eigvecs(grid, image.shape[:2], image=image, refine=refine)
     labels = fuse_semantic(fusion, probs, eig, cfg=fusion_cfg or FusionConfig()).cpu().numpy().astype(np.uint8)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

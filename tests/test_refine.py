@@ -70,3 +70,14 @@ def test_refine_checks_its_inputs():
         refine_eigvecs(np.zeros((2, 42, 84), np.float32), image.astype(np.float32))
     with pytest.raises(ValueError, match="radius"):
         RefineConfig(radius=0)
+
+
+def test_fusion_upsampling_can_refine_with_the_image():
+    image = _step_image()
+    grid = np.stack([np.ones((3, 6)), np.repeat(np.array([[-1, -1, -1, 1, 1, 1]], float), 3, 0)]).astype(np.float32)
+    plain = upsample_eigvecs(grid, (42, 84)).numpy()
+    refined = upsample_eigvecs(grid, (42, 84), image=image, refine="guided").numpy()
+    np.testing.assert_allclose(refined, refine_eigvecs(plain, image, grid=(3, 6)), atol=1e-6)
+    assert not np.allclose(refined, plain)
+    with pytest.raises(ValueError, match="needs the image"):
+        upsample_eigvecs(grid, (42, 84), refine="guided")
