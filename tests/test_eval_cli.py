@@ -84,6 +84,19 @@ def test_run_refuses_what_would_not_be_zero_shot_or_lacks_priors(trained, tmp_pa
     assert "make train DATASET=voc DATA=... FOLD=3" in capsys.readouterr().err
 
 
+def test_run_names_a_split_list_it_cannot_read(trained, tmp_path, capsys):
+    voc, store, ckpt = trained
+    lists = tmp_path / "splits" / "pascal" / "val"
+    lists.mkdir(parents=True)
+    (lists / "fold0.txt").write_bytes(b"2007_000033__01\n2007_\xff00042__02\n")
+    args = run_args(voc, store, ckpt, tmp_path / "x", "--splits", tmp_path / "splits", "--fusion", "none",
+                    "--headline", "none", "--no-generalised", "--draw", 0)  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"sazs-eval: error: {lists / 'fold0.txt'}:2: not UTF-8 text (byte 0xff)" in err and "re-save it" in err
+
+
 def test_predict_any_image_size_and_class_names(trained, tmp_path, capsys):
     voc, store, ckpt = trained
     val_id = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
