@@ -1,5 +1,5 @@
 # sazs — the README's commands. Every target bootstraps .venv from nothing.
-#   make priors [DATASET=sample|folder|voc|coco] [DATA=path] [SPLIT=val] [EXTRACTOR=imgfocus-vits14]
+#   make priors [DATASET=sample|folder|voc|coco|davis|masks|camvid] [DATA=path] [SPLIT=val] [EXTRACTOR=imgfocus-vits14]
 #               [WEIGHTS=path] [DEVICE=auto] [SOLVER=auto] [LIMIT=N] [OUT=path.zarr] [OVERWRITE=1] [ARGS=...]
 #               [EXECUTOR=local|ray]   (ray: a local Ray instance, or the cluster at $RAY_ADDRESS)
 #   make train  [DATASET=voc|coco DATA=path FOLD=0..3|all CLIP_WEIGHTS=path PRIORS=store.zarr ARCH=ViT-B-16]
@@ -9,6 +9,8 @@
 #               [PRIORS=val-store.zarr SPLITS=hsnet/data/splits EPISODES=1000 FUSION=none,project,select,oracle]
 #               [HEADLINE=select REPORT=dir ARGS=...]   without DATASET: the `make train` demo (trained first if
 #               missing) on the synthetic VOC val split, 50 episodes
+#   make eval-priors STORE='a.zarr [b.zarr ...]' DATASET=davis|masks|camvid|voc DATA=path [SPLIT= LIMIT=N]
+#               [REFINE=guided] [REPORT=dir (default runs/priors-<dataset>)] [ARGS=...]
 #   make test   make bench (solvers)   make bench-store   make bench-ray   make bench-train   make bench-gpu (CUDA)
 #   make bench-cpu-path ARGS="--base REV"   make synth-voc   make synth-coco   make clean
 
@@ -85,7 +87,14 @@ EVAL_ARGS = --dataset $(TRAIN_DATASET) --split $(or $(SPLIT),val) --folds $(FOLD
 EVAL_DEMO_ARGS = $(EVAL_COMMON) $(if $(RUN),--run $(RUN)) $(if $(STEPS),--steps $(STEPS)) $(if $(ARCH),--arch $(ARCH)) \
 	$(if $(CLIP_WEIGHTS),--clip-weights $(CLIP_WEIGHTS)) $(ARGS)
 
-.PHONY: venv priors train eval test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path synth-voc synth-coco clean
+# Prior quality (make eval-priors): stores scored against the dataset's masks; DATASET/DATA/SPLIT/LIMIT/REPORT
+# as above. STORE may list several stores (side by side in one table); REFINE=guided adds the refined rows.
+STORE ?=
+REFINE ?=
+EVAL_PRIORS_ARGS = $(STORE) --dataset $(DATASET) $(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) \
+	$(if $(LIMIT),--limit $(LIMIT)) $(if $(REFINE),--refine $(REFINE)) --out $(or $(REPORT),runs/priors-$(DATASET)) $(ARGS)
+
+.PHONY: venv priors train eval eval-priors test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path synth-voc synth-coco clean
 
 venv: $(STAMP)
 
@@ -121,6 +130,10 @@ ifeq ($(TRAIN_DATASET),)
 else
 	$(VENV)/bin/sazs-eval run $(EVAL_ARGS)
 endif
+
+eval-priors: $(STAMP)
+	$(if $(STORE),,$(error eval-priors needs STORE=path/to/store.zarr (one or more, made by `make priors`)))
+	$(VENV)/bin/sazs-eval priors $(EVAL_PRIORS_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
