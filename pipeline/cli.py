@@ -92,7 +92,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--facet", default="key", choices=["key", "token"], help="last-block keys (DSM) or tokens")
     g.add_argument("--short-side", type=at_least(1), default=None, metavar="PX",
                    help="resize so the short side is this (rounded to the patch size; default 448)")
-    g.add_argument("--max-long-side", type=at_least(1), default=None, metavar="PX", help="cap on the long side (default 2x short)")
+    g.add_argument("--max-long-side", type=at_least(1), default=None, metavar="PX",
+                   help="cap on the long side (default 2x short)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda if present)")
     g.add_argument("--batch-size", type=at_least(1), default=8, help="images per extractor batch")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -118,7 +119,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="PATH",
                    help="store path (default priors/<dataset>-<split>-<extractor>.zarr)")
-    g.add_argument("--shard-size", type=at_least(1), default=64, metavar="S", help="images per store shard (default 64)")
+    g.add_argument("--shard-size", type=at_least(1), default=64, metavar="S",
+                   help="images per store shard (default 64)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store of a different setting")
     g.add_argument("--part", default=None, metavar="I/N",
                    help="compute only part I of N (contiguous shard ranges, from 0) into this store; "
@@ -288,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", parents=[get_args_parser()], help="compute priors into a store",
                          description="Compute spectral priors for every image of a dataset into a Zarr v3 store. "
-                                     "Example: sazs-priors run --dataset sample --extractor color --limit 3")
+                                     "Example: sazs-priors run --dataset sample --extractor color --limit 3. "
+                                     "Exit codes: 0 done (failed images are listed), 1 every image failed or "
+                                     "the Ray job failed, 2 a bad argument, dataset or store, or an --out that "
+                                     "cannot be written, 130 interrupted.")
     run.set_defaults(func=cmd_run)
     show = sub.add_parser("show", help="draw the priors of chosen images to a PNG",
                           description="Example: sazs-priors show priors/x.zarr --ids astronaut coffee --out x.png")

@@ -514,7 +514,8 @@ class COCODataset(Dataset):
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         names = ["background"] + [self.coco.cats[c]["name"] for c in cat_ids]
         paths = {str(i): root / split / self.coco.imgs[i]["file_name"] for i in sorted(self.coco.imgs)}
-        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names, image_root=root / split)
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names,
+                         image_root=root / split)
 
     def load_mask(self, id: str) -> np.ndarray:
         self.image_path(id)
