@@ -26,7 +26,8 @@ def disk_error_message(exc: OSError, path=None) -> str | None:
         fix = ("free space there or write to another disk, then re-run the same command "
                "(finished work is kept and resumed)")
     elif exc.errno in _NOT_WRITABLE:
-        fix = "it is read-only or not writable by you: choose a writable output path (--out / OUT=) or fix its permissions"
+        fix = ("it is read-only or not writable by you: choose a writable output path (--out / OUT=) "
+               "or fix its permissions")
     else:
         return None
     where = exc.filename or path or "the output"

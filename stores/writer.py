@@ -85,7 +85,8 @@ def inspect_dir(path: str | Path) -> tuple[str, str]:
     if "zarr.json" in names:
         try:
             meta = read_json_object(_local_fs(), str(path / "zarr.json"), f"{path}/zarr.json")
-            manifest = (meta.get("attributes") or {}).get("manifest") if isinstance(meta.get("attributes"), dict) else None
+            attributes = meta.get("attributes") if isinstance(meta.get("attributes"), dict) else {}
+            manifest = attributes.get("manifest")
             if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
                 return "store", ""
             reason = "its zarr.json has no sazs manifest (was its creation interrupted?)"
