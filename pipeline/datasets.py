@@ -229,9 +229,10 @@ class Dataset:
                  class_names: list[str], image_root: str | os.PathLike | None = None):  # fmt: skip
         ids = list(paths)[: cfg.limit]
         self.root, self.split, self.min_side, self.max_pixels = root, split, cfg.min_side, cfg.max_pixels
-        # Every image path must stay inside this folder (read_image's root check): an entry
-        # of a split list or annotation file with '..' or an absolute path fails alone.
-        self.image_root = str(image_root if image_root is not None else root)
+        # Readers whose image paths come from text (split lists, annotation files) name the
+        # folder those paths must stay inside (read_image's root check), so that an entry
+        # with '..' or an absolute path fails alone; readers that list directories need none.
+        self.image_root = None if image_root is None else os.path.abspath(image_root)
         self.ids: list[str] = ids
         self._paths = {i: paths[i] for i in ids}
         self.class_names: list[str] = class_names

@@ -102,12 +102,12 @@ class ShardSource:
     paths: dict[int, str]
     min_side: int
     max_pixels: int
-    root: str  # the dataset's image_root, absolute: no path may leave it
+    root: str | None  # the dataset's image_root (absolute), which no path may leave; None: no check
 
     @classmethod
     def of(cls, dataset: Dataset, indices: list[int]) -> "ShardSource":
         return cls({i: os.path.abspath(dataset.image_path(dataset.ids[i])) for i in indices}, dataset.min_side,
-                   dataset.max_pixels, os.path.abspath(dataset.image_root))
+                   dataset.max_pixels, dataset.image_root)
 
     def load(self, i: int) -> np.ndarray:
         return read_image(self.paths[i], self.min_side, self.max_pixels, root=self.root)
