@@ -44,10 +44,16 @@ class RefineConfig:
     # (He et al.'s edge-preserving setting, eps = 0.1^2).
     eps: float = 1e-2
     color: bool = True  # colour guide (3x3 covariance per pixel); False: grayscale
+    # Fit the coefficients on a grid this many times coarser (the fast guided filter); None:
+    # a quarter of the radius, so the coarse window is always ~4 px: the source (eigenvectors
+    # from a patch grid) is smooth at that scale, and the output still takes the image's edges.
+    subsample: int | None = None
 
     def __post_init__(self) -> None:
         if self.radius is not None and self.radius < 1:
             raise ValueError(f"refinement radius must be >= 1 pixel, got {self.radius}")
+        if self.subsample is not None and self.subsample < 1:
+            raise ValueError(f"refinement subsample must be >= 1, got {self.subsample}")
         if not self.eps > 0:
             raise ValueError(f"refinement eps must be > 0, got {self.eps}")
 
@@ -72,42 +78,76 @@ def box_mean(a: np.ndarray, r: int) -> np.ndarray:
     return s / np.outer(rows, cols)
 
 
-def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
+def _coefficients(g: np.ndarray, p: np.ndarray, radius: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window affine fit p ~ a·g + b, averaged over the windows (He et al., Alg. 1, steps 1-4).
+
+    ``g`` (C, H, W) with C = 1 or 3, ``p`` (M, H, W) -> mean a (M, C, H, W), mean b (M, H, W).
+    """
+    mean = lambda a: box_mean(a, radius)  # noqa: E731
+    mean_g, mean_p = mean(g), mean(p)  # (C, H, W), (M, H, W)
+    cov = np.stack([mean(g[c][None] * p) - mean_g[c][None] * mean_p for c in range(len(g))], 1)  # (M, C, H, W)
+    if len(g) == 1:
+        a = cov / (mean(g * g) - mean_g**2 + eps)[None]
+    else:
+        # the guide's 3x3 covariance per pixel, regularised, inverted by its adjugate
+        sig = {}
+        for i in range(3):
+            for j in range(i, 3):
+                sig[i, j] = sig[j, i] = mean(g[i] * g[j]) - mean_g[i] * mean_g[j] + (eps if i == j else 0.0)
+        adj = {(0, 0): sig[1, 1] * sig[2, 2] - sig[1, 2] ** 2, (0, 1): sig[0, 2] * sig[1, 2] - sig[0, 1] * sig[2, 2],
+               (0, 2): sig[0, 1] * sig[1, 2] - sig[0, 2] * sig[1, 1], (1, 1): sig[0, 0] * sig[2, 2] - sig[0, 2] ** 2,
+               (1, 2): sig[0, 1] * sig[0, 2] - sig[0, 0] * sig[1, 2], (2, 2): sig[0, 0] * sig[1, 1] - sig[0, 1] ** 2}
+        for (i, j) in list(adj):
+            adj[j, i] = adj[i, j]
+        det = sig[0, 0] * adj[0, 0] + sig[0, 1] * adj[0, 1] + sig[0, 2] * adj[0, 2]
+        a = np.stack([sum(adj[i, j] * cov[:, j] for j in range(3)) for i in range(3)], 1) / det
+    b = mean_p - (a * mean_g[None]).sum(1)
+    return mean(a), mean(b)
+
+
+def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of the last two axes (align_corners=False, as the eigenvector upsampling)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, 1, *a.shape[-2:])
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return out.reshape(*a.shape[:-2], *size).numpy()
+
+
+def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float, subsample: int = 1) -> np.ndarray:
     """He et al.'s guided filter of ``src`` (..., H, W) by ``guide`` (H, W) or (H, W, 3) in [0, 1].
 
-    Returns float64 of ``src``'s shape. Linear in ``src``: filter(α·p + β·p') = α·q + β·q'.
+    ``subsample`` > 1 is the fast guided filter (He & Sun 2015): the affine coefficients are
+    fitted on the guide and source subsampled by that factor (radius divided likewise) and
+    upsampled bilinearly, then applied to the full-resolution guide, so the output keeps
+    the guide's pixel-sharp edges at 1/subsample² of the cost. Returns float64 of ``src``'s
+    shape. Linear in ``src``: filter(α·p + β·p') = α·q + β·q'.
     """
-    guide = np.asarray(guide, np.float64)
-    src = np.asarray(src, np.float64)
+    guide = np.asarray(guide)
+    src = np.asarray(src)
     hw = src.shape[-2:]
     if guide.shape[:2] != hw:
         raise ValueError(f"guide {guide.shape[:2]} and source {hw} differ in size")
-    mean = lambda a: box_mean(a, radius)  # noqa: E731
-    mean_p = mean(src)
-    if guide.ndim == 2:
-        mean_i = mean(guide)
-        var_i = mean(guide * guide) - mean_i**2
-        a = (mean(guide * src) - mean_i * mean_p) / (var_i + eps)
-        b = mean_p - a * mean_i
-        return mean(a) * guide + mean(b)
-    if guide.ndim != 3 or guide.shape[2] != 3:
+    if guide.ndim == 3 and guide.shape[2] != 3 or guide.ndim not in (2, 3):
         raise ValueError(f"guide must be (H, W) or (H, W, 3), got {guide.shape}")
-    g = np.moveaxis(guide, -1, 0)  # (3, H, W)
-    mean_i = mean(g)  # (3, H, W)
-    # Per-pixel 3x3 covariance of the guide, regularised, and its inverse.
-    sigma = np.empty((*hw, 3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            sigma[..., i, j] = sigma[..., j, i] = mean(g[i] * g[j]) - mean_i[i] * mean_i[j]
-    sigma += eps * np.eye(3)
-    inv = np.linalg.inv(sigma)  # (H, W, 3, 3)
+    if subsample < 1:
+        raise ValueError(f"subsample must be >= 1, got {subsample}")
+    g = (guide[None] if guide.ndim == 2 else np.moveaxis(guide, -1, 0)).astype(np.float64)  # (C, H, W)
     lead = src.shape[:-2]
-    p = src.reshape(-1, *hw)  # (M, H, W)
-    cov_ip = np.stack([mean(g[c][None] * p) - mean_i[c][None] * mean_p.reshape(-1, *hw) for c in range(3)], 1)
-    a = np.einsum("hwij,mjhw->mihw", inv, cov_ip)  # (M, 3, H, W)
-    b = mean_p.reshape(-1, *hw) - np.einsum("mihw,ihw->mhw", a, mean_i)
-    q = np.einsum("mihw,ihw->mhw", mean(a), g) + mean(b)
-    return q.reshape(*lead, *hw)
+    p = src.reshape(-1, *hw).astype(np.float64)
+    if subsample > 1:
+        small = (max(1, round(hw[0] / subsample)), max(1, round(hw[1] / subsample)))
+        mean_a, mean_b = _coefficients(_resize(g, small), _resize(p, small), max(1, round(radius / subsample)), eps)
+        # full resolution in float32: only the (smooth) coefficients are resized and applied
+        mean_a, mean_b = _resize(mean_a.astype(np.float32), hw), _resize(mean_b.astype(np.float32), hw)
+        g = g.astype(np.float32)
+    else:
+        mean_a, mean_b = _coefficients(g, p, radius, eps)
+    q = mean_b
+    for c in range(len(g)):
+        q += mean_a[:, c] * g[c]
+    return q.reshape(*lead, *hw).astype(np.float64)
 
 
 def default_radius(image_hw: tuple[int, int], grid: tuple[int, int]) -> int:
@@ -130,7 +170,8 @@ def refine_eigvecs(vecs: np.ndarray, image: np.ndarray, cfg: RefineConfig = Refi
         raise ValueError(f"eigenvectors {vecs.shape[-2:]} are not at the image's size {image.shape[:2]}; "
                          "upsample them first")
     radius = cfg.radius or (default_radius(image.shape[:2], grid) if grid else max(1, max(image.shape[:2]) // 32))
-    guide = image.astype(np.float64) / 255.0
+    guide = image.astype(np.float32) / np.float32(255)
     if not cfg.color:
-        guide = guide @ np.array([0.299, 0.587, 0.114])
-    return guided_filter(guide, vecs, radius, cfg.eps).astype(np.float32)
+        guide = guide @ np.array([0.299, 0.587, 0.114], np.float32)
+    subsample = cfg.subsample or max(1, radius // 4)
+    return guided_filter(guide, vecs, radius, cfg.eps, subsample).astype(np.float32)

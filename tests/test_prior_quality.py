@@ -42,6 +42,18 @@ def test_span_projection_by_hand():
     np.testing.assert_allclose(pq.span_projection(vecs, outside)[0, 0], [1 / 3, 1 / 3, 1 / 3, 0], atol=1e-6)
 
 
+def test_span_projection_is_the_qr_projector():
+    from sazs.eval.fusion import orthonormal_basis
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((5, 9, 11)).astype(np.float32)
+    vecs[4] = vecs[0] + vecs[1]  # a dependent direction is dropped, not amplified
+    targets = rng.random((2, 9, 11)).astype(np.float32)
+    q = orthonormal_basis(torch.from_numpy(vecs)).double().numpy()
+    want = (q @ (q.T @ targets.reshape(2, -1).T)).T.reshape(targets.shape)
+    np.testing.assert_allclose(pq.span_projection(vecs, targets), want, atol=1e-5)
+
+
 def _two_by_four():
     v0 = np.ones((2, 4))
     v1 = np.array([[1, 1, -1, -1], [1, 1, -1, -1]], float)  # minority-positive: left half

@@ -38,7 +38,8 @@ def _step_image(h=42, w=84, edge=38):
     return image
 
 
-def test_guided_refinement_follows_a_step_edge_better_than_bilinear():
+@pytest.mark.parametrize("cfg", [RefineConfig(), RefineConfig(subsample=1), RefineConfig(color=False)])
+def test_guided_refinement_follows_a_step_edge_better_than_bilinear(cfg):
     h, w, edge, patch = 42, 84, 38, 14
     image = _step_image(h, w, edge)
     # the object (bright, right of column 38) on a 3 x 6 grid of 14 px patches: patch 2 (columns
@@ -49,7 +50,7 @@ def test_guided_refinement_follows_a_step_edge_better_than_bilinear():
     truth = np.zeros((h, w), bool)
     truth[:, edge:] = True
     up = upsample_eigvecs(grid, (h, w)).numpy()
-    refined = refine_eigvecs(up, image, RefineConfig(), grid=(3, 6))
+    refined = refine_eigvecs(up, image, cfg, grid=(3, 6))
     err = lambda v: np.abs(np.argmax(v[1][h // 2] > 0) - edge)  # noqa: E731
     assert err(up) >= 3
     assert err(refined) <= 1
