@@ -322,3 +322,16 @@ def test_symlinks_inside_the_root_are_followed(tmp_path):
     assert read_image(root / "x.png", root=root).shape == (48, 64, 3)
     with pytest.raises(ImageError, match="leaves the dataset root"):
         read_image(root / ".." / "shared" / "x.png", root=root)
+
+
+def test_readers_that_list_folders_have_no_root_check(tmp_path):
+    """Only paths read from text are checked: a masks dataset's --images-dir may lie outside DATA."""
+    from sazs.pipeline.datasets import MasksDataset
+
+    save(tmp_path / "elsewhere" / "a.png")
+    root = tmp_path / "data"
+    (root / "masks").mkdir(parents=True)
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(root / "masks" / "a.png")
+    ds = MasksDataset(DatasetConfig(name="masks", root=str(root)), images_dir=str(tmp_path / "elsewhere"))
+    assert ds.image_root is None and ds.load_image("a").shape == (48, 64, 3)
+    assert ShardSource.of(ds, [0]).load(0).shape == (48, 64, 3)
