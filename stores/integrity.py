@@ -238,11 +238,14 @@ def missing_objects(store: PriorStore, objects: dict[str, int] | set[str]) -> di
     """
     out: dict[str, str] = {}
     arrays = {name: store.group[name] for name in DONE_ARRAYS}
+    first_gone: dict[tuple[str, int], str | None] = {}  # (array, chunk row): rows of one chunk share it
     for i in np.flatnonzero(store.status() == DONE):
         for name, array in arrays.items():
-            gone = next((k for k in _row_keys(array, name, int(i)) if k not in objects), None)
-            if gone is not None:
-                out[store.ids[i]] = gone
+            row = int(i) // (array.shards or array.chunks)[0]
+            if (name, row) not in first_gone:
+                first_gone[name, row] = next((k for k in _row_keys(array, name, int(i)) if k not in objects), None)
+            if first_gone[name, row] is not None:
+                out[store.ids[i]] = first_gone[name, row]
                 break
     return out
 

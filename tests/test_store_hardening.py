@@ -82,6 +82,21 @@ def test_a_deleted_eigvecs_shard_of_an_unfinalised_store_is_damage(store, capsys
     assert json.loads(capsys.readouterr().out)["damaged"] == {"missing_data": 3, "bad_status": 0}
 
 
+
+def test_missing_objects_are_found_on_object_storage_too(store):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = "memory://hardening/missing.zarr"
+    fs.put(str(store), url, recursive=True)
+    fs.rm(f"{url}/eigvecs/c/0/0/0/0")
+    report = verify(url)
+    assert [x.split()[0] for x in report.missing_data] == ["im0", "im1", "im2"] and not report.ok
+    with pytest.raises(StoreError, match="eigvecs data is missing"):
+        open_store(url).get("im0")
+    fs.rm(url, recursive=True)
+
+
 def test_a_deleted_small_array_chunk_and_a_zeroed_inner_chunk_are_damage(store):
     (store / "eigvals" / "c" / "0" / "0").unlink()
     set_values(store, "eigvecs", 4, 0)  # Zarr then drops image 4's chunk from its shard
