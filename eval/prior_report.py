@@ -200,11 +200,22 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _json_safe(x):
+    """NaN (an undefined score) as null, so report.json is strict JSON."""
+    if isinstance(x, float):
+        return None if math.isnan(x) else x
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "report.json", out / "report.md"
-    js.write_text(json.dumps(report, indent=1, default=float, allow_nan=True) + "\n")
+    js.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
     md.write_text(format_markdown(report) + "\n")
     return js, md
 

@@ -182,7 +182,7 @@ def test_eval_priors_end_to_end_on_a_synthetic_davis(tmp_path):
     out = tmp_path / "report"
     assert eval_main(["priors", str(store), str(store), "--names", "ours,again", "--dataset", "davis", "--data",
                       str(root), "--out", str(out), "--refine", "guided", "--no-progress"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     ours = report["stores"]["ours"]
     assert set(ours["variants"]) == {"bilinear", "guided"}
     mean = ours["variants"]["bilinear"]["mean"]
