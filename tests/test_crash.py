@@ -58,7 +58,7 @@ def rerun(out, *extra, args=ARGS):
     return cli.main(["run", *args, "--out", str(out), *map(str, extra)])
 
 
-def wait_for(condition, what, timeout=180.0):
+def wait_for(condition, what, timeout=300.0):
     """Poll ``condition`` until it holds; the timeout is a safety net that fails the test."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -135,7 +135,7 @@ def run(*argv) -> int:
     return cli.main(["run", *map(str, argv)])
 
 
-def wait_for(condition, timeout=180.0, what="condition"):
+def wait_for(condition, timeout=300.0, what="condition"):
     """Poll ``condition`` until it holds; the timeout is a safety net that fails the test."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -321,7 +321,7 @@ def two_nodes(ray_tmp, tmp_path):
             # A session of its own: `ray start` exits, its daemons keep this process group.
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             groups.append(proc.pid)
-            assert proc.wait(timeout=120) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+            assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
         yield {"address": f"127.0.0.1:{port}", "head_group": groups[0], "node2_group": groups[1]}
     finally:
         for group in groups:
