@@ -35,7 +35,7 @@ import numpy as np
 
 from .console import disk_error_message
 from .manifest import code_version
-from .reader import PriorStore, open_store, split_url
+from .reader import PriorStore, is_http, open_store, split_url
 from .schema import ARRAYS, DONE, FAILED, PENDING, STATUS_NAMES, StoreError
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,36 @@ def _key(root: str, path: str) -> str:
 
 
 def list_objects(fs, root: str) -> dict[str, int]:
-    """Every object of the store (key relative to the root → size), side files excluded."""
+    """Every object of the store (key relative to the root → size), side files excluded.
+
+    Plain HTTP cannot list: there the objects are those the checksum file names that the
+    server has (one HEAD each).
+    """
+    if is_http(fs):
+        return _served_objects(fs, root)
     found = fs.find(root, detail=True)
     return {_key(root, p): int(info.get("size") or 0) for p, info in found.items()
             if info.get("type", "file") == "file" and _key(root, p) not in SIDE_FILES}
+
+
+def _served_objects(fs, root: str) -> dict[str, int]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = read_checksums(fs, root)
+    if expected is None:
+        raise StoreError(f"{root} has no {CHECKSUM_FILE}: over plain HTTP the objects of a store cannot be listed, "
+                         "only a finalised store can be read there; finalize it (sazs-store finalize) and publish "
+                         "it again")
+
+    def size(key: str) -> int | None:
+        try:
+            return int(fs.info(f"{root.rstrip('/')}/{key}").get("size") or 0)
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        sizes = dict(zip(expected, pool.map(size, expected)))
+    return {k: n for k, n in sizes.items() if n is not None}
 
 
 def sha256_of(fs, path: str) -> str:
@@ -269,6 +295,9 @@ def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[
     for j in np.flatnonzero(~np.isin(status, list(STATUS_NAMES))):
         out["bad_status"].append(f"{store.ids[lo + j]} (status {int(status[j])})")
     (hmax, wmax), (low, high) = store.max_grid, EIGVAL_RANGE
+    # An imported store (stores/dsm.py) has no graph to compute residuals from: they are NaN.
+    if "imported" in store.manifest:
+        residual = np.where(np.isnan(residual), 0.0, residual)
     for j in np.flatnonzero(status == DONE):
         id_ = store.ids[lo + j]
         h, w = (int(x) for x in grid[j])

@@ -9,10 +9,16 @@ pickle, no plugins).
 
 Per-image metadata (ids, status, grid, eigenvalues, residuals) is small and read once,
 on first use; ``get(id)`` then costs one byte-range read of the image's eigenvector chunk.
+
+Plain web hosting (``http://``, ``https://``: any static web server or public bucket
+serving a published store's files) goes through fsspec's HTTP filesystem (aiohttp). Reading
+needs no listing, only GETs of known keys; the server must answer byte-range requests
+(every common one does), which is checked once on opening.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +33,10 @@ from .schema import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALLOWED_CODECS", "Prior", "PriorStore", "array_spec", "open_store", "split_url"]
+# Reads of an http(s):// store, each retried this many times in all when the connection fails.
+HTTP_ATTEMPTS = 3
+
+__all__ = ["ALLOWED_CODECS", "Prior", "PriorStore", "array_spec", "is_http", "open_store", "split_url"]
 
 
 @dataclass
@@ -49,6 +58,45 @@ def split_url(url: str | Path, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
 
 
+def is_http(fs) -> bool:
+    """True for fsspec's HTTP filesystem: plain web hosting, where objects cannot be listed."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "http" in protocols or "https" in protocols
+
+
+def http_errors(fs) -> tuple[type[BaseException], ...]:
+    """What reading from ``fs`` raises, besides OSError, when the network or the server fails:
+    for HTTP aiohttp's errors (a dropped connection, an HTTP 5xx) and timeouts; else nothing."""
+    if not is_http(fs):
+        return ()
+    import aiohttp
+
+    return (aiohttp.ClientError, TimeoutError)
+
+
+def check_http_store(fs, root: str, url: str) -> None:
+    """Fail in one line, naming ``url`` and the fix, unless the server holds a root zarr.json and answers ranges.
+
+    Zarr reads each image's eigenvectors as a byte range of a shard; a server that ignores
+    ``Range`` (``python -m http.server`` before Python 3.14, some proxies) would hand back whole
+    shards, which fail to decode far from the cause.
+    """
+    where = f"{url.rstrip('/')}/zarr.json"
+    try:
+        head = fs.cat_file(f"{root.rstrip('/')}/zarr.json", start=0, end=1)
+    except FileNotFoundError:
+        raise StoreError(f"{url} is not a prior store ({where} is not found, HTTP 404); check the URL, and "
+                         "serve the files of a finalised store there (sazs-store publish STORE DIR, then serve "
+                         "DIR)") from None
+    except (OSError, *http_errors(fs)) as exc:
+        raise StoreError(f"cannot read {where} ({type(exc).__name__}: {exc}); check the URL and that the server "
+                         "is up and readable without credentials, then re-run") from None
+    if len(head) != 1:
+        raise StoreError(f"the server of {url} ignores HTTP Range requests (asked for 1 byte of zarr.json, got "
+                         f"{len(head)}); serve the store with one that supports them (nginx, Caddy, Apache, any "
+                         "object-storage bucket)")
+
+
 class PriorStore:
     """Read-only view of a prior store (local path or fsspec URL)."""
 
@@ -56,6 +104,9 @@ class PriorStore:
         self.url = str(url)
         self.storage_options = storage_options or {}
         self.fs, self.root = split_url(url, self.storage_options)
+        self._http_errors = http_errors(self.fs)
+        if is_http(self.fs):
+            check_http_store(self.fs, self.root, self.url)
         # Every zarr.json is checked (bounded, codecs allow-listed, shapes within limits)
         # before Zarr parses any of them.
         self.manifest, _ = validate_store(self.fs, self.root, self.url)
@@ -83,9 +134,9 @@ class PriorStore:
             from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
             return FsspecStore(AsyncFileSystemWrapper(self.fs, asynchronous=True), path=self.root, read_only=True)
-        # Zarr runs its own event loop; self.fs (sync, e.g. s3fs) is bound to fsspec's loop,
-        # where its HTTP session lives ("attached to a different loop"), so Zarr gets its own
-        # asynchronous instance.
+        # Zarr runs its own event loop; self.fs (sync, e.g. s3fs or http) is bound to fsspec's
+        # loop, where its HTTP session lives ("attached to a different loop"), so Zarr gets its
+        # own asynchronous instance.
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=True)
 
     # -- metadata --------------------------------------------------------------------------
@@ -105,11 +156,21 @@ class PriorStore:
         return {name: self._read(name) for name in ("status", "grid", "image_size", "eigvals", "residual")}
 
     def _read(self, name: str, selection=slice(None)) -> np.ndarray:
-        try:
-            return np.asarray(self._arrays[name][selection])
-        except (KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:
-            raise StoreError(f"cannot decode {self.url}/{name} ({type(exc).__name__}: {exc}); the object is "
-                             "truncated or damaged: run `sazs-store verify` and pull or re-create the store") from None
+        # A web server that drops a connection now and then must not end a training run:
+        # over HTTP a failed read is retried (s3fs and gcsfs retry inside themselves).
+        attempts = HTTP_ATTEMPTS if is_http(self.fs) else 1
+        for attempt in itertools.count(1):
+            try:
+                return np.asarray(self._arrays[name][selection])
+            except self._http_errors as exc:
+                if attempt == attempts:
+                    raise StoreError(f"cannot read {self.url}/{name}: {type(exc).__name__}: {exc} (after {attempts} "
+                                     "attempts); check that the server is up, then re-run") from None
+                log.warning("reading %s/%s failed (%s: %s); retrying", self.url, name, type(exc).__name__, exc)
+            except (KeyError, ValueError, RuntimeError, TypeError, OSError) as exc:
+                raise StoreError(f"cannot decode {self.url}/{name} ({type(exc).__name__}: {exc}); the object is "
+                                 "truncated or damaged: run `sazs-store verify` and pull or re-create the "
+                                 "store") from None
 
     def status(self) -> np.ndarray:
         return self._meta["status"]
@@ -187,5 +248,5 @@ class PriorStore:
 
 
 def open_store(url: str | Path, *, storage_options: dict | None = None) -> PriorStore:
-    """Open a prior store read-only: a local path, or s3://, gs://, memory://... through fsspec."""
+    """Open a prior store read-only: a local path, or s3://, gs://, https://, memory://... through fsspec."""
     return PriorStore(url, storage_options=storage_options)

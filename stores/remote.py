@@ -16,6 +16,14 @@ other object, so a partial upload is never mistaken for a store by a reader.
 ``pull`` downloads into a hidden sibling directory, verifies it, and only then renames
 it into place: a failed or interrupted pull never leaves a half store at the
 destination.
+
+Plain web hosting: a published store is a tree of static files, so any web server or
+public bucket that serves them makes it readable at ``https://host/path/x.zarr``
+(``open_store``, ``pull``, ``verify``, training and evaluation), through fsspec's HTTP
+filesystem. HTTP cannot list a directory, so everything works from known keys: the
+summary and checksum file name every object. ``publish`` needs a writable destination (a
+local directory that the web server serves, or the bucket's own s3:// / gs:// URL).
+Over HTTP a download that fails on the way (a dropped connection, an HTTP 5xx) is retried.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
@@ -36,13 +45,16 @@ from pathlib import Path, PurePosixPath
 from .integrity import (
     CHECKSUM_FILE, DAMAGE, LOCK_FILE, SUMMARY_FILE, VerifyReport, list_objects, read_checksums, verify,
 )
-from .reader import split_url
+from .reader import http_errors, is_http, split_url
 from .schema import StoreError, parse_json
 
 log = logging.getLogger(__name__)
 
 # Object-store transfers are network-bound, not CPU-bound: a few threads hide latency.
 MAX_WORKERS = 8
+# Over HTTP each download is tried this many times in all, waiting RETRY_WAIT_S * attempt between tries.
+HTTP_ATTEMPTS = 3
+RETRY_WAIT_S = 1.0
 ROOT_META = "zarr.json"
 
 
@@ -54,11 +66,14 @@ def _sha256(data: bytes) -> str:
 
 
 def _cat(fs, path: str) -> bytes | None:
-    """Bytes of one object, or None if it does not exist."""
+    """Bytes of one object, or None if it does not exist; StoreError if the server cannot be read."""
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
         return None
+    except (OSError, *http_errors(fs)) as exc:
+        raise StoreError(f"cannot read {path} ({type(exc).__name__}: {exc}); check the URL, the credentials "
+                         "and that the server is up, then re-run") from None
 
 
 def _read_json(fs, path: str, url: str) -> dict | None:
@@ -90,14 +105,17 @@ def _is_local(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _transfer(jobs: list[tuple[str, int]], do: Callable[[str], None], *, what: str, url: str,
-              progress: bool, max_workers: int) -> None:
-    """Run ``do(key)`` for every (key, size) in parallel threads, with a byte progress bar."""
+def _transfer(jobs: list[tuple[str, int | None]], do: Callable[[str], int | None], *, what: str, url: str,
+              progress: bool, max_workers: int, total: int | None = None) -> None:
+    """Run ``do(key)`` for every (key, size) in parallel threads, with a byte progress bar.
+
+    A size of None (HTTP: unknown before the download) counts what ``do`` returns.
+    """
     if not jobs:
         return
     from tqdm import tqdm
 
-    total = sum(size for _, size in jobs)
+    total = total or sum(size or 0 for _, size in jobs)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=not progress,
               leave=False) as bar, ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
         futures = {pool.submit(do, key): (key, size) for key, size in jobs}
@@ -105,11 +123,11 @@ def _transfer(jobs: list[tuple[str, int]], do: Callable[[str], None], *, what: s
             for fut in as_completed(futures):
                 key, size = futures[fut]
                 try:
-                    fut.result()
+                    done = fut.result()
                 except OSError as exc:
                     raise StoreError(f"{what} {key} failed for {url} ({type(exc).__name__}: {exc}); "
                                      "check the URL and credentials, then re-run") from None
-                bar.update(size)
+                bar.update(size if size is not None else done or 0)
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -326,20 +344,20 @@ def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, pro
         (tmp / CHECKSUM_FILE).write_bytes(checksum_text)
         expected = read_checksums(_local_fs(), str(tmp))
         keys = [_safe_key(k, url) for k in sorted(expected)]
-        listing = list_objects(fs, root)
+        # Plain HTTP cannot list: an object missing there is found by its download (HTTP 404).
+        listing = dict.fromkeys(keys) if is_http(fs) else list_objects(fs, root)
         missing = [k for k in keys if k not in listing]
         if missing:
-            raise StoreError(f"{url} lacks {len(missing)} object(s) listed in its checksums "
-                             f"({', '.join(missing[:5])}); the published store is damaged: "
-                             "re-publish it from a good copy to a new URL")
+            raise StoreError(_lacks(url, missing))
         for parent in sorted({(tmp / k).parent for k in keys}):
             parent.mkdir(parents=True, exist_ok=True)
 
-        def download(key: str) -> None:
-            fs.get_file(f"{root}/{key}", str(tmp / key))
+        def download(key: str) -> int:
+            _download(fs, f"{root}/{key}", tmp / key, key=key, url=url, dest=dest)
+            return (tmp / key).stat().st_size
 
         _transfer([(k, listing[k]) for k in keys], download, what="downloading", url=url, progress=progress,
-                  max_workers=max_workers)
+                  max_workers=max_workers, total=summary.get("total_bytes") if is_http(fs) else None)
         (tmp / SUMMARY_FILE).write_bytes(summary_bytes)
         report = verify(str(tmp), progress=progress)
         if not report.ok:
@@ -356,6 +374,32 @@ def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, pro
     report.url = str(dest)
     log.info("pulled %s to %s: %d object(s), verified", url, dest, report.num_objects)
     return report
+
+
+def _lacks(url: str, missing: list[str]) -> str:
+    return (f"{url} lacks {len(missing)} object(s) listed in its checksums ({', '.join(missing[:5])}); the "
+            "published store is damaged: re-publish it from a good copy to a new URL")
+
+
+def _download(fs, path: str, local: Path, *, key: str, url: str, dest: Path) -> None:
+    """Copy one object to ``local``; over HTTP retry what the network broke, then fail naming it."""
+    transient = http_errors(fs)
+    attempts = HTTP_ATTEMPTS if transient else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            fs.get_file(path, str(local))
+            return
+        except FileNotFoundError:
+            raise StoreError(_lacks(url, [key])) from None
+        except transient as exc:
+            status = getattr(exc, "status", None)  # an HTTP error response: only a 5xx may pass
+            if attempt == attempts or (status is not None and status < 500):
+                tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
+                raise StoreError(f"downloading {key} from {url} failed{tries}: {type(exc).__name__}: {exc}; "
+                                 f"nothing was written to {dest}: check that the server is up and serves the "
+                                 "store's files, then re-run the pull") from None
+            log.warning("downloading %s from %s failed (%s: %s); retrying", key, url, type(exc).__name__, exc)
+            time.sleep(RETRY_WAIT_S * attempt)
 
 
 def _local_summary(path: Path) -> dict | None:
