@@ -329,6 +329,9 @@ def add_priors_parser(sub) -> None:
                    help="also score eigenvectors refined to pixel resolution with the image (guided filter)")
     p.add_argument("--boundary-tolerance", type=float, default=0.008,
                    help="boundary band: >= 1 pixels, < 1 fraction of the diagonal (0.008)")
+    p.add_argument("--baseline", default=None, choices=sorted(BASELINES),
+                   help="also compute (or resume) OUT/baseline-dsm.zarr, the original formulation on the same "
+                        "dataset, extractor and K as the first STORE, and score it beside them")
     p.add_argument("--out", required=True, metavar="DIR", help="report directory (report.md, report.json, PNGs)")
     p.add_argument("--no-pictures", action="store_true", help="skip the picture grids")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -358,6 +361,42 @@ def store_ms_per_image(url: str) -> float | None:
         return None
 
 
+BASELINES = {"dsm": "the original Deep Spectral Methods formulation: dense affinity max(f·fᵀ, 0), generalised "
+                     "shift-invert eigsh(D − W, M = D)"}  # fmt: skip
+
+
+def compute_baseline(kind: str, like, dataset, out_dir: str | Path, *, progress: bool) -> Path:
+    """Compute (or resume) the baseline store ``out_dir/baseline-<kind>.zarr`` of ``dataset`` with the
+    extractor and K of the store ``like``, through the pipeline's own run function."""
+    from dataclasses import fields
+
+    from sazs.pipeline.extractors import FACETS, ExtractorConfig, build_extractor
+    from sazs.pipeline.graph import GraphConfig
+    from sazs.pipeline.job import JobConfig, run_local
+    from sazs.pipeline.spectral import SpectralConfig, list_solvers
+
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; choose from {sorted(BASELINES)}")
+    if "kind" not in {f.name for f in fields(GraphConfig)} or "generalized" not in list_solvers():
+        raise ValueError("--baseline dsm needs the pipeline's dense graph and generalized solver, which this sazs "
+                         "lacks; compute the baseline store with sazs-priors and pass it as another STORE")
+    ex = like.manifest.get("extractor", {})
+    policy = ex.get("input_size_policy", {})
+    weights = ex.get("weights")
+    extractor = ExtractorConfig(name=ex.get("name", "imgfocus-vits14"),
+                                weights=weights if weights and Path(weights).is_file() else None,
+                                facet=ex["facet"] if ex.get("facet") in FACETS else "key",  # color: no facet
+                                short_side=policy.get("short_side"),
+                                max_long_side=policy.get("max_long_side"))  # fmt: skip
+    path = Path(out_dir) / f"baseline-{kind}.zarr"
+    log.info("baseline %s: %s, extractor %s, K=%d -> %s", kind, BASELINES[kind], extractor.name, like.num_eigs, path)
+    summary = run_local(dataset, build_extractor(extractor), GraphConfig(kind="dense"),
+                        SpectralConfig(num_eigs=like.num_eigs, solver="generalized"),
+                        JobConfig(out=str(path), progress=progress, preview=0))  # fmt: skip
+    log.info("baseline %s: %d done, %d failed", kind, summary.done, summary.failed)
+    return path
+
+
 def cmd_priors(args) -> int:
     from sazs.stores.reader import open_store
 
@@ -372,6 +411,10 @@ def cmd_priors(args) -> int:
     dataset = _build_dataset(args)
     label_map = args.dataset not in BINARY_DATASETS
     stores = {n: open_store(s) for n, s in zip(names, args.stores)}
+    if args.baseline:
+        path = compute_baseline(args.baseline, next(iter(stores.values())), dataset, args.out,
+                                progress=not args.no_progress)  # fmt: skip
+        stores[f"{args.baseline} (original)"] = open_store(path)
     results, timing, score_ms = {}, {}, {}
     for name, store in stores.items():
         t0 = time.perf_counter()

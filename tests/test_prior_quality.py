@@ -245,3 +245,30 @@ def test_eval_priors_label_maps_on_a_synthetic_camvid(tmp_path):
     assert set(v["per_class"]) == {"sky", "road", "car"}
     assert 0 < v["mean"]["covering"] <= 1 and 0 <= v["mean"]["boundary_recall"] <= 1
     assert "best IoU per class" in (out / "report.md").read_text()
+
+
+def test_eval_priors_baseline_dsm_is_computed_and_scored_beside(tmp_path):
+    import json
+    from dataclasses import fields
+
+    from sazs.eval.cli import main as eval_main
+    from sazs.pipeline.cli import main as priors_main
+    from sazs.pipeline.graph import GraphConfig
+
+    if "kind" not in {f.name for f in fields(GraphConfig)}:
+        pytest.skip("this tree has no dense baseline graph yet")
+    root = tmp_path / "DAVIS"
+    _write_davis(root)
+    store = tmp_path / "davis.zarr"
+    assert priors_main(["run", "--dataset", "davis", "--data", str(root), "--extractor", "color", "--short-side", "48",
+                        "--out", str(store), "--preview", "0", "--no-progress"]) == 0
+    out = tmp_path / "report"
+    argv = ["priors", str(store), "--names", "ours", "--dataset", "davis", "--data", str(root), "--out", str(out),
+            "--baseline", "dsm", "--no-pictures", "--no-progress"]
+    assert eval_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stores"]) == ["ours", "dsm (original)"]
+    base = report["stores"]["dsm (original)"]
+    assert base["variants"]["bilinear"]["mean"]["num_images"] == 3 and base["ms_per_image"] > 0
+    assert (out / "baseline-dsm.zarr").is_dir()
+    assert eval_main(argv) == 0  # a re-run resumes the finished baseline store
