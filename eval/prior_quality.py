@@ -28,6 +28,10 @@ any other value = object, 255 = not evaluated (VOC's outline band; DAVIS has non
   at 0.5, IoU with the mask: how much of the object the K vectors can express at all, what
   the spectral loss and the ``project`` fusion rely on.
 
+The vectors are the store's u (orthonormal eigenvectors of I - D^-1/2 W D^-1/2); the
+generalised vectors of Deep Spectral Methods are v = D^-1/2 u, with the same signs, so every
+segment {v_k > 0} is the same; only the soft F_beta thresholds and the span see the D^-1/2.
+
 Images whose mask has no object pixel get NaN for the IoU/F keys (undefined; left out of the
 means, counted by ``fiedler_iou`` being NaN).
 
