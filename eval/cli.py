@@ -51,16 +51,19 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(add_help=add_help)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="voc", choices=["voc", "coco"], help="voc (PASCAL-5i) or coco (COCO-20i)")
+    g.add_argument("--dataset", default="voc", choices=["voc", "coco", "camvid"],
+                   help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11: generalised setting only)")
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")
     g.add_argument("--split", default="val", help="validation split (default val; coco: val -> val2017/val2014)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N validation images")
-    g.add_argument("--folds", default="0", help="folds: 0..3, a list such as 0,2, or 'all' (default 0)")
+    g.add_argument("--folds", default="0", help="folds: 0..3 (camvid 0..2), a list such as 0,2, or 'all' (default 0)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--ckpt", default=None, metavar="PATH",
                    help="checkpoint; '{fold}' in it is replaced by each fold "
                         "(default runs/<dataset>-fold{fold}-<arch>/checkpoint.pt, the sazs-train default)")
-    g.add_argument("--arch", default=DEFAULT_ARCH, help=f"architecture in the default --ckpt path ({DEFAULT_ARCH})")
+    g.add_argument("--arch", default="auto",
+                   help="architecture in the default --ckpt path (auto: sazs-train's default, imgfocus-vits14 when "
+                        f"the pretrained stack is installed, else {DEFAULT_ARCH})")
     g.add_argument("--short-side", type=int, default=None, metavar="PX",
                    help="model input short side (default: the checkpoint's training crop)")
     g.add_argument("--max-long-side", type=int, default=None, metavar="PX", help="cap (default 2x short side)")
@@ -120,7 +123,12 @@ def build_eval_config(args: argparse.Namespace):
 
 
 def checkpoint_paths(args: argparse.Namespace, folds) -> dict[int, Path]:
-    pattern = args.ckpt or f"runs/{args.dataset}-fold{{fold}}-{args.arch}/checkpoint.pt"
+    arch = args.arch
+    if arch == "auto":
+        from sazs.train.encoders import resolve_encoders
+
+        arch = resolve_encoders("auto", "auto", None, fallback=DEFAULT_ARCH)[0]
+    pattern = args.ckpt or f"runs/{args.dataset}-fold{{fold}}-{arch}/checkpoint.pt"
     if "{fold}" not in pattern and len(folds) > 1:
         raise ValueError(f"one checkpoint ({pattern}) for folds {list(folds)}: each fold needs the model trained "
                          "without its classes; put '{fold}' in --ckpt "
@@ -161,13 +169,13 @@ def run_eval(args: argparse.Namespace) -> dict:
     from .fusion import NEEDS_PRIORS, fusion_key
     from .predict import Predictor
     from .protocols import (
-        BENCHMARKS, HSNET_NAMES, check_dataset_classes, fold_episodes, parse_folds, scan_labels, write_split_list,
-        zero_shot_split,
+        BENCHMARKS, HSNET_NAMES, check_dataset_classes, fold_episodes, num_folds, parse_folds, scan_labels,
+        write_split_list, zero_shot_split,
     )  # fmt: skip
     from .report import build_report, draw_episode_grid, format_text, write_report
 
     protocol, cfg = build_eval_config(args)
-    folds = parse_folds(args.folds)
+    folds = parse_folds(args.folds, num_folds(args.dataset))
     log.info("sazs %s; arguments: %s", code_version(), json.dumps(vars(args), default=str, sort_keys=True))
     dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.data, split=args.split, limit=args.limit))
     bench = BENCHMARKS[args.dataset][0]
@@ -177,6 +185,13 @@ def run_eval(args: argparse.Namespace) -> dict:
     out = Path(args.out or f"runs/eval-{dataset.name}-{dataset.split}")
 
     generalised = not args.no_generalised
+    # An episode is (background word, class): a benchmark without background (CamVid) has none.
+    episodes_on = zero_shot_split(args.dataset, folds[0]).background
+    if not episodes_on:
+        if not generalised:
+            raise ValueError(f"{bench} has no background class, so no episodes: it is scored in the generalised "
+                             "setting only; drop --no-generalised")  # fmt: skip
+        log.info("%s has no background class: generalised setting only (no episodes)", bench)
     store = None
     if cfg.needs_priors:
         priors_path = args.priors or f"priors/{dataset.name}-{dataset.split}-{args.extractor}.zarr"
@@ -190,42 +205,47 @@ def run_eval(args: argparse.Namespace) -> dict:
         store = open_store(priors_path, storage_options=opts)
 
     label_counts = None
-    if not protocol.splits_dir:
+    if episodes_on and not protocol.splits_dir:
         log.info("scanning %d validation masks for the split lists", len(dataset))
         label_counts = scan_labels(dataset, progress=cfg.progress)
 
     results, gen_results, pictures, warnings, infos = [], [], [], [], {}
     for fold in folds:
-        fold_eps = fold_episodes(args.dataset, fold, protocol, dataset_ids=dataset.ids, label_counts=label_counts)
+        split = zero_shot_split(args.dataset, fold)
+        fold_eps = None
+        if episodes_on:
+            fold_eps = fold_episodes(args.dataset, fold, protocol, dataset_ids=dataset.ids, label_counts=label_counts)
         if label_counts is not None:
             write_split_list(fold_eps.entries, out / "splits" / HSNET_NAMES[bench] / "val" / f"fold{fold}.txt")
         predictor = Predictor(ckpts[fold], device=args.device, short_side=args.short_side,
                               max_long_side=args.max_long_side, precision=args.precision)  # fmt: skip
         infos[str(fold)] = predictor.describe()
-        ids = list(dict.fromkeys(e.image_id for e in fold_eps.episodes))
+        ids = list(dict.fromkeys(e.image_id for e in fold_eps.episodes)) if fold_eps else []
         gen_ids = list(dataset.ids[: args.generalised_limit]) if generalised else []
         priors = None
         if store is not None:
             needed = ids + (gen_ids if "project" in cfg.fusions else [])
             priors = StorePriors(store, dataset_name=dataset.name, split=dataset.split, ids=needed,
                                  allow_missing=cfg.allow_missing_priors)  # fmt: skip
-        res = evaluate_episodes(predictor, dataset, fold_eps, priors, cfg)
-        results.append(res)
-        fallbacks = max(m["fallbacks"] for m in res["modes"].values())
-        if fallbacks:
-            warnings.append(f"fold {fold}: {fallbacks} episode(s) had no priors; prior-based modes kept the prediction")
-        if cfg.draw:
+        res = evaluate_episodes(predictor, dataset, fold_eps, priors, cfg) if fold_eps else None
+        if res is not None:
+            results.append(res)
+            fallbacks = max(m["fallbacks"] for m in res["modes"].values())
+            if fallbacks:
+                warnings.append(f"fold {fold}: {fallbacks} episode(s) had no priors; prior-based modes kept the "
+                                "prediction")  # fmt: skip
+        if cfg.draw and res is not None:
             png = draw_episode_grid(res["samples"], out / f"episodes-{bench}-fold{fold}.png", fusions=cfg.fusions,
                                     headline=cfg.headline,
                                     title=f"{bench} fold {fold} · {Path(ckpts[fold]).parent.name} · "
                                           f"red = ground truth (white: ignored), blue = predicted mask"
-                                          + (" · RANDOM CLIP WEIGHTS" if predictor.random_weights else ""))
+                                          + (" · RANDOM WEIGHTS" if predictor.random_weights else ""))
             if png:
                 pictures.append(str(png))
         if generalised:
-            gen_results.append(evaluate_generalised(predictor, dataset, fold_eps.split, gen_ids, priors, cfg))
+            gen_results.append(evaluate_generalised(predictor, dataset, split, gen_ids, priors, cfg))
         if predictor.random_weights:
-            warnings.append(f"fold {fold}: {ckpts[fold]} was trained WITHOUT CLIP WEIGHTS (random encoders): "
+            warnings.append(f"fold {fold}: {ckpts[fold]} was trained WITHOUT PRETRAINED WEIGHTS (random encoders): "
                             "its numbers are MEANINGLESS")
         del predictor
     meta = {
@@ -242,7 +262,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         "warnings": warnings,
         "pictures": pictures,
     }  # fmt: skip
-    report = build_report({bench: results}, headline=cfg.headline,
+    report = build_report({bench: results} if episodes_on else {}, headline=cfg.headline,
                           generalised={bench: gen_results} if gen_results else None, meta=meta)  # fmt: skip
     paths = write_report(report, out)
     print(format_text(report))
@@ -326,7 +346,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{rec['image']}  ->  {rec['overlay']}  {rec['labels']}  ({top})")
     index = out / "predictions.json"
     index.write_text(json.dumps({"checkpoint": args.ckpt, "labels": {str(i): n for i, n in enumerate(
-        [predictor.background, *classes])}, "images": records}, indent=1) + "\n")  # fmt: skip
+        predictor.label_names(classes))}, "images": records}, indent=1) + "\n")  # fmt: skip
     print(f"index     {index} (label index -> class name)")
     if predictor.random_weights:
         from sazs.train.model import RANDOM_WEIGHTS_WARNING
@@ -337,13 +357,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .fusion import FUSIONS, GT_FREE, fusion_label
-    from .protocols import BENCHMARKS, DEFAULT_SAMPLING, zero_shot_split
+    from .protocols import BENCHMARKS, DEFAULT_SAMPLING, num_folds, zero_shot_split
 
     print("fusion modes: " + ", ".join(fusion_label(m) for m in FUSIONS)
           + f" (headline: one of {', '.join(GT_FREE)})")  # fmt: skip
     for name, (bench, _) in BENCHMARKS.items():
-        print(f"{bench} (--dataset {name}; episodes rule {DEFAULT_SAMPLING[bench]}):")
-        for fold in range(4):
+        rule = f"episodes rule {DEFAULT_SAMPLING[bench]}" if bench in DEFAULT_SAMPLING else "generalised setting only"
+        print(f"{bench} (--dataset {name}; {rule}):")
+        for fold in range(num_folds(name)):
             print(f"  fold {fold}: unseen {', '.join(zero_shot_split(name, fold).unseen_names())}")
     return 0
 

@@ -268,12 +268,13 @@ def evaluate_generalised(model, dataset, split: ZeroShotSplit, ids: Sequence[str
                          cfg: EvalConfig) -> dict:  # fmt: skip
     """All classes at once on whole validation masks: seen / unseen mIoU and their harmonic mean.
 
-    The classifier holds the background word and every class; seen mIoU counts background
-    as seen (the GZS3Net convention). Fusion modes: those of ``cfg.fusions`` defined for
-    label maps (``none``, ``project``).
+    The classifier holds the background word and every class (every class only, for a
+    benchmark without background: CamVid); seen mIoU counts background as seen (the GZS3Net
+    convention). Fusion modes: those of ``cfg.fusions`` defined for label maps (``none``,
+    ``project``).
     """
     modes_run = [m for m in cfg.fusions if m in SEMANTIC]
-    names = [model.background, *split.class_names]
+    names = [model.background, *split.class_names] if split.background else list(split.class_names)
     meters = {m: SegMeter(len(names), class_names=list(split.all_names())) for m in modes_run}
     bmeters = {m: BoundaryMeter(len(names), tolerance=cfg.boundary_tolerance) for m in modes_run}
     fallbacks = 0
@@ -297,7 +298,7 @@ def evaluate_generalised(model, dataset, split: ZeroShotSplit, ids: Sequence[str
             meters[mode].update(pred, target)
             bmeters[mode].update_semantic(pred.numpy(), target.numpy())
     out = {}
-    seen = [0, *split.seen]
+    seen = list(split.seen_scored())
     for mode in modes_run:
         m = meters[mode]
         seen_miou = m.miou(seen)
@@ -309,6 +310,7 @@ def evaluate_generalised(model, dataset, split: ZeroShotSplit, ids: Sequence[str
             "harmonic_miou": harmonic_mean(seen_miou, unseen_miou),
             "fb_iou": m.fb_iou(),
             "boundary_f_unseen": bmeters[mode].mean_f(split.unseen),
+            "boundary_f_seen": bmeters[mode].mean_f(seen),
             "iou": {n: _num(v) for n, v in zip(split.all_names(), iou)},
         }
     return {"fold": split.fold, "images": len(ids), "modes": out, "fallbacks": fallbacks,

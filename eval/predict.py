@@ -55,8 +55,11 @@ class Predictor:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.precision = precision
-        self.background = str(self.ckpt.get("train_names", ["background"])[0])
         self.split = self.ckpt.get("split", {})
+        # The training classifier's class 0 word (background / others); None for a benchmark
+        # without background (CamVid), whose classifiers hold the classes only.
+        has_slot = self.split.get("background", True) or self.split.get("unseen_mode") == "others"
+        self.background = str(self.ckpt.get("train_names", ["background"])[0]) if has_slot else None
         self.dataset = cfg["data"]["dataset"]
         self.random_weights = bool(self.ckpt.get("random_weights", self.model.random_weights))
 
@@ -65,6 +68,10 @@ class Predictor:
                 "clip": self.ckpt.get("clip"), "random_weights": self.random_weights, "split": self.split,
                 "short_side": self.short_side, "max_long_side": self.max_long_side, "device": str(self.device),
                 "precision": self.precision}  # fmt: skip
+
+    def label_names(self, classes: Sequence[str]) -> list[str]:
+        """Names of the label indices of a prediction for ``classes``: the background word first, if any."""
+        return [*([self.background] if self.background else []), *classes]
 
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         """Model input size: short side ~ short_side, long side <= max_long_side, multiples of the patch."""
@@ -175,8 +182,8 @@ def write_label_png(labels: np.ndarray, path: Path) -> Path:
 
 
 def draw_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], path: Path, *, title: str,
-                 alpha: float = 0.5) -> Path:  # fmt: skip
-    """The image with non-background classes blended in, and a legend (class, share of the image)."""
+                 alpha: float = 0.5, background: bool = True) -> Path:  # fmt: skip
+    """The image with the classes blended in (label 0 left out when it is background), and a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +194,7 @@ def draw_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], pa
 
     colours = palette(len(names))
     blend = image.astype(np.float32).copy()
-    fg = labels > 0
+    fg = labels > 0 if background else np.ones(labels.shape, bool)
     blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[labels[fg]].astype(np.float32)
     h, w = labels.shape
     inches = 7.0 / max(h, w) * np.array([w, h])
@@ -218,7 +225,7 @@ def predict_image(predictor: Predictor, image_path: str | Path, classes: Sequenc
 
     image_path = Path(image_path)
     image = read_image(image_path, min_side=1)
-    names = [predictor.background, *classes]
+    names = predictor.label_names(classes)
     probs = torch.softmax(predictor.logits(image, names), 0)
     eig = None
     if fusion != "none":
@@ -231,8 +238,8 @@ def predict_image(predictor: Predictor, image_path: str | Path, classes: Sequenc
     out.mkdir(parents=True, exist_ok=True)
     stem = image_path.stem
     label_png = write_label_png(labels, out / f"{stem}.labels.png")
-    note = " · RANDOM CLIP WEIGHTS: meaningless" if predictor.random_weights else ""
-    overlay = draw_overlay(image, labels, names, out / f"{stem}.overlay.png",
+    note = " · RANDOM WEIGHTS: meaningless" if predictor.random_weights else ""
+    overlay = draw_overlay(image, labels, names, out / f"{stem}.overlay.png", background=bool(predictor.background),
                            title=f"{image_path.name} · fusion {fusion}{note}")  # fmt: skip
     share = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
     return {"image": str(image_path), "size": list(image.shape[:2]), "overlay": str(overlay),

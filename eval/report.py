@@ -25,7 +25,8 @@ from .protocols import BENCHMARK_TITLES
 log = logging.getLogger(__name__)
 
 METRICS = (("miou", "mIoU"), ("fb_iou", "FB-IoU"), ("boundary_f", "BF"))
-GENERALISED_METRICS = (("seen_miou", "seen"), ("unseen_miou", "unseen"), ("harmonic_miou", "hIoU"))
+GENERALISED_METRICS = (("seen_miou", "seen"), ("unseen_miou", "unseen"), ("harmonic_miou", "hIoU"),
+                       ("boundary_f_unseen", "BF unseen"))
 REPORT_FORMAT = 1
 
 

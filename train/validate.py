@@ -61,7 +61,7 @@ def validate(model: SegmentationModel, text: TextClassifier, dataset: Dataset, s
             meter.update(logits.argmax(1)[0].cpu(), target)
     finally:
         model.train(was_training)
-    seen = [0, *split.seen]
+    seen = list(split.seen_scored())
     seen_miou = meter.miou(seen)
     unseen_miou = meter.miou(split.unseen) if split.unseen else float("nan")
     h = (2 * seen_miou * unseen_miou / (seen_miou + unseen_miou)
