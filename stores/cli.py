@@ -7,12 +7,15 @@ Examples:
     sazs-store verify priors/sample-all-imgfocus-vits14.zarr          # exit 1 if anything is damaged
     sazs-store publish priors/x.zarr s3://team-bucket/priors/x.zarr   # immutable upload
     sazs-store pull s3://team-bucket/priors/x.zarr /data/priors/x.zarr
+    sazs-store pull https://example.org/priors/x.zarr priors/x.zarr   # any static web server or public bucket
     sazs-store merge priors/all.zarr priors/part0.zarr priors/part1.zarr
     sazs-store show priors/x.zarr --ids astronaut --images /path/to/images
+    sazs-store gallery priors/x.zarr --out gallery/                  # static HTML: open gallery/index.html
     sazs-store unlock priors/x.zarr                                   # remove a dead writer's lock
 
-Object storage goes through fsspec (s3:// needs s3fs, gs:// gcsfs); credentials come
-from the usual environment; --storage-options passes extra options as JSON, e.g.
+Object storage goes through fsspec (s3:// needs s3fs, gs:// gcsfs, http(s):// aiohttp,
+for a store published as static files); credentials come from the usual environment;
+--storage-options passes extra options as JSON, e.g.
 '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}'.
 """
 
@@ -187,6 +190,50 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _gallery_images(args, store) -> tuple[object, str]:
+    """(load_image for the gallery or None, a note on where the pictures come from)."""
+    if args.no_images:
+        return None, "not shown (--no-images)"
+    if args.images:
+        root = Path(args.images)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--images {root}: no such folder; give the folder of <id>.<ext> image files")
+        return (lambda id_: _find_image(root, id_)), f"from {root} (<id>.<ext>)"
+    # The dataset the store was computed from, as its manifest names it (readers: sazs.pipeline).
+    from sazs.pipeline.datasets import DatasetConfig, ImageError, build_dataset
+
+    ds = store.manifest["dataset"]
+    try:
+        dataset = build_dataset(DatasetConfig(name=ds.get("name"), root=ds.get("root"), split=ds.get("split")))
+    except (ValueError, KeyError, OSError, ImageError) as exc:
+        log.warning("the store's dataset %s is not readable here (%s); the gallery shows the eigen-maps only "
+                    "(pass --images ROOT to show the images)", ds.get("name"), exc)
+        return None, f"dataset {ds.get('name')} at {ds.get('root')} not readable here: eigen-maps only " \
+                     "(pass --images ROOT)"
+
+    def load(id_: str):
+        try:
+            return dataset.load_image(id_)
+        except ImageError as exc:
+            raise ValueError(str(exc)) from None
+
+    return load, f"from the dataset {ds.get('name')} / {ds.get('split')} at {ds.get('root')}"
+
+
+def cmd_gallery(args) -> int:
+    from .gallery import GalleryConfig, build_gallery
+    from .reader import open_store
+
+    cfg = GalleryConfig(num_vectors=args.vectors, thumb_size=args.thumb_size, limit=args.limit or None,
+                        workers=args.workers)
+    store = open_store(args.store, storage_options=_options(args))
+    load_image, note = _gallery_images(args, store)
+    index = build_gallery(store, args.out, load_image=load_image, cfg=cfg, images_note=note,
+                          progress=not args.no_progress)
+    print(f"wrote {index} (open it in a browser: file://{index.resolve()})")
+    return 0
+
+
 def cmd_unlock(args) -> int:
     from .lock import break_lock, describe
 
@@ -247,6 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default=None, help="folder with the images as <id>.<ext> (optional)")
     p.add_argument("--out", default=None, help="PNG path (default ./<store>.show.png)")
     p.set_defaults(func=cmd_show)
+    p = sub.add_parser(
+        "gallery", parents=[common], help="a static HTML page of the store's priors (opens from disk)",
+        description="Writes OUT/index.html and OUT/thumbs/*.png: the manifest summarised, a card per done image "
+                    "(image, eigenvector heat maps, eigen-segments), a search by id (index.html?q=ID), sorting by "
+                    "eigengap λ2−λ1 (0-based: the gap after the Fiedler value) or by residual (the largest "
+                    "|Lv − λv| of the image), and the failed images with their reasons. Images come from --images, "
+                    "else from the dataset the manifest names; without them the cards show the eigen-maps only. "
+                    "Example: sazs-store gallery priors/x.zarr --out gallery/ --images ./imgs")
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or a previous gallery: replaced)")
+    p.add_argument("--images", default=None, help="folder with the images as <id>.<ext> (default: the manifest's "
+                                                  "dataset)")
+    p.add_argument("--no-images", action="store_true", help="eigen-maps only, no images")
+    p.add_argument("--limit", type=int, default=500, help="the first N done images (default 500; 0: all)")
+    p.add_argument("--vectors", type=int, default=3, help="eigenvectors drawn per image (default 3)")
+    p.add_argument("--thumb-size", type=int, default=160, help="thumbnail size in pixels (default 160)")
+    p.add_argument("--workers", type=int, default=4, help="threads making thumbnails (default 4)")
+    p.set_defaults(func=cmd_gallery)
     p = sub.add_parser("unlock", help="remove the lock a dead writer left behind",
                        description="Example: sazs-store unlock priors/x.zarr")
     p.add_argument("store")

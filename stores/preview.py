@@ -27,6 +27,36 @@ def eigen_segments(eigvecs: np.ndarray, num_vectors: int = 3) -> np.ndarray:
     return labels
 
 
+# One look for every picture of priors: diverging heat maps (blue < 0 < red), ten segment colours.
+HEATMAP_CMAP = "RdBu_r"
+SEGMENT_CMAP = "tab10"
+
+
+def heatmap_rgb(vec: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One eigenvector (h, w) as an RGB uint8 heat map of ``size`` (height, width), bilinear,
+    symmetric about zero (white), as :func:`draw_priors` draws it."""
+    import matplotlib
+    from PIL import Image
+
+    lim = float(np.abs(vec).max()) or 1.0
+    up = np.asarray(Image.fromarray(np.asarray(vec, np.float32), mode="F").resize(size[::-1], Image.BILINEAR))
+    rgba = matplotlib.colormaps[HEATMAP_CMAP]((up / lim + 1) / 2)
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def segments_rgb(labels: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None) -> np.ndarray:
+    """A label map (h, w) (:func:`eigen_segments`) as RGB uint8 of ``size``, nearest-neighbour,
+    blended half and half with ``image`` (already of ``size``) when there is one."""
+    import matplotlib
+    from PIL import Image
+
+    up = np.asarray(Image.fromarray(labels.astype(np.uint8), mode="L").resize(size[::-1], Image.NEAREST))
+    rgb = matplotlib.colormaps[SEGMENT_CMAP](up % 10)[..., :3] * 255
+    if image is not None:
+        rgb = 0.5 * rgb + 0.5 * image[..., :3]
+    return rgb.round().astype(np.uint8)
+
+
 def draw_priors(
     rows: list[tuple[Prior, np.ndarray | None]],
     out_png: str | Path,
@@ -58,7 +88,7 @@ def draw_priors(
         for c in range(num_vectors):
             vec = prior.eigvecs[c + 1]
             lim = float(np.abs(vec).max()) or 1.0
-            axes[r, c + 1].imshow(vec, cmap="RdBu_r", vmin=-lim, vmax=lim, extent=extent, interpolation="bilinear")
+            axes[r, c + 1].imshow(vec, cmap=HEATMAP_CMAP, vmin=-lim, vmax=lim, extent=extent, interpolation="bilinear")
             if r == 0:
                 axes[r, c + 1].set_title(f"eigvec {c + 1}", fontsize=9)
             axes[r, c + 1].set_xlabel(f"λ={prior.eigvals[c + 1]:.3f}", fontsize=8)
@@ -68,7 +98,7 @@ def draw_priors(
             ax.imshow(image, extent=extent)
         ax.imshow(np.ma.masked_equal(fiedler, 0), cmap="autumn", alpha=0.55, extent=extent, interpolation="nearest")
         ax = axes[r, 2 + num_vectors]
-        ax.imshow(eigen_segments(prior.eigvecs, num_vectors), cmap="tab10", vmin=0, vmax=9, extent=extent,
+        ax.imshow(eigen_segments(prior.eigvecs, num_vectors), cmap=SEGMENT_CMAP, vmin=0, vmax=9, extent=extent,
                   interpolation="nearest")
         if r == 0:
             axes[r, 0].set_title("image", fontsize=9)

@@ -76,7 +76,8 @@ def test_a_store_served_over_http_reads_identically(served, http_server):
         b.get(FAILED)
     # verify and info work from the checksum file: nothing is listed
     report = verify(url)
-    assert report.ok and report.finalized and report.num_objects == len((local / CHECKSUM_FILE).read_text().splitlines())
+    num_objects = len((local / CHECKSUM_FILE).read_text().splitlines())
+    assert report.ok and report.finalized and report.num_objects == num_objects
     info = cli.store_info(url)
     assert info["finalized"] and info["counts"] == {"done": 6, "failed": 1, "pending": 0}
     assert info["objects"] == report.num_objects and info["damaged"] == {"missing_data": 0, "bad_status": 0}
