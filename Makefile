@@ -2,7 +2,8 @@
 #   make priors [DATASET=sample|folder|voc|coco|davis|masks|camvid] [DATA=path] [SPLIT=val] [EXTRACTOR=imgfocus-vits14]
 #               [WEIGHTS=path] [DEVICE=auto] [SOLVER=auto] [LIMIT=N] [OUT=path.zarr] [OVERWRITE=1] [ARGS=...]
 #               [EXECUTOR=local|ray]   (ray: a local Ray instance, or the cluster at $RAY_ADDRESS)
-#   make train  [DATASET=voc|coco DATA=path FOLD=0..3|all CLIP_WEIGHTS=path PRIORS=store.zarr ARCH=ViT-B-16]
+#   make train  [DATASET=voc|coco|camvid DATA=path FOLD=0..3|all CLIP_WEIGHTS=path PRIORS=store.zarr ARCH=auto]
+#               [WEIGHTS=path (dino-*/dinov2-* ARCH)]
 #               [SPECTRAL_WEIGHT=1 EDGE_WEIGHT=0 STEPS=N|EPOCHS=E BATCH=6 CROP=512 LR=... RUN=dir RESUME=1 ARGS=...]
 #               without DATASET: the embedded synthetic demo (synthetic VOC + its priors + a short CPU run)
 #   make eval   [DATASET=voc|coco DATA=path FOLD=0..3|all|0,2 CKPT='runs/voc-fold{fold}-ViT-B-16/checkpoint.pt'|RUN=dir]
@@ -13,6 +14,7 @@
 #               [REFINE=guided] [REPORT=dir (default runs/priors-<dataset>)] [ARGS=...]
 #   make test   make bench (solvers)   make bench-store   make bench-ray   make bench-train   make bench-gpu (CUDA)
 #   make bench-cpu-path ARGS="--base REV"   make synth-voc   make synth-coco   make clean
+#   make ablation DATA=../shared/data/camvid [ARGS="--folds 0 --seeds 0,1,2 --tune"]   (CamVid shape-loss table)
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -76,7 +78,7 @@ TRAIN_ARGS = --dataset $(TRAIN_DATASET) --fold $(FOLD) --split $(or $(SPLIT),tra
 	$(if $(DATA),--data $(DATA)) $(if $(PRIORS),--priors $(PRIORS)) $(if $(LIMIT),--limit $(LIMIT)) \
 	$(if $(SPECTRAL_WEIGHT),--spectral-weight $(SPECTRAL_WEIGHT)) $(if $(EDGE_WEIGHT),--edge-weight $(EDGE_WEIGHT)) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) $(if $(CROP),--crop-size $(CROP)) \
-	$(if $(LR),--lr $(LR)) $(if $(RESUME),--resume) $(TRAIN_COMMON) $(ARGS)
+	$(if $(LR),--lr $(LR)) $(if $(RESUME),--resume) $(if $(WEIGHTS),--backbone-weights $(WEIGHTS)) $(TRAIN_COMMON) $(ARGS)
 
 EVAL_COMMON = --device $(DEVICE) $(if $(EPISODES),--episodes $(EPISODES)) $(if $(REPORT),--out $(REPORT))
 EVAL_ARGS = --dataset $(TRAIN_DATASET) --split $(or $(SPLIT),val) --folds $(FOLD) --extractor $(EXTRACTOR) \
@@ -94,7 +96,7 @@ REFINE ?=
 EVAL_PRIORS_ARGS = $(STORE) --dataset $(DATASET) $(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(LIMIT),--limit $(LIMIT)) $(if $(REFINE),--refine $(REFINE)) --out $(or $(REPORT),runs/priors-$(DATASET)) $(ARGS)
 
-.PHONY: venv priors train eval eval-priors test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path synth-voc synth-coco clean
+.PHONY: venv priors train eval eval-priors ablation test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path synth-voc synth-coco clean
 
 venv: $(STAMP)
 
@@ -152,6 +154,11 @@ bench-train: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu.py $(ARGS)
+
+# The shape-loss ablation on CamVid (bench/ablation.py): needs the train and val prior stores of
+# make priors DATASET=camvid DATA=... SPLIT=train|val; ARGS=... passes e.g. --folds 0 --seeds 0,1,2 --tune.
+ablation: $(STAMP)
+	$(PY) bench/ablation.py --data $(or $(DATA),$(error ablation needs DATA=path/to/camvid)) $(ARGS)
 
 bench-cpu-path: $(STAMP)
 	$(PY) bench/cpu_path.py $(ARGS)
