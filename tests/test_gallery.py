@@ -258,3 +258,27 @@ def test_the_gallery_in_a_headless_browser(gallery, tmp_path):
     assert pages["sorted"]["visible"] == by_gap != s.done_ids()
     with Image.open(tmp_path / "gallery.png") as shot:
         assert shot.size[0] >= 1000 and np.asarray(shot.convert("L")).std() > 10  # drawn, not blank
+
+
+def test_a_pipeline_store_shows_the_images_of_its_dataset(tmp_path):
+    """A store made by sazs-priors: without --images the gallery reads the dataset its manifest names."""
+    from sazs.pipeline import cli as priors_cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("left", "right"):
+        pixels = np.zeros((48, 64, 3), np.uint8)
+        pixels[:, :32] = rng.integers(0, 255, 3)
+        pixels[:, 32:] = rng.integers(0, 255, 3)
+        Image.fromarray(pixels).save(photos / f"{name}.png")
+    store = tmp_path / "p.zarr"
+    assert priors_cli.main(["run", "--dataset", "folder", "--data", str(photos), "--extractor", "color",
+                            "--short-side", "32", "--out", str(store), "--no-progress", "--preview", "0"]) == 0
+    out = tmp_path / "g"
+    assert cli.main(["gallery", str(store), "--out", str(out), "--no-progress"]) == 0
+    page = (out / "index.html").read_text()
+    assert page.count('class="card"') == 2 and "no image</div>" not in page
+    assert "from the dataset folder" in page
+    with Image.open(out / "thumbs" / "000000-image.png") as im:
+        assert im.size == (160, 120)
