@@ -11,6 +11,8 @@ Examples:
     sazs-store merge priors/all.zarr priors/part0.zarr priors/part1.zarr
     sazs-store show priors/x.zarr --ids astronaut --images /path/to/images
     sazs-store gallery priors/x.zarr --out gallery/                  # static HTML: open gallery/index.html
+    sazs-store export priors/x.zarr eigs/ --format sazs-png          # SAZS eigen masks ({id}_k{i}.png); dsm, npz
+    sazs-store import-dsm dsm/eigs --dataset voc --data DATA --split val --out priors/voc-dsm.zarr
     sazs-store unlock priors/x.zarr                                   # remove a dead writer's lock
 
 Object storage goes through fsspec (s3:// needs s3fs, gs:// gcsfs, http(s):// aiohttp,
@@ -80,6 +82,7 @@ def store_info(url: str, storage_options: dict | None = None) -> dict:
         "created_by": m.get("created_by"),
         "code_version": m.get("code_version"),
         "merged_from": [s.get("url") for s in m.get("merged_from", [])],
+        "imported": m.get("imported"),
     }
 
 
@@ -104,6 +107,10 @@ def cmd_info(args) -> int:
     ]
     if info["merged_from"]:
         lines.append("merged from  " + ", ".join(info["merged_from"]))
+    if info["imported"]:
+        imp = info["imported"]
+        lines.append(f"imported     from {imp.get('from')} files in {imp.get('source')} (generalised vectors v, "
+                     "no residuals)")
     print("\n".join(lines))
     return 0
 
@@ -234,6 +241,49 @@ def cmd_gallery(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import ExportConfig, export_store
+
+    cfg = ExportConfig(format=args.format, ids=tuple(args.ids) if args.ids else None, limit=args.limit,
+                       num_vectors=args.num_vectors, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = export_store(args.store, args.out, cfg, storage_options=_options(args))
+    print(summary.line())
+    return 1 if summary.failed else 0
+
+
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grid {text!r} is not HxW, e.g. 32x48") from None
+    return h, w
+
+
+def cmd_import_dsm(args) -> int:
+    from .dsm import ImportConfig, import_dsm
+    from .integrity import finalize
+
+    # The image list and sizes come from the dataset's reader (sazs.pipeline), as for sazs-priors run.
+    from sazs.pipeline.datasets import DatasetConfig, ImageError, build_dataset, image_size
+
+    dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.data, split=args.split, limit=args.limit))
+
+    def size(id_: str) -> tuple[int, int]:
+        try:
+            return image_size(dataset.image_path(id_), dataset.max_pixels, root=dataset.image_root)
+        except ImageError as exc:
+            raise ValueError(str(exc)) from None
+
+    cfg = ImportConfig(patch_size=args.patch_size, grid=args.grid, num_eigs=args.num_eigs,
+                       shard_size=args.shard_size, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                       progress=not args.no_progress)
+    counts = import_dsm(args.eigs_dir, args.out, ids=dataset.ids, image_size=size, dataset=dataset.describe(),
+                        cfg=cfg)
+    finalize(args.out, progress=not args.no_progress)
+    print(f"imported {args.eigs_dir} → {args.out} (finalized): {counts['done']} done, {counts['failed']} failed")
+    return 0
+
+
 def cmd_unlock(args) -> int:
     from .lock import break_lock, describe
 
@@ -312,6 +362,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thumb-size", type=int, default=160, help="thumbnail size in pixels (default 160)")
     p.add_argument("--workers", type=int, default=4, help="threads making thumbnails (default 4)")
     p.set_defaults(func=cmd_gallery)
+    p = sub.add_parser(
+        "export", parents=[common], help="write the priors as SAZS eigen-mask PNGs, DSM .pth or .npz files",
+        description="One image at a time, resumable (complete files are skipped). sazs-png: OUT/{id}_k{i}.png, "
+                    "i = 0..n-1 for the non-trivial eigenvectors 1..n (default n = 5), 255 where the vector, "
+                    "upsampled bilinearly to the image's size, is > 0. dsm: OUT/{id}.pth, Deep Spectral Methods' "
+                    "{'eigenvalues', 'eigenvectors'} (generalised v, their sign rule). npz: OUT/{id}.npz. Ids "
+                    "with '/' become subfolders. Exit 1 when some image could not be exported. "
+                    "Example: sazs-store export priors/x.zarr eigs/ --format sazs-png --num-vectors 5")
+    p.add_argument("store")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--format", choices=["sazs-png", "dsm", "npz"], required=True)
+    p.add_argument("--ids", nargs="+", default=None, help="only these image ids")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images that have priors")
+    p.add_argument("--num-vectors", type=int, default=None, metavar="N",
+                   help="non-trivial eigenvectors to write (default 5 for sazs-png, all for dsm/npz, "
+                        "which also keep the trivial one)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite files that exist")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "import-dsm", parents=[common], help="turn a folder of Deep Spectral Methods eigenvector files into a store",
+        description="Reads EIGS_DIR/{id}.pth for every image of the dataset (torch.load weights_only=True: "
+                    "nothing in a file is executed); a missing file, one of the wrong shape, or one that is not "
+                    "plain tensors is a failed image with its reason. Grid per image: --grid, else the file's "
+                    "'grid' (files written by sazs-store export), else (H // P, W // P) with P = --patch-size "
+                    "(DSM's default dino_vits16: 16). The store is finalized and marked imported. Example: "
+                    "sazs-store import-dsm data/VOC2012/eigs/laplacian --dataset voc --data data/VOCdevkit/VOC2012 "
+                    "--split trainaug --out priors/voc-dsm.zarr")
+    p.add_argument("eigs_dir")
+    p.add_argument("--dataset", required=True, help="dataset reader (as for sazs-priors run), e.g. voc, coco, folder")
+    p.add_argument("--data", default=None, help="dataset root (default: the reader's)")
+    p.add_argument("--split", default=None, help="split, e.g. val, train (default: the dataset's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the dataset")
+    p.add_argument("--out", required=True, help="the store to write")
+    p.add_argument("--patch-size", type=int, default=16, help="DSM's patch size P (default 16, dino_vits16)")
+    p.add_argument("--grid", type=_grid, default=None, metavar="HxW", help="one patch grid for every image")
+    p.add_argument("--num-eigs", type=int, default=None, help="keep the first K eigenvectors (default: the files' K)")
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--retry-failed", action="store_true", help="on resume, retry the images that failed")
+    p.set_defaults(func=cmd_import_dsm)
     p = sub.add_parser("unlock", help="remove the lock a dead writer left behind",
                        description="Example: sazs-store unlock priors/x.zarr")
     p.add_argument("store")

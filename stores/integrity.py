@@ -263,7 +263,9 @@ def missing_objects(store: PriorStore, objects: dict[str, int] | set[str]) -> di
     but ``status``.
     """
     out: dict[str, str] = {}
-    arrays = {name: store.group[name] for name in DONE_ARRAYS}
+    # An imported store's residuals are all NaN, the fill value, so Zarr stores no object of them.
+    names = [n for n in DONE_ARRAYS if not (n == "residual" and "imported" in store.manifest)]
+    arrays = {name: store.group[name] for name in names}
     first_gone: dict[tuple[str, int], str | None] = {}  # (array, chunk row): rows of one chunk share it
     for i in np.flatnonzero(store.status() == DONE):
         for name, array in arrays.items():

@@ -83,19 +83,25 @@ def build_manifest(
     solver: dict,
     num_eigs: int,
     layout: dict,
+    laplacian: dict = LAPLACIAN,
+    sign_convention: str = SIGN_CONVENTION,
     extra: dict | None = None,
 ) -> dict:
-    """Assemble a manifest and stamp it with its fingerprint."""
+    """Assemble a manifest and stamp it with its fingerprint.
+
+    ``laplacian`` and ``sign_convention`` differ from the defaults only for stores imported
+    from another tool's files (stores/dsm.py), whose vectors are not this project's u.
+    """
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "dataset": dataset,
         "extractor": extractor,
         "graph": graph,
-        "laplacian": LAPLACIAN,
+        "laplacian": laplacian,
         "solver": solver,
         "num_eigs": int(num_eigs),
-        "sign_convention": SIGN_CONVENTION,
+        "sign_convention": sign_convention,
         "layout": layout,
         "code_version": code_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

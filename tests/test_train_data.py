@@ -206,11 +206,11 @@ def test_loader_workers_open_the_store_lazily(synth_voc):
     cfg = DataConfig(dataset="voc", root=str(voc), fold=0, priors=str(store), prior_stride=8,
                      augment=AugmentConfig(crop_size=64))
     ds = PriorSegDataset(cfg)
-    assert ds._store is None and ds.num_eigs == 8  # checked in the main process, then closed
+    assert ds.priors._store is None and ds.num_eigs == 8  # checked in the main process, then closed
     ds[0]
-    assert ds._store is not None
+    assert ds.priors._store is not None
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._store is None and clone.ids == ds.ids
+    assert clone.priors._store is None and clone.ids == ds.ids
     loader = build_loader(ds, batch_size=2, num_workers=2, seed=0)
     batches = list(itertools.islice(iter(loader), 4))  # more than one epoch of 6 images
     b = batches[0]

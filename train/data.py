@@ -11,9 +11,10 @@ Randomness is a function of (seed, epoch, image index) only, never of the worker
 order in which workers finish, so a resumed run sees exactly the batches the interrupted one
 would have seen (the sampler restarts at the number of samples already consumed).
 
-The prior store is opened lazily in each DataLoader worker (a Zarr/fsspec handle is not
-pickled into workers); the main process opens it once to check that it belongs to the
-training set and to drop images whose priors failed when ``skip_failed`` is set.
+The priors are read through :class:`sazs.stores.PriorDataset`, which opens the store lazily
+in each DataLoader worker (a Zarr/fsspec handle is not pickled into workers); the main
+process opens it once to check that it belongs to the training set and to drop images whose
+priors failed when ``skip_failed`` is set.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sazs.pipeline.datasets import Dataset, DatasetConfig, build_dataset
+from sazs.stores.dataset import PriorDataset
 from sazs.stores.reader import PriorStore, open_store
 
 from .splits import IGNORE_INDEX, ZeroShotSplit, check_dataset_classes, zero_shot_split
@@ -231,33 +233,19 @@ class PriorSegDataset(torch.utils.data.Dataset):
         self.ids: list[str] = list(self.dataset.ids)
         self.skipped: dict[str, str] = {}
         self.num_eigs = 0
-        self._store: PriorStore | None = None
+        self.priors: PriorDataset | None = None
         if self.with_priors:
-            store = self._open()
+            opts = json.loads(cfg.storage_options) if cfg.storage_options else None
+            store = open_store(cfg.priors, storage_options=opts)
             self.ids, self.skipped = check_store(store, self.dataset, skip_failed=cfg.skip_failed)
             k = cfg.num_eigs or store.num_eigs
             if k > store.num_eigs:
                 raise StoreMismatchError(f"num_eigs={k} but store {store.url} holds K={store.num_eigs}")
             self.num_eigs = k
             self.store_fingerprint = store.fingerprint
-            self._store = None  # reopened lazily where it is used (each DataLoader worker)
+            self.priors = PriorDataset(store, self.ids, num_eigs=k)  # reopened lazily in each worker
         if not self.ids:
             raise ValueError(f"no training images left in {self.dataset!r}")
-
-    def _open(self) -> PriorStore:
-        opts = json.loads(self.cfg.storage_options) if self.cfg.storage_options else None
-        return open_store(self.cfg.priors, storage_options=opts)
-
-    @property
-    def store(self) -> PriorStore:
-        if self._store is None:
-            self._store = self._open()
-        return self._store
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_store"] = None  # never ship an open store handle to a worker
-        return state
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -273,13 +261,13 @@ class PriorSegDataset(torch.utils.data.Dataset):
             raise ValueError(f"mask of {id_!r} is {mask.shape} but the image is {image.shape[:2]}")
         vecs = None
         if self.with_priors:
-            prior = self.store.get(id_)
+            prior = self.priors.prior(i)
             if tuple(prior.image_size) != tuple(image.shape[:2]):
                 raise StoreMismatchError(
                     f"priors of {id_!r} in {self.cfg.priors} were computed on a {prior.image_size[0]}x"
                     f"{prior.image_size[1]} image but the dataset's image is {image.shape[0]}x{image.shape[1]}; "
                     "the store belongs to another copy of the dataset")
-            vecs = prior.eigvecs[: self.num_eigs]
+            vecs = prior.eigvecs
         return image, self.lut[mask], vecs
 
     def __getitem__(self, key) -> dict:
