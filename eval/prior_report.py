@@ -10,8 +10,8 @@ draws the best, median and worst images of a store.
 
 Callers bring an open :class:`stores.reader.PriorStore` and a dataset (``ids``,
 ``load_image``, ``load_mask``, optional ``group(id)``, ``class_names``). An edge module like
-``cli.py``: it reads stores and datasets (and catches their errors); the metrics themselves
-are in the pure :mod:`eval.prior_quality`.
+``cli.py``: it reads stores and datasets (and catches their errors), importing the pipeline
+inside functions only; the metrics themselves are in the pure :mod:`eval.prior_quality`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sazs.pipeline.datasets import ImageError
 from sazs.stores.writer import StoreError
 
 from .prior_quality import score_image, sign_partition, span_projection, summarise
@@ -49,6 +48,8 @@ def score_store(store, dataset, *, label_map: bool, n_best: int = 4, refine: str
     Returns {"rows": {variant: [{"id", "group", **scores}]}, "failures": {id: reason},
     "refine_ms": [...]}; variants: "bilinear", and "guided" when ``refine`` is given.
     """
+    from sazs.pipeline.datasets import ImageError  # an edge: the pipeline only inside functions
+
     ids = list(dataset.ids if ids is None else ids)
     in_store = set(store.ids)
     group = getattr(dataset, "group", None)

@@ -171,7 +171,7 @@ def test_project_denoises_a_noisy_truth_with_real_priors(trained):
     assert np.mean(iou["project"]) > np.mean(iou["none"]) + 0.2, {k: np.mean(v) for k, v in iou.items()}
 
 
-PURE = ("protocols", "metrics", "fusion", "evaluate", "report")
+PURE = ("protocols", "metrics", "fusion", "evaluate", "report", "prior_quality", "refine")
 
 
 def test_dependency_rule():
