@@ -96,7 +96,7 @@ REFINE ?=
 EVAL_PRIORS_ARGS = $(STORE) --dataset $(DATASET) $(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(LIMIT),--limit $(LIMIT)) $(if $(REFINE),--refine $(REFINE)) --out $(or $(REPORT),runs/priors-$(DATASET)) $(ARGS)
 
-.PHONY: venv priors train eval eval-priors ablation test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path synth-voc synth-coco clean
+.PHONY: venv priors train eval eval-priors ablation test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path bench-quality synth-voc synth-coco clean
 
 venv: $(STAMP)
 
@@ -159,6 +159,9 @@ bench-gpu: $(STAMP)
 # make priors DATASET=camvid DATA=... SPLIT=train|val; ARGS=... passes e.g. --folds 0 --seeds 0,1,2 --tune.
 ablation: $(STAMP)
 	$(PY) bench/ablation.py --data $(or $(DATA),$(error ablation needs DATA=path/to/camvid)) $(ARGS)
+
+bench-quality: $(STAMP)
+	$(PY) bench/priors_quality.py --data $(DATA) $(ARGS)
 
 bench-cpu-path: $(STAMP)
 	$(PY) bench/cpu_path.py $(ARGS)

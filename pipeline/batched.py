@@ -216,12 +216,16 @@ class Ell:
     """B symmetric graphs in padded ELL form (torch tensors or xp arrays).
 
     idx (B, N, m) int64 neighbour indices (unused slots: the row itself), w (B, N, m)
-    float64 weights (unused slots: 0), n_valid (B,) int64 real node counts.
+    float64 weights (unused slots: 0), n_valid (B,) int64 real node counts. lowrank:
+    None, or the global term's factors G (B, N, r) (padded rows 0), which add
+    global_weight (G G^T - diag(G G^T)) to each W (see `graph.Graph`).
     """
 
     idx: object
     w: object
     n_valid: object
+    lowrank: object = None
+    global_weight: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -264,6 +268,25 @@ def ell_graph(idx, sims, *, n_valid=None, threshold: float = 0.0) -> Ell:
     return Ell(out_idx.reshape(B, N, m), out_w.reshape(B, N, m), nv.clone())
 
 
+def ell_from_graphs(graphs: list, n: int | None = None) -> Ell:
+    """Pack per-image `graph.Graph`s (sparse part and global term) into one ELL (numpy).
+
+    All graphs with a global term must share its weight (one job's graphs do)."""
+    ell = ell_from_csr([g.W for g in graphs], n)
+    weights = {g.global_weight for g in graphs if g.lowrank is not None and g.global_weight > 0}
+    if len(weights) > 1:
+        raise ValueError(f"graphs of one batch need one global weight, got {sorted(weights)}")
+    if weights:
+        B, N, _ = ell.shape
+        r = max(g.lowrank.shape[1] for g in graphs if g.lowrank is not None)
+        ell.lowrank = np.zeros((B, N, r), dtype=np.float32)
+        for b, g in enumerate(graphs):
+            if g.lowrank is not None and g.global_weight > 0:
+                ell.lowrank[b, : g.lowrank.shape[0], : g.lowrank.shape[1]] = g.lowrank
+        ell.global_weight = weights.pop()
+    return ell
+
+
 def ell_from_csr(mats: list[sp.spmatrix], n: int | None = None) -> Ell:
     """Pack per-image sparse symmetric matrices (e.g. `Graph.W`, any weights) into one ELL (numpy)."""
     sizes = [m.shape[0] for m in mats]
@@ -302,18 +325,34 @@ def _host(a) -> np.ndarray:
 class _Operator:
     """A = D^-1/2 W D^-1/2 of B graphs in ELL form: Y[b, i] = sum_j a[b, i, j] X[b, idx[b, i, j]].
 
+    With a global term, lowrank = (H, g, diag), H = D^-1/2 G (B, N, r) and diag = g |H_i|^2,
+    adds g H (H^T X) - diag X: two batched (N, r) products, O(N r p) per image.
+
     On cupy (float32/float64, C-contiguous) the product is one fused gather-and-sum kernel
     (`_ell_kernel`): no (B, N, m, p) gather is ever materialised. Elsewhere, and whenever
     the kernel is unavailable or failed its self-check, a few ELL columns are gathered at
     a time (memory B*N*step*p instead of B*N*m*p) and summed with einsum.
     """
 
-    def __init__(self, idx, a, xp, cols_per_gather: int = 8, fused: bool | None = None):
+    def __init__(self, idx, a, xp, cols_per_gather: int = 8, fused: bool | None = None, lowrank=None):
         self.idx, self.a, self.xp, self.step = idx, a, xp, cols_per_gather
         self.fused = _fused_available(xp) if fused is None else fused
+        self.lowrank = lowrank
 
     def take(self, sel) -> "_Operator":
-        return _Operator(self.idx[sel], self.a[sel], self.xp, self.step, self.fused)
+        lowrank = None if self.lowrank is None else (self.lowrank[0][sel], self.lowrank[1], self.lowrank[2][sel])
+        return _Operator(self.idx[sel], self.a[sel], self.xp, self.step, self.fused, lowrank)
+
+    def astype(self, dtype, fused: bool | None = None) -> "_Operator":
+        lowrank = None if self.lowrank is None else (self.lowrank[0].astype(dtype), self.lowrank[1],
+                                                     self.lowrank[2].astype(dtype))
+        return _Operator(self.idx, self.a.astype(dtype), self.xp, self.step,
+                         self.fused if fused is None else fused, lowrank)
+
+    def _global(self, X):
+        xp = self.xp
+        H, g, diag = self.lowrank
+        return g * xp.einsum("bnr,brp->bnp", H, xp.einsum("bnr,bnp->brp", H, X)) - diag[:, :, None] * X
 
     def gathered(self, X):
         """The unfused product (the reference the fused kernel is checked against)."""
@@ -327,9 +366,8 @@ class _Operator:
         return Y
 
     def __call__(self, X):
-        if self.fused and X.dtype == self.a.dtype:
-            return _fused_product(self, X)
-        return self.gathered(X)
+        Y = _fused_product(self, X) if self.fused and X.dtype == self.a.dtype else self.gathered(X)
+        return Y if self.lowrank is None else Y + self._global(X)
 
 
 # The fused ELL product for cupy: one thread per output entry (b, i, c); the p threads of
@@ -534,7 +572,8 @@ def chebyshev_subspace(
 
 
 def _normalised_weights(ell: Ell, xp):
-    """(idx, a, sqrt_d, dinv, valid) with a = D^-1/2 W D^-1/2 on the ELL slots, float64."""
+    """(idx, a, sqrt_d, valid, lowrank) with a = D^-1/2 W D^-1/2 on the ELL slots, float64,
+    and the global term's (H, g, diag) for `_Operator` (None without one); D counts both."""
     idx, w = _to_xp(ell.idx, xp, xp.int64), _to_xp(ell.w, xp, xp.float64)
     B, N, _ = idx.shape
     nv = _to_xp(ell.n_valid, xp, xp.int64)
@@ -545,10 +584,19 @@ def _normalised_weights(ell: Ell, xp):
         raise ValueError("graph weights must be non-negative")
     w = w * valid[:, :, None]
     d = w.sum(axis=2)
+    G = None
+    if ell.lowrank is not None and ell.global_weight > 0:
+        G = _to_xp(ell.lowrank, xp, xp.float64) * valid[:, :, None]
+        # the global term's degrees in O(N r): g (G (G^T 1) - |G_i|^2)
+        d = d + ell.global_weight * (xp.einsum("bnr,br->bn", G, G.sum(axis=1)) - (G * G).sum(axis=2))
     dinv = xp.where(d > 0, 1.0 / xp.sqrt(xp.where(d > 0, d, 1.0)), 0.0)
     bsel = xp.arange(B)[:, None, None]
     a = w * (dinv[:, :, None] * dinv[bsel, idx])
-    return idx, a, xp.sqrt(d), valid
+    lowrank = None
+    if G is not None:
+        H = dinv[:, :, None] * G
+        lowrank = (H, float(ell.global_weight), ell.global_weight * (H * H).sum(axis=2))
+    return idx, a, xp.sqrt(d), valid, lowrank
 
 
 def batched_eigs(
@@ -566,19 +614,21 @@ def batched_eigs(
     t0 = time.perf_counter()
     if not 1 <= K:
         raise ValueError(f"K must be >= 1, got {K}")
-    idx, a64, sqrt_d, valid = _normalised_weights(ell, xp)
-    return _solve(idx, a64, sqrt_d, valid, K, xp=xp, tol=tol, residual_tol=residual_tol, block=block,
-                  degree=degree, max_iter=max_iter, seed=seed, dtype=dtype, t0=t0)
+    idx, a64, sqrt_d, valid, lowrank = _normalised_weights(ell, xp)
+    return _solve(_Operator(idx, a64, xp, fused=False, lowrank=lowrank), sqrt_d, valid, K, xp=xp, tol=tol,
+                  residual_tol=residual_tol, block=block, degree=degree, max_iter=max_iter, seed=seed,
+                  dtype=dtype, t0=t0)
 
 
-def _solve(idx, a64, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, max_iter, seed, dtype, t0):
-    B, N, _ = idx.shape
+def _solve(op64: _Operator, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, max_iter, seed, dtype, t0):
+    """op64: the float64 operator (plain products; it checks the solver's `dtype` one at the end)."""
+    B, N, _ = op64.idx.shape
     nv = _host(valid.sum(axis=1))
     if K + 2 > int(nv.min()):
         raise ValueError(f"K={K} needs graphs with more than {K + 1} nodes (smallest has {int(nv.min())})")
     nrm = xp.linalg.norm(sqrt_d, axis=1, keepdims=True)
     start = sqrt_d / xp.where(nrm > 0, nrm, 1.0)
-    op = _Operator(idx, a64.astype(dtype), xp)
+    op = op64.astype(dtype, fused=_fused_available(xp))
     # Block size per image: 2K columns, fewer only for graphs too small for that. Images
     # of one block size are solved together (in practice: the whole batch at once).
     blocks = np.minimum(block or 2 * K, nv - 1)
@@ -601,7 +651,7 @@ def _solve(idx, a64, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, 
     norms = xp.linalg.norm(u, axis=1, keepdims=True)
     u32 = fix_signs_batched(u / xp.where(norms > 0, norms, 1.0), xp).astype(xp.float32)
     u = u32.astype(xp.float64)
-    Au = _Operator(idx, a64, xp, fused=False)(u)  # plain float64 product: checks the fused one
+    Au = op64(u)  # plain float64 product: checks the fused one
     lam = 1.0 - xp.einsum("bnk,bnk->bk", u, Au)  # float64 Rayleigh quotients (error ~ residual^2)
     res = xp.linalg.norm(u - Au - u * lam[:, None, :], axis=1)
     lam_h, res_h = _host(lam), _host(res)
@@ -667,13 +717,18 @@ def array_module(device: str, ell: Ell | None = None):
 
 
 def solve_batched(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg):
-    """`spectral.SOLVERS` signature: one normalised adjacency solved as a batch of one (numpy)."""
-    from .spectral import _Raw
+    """`spectral.SOLVERS` signature: one normalised adjacency (CSR or `NormalizedAffinity`)
+    solved as a batch of one (numpy)."""
+    from .spectral import NormalizedAffinity, _Raw
 
+    lowrank = None
+    if isinstance(A, NormalizedAffinity):  # already normalised: H = D^-1/2 G
+        lowrank = (A.H[None], A.weight, A.diag[None])
+        A = A.sparse
     ell = ell_from_csr([A])
-    idx, a64 = ell.idx, ell.w
     valid = np.ones((1, A.shape[0]), dtype=bool)
-    (s,) = _solve(idx, a64, np.asarray(sqrt_d, np.float64)[None], valid, cfg.num_eigs, xp=np,
+    op64 = _Operator(ell.idx, ell.w, np, fused=False, lowrank=lowrank)
+    (s,) = _solve(op64, np.asarray(sqrt_d, np.float64)[None], valid, cfg.num_eigs, xp=np,
                   tol=cfg.tol, residual_tol=cfg.residual_tol, block=None, degree=10,
                   max_iter=cfg.max_iter or 100, seed=cfg.seed, dtype=np.float32, t0=time.perf_counter())
     return _Raw(s.eigvals, s.eigvecs.astype(np.float64), iterations=s.iterations, info=dict(s.info))

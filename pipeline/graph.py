@@ -1,9 +1,20 @@
-"""Sparse kNN affinity graph over the patches of one image.
+"""Affinity graph over the patches of one image: a sparse kNN graph plus a global term.
 
 W_ij = max(cos(f_i, f_j), 0) for j among the k nearest neighbours of i (by cosine),
 symmetrised, plus an optional colour/position term (the image-matting kNN affinity of
-Deep Spectral Methods). The dense N x N affinity of the original code is never formed
-in float32: FAISS searches exactly without keeping it, the torch backend computes it in
+Deep Spectral Methods), plus the *global term* g (1 + p_i . p_j) / 2 between every pair
+(i != j), with p_i the unit feature f_i projected on the image's top `global_rank`
+principal directions. The global term is never formed: it is the low-rank factor
+`Graph.lowrank` (N x (r + 1)), applied in O(N r) inside the solvers' products
+(`spectral.NormalizedAffinity`, `batched`). Why it is there: a kNN graph only links
+near-duplicates (cos ~ 0.99), so its Fiedler cut follows whatever splits the patch
+manifold into two long chains (often left/right halves of the background); the global
+term adds how similar *every* pair is, which is what separates an object from its
+background in the dense affinity of Deep Spectral Methods, at O(N r) instead of O(N^2).
+
+The dense N x N affinity of the original code is formed only for kind "dense" (the
+Deep Spectral Methods baseline, `build_dense_graph`). The kNN search never keeps it in
+float32: FAISS searches exactly without keeping it, the torch backend computes it in
 row blocks, and the default "certified" backend searches a bfloat16 product and proves
 its answer exact (see `knn_certified`).
 
@@ -16,7 +27,7 @@ their entries in the low eigenvectors are 0. `Graph.num_isolated` records the co
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,6 +35,11 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("certified", "faiss", "torch", "batched")
+KINDS = ("knn", "dense")
+# Settings that did not exist in stores written before the global term: a manifest
+# leaves them out at these values (the old behaviour), so old fingerprints still match.
+_LEGACY_DEFAULTS = {"kind": "knn", "global_weight": 0.0}
+DENSE_MAX_NODES = 8192  # the dense baseline keeps N x N float64 (512 MiB here)
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,16 @@ class GraphConfig:
     [0, 1]) and colours are in [0, 1], so lambda_xy = 1 makes crossing the whole image
     count as much as going from black to white. The default 2.0 is the first scale
     of Deep Spectral Methods' `knn_affinity`.
+
+    kind "knn" (default) is the sparse kNN graph plus the global term; "dense" is the
+    original Deep Spectral Methods affinity max(F F^T, 0) / max over all pairs (the
+    baseline, `build_dense_graph`; k, threshold, colour and global settings unused).
+
+    global_weight g (default 1; 0 = the kNN graph alone, the setting before the global
+    term) weighs the global affinity (1 + p_i . p_j) / 2 against the kNN cosines;
+    global_rank r (default 32; 0 = all d dimensions) is the number of principal
+    directions of the unit features kept in p: 32 carry > 99% of their energy on ViT
+    features, and the solver's products cost O(N r).
 
     backend: "certified" (default; exact, fastest on CPUs with native bfloat16, see
     `knn_certified`), "faiss" (exact float32 flat index), "torch" (exact float32
@@ -51,8 +77,16 @@ class GraphConfig:
     color_k: int = 10
     xy_weight: float = 2.0
     device: str = "cpu"
+    kind: str = "knn"
+    global_weight: float = 1.0
+    global_rank: int = 32
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown graph kind {self.kind!r}; choose from {list(KINDS)}")
+        if self.global_weight < 0 or self.global_rank < 0:
+            raise ValueError(f"global_weight and global_rank must be >= 0 (got {self.global_weight}, "
+                             f"{self.global_rank})")
         if self.backend not in (*BACKENDS, "auto"):  # "auto": resolved by the job (job.resolve_auto)
             raise ValueError(f"unknown graph backend {self.backend!r}; choose from {[*BACKENDS, 'auto']}")
         if self.k < 1 or self.color_k < 1:
@@ -64,13 +98,38 @@ class GraphConfig:
         if self.color_weight < 0 or self.xy_weight < 0:
             raise ValueError("color_weight and xy_weight must be >= 0")
 
+    def describe(self) -> dict:
+        """The manifest's "graph" section: every field, except new ones at their legacy value.
+
+        A store written before the global term existed has no kind / global_* keys and
+        means kind "knn" without global term; leaving those keys out when they hold the
+        old behaviour keeps such stores' fingerprints equal to a run with --global-weight 0.
+        """
+        out = asdict(self)
+        if self.kind == "dense":
+            out["global_weight"] = 0.0  # unused by the dense baseline
+        if out["global_weight"] == 0:
+            out.pop("global_rank")  # meaningless without the global term
+        for key, legacy in _LEGACY_DEFAULTS.items():
+            if out.get(key) == legacy:
+                out.pop(key)
+        return out
+
 
 @dataclass
 class Graph:
-    """Symmetric non-negative affinity with zero diagonal over the h*w patches (row-major)."""
+    """Symmetric non-negative affinity over the h*w patches (row-major): W + the global term.
+
+    W: sparse part, zero diagonal (kind "knn"; the dense baseline keeps DSM's diagonal).
+    lowrank: None, or G (N, r) with the global affinity g (G G^T - diag(G G^T)): for the
+    global term (1 + p_i . p_j) / 2, G = [1, P] / sqrt(2) (`global_factor`). Its entries
+    lie in [0, 1] (|p_i| <= 1), so the whole affinity stays non-negative.
+    """
 
     W: sp.csr_matrix
     grid: tuple[int, int]
+    lowrank: np.ndarray | None = None
+    global_weight: float = 0.0
 
     @property
     def num_nodes(self) -> int:
@@ -78,7 +137,22 @@ class Graph:
 
     @property
     def degrees(self) -> np.ndarray:
-        return np.asarray(self.W.sum(axis=1), dtype=np.float64).ravel()
+        """Row sums of the whole affinity; the global part's in O(N r): g (G (G^T 1) - |G_i|^2)."""
+        d = np.asarray(self.W.sum(axis=1), dtype=np.float64).ravel()
+        if self.lowrank is not None and self.global_weight > 0:
+            G = self.lowrank.astype(np.float64)
+            d = d + self.global_weight * (G @ G.sum(axis=0) - np.einsum("ij,ij->i", G, G))
+        return d
+
+    def toarray(self) -> np.ndarray:
+        """The whole affinity as a dense (N, N) float64 array (tests and small references only)."""
+        W = self.W.toarray().astype(np.float64)
+        if self.lowrank is not None and self.global_weight > 0:
+            G = self.lowrank.astype(np.float64)
+            Wg = G @ G.T
+            np.fill_diagonal(Wg, 0.0)
+            W += self.global_weight * Wg
+        return W
 
     @property
     def num_isolated(self) -> int:
@@ -521,15 +595,45 @@ def _pair_dots(x: np.ndarray, idx: np.ndarray, block: int = 1024) -> np.ndarray:
     return out
 
 
-def build_knn_graph(
+def global_factor(x, rank: int, seed: int = 0):
+    """G (N, r + 1) float32 with G G^T = (1 + P P^T) / 2, P = x projected on its top `rank` directions.
+
+    x: (N, d) unit rows, a numpy array (returns numpy) or a torch tensor (returns a tensor
+    on its device: the batched GPU path). The directions are the top right singular
+    vectors of x (not centred: P P^T is then the best rank-r approximation of the cosine
+    matrix x x^T), found by a seeded randomised subspace iteration on <= 1024 evenly
+    spaced rows: O(N d r), not the O(N d^2) of an exact SVD. Any orthonormal basis keeps
+    |p_i| <= 1, i.e. the global affinity in [0, 1]. rank 0 or >= d keeps x whole.
+    """
+    import torch
+
+    is_numpy = not isinstance(x, torch.Tensor)
+    t = torch.from_numpy(np.asarray(x)) if is_numpy else x
+    t = t.double()
+    n, d = t.shape
+    if 0 < rank < d:
+        rows = t[:: max(1, n // 1024)]
+        omega = torch.from_numpy(np.random.default_rng(seed).standard_normal((d, min(d, rank + 8)))).to(t.device)
+        q = torch.linalg.qr(rows.T @ (rows @ omega)).Q
+        for _ in range(2):  # power iterations: the spectrum of ViT features decays fast, two suffice
+            q = torch.linalg.qr(rows.T @ (rows @ q)).Q
+        v = torch.linalg.svd(rows @ q, full_matrices=False).Vh
+        t = t @ (q @ v.T[:, :rank])
+    G = (torch.cat([torch.ones((n, 1), dtype=t.dtype, device=t.device), t], dim=1) / np.sqrt(2.0)).float()
+    return G.numpy() if is_numpy else G
+
+
+def build_graph(
     feats: np.ndarray, cfg: GraphConfig, *, grid: tuple[int, int], colors: np.ndarray | None = None
 ) -> Graph:
-    """Build the symmetric kNN cosine affinity (plus optional colour term) of one image.
+    """The graph of one image for `cfg.kind`: `build_knn_graph` or the dense baseline `build_dense_graph`."""
+    if cfg.kind == "dense":
+        return build_dense_graph(feats, grid=grid)
+    return build_knn_graph(feats, cfg, grid=grid, colors=colors)
 
-    feats: (h*w, d) patch features, row-major over the grid; cosine similarity is what
-    is measured, so rows are re-normalised here (a no-op for L2-normalised input).
-    colors: (h*w, 3) in [0, 1] (see `patch_colors`); required when cfg.color_weight > 0.
-    """
+
+def _unit_rows(feats: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Checked (N, d) features re-normalised to unit rows (cosine is what is measured)."""
     feats = np.asarray(feats)
     h, w = (int(v) for v in grid)
     if feats.ndim != 2:
@@ -544,7 +648,41 @@ def build_knn_graph(
     norms = np.linalg.norm(feats.astype(np.float32), axis=1, keepdims=True)
     if (norms == 0).any():
         raise ValueError(f"feats contain {int((norms == 0).sum())} all-zero rows (cosine undefined)")
-    x = (feats / norms).astype(np.float32)
+    return (feats / norms).astype(np.float32)
+
+
+def build_dense_graph(feats: np.ndarray, *, grid: tuple[int, int]) -> Graph:
+    """The affinity of Deep Spectral Methods, W = max(F F^T, 0) / max, over all N^2 pairs.
+
+    The baseline only (kind "dense"): O(N^2) memory. As in the original code, the
+    diagonal (self-similarity) is kept; with the solver "generalized" this is their
+    eigsh(D - W, M = D, sigma = 0).
+    """
+    x = _unit_rows(feats, grid)
+    n = x.shape[0]
+    if n > DENSE_MAX_NODES:
+        raise ValueError(f"the dense baseline refuses N={n} > {DENSE_MAX_NODES} patches (O(N^2) memory)")
+    x64 = x.astype(np.float64)
+    W = np.maximum(x64 @ x64.T, 0.0)
+    W /= W.max()
+    return Graph(W=sp.csr_matrix(W), grid=(int(grid[0]), int(grid[1])))
+
+
+def build_knn_graph(
+    feats: np.ndarray, cfg: GraphConfig, *, grid: tuple[int, int], colors: np.ndarray | None = None
+) -> Graph:
+    """Build the symmetric kNN cosine affinity (plus colour and global terms) of one image.
+
+    feats: (h*w, d) patch features, row-major over the grid; cosine similarity is what
+    is measured, so rows are re-normalised here (a no-op for L2-normalised input).
+    colors: (h*w, 3) in [0, 1] (see `patch_colors`); required when cfg.color_weight > 0.
+    The global term (cfg.global_weight > 0) is returned as `Graph.lowrank`, never formed.
+    """
+    if cfg.kind != "knn":
+        raise ValueError(f"build_knn_graph builds kind 'knn', not {cfg.kind!r} (see build_graph)")
+    x = _unit_rows(feats, grid)
+    h, w = (int(v) for v in grid)
+    n = x.shape[0]
 
     k = cfg.k
     if k >= n:
@@ -567,7 +705,8 @@ def build_knn_graph(
             raise ValueError("colors contain NaN/Inf")
         W = (W + cfg.color_weight * _color_affinity(colors, cfg, (h, w), min(cfg.color_k, n - 1))).tocsr()
 
-    graph = Graph(W=W, grid=(h, w))
+    lowrank = global_factor(x, cfg.global_rank) if cfg.global_weight > 0 else None
+    graph = Graph(W=W, grid=(h, w), lowrank=lowrank, global_weight=cfg.global_weight if lowrank is not None else 0.0)
     if graph.num_isolated:
         logger.debug("graph %s: %d isolated patches (degree 0)", (h, w), graph.num_isolated)
     return graph
@@ -581,13 +720,16 @@ def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, in
     as `build_knn_graph` per image, up to exact ties, with float64 weights. The search
     (`batched.batched_knn`) runs in `precision`: by default the certified fp16 search on
     a GPU (tensor cores; rows it cannot certify are searched again in float32) and one
-    float32 product on a CPU. No colour term: that one is built per image
-    (`build_knn_graph`, then `batched.ell_from_csr`).
+    float32 product on a CPU. The global term (cfg.global_weight > 0) rides along as
+    `Ell.lowrank`. No colour term: that one is built per image (`build_knn_graph`, then
+    `batched.ell_from_graphs`).
     """
     import torch
 
     from .batched import batched_knn, ell_graph
 
+    if cfg.kind != "knn":
+        raise ValueError(f"build_knn_graphs builds kind 'knn', not {cfg.kind!r}; build it per image (build_graph)")
     if cfg.color_weight > 0:
         raise ValueError("build_knn_graphs has no colour term; build those graphs per image with build_knn_graph")
     if not feats or len(feats) != len(grids):
@@ -607,7 +749,17 @@ def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, in
     k = min(cfg.k, n - 1)
     precision = precision or ("fp16" if device.type == "cuda" else "fp32")
     idx, sims = batched_knn(padded, k, n_valid=n_valid, device=str(device), precision=precision)
-    return ell_graph(idx, sims, n_valid=n_valid, threshold=cfg.threshold)
+    ell = ell_graph(idx, sims, n_valid=n_valid, threshold=cfg.threshold)
+    if cfg.global_weight > 0:
+        factors = []
+        for b, nb in enumerate(n_valid):  # small per-image work (a few (N, r) products), on the device
+            x = padded[b, :nb]
+            factors.append(global_factor(x / torch.linalg.vector_norm(x, dim=1, keepdim=True), cfg.global_rank))
+        ell.lowrank = torch.zeros((len(tensors), n, factors[0].shape[1]), dtype=torch.float32, device=device)
+        for b, G in enumerate(factors):
+            ell.lowrank[b, : G.shape[0]] = G
+        ell.global_weight = cfg.global_weight
+    return ell
 
 
 def _area_matrix(n_in: int, n_out: int) -> np.ndarray:

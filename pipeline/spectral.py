@@ -1,5 +1,9 @@
 """K smallest eigenpairs of the normalised graph Laplacian L = I - D^-1/2 W D^-1/2.
 
+W is the graph's sparse affinity plus its global low-rank term (`graph.Graph`): the
+solvers then see A = D^-1/2 W D^-1/2 as a `NormalizedAffinity`, a sparse matrix plus
+a rank-r product applied in O(N r), never as an N x N array.
+
 Every solver returns eigenvectors u of L (orthonormal); the generalised form of Deep
 Spectral Methods, (D - W) v = lambda D v, has v = D^-1/2 u. The common
 post-processing (`laplacian_eigs`) sorts, fixes signs, renormalises, and measures the
@@ -29,6 +33,7 @@ from .graph import Graph
 logger = logging.getLogger(__name__)
 
 DENSE_MAX_NODES = 6000
+_GENERALIZED_SHIFT = -1e-6  # solver "generalized": shift-invert just below the trivial eigenvalue 0
 PRECISIONS = ("float32", "float64")
 
 
@@ -105,6 +110,45 @@ def normalized_adjacency(W: sp.spmatrix) -> sp.csr_matrix:
     return sp.csr_matrix((data, (coo.row, coo.col)), shape=W.shape)
 
 
+class NormalizedAffinity:
+    """A = D^-1/2 (W_s + g (G G^T - diag(G G^T))) D^-1/2, applied without forming it.
+
+    sparse: D^-1/2 W_s D^-1/2 (CSR); H = D^-1/2 G (N, r); diag = g |H_i|^2. The product
+    A X = sparse X + g H (H^T X) - diag X costs O(nnz + N r) per column. D counts the
+    global term too (`Graph.degrees`). Supports what the solvers use: `@`, `astype`,
+    `shape`, `toarray` (dense references only).
+    """
+
+    def __init__(self, sparse: sp.csr_matrix, H: np.ndarray, weight: float):
+        self.sparse, self.H, self.weight = sparse, H, float(weight)
+        self.diag = self.weight * np.einsum("ij,ij->i", H, H)
+        self.shape, self.dtype = sparse.shape, sparse.dtype
+
+    def astype(self, dtype) -> "NormalizedAffinity":
+        out = NormalizedAffinity(self.sparse.astype(dtype), self.H.astype(dtype), self.weight)
+        out.diag = self.diag.astype(dtype)
+        return out
+
+    def __matmul__(self, X: np.ndarray) -> np.ndarray:
+        diag = self.diag if X.ndim == 1 else self.diag[:, None]
+        return self.sparse @ X + self.weight * (self.H @ (self.H.T @ X)) - diag * X
+
+    def toarray(self) -> np.ndarray:
+        return self.sparse.toarray() + self.weight * (self.H @ self.H.T) - np.diag(self.diag)
+
+
+def normalized_operator(graph: Graph):
+    """A = D^-1/2 W D^-1/2 of a graph: a CSR matrix, or a `NormalizedAffinity` with its global term."""
+    if graph.lowrank is None or graph.global_weight == 0:
+        return normalized_adjacency(graph.W)
+    d = graph.degrees
+    inv = np.zeros_like(d)
+    inv[d > 0] = 1.0 / np.sqrt(d[d > 0])
+    coo = sp.csr_matrix(graph.W, dtype=np.float64).tocoo()
+    sparse = sp.csr_matrix((coo.data * (inv[coo.row] * inv[coo.col]), (coo.row, coo.col)), shape=coo.shape)
+    return NormalizedAffinity(sparse, inv[:, None] * graph.lowrank.astype(np.float64), graph.global_weight)
+
+
 def normalized_laplacian(W: sp.spmatrix) -> sp.csr_matrix:
     """L = I - D^-1/2 W D^-1/2 in float64."""
     return (sp.identity(W.shape[0], dtype=np.float64, format="csr") - normalized_adjacency(W)).tocsr()
@@ -167,7 +211,13 @@ def _lobpcg_generic(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig, *
     rng = np.random.default_rng(cfg.seed)
     X0 = rng.standard_normal((n, m))
     X0[:, 0] = sqrt_d / max(np.linalg.norm(sqrt_d), np.finfo(float).tiny)
-    A_dev = sparse.csr_matrix((xp.asarray(A.data), xp.asarray(A.indices), xp.asarray(A.indptr)), shape=A.shape)
+    if isinstance(A, NormalizedAffinity):
+        if xp is not np:
+            raise ValueError("the GPU LOBPCG has no global term; use the solver 'batched' on a GPU")
+        A_dev = sla.LinearOperator(A.shape, matvec=A.__matmul__, matmat=A.__matmul__, dtype=np.float64)
+    else:
+        A_dev = sparse.csr_matrix((xp.asarray(A.data), xp.asarray(A.indices), xp.asarray(A.indptr)),
+                                  shape=A.shape)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = lobpcg(
@@ -222,6 +272,34 @@ def _solve_dense(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _
     return _Raw(vals, vecs)
 
 
+def _solve_generalized(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+    """Deep Spectral Methods' solver: eigsh(D - W, k=K, sigma=0, which="LM", M=D) on dense arrays.
+
+    The baseline of the original formulation (with graph kind "dense"): shift-invert
+    Lanczos on the generalised problem (D - W) v = lambda D v, i.e. a dense LU of D - W
+    (O(N^3)), as in their code. Its vectors v are turned into the store's u = D^1/2 v
+    (unit columns, orthonormal up to the solver's accuracy). Isolated nodes make D
+    singular: refused. Shift -1e-6 instead of their 0 (see below).
+    """
+    n = A.shape[0]
+    if n > DENSE_MAX_NODES:
+        raise ValueError(f"solver 'generalized' refuses N={n} > {DENSE_MAX_NODES} nodes (dense O(N^2) memory)")
+    if (sqrt_d <= 0).any():
+        raise SolverError(f"solver 'generalized' needs every degree > 0 ({int((sqrt_d <= 0).sum())} isolated nodes)")
+    dense = A.toarray() if hasattr(A, "toarray") else np.asarray(A)
+    d = sqrt_d * sqrt_d
+    W = dense * np.outer(sqrt_d, sqrt_d)
+    D = np.diag(d)
+    v0 = np.random.default_rng(cfg.seed).standard_normal(n)
+    # Their sigma = 0 is an exact eigenvalue (the constant vector): on some images the LU
+    # of the singular D - W meets an exactly zero pivot and ARPACK returns NaN. A shift
+    # just below 0 makes D - W - sigma D positive definite and changes no eigenvector.
+    vals, v = sla.eigsh(D - W, k=cfg.num_eigs, sigma=_GENERALIZED_SHIFT, which="LM", M=D, tol=cfg.tol, v0=v0,
+                        maxiter=cfg.max_iter)
+    u = sqrt_d[:, None] * v
+    return _Raw(vals, u / np.linalg.norm(u, axis=0, keepdims=True))
+
+
 def _solve_batched(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     """The batched solver on one graph (a batch of one); see `laplacian_eigs_batch` for many."""
     from .batched import solve_batched
@@ -234,6 +312,7 @@ SOLVERS: dict[str, Callable[[sp.csr_matrix, np.ndarray, SpectralConfig], _Raw]] 
     "lobpcg": _solve_lobpcg,
     "cupy-lobpcg": _solve_cupy_lobpcg,
     "dense": _solve_dense,
+    "generalized": _solve_generalized,
     "batched": _solve_batched,
 }
 
@@ -283,8 +362,8 @@ def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
         raise SolverError("graph weights contain NaN/Inf")
     if W.nnz and (W.data.min() < 0 or abs(W - W.T).max() > 1e-12 * abs(W).max()):
         raise ValueError("graph weights must be symmetric and non-negative")
-    A = normalized_adjacency(W)
-    d, _ = _inv_sqrt_degrees(W)
+    A = normalized_operator(graph)
+    d = graph.degrees
 
     t0 = time.perf_counter()
     raw = SOLVERS[cfg.solver](A, np.sqrt(d), cfg)

@@ -37,7 +37,7 @@ def vit_features(name: str) -> np.ndarray:
 
 def assert_same_graph(ell, b, x, k, atol=1e-6):
     """ELL image b vs build_knn_graph: neighbour sets up to ties, W equal where they agree."""
-    g = build_knn_graph(x, GraphConfig(k=k, backend="torch"), grid=(1, len(x)))
+    g = build_knn_graph(x, GraphConfig(global_weight=0, k=k, backend="torch"), grid=(1, len(x)))
     W = ell_to_csr(ell, b)
     assert abs(W - W.T).max() == 0 and W.diagonal().max() == 0
     diff = abs(W - g.W)
@@ -92,7 +92,7 @@ def test_knn_threshold_small_images_and_errors():
     assert (idx[1, :6, 5:] == -1).all()  # only 5 other patches exist
     ell = ell_graph(idx, sims, n_valid=nv, threshold=0.3)
     W = ell_to_csr(ell, 0)
-    g = build_knn_graph(f, GraphConfig(k=8, threshold=0.3, backend="torch"), grid=(5, 8))
+    g = build_knn_graph(f, GraphConfig(global_weight=0, k=8, threshold=0.3, backend="torch"), grid=(5, 8))
     assert abs(W - g.W).max() < 1e-6 and W.data.min() > 0.3
     with pytest.raises(ValueError, match="n_valid"):
         batched_knn(F, 3, n_valid=[40, 41])
@@ -109,9 +109,9 @@ def image_graphs():
     graphs = []
     for name in IMAGES:
         image = getattr(data, name)()
-        graphs.append(build_knn_graph(image_features(image), GraphConfig(k=10, color_weight=0.5), grid=GRID,
+        graphs.append(build_knn_graph(image_features(image), GraphConfig(global_weight=0, k=10, color_weight=0.5), grid=GRID,
                                       colors=patch_colors(image, GRID)))
-    graphs.append(build_knn_graph(random_features(n=700, d=8, seed=9), GraphConfig(k=10), grid=(25, 28)))
+    graphs.append(build_knn_graph(random_features(n=700, d=8, seed=9), GraphConfig(global_weight=0, k=10), grid=(25, 28)))
     refs = [laplacian_eigs(g, SpectralConfig(num_eigs=K + 1, solver="dense")) for g in graphs]
     return graphs, refs
 
@@ -142,7 +142,7 @@ def test_knn_to_spectra_padded_batch_equals_per_image():
     idx, sims = batched_knn(F, 10, n_valid=nv)
     out = batched_eigs(ell_graph(idx, sims, n_valid=nv), K)
     for f, s, grid in zip(feats, out, [GRID, (20, 30)]):
-        g = build_knn_graph(f, GraphConfig(k=10), grid=grid)
+        g = build_knn_graph(f, GraphConfig(global_weight=0, k=10), grid=grid)
         ref = laplacian_eigs(g, SpectralConfig(num_eigs=K + 1, solver="dense"))
         assert s.eigvecs.shape == (len(f), K) and s.converged
         assert_matches_reference(s, ref, K)
@@ -151,7 +151,7 @@ def test_knn_to_spectra_padded_batch_equals_per_image():
 def test_convergence_masks_easy_stops_early(caplog):
     # easy: 10 disjoint cliques, eigenvalue 0 (x10) then a large gap; hard: random kNN graph
     easy = sp.block_diag([np.ones((60, 60)) - np.eye(60)] * 10, format="csr")
-    hard = build_knn_graph(random_features(n=600, d=32, seed=11), GraphConfig(k=10), grid=(20, 30)).W
+    hard = build_knn_graph(random_features(n=600, d=32, seed=11), GraphConfig(global_weight=0, k=10), grid=(20, 30)).W
     out = batched_eigs(ell_from_csr([easy, hard]), K)
     assert all(s.converged for s in out)
     assert out[0].iterations < out[1].iterations, [s.iterations for s in out]
@@ -167,12 +167,12 @@ def test_convergence_masks_easy_stops_early(caplog):
 def test_isolated_node_and_two_components():
     f = random_features(n=300, d=8, seed=6, positive=True)
     f[11] = -f[11]
-    g1 = build_knn_graph(normalise(f), GraphConfig(k=8), grid=(15, 20))
+    g1 = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=8), grid=(15, 20))
     assert g1.num_isolated == 1
     f = random_features(n=400, d=8, seed=4) * 0.3
     f[:200, 0] += 1
     f[200:, 0] -= 1
-    g2 = build_knn_graph(normalise(f), GraphConfig(k=10), grid=(20, 20))
+    g2 = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=10), grid=(20, 20))
     s1, s2 = batched_eigs(ell_from_csr([g1.W, g2.W]), 4)
     assert s1.converged and s1.eigvals.max() < 1 and np.abs(s1.eigvecs[11]).max() < 1e-4
     assert s2.converged
@@ -181,7 +181,7 @@ def test_isolated_node_and_two_components():
 
 
 def test_deterministic_and_float64():
-    W = build_knn_graph(random_features(n=500, d=16, seed=5), GraphConfig(), grid=(20, 25)).W
+    W = build_knn_graph(random_features(n=500, d=16, seed=5), GraphConfig(global_weight=0), grid=(20, 25)).W
     a, b = batched_eigs(ell_from_csr([W]), K, seed=3)[0], batched_eigs(ell_from_csr([W]), K, seed=3)[0]
     np.testing.assert_array_equal(a.eigvecs, b.eigvecs)
     c = batched_eigs(ell_from_csr([W]), K, dtype=np.float64, tol=1e-8)[0]
@@ -299,7 +299,7 @@ def test_fused_product_launch_and_its_self_check(monkeypatch, caplog, kernel):
     from sazs.pipeline import batched
 
     assert not batched._fused_available(np)  # numpy never takes the fused path by itself
-    W = build_knn_graph(random_features(n=300, d=8, seed=2), GraphConfig(), grid=(15, 20)).W
+    W = build_knn_graph(random_features(n=300, d=8, seed=2), GraphConfig(global_weight=0), grid=(15, 20)).W
     ell = ell_from_csr([W, W[:200, :200]])
     X = np.random.default_rng(0).standard_normal((2, 300, 16)).astype(np.float32)
     X[1, 200:] = 0
@@ -374,3 +374,20 @@ def test_low_precision_product_runs_with_full_precision_reductions(monkeypatch):
     batched_knn(random_features(n=200, d=16, seed=3)[None], 5, precision="fp16")
     assert seen == [(False, False)]
     assert (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction) == before
+
+
+def test_batched_global_term_matches_per_image_eigsh():
+    """The low-rank term in the ELL products: padded batch of two == eigsh per image (numpy)."""
+    from sazs.pipeline.batched import ell_from_graphs
+    from sazs.pipeline.graph import build_knn_graphs
+
+    cfg = GraphConfig(k=8, global_weight=0.3, global_rank=6)
+    feats = [normalise(random_features(n=n, d=16, seed=s)) for n, s in ((400, 8), (300, 9))]
+    grids = [(20, 20), (15, 20)]
+    graphs = [build_knn_graph(f, cfg, grid=gr) for f, gr in zip(feats, grids)]
+    refs = [laplacian_eigs(g, SpectralConfig(num_eigs=5, tol=1e-8, precision="float64")) for g in graphs]
+    for ell in (ell_from_graphs(graphs), build_knn_graphs(feats, replace(cfg, backend="batched"), grids=grids)):
+        for ref, got in zip(refs, batched_eigs(ell, 5, tol=1e-6)):
+            assert got.converged
+            np.testing.assert_allclose(got.eigvals, ref.eigvals, atol=1e-5)
+            np.testing.assert_allclose(np.abs(np.einsum("ij,ij->j", got.eigvecs, ref.eigvecs)), 1, atol=1e-3)

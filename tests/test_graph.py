@@ -60,7 +60,7 @@ def assert_same_neighbours_up_to_ties(x, idx_a, idx_b, sims_fn, atol=1e-5):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invariants_and_threshold(backend):
     f = random_features()
-    g = build_knn_graph(f, GraphConfig(k=10, backend=backend), grid=GRID)
+    g = build_knn_graph(f, GraphConfig(global_weight=0, k=10, backend=backend), grid=GRID)
     check_invariants(g)
     assert g.grid == GRID
     cos = f.astype(np.float64) @ f.T.astype(np.float64)
@@ -68,14 +68,14 @@ def test_invariants_and_threshold(backend):
     np.testing.assert_allclose(g.W.data, cos[rows, cols], atol=1e-6)  # W = cos on its edges
     assert (cos[rows, cols] > 0).all()
     # Raising the threshold only removes edges, and exactly those <= threshold.
-    g2 = build_knn_graph(f, GraphConfig(k=10, backend=backend, threshold=0.3), grid=GRID)
+    g2 = build_knn_graph(f, GraphConfig(global_weight=0, k=10, backend=backend, threshold=0.3), grid=GRID)
     assert g2.W.data.min() > 0.3
     assert (g2.W - g.W.multiply(g.W > 0.3)).count_nonzero() == 0
 
 
 def test_at_least_k_neighbours_when_similarities_positive():
     f = random_features(positive=True)
-    g = build_knn_graph(f, GraphConfig(k=7), grid=GRID)
+    g = build_knn_graph(f, GraphConfig(global_weight=0, k=7), grid=GRID)
     check_invariants(g)
     assert np.diff(g.W.indptr).min() >= 7
 
@@ -86,7 +86,7 @@ def test_negative_cosines_never_enter():
     f = random_features(n=40, d=8, seed=1) * 0.1
     f[:20, 0] += 1
     f[20:, 0] -= 1
-    g = build_knn_graph(normalise(f), GraphConfig(k=30), grid=(5, 8))
+    g = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=30), grid=(5, 8))
     check_invariants(g)
     assert g.W[:20, 20:].nnz == 0
     assert np.diff(g.W.indptr).min() == 19
@@ -108,8 +108,8 @@ def test_backends_agree_on_random_features(metric, backend):
     assert not (ib == np.arange(len(x))[:, None]).any()
     np.testing.assert_allclose(sa, sb, atol=1e-5)
     assert_same_neighbours_up_to_ties(x, ia, ib, score_fn(x, metric))
-    ga = build_knn_graph(x, GraphConfig(backend="faiss"), grid=(30, 50))
-    gb = build_knn_graph(x, GraphConfig(backend=backend), grid=(30, 50))
+    ga = build_knn_graph(x, GraphConfig(global_weight=0, backend="faiss"), grid=(30, 50))
+    gb = build_knn_graph(x, GraphConfig(global_weight=0, backend=backend), grid=(30, 50))
     assert abs(ga.W - gb.W).max() < 1e-6
 
 
@@ -130,59 +130,59 @@ def test_backends_agree_on_image_colour_features():
     _, ib = knn(c, 10, metric="l2", backend="torch")
     assert_same_neighbours_up_to_ties(c, ia, ib, lambda i, j: -((c64[j] - c64[i]) ** 2).sum(1))
     for backend in BACKENDS:
-        check_invariants(build_knn_graph(f, GraphConfig(backend=backend, color_weight=1.0), grid=GRID, colors=colors))
+        check_invariants(build_knn_graph(f, GraphConfig(global_weight=0, backend=backend, color_weight=1.0), grid=GRID, colors=colors))
 
 
 def test_colour_term():
     image = data.chelsea()
     f, colors = image_features(image), patch_colors(image, GRID)
-    base = build_knn_graph(f, GraphConfig(), grid=GRID)
-    one = build_knn_graph(f, GraphConfig(color_weight=1.0), grid=GRID, colors=colors)
-    two = build_knn_graph(f, GraphConfig(color_weight=2.0), grid=GRID, colors=colors)
+    base = build_knn_graph(f, GraphConfig(global_weight=0), grid=GRID)
+    one = build_knn_graph(f, GraphConfig(global_weight=0, color_weight=1.0), grid=GRID, colors=colors)
+    two = build_knn_graph(f, GraphConfig(global_weight=0, color_weight=2.0), grid=GRID, colors=colors)
     check_invariants(one)
     Wc = (one.W - base.W).tocsr()
     assert Wc.nnz > 0 and Wc.data.min() > 0 and Wc.data.max() <= 1 + 1e-12
     assert abs((two.W - base.W) - 2 * Wc).max() < 1e-12  # linear in color_weight
     # With a large position weight the colour kNN links grid neighbours.
-    near = build_knn_graph(f, GraphConfig(color_weight=1.0, xy_weight=100.0, color_k=4), grid=GRID, colors=colors)
+    near = build_knn_graph(f, GraphConfig(global_weight=0, color_weight=1.0, xy_weight=100.0, color_k=4), grid=GRID, colors=colors)
     Wn = (near.W - base.W).tocoo()
     ri, ci = np.divmod(Wn.row, GRID[1])
     rj, cj = np.divmod(Wn.col, GRID[1])
     assert (np.abs(ri - rj) + np.abs(ci - cj)).max() <= 2
     with pytest.raises(ValueError, match="colors"):
-        build_knn_graph(f, GraphConfig(color_weight=1.0), grid=GRID)
+        build_knn_graph(f, GraphConfig(global_weight=0, color_weight=1.0), grid=GRID)
     with pytest.raises(ValueError, match="colors"):
-        build_knn_graph(f, GraphConfig(color_weight=1.0), grid=GRID, colors=colors[:-1])
+        build_knn_graph(f, GraphConfig(global_weight=0, color_weight=1.0), grid=GRID, colors=colors[:-1])
 
 
 def test_isolated_nodes():
     f = random_features(n=60, d=8, seed=2, positive=True)
     f[7] = -np.abs(f[7]) - 1.0  # opposite of everyone: all its cosines are negative
-    g = build_knn_graph(normalise(f), GraphConfig(k=5), grid=(6, 10))
+    g = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=5), grid=(6, 10))
     check_invariants(g)
     assert g.num_isolated == 1 and g.degrees[7] == 0
     # The colour term reconnects it.
     colors = np.random.default_rng(0).random((60, 3)).astype(np.float32)
-    g = build_knn_graph(normalise(f), GraphConfig(k=5, color_weight=0.5), grid=(6, 10), colors=colors)
+    g = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=5, color_weight=0.5), grid=(6, 10), colors=colors)
     assert g.num_isolated == 0
 
 
 def test_validation(caplog):
     f = random_features(n=20, d=4)
     with pytest.raises(ValueError, match="grid"):
-        build_knn_graph(f, GraphConfig(), grid=(4, 6))
+        build_knn_graph(f, GraphConfig(global_weight=0), grid=(4, 6))
     bad = f.copy()
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        build_knn_graph(bad, GraphConfig(), grid=(4, 5))
+        build_knn_graph(bad, GraphConfig(global_weight=0), grid=(4, 5))
     with pytest.raises(ValueError, match=r"unknown graph backend 'annoy'; choose from \['certified'"):
-        GraphConfig(backend="annoy")
+        GraphConfig(global_weight=0, backend="annoy")
     with pytest.raises(ValueError, match="unknown kNN backend"):
         knn(f, 3, metric="ip", backend="annoy")
     with pytest.raises(ValueError, match="threshold"):
-        GraphConfig(threshold=-0.1)
+        GraphConfig(global_weight=0, threshold=-0.1)
     with caplog.at_level(logging.WARNING, logger="sazs.pipeline.graph"):
-        g = build_knn_graph(f, GraphConfig(k=50), grid=(4, 5))
+        g = build_knn_graph(f, GraphConfig(global_weight=0, k=50), grid=(4, 5))
     assert "clamping k" in caplog.text
     check_invariants(g)
     assert np.diff(g.W.indptr).max() <= 19
@@ -355,3 +355,76 @@ def test_certified_detects_a_product_outside_its_bound(bf16_path, monkeypatch, c
         _, idx, stats = knn_certified(x, 10, "ip")
     assert "error bound" in caplog.text and stats.path == "exact"
     assert_same_neighbours_up_to_ties(x, brute_force(x, 10, "ip"), idx, score_fn(x, "ip"), atol=1e-6)
+
+
+# --- the global term and the dense baseline -------------------------------------------------
+
+
+def test_global_term_is_the_rank_d_affinity_never_formed():
+    """Graph.toarray / degrees / the solver's operator agree with the dense (1 + f.f^T) / 2 reference."""
+    from sazs.pipeline.spectral import NormalizedAffinity, normalized_operator
+
+    x = normalise(random_features(n=60, d=8, seed=3))
+    g = build_knn_graph(x, GraphConfig(k=5, global_weight=0.7, global_rank=0), grid=(6, 10))
+    assert g.W.nnz < 60 * 60 / 2 and g.lowrank.shape == (60, 9)  # sparse part + factor only
+    knn_only = build_knn_graph(x, GraphConfig(k=5, global_weight=0), grid=(6, 10)).W.toarray()
+    dense = knn_only + 0.7 * ((1 + x @ x.T) / 2 - np.eye(60))
+    np.testing.assert_allclose(g.toarray(), dense, atol=1e-6)
+    np.testing.assert_allclose(g.degrees, dense.sum(axis=1), rtol=1e-6)
+    A = normalized_operator(g)
+    assert isinstance(A, NormalizedAffinity)
+    dinv = 1 / np.sqrt(dense.sum(axis=1))
+    X = np.random.default_rng(0).standard_normal((60, 3))
+    np.testing.assert_allclose(A @ X, (dinv[:, None] * dense * dinv) @ X, atol=1e-6)
+    np.testing.assert_allclose(A @ X[:, 0], (dinv[:, None] * dense * dinv) @ X[:, 0], atol=1e-6)
+
+
+def test_global_rank_keeps_the_affinity_non_negative_and_close():
+    x = normalise(random_features(n=200, d=16, seed=4, positive=True))
+    g = build_knn_graph(x, GraphConfig(k=5, global_rank=4), grid=(10, 20))
+    Wg = g.lowrank.astype(np.float64) @ g.lowrank.T.astype(np.float64)
+    assert g.lowrank.shape == (200, 5) and Wg.min() >= 0 and Wg.max() <= 1 + 1e-6
+    exact = (1 + x @ x.T) / 2
+    # the best rank-4 approximation of x x^T is within the energy of the dropped directions
+    s = np.linalg.svd(x, compute_uv=False)
+    assert np.linalg.norm(Wg - exact, 2) <= 0.5 * s[4] ** 2 * 1.05
+
+
+def test_describe_leaves_old_settings_out_so_old_fingerprints_hold():
+    old_keys = {"k", "backend", "threshold", "color_weight", "color_k", "xy_weight", "device"}
+    assert set(GraphConfig(global_weight=0).describe()) == old_keys
+    assert GraphConfig().describe()["global_weight"] == 1.0 and GraphConfig().describe()["global_rank"] == 32
+    assert GraphConfig(kind="dense").describe()["kind"] == "dense"
+    with pytest.raises(ValueError, match="unknown graph kind"):
+        GraphConfig(kind="full")
+    with pytest.raises(ValueError, match="global_weight"):
+        GraphConfig(global_weight=-1)
+
+
+def test_dense_baseline_graph():
+    from sazs.pipeline.graph import build_dense_graph, build_graph
+
+    x = normalise(random_features(n=40, d=6, seed=5))
+    g = build_graph(x, GraphConfig(kind="dense"), grid=(5, 8))
+    ref = np.maximum(x @ x.T, 0)
+    np.testing.assert_allclose(g.toarray(), ref / ref.max(), atol=1e-6)
+    assert g.lowrank is None
+    with pytest.raises(ValueError, match="kind 'knn'"):
+        build_knn_graph(x, GraphConfig(kind="dense"), grid=(5, 8))
+    assert build_dense_graph(x, grid=(5, 8)).W.shape == (40, 40)
+
+
+def test_cli_graph_flags():
+    from sazs.pipeline.cli import build_configs, get_args_parser
+
+    parse = get_args_parser().parse_args
+    _, _, graph, spectral = build_configs(parse([]))
+    assert (graph.kind, graph.global_weight, graph.global_rank, spectral.solver) == ("knn", 1.0, 32, "auto")
+    _, _, graph, _ = build_configs(parse(["--global-weight", "0", "--knn", "20"]))
+    assert graph.global_weight == 0 and graph.k == 20
+    _, _, graph, spectral = build_configs(parse(["--preset", "dsm"]))
+    assert (graph.kind, spectral.solver) == ("dense", "generalized")
+    with pytest.raises(ValueError, match="--preset dsm"):
+        build_configs(parse(["--preset", "dsm", "--solver", "eigsh"]))
+    with pytest.raises(SystemExit):
+        parse(["--global-weight", "-1"])

@@ -37,7 +37,7 @@ ITERATIVE = ["eigsh", "lobpcg", "cupy-lobpcg", "batched"]
 def image_case(request):
     image = getattr(data, request.param)()
     graph = build_knn_graph(
-        image_features(image), GraphConfig(k=10, color_weight=0.5), grid=GRID, colors=patch_colors(image, GRID)
+        image_features(image), GraphConfig(global_weight=0, k=10, color_weight=0.5), grid=GRID, colors=patch_colors(image, GRID)
     )
     ref = laplacian_eigs(graph, SpectralConfig(num_eigs=K + 1, solver="dense"))
     return graph, ref
@@ -74,8 +74,8 @@ def assert_well_formed(s, n, num, cfg):
 
 
 def test_registry():
-    assert list_solvers() == ["batched", "cupy-lobpcg", "dense", "eigsh", "lobpcg"]
-    g = build_knn_graph(random_features(n=100, d=8), GraphConfig(), grid=(10, 10))
+    assert list_solvers() == ["batched", "cupy-lobpcg", "dense", "eigsh", "generalized", "lobpcg"]
+    g = build_knn_graph(random_features(n=100, d=8), GraphConfig(global_weight=0), grid=(10, 10))
     with pytest.raises(ValueError, match=r"unknown solver 'arpack'; choose from \[.auto., .batched., .cupy-lobpcg."):
         laplacian_eigs(g, SpectralConfig(solver="arpack"))
 
@@ -116,7 +116,7 @@ def test_eigsh_precisions_match_dense(precision, image_case):
 
 @pytest.mark.parametrize("solver", ITERATIVE)
 def test_deterministic(solver, numpy_cupy):
-    g = build_knn_graph(random_features(n=800, d=16, seed=5), GraphConfig(), grid=(20, 40))
+    g = build_knn_graph(random_features(n=800, d=16, seed=5), GraphConfig(global_weight=0), grid=(20, 40))
     a = laplacian_eigs(g, SpectralConfig(solver=solver, seed=3))
     b = laplacian_eigs(g, SpectralConfig(solver=solver, seed=3))
     np.testing.assert_array_equal(a.eigvals, b.eigvals)
@@ -128,7 +128,7 @@ def test_two_components(solver, numpy_cupy):
     f = random_features(n=600, d=8, seed=4) * 0.3
     f[:300, 0] += 1  # left/right halves point in opposite directions: no edges across
     f[300:, 0] -= 1
-    g = build_knn_graph(normalise(f), GraphConfig(k=10), grid=(20, 30))
+    g = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=10), grid=(20, 30))
     assert connected_components(g.W, directed=False)[0] == 2
     cfg = SpectralConfig(num_eigs=4, solver="eigsh", precision="float64") if solver == "eigsh-float64" else (
         SpectralConfig(num_eigs=4, solver=solver))
@@ -148,7 +148,7 @@ def test_two_components(solver, numpy_cupy):
 def test_isolated_node_is_not_among_smallest(solver):
     f = random_features(n=300, d=8, seed=6, positive=True)
     f[11] = -f[11]
-    g = build_knn_graph(normalise(f), GraphConfig(k=8), grid=(15, 20))
+    g = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=8), grid=(15, 20))
     assert g.num_isolated == 1
     s = laplacian_eigs(g, SpectralConfig(num_eigs=4, solver=solver))
     assert s.converged and s.eigvals.max() < 1
@@ -156,7 +156,7 @@ def test_isolated_node_is_not_among_smallest(solver):
 
 
 def test_nan_weights_raise_solver_error():
-    g = build_knn_graph(random_features(n=200, d=8), GraphConfig(), grid=(10, 20))
+    g = build_knn_graph(random_features(n=200, d=8), GraphConfig(global_weight=0), grid=(10, 20))
     W = g.W.copy()
     W.data[5] = np.nan
     with pytest.raises(SolverError, match="NaN"):
@@ -164,7 +164,7 @@ def test_nan_weights_raise_solver_error():
 
 
 def test_non_convergence_is_reported(caplog):
-    g = build_knn_graph(random_features(n=800, d=16), GraphConfig(), grid=(20, 40))
+    g = build_knn_graph(random_features(n=800, d=16), GraphConfig(global_weight=0), grid=(20, 40))
     with pytest.raises(SolverError, match="ARPACK"):
         laplacian_eigs(g, SpectralConfig(solver="eigsh", max_iter=1))
     s = laplacian_eigs(g, SpectralConfig(solver="lobpcg", max_iter=2))
@@ -182,7 +182,7 @@ def test_sign_convention():
 
 
 def test_input_checks():
-    g = build_knn_graph(random_features(n=20, d=4), GraphConfig(k=5), grid=(4, 5))
+    g = build_knn_graph(random_features(n=20, d=4), GraphConfig(global_weight=0, k=5), grid=(4, 5))
     with pytest.raises(ValueError, match="num_eigs"):
         laplacian_eigs(g, SpectralConfig(num_eigs=20))
     with pytest.raises(ValueError, match=r"unknown precision 'float16'; choose from \['float32'"):
@@ -193,7 +193,7 @@ def test_input_checks():
 
 
 def test_cupy_lobpcg_needs_a_cuda_device(numpy_cupy):
-    g = build_knn_graph(random_features(n=100, d=8), GraphConfig(), grid=(10, 10))
+    g = build_knn_graph(random_features(n=100, d=8), GraphConfig(global_weight=0), grid=(10, 10))
     with pytest.raises(ValueError, match="CUDA device"):
         laplacian_eigs(g, SpectralConfig(solver="cupy-lobpcg", device="cpu"))
     assert laplacian_eigs(g, SpectralConfig(solver="cupy-lobpcg", num_eigs=4, device="cuda:0")).converged
@@ -206,7 +206,7 @@ def test_cupy_missing_gives_install_hint():
         pass
     else:
         pytest.skip("cupy is installed")
-    g = build_knn_graph(random_features(n=100, d=8), GraphConfig(), grid=(10, 10))
+    g = build_knn_graph(random_features(n=100, d=8), GraphConfig(global_weight=0), grid=(10, 10))
     with pytest.raises(ImportError, match="pip install cupy-cuda12x"):
         laplacian_eigs(g, SpectralConfig(solver="cupy-lobpcg"))
 
@@ -218,7 +218,7 @@ def test_with_colour_extractor():
         pytest.skip("no 'color' extractor registered")
     ext = extractors.build_extractor(extractors.ExtractorConfig(name="color", short_side=240))
     (feat,) = ext.extract([data.coffee()])
-    g = build_knn_graph(feat.feats, GraphConfig(), grid=feat.grid)
+    g = build_knn_graph(feat.feats, GraphConfig(global_weight=0), grid=feat.grid)
     ref = laplacian_eigs(g, SpectralConfig(num_eigs=K + 1, solver="dense"))
     s = laplacian_eigs(g, SpectralConfig(num_eigs=K))
     assert s.converged
@@ -231,3 +231,43 @@ def test_rejects_asymmetric_or_negative_weights():
         laplacian_eigs(Graph(W=W, grid=(5, 10)), SpectralConfig(num_eigs=3))
     with pytest.raises(ValueError, match="non-negative"):
         laplacian_eigs(Graph(W=-(W + W.T).tocsr(), grid=(5, 10)), SpectralConfig(num_eigs=3))
+
+
+# --- the global term and the Deep Spectral Methods baseline ---------------------------------
+
+
+@pytest.mark.parametrize("solver", ["eigsh", "lobpcg", "batched", "dense"])
+def test_global_term_spectrum_matches_dense_reference(solver):
+    import scipy.linalg
+
+    x = normalise(random_features(n=300, d=12, seed=6))
+    g = build_knn_graph(x, GraphConfig(k=8, global_weight=0.05, global_rank=0), grid=(15, 20))
+    W = g.toarray()
+    dinv = 1 / np.sqrt(W.sum(axis=1))
+    L = np.eye(300) - dinv[:, None] * W * dinv
+    vals, vecs = scipy.linalg.eigh(L, subset_by_index=[0, 5])
+    s = laplacian_eigs(g, SpectralConfig(num_eigs=6, solver=solver, tol=1e-8 if solver != "batched" else 1e-6))
+    assert s.converged
+    np.testing.assert_allclose(s.eigvals, vals, atol=1e-5)
+    # same subspace (eigenvalues here are simple): |<u, u_ref>| ~ 1 per vector
+    np.testing.assert_allclose(np.abs(np.einsum("ij,ij->j", s.eigvecs, vecs)), 1, atol=1e-3)
+
+
+def test_generalized_solver_is_dsm_on_the_dense_graph():
+    """eigsh(D - W, M = D, sigma ~ 0) on DSM's affinity, returned as u = D^1/2 v (unit, minority positive)."""
+    import scipy.linalg
+
+    from sazs.pipeline.graph import build_dense_graph
+
+    x = normalise(random_features(n=120, d=8, seed=7))
+    g = build_dense_graph(x, grid=(10, 12))
+    W = g.toarray()
+    d = W.sum(axis=1)
+    vals, v = scipy.linalg.eigh(np.diag(d) - W, np.diag(d), subset_by_index=[0, 4])
+    u = np.sqrt(d)[:, None] * v
+    u /= np.linalg.norm(u, axis=0)
+    s = laplacian_eigs(g, SpectralConfig(num_eigs=5, solver="generalized", tol=1e-10))
+    assert s.converged
+    np.testing.assert_allclose(s.eigvals, vals, atol=1e-6)
+    np.testing.assert_allclose(np.abs(np.einsum("ij,ij->j", s.eigvecs, u)), 1, atol=1e-4)
+    assert ((s.eigvecs[:, 1:] > 0).sum(axis=0) <= 60).all()  # sign convention: positive part the minority
