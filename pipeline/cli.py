@@ -110,6 +110,19 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="drop affinities <= this, in [0, 1) (default 0)")
     g.add_argument("--color-weight", type=number(0), default=0.0,
                    help="weight of the colour/position kNN term, >= 0 (0 = off)")
+    g.add_argument("--global-weight", type=number(0), default=1.0,
+                   help="weight g of the global term g (1 + p_i.p_j) / 2 added to the kNN graph (p: unit features "
+                        "on their top --global-rank directions; applied in O(N r), never formed), >= 0 (default 1; "
+                        "0 = the kNN graph alone, the default before the global term)")
+    g.add_argument("--global-rank", type=at_least(0), default=32, metavar="R",
+                   help="principal directions kept in the global term (default 32; 0 = all)")
+    g.add_argument("--graph", default="knn", choices=["knn", "dense"], dest="graph_kind",
+                   help="knn (default): sparse kNN graph + global term; dense: the original Deep Spectral "
+                        "Methods affinity max(F F^T, 0) / max over all pairs (baseline, O(N^2); see --preset dsm)")
+    g.add_argument("--preset", default=None, choices=["dsm"],
+                   help="dsm: the original Deep Spectral Methods formulation on the same features, the "
+                        "baseline = --graph dense --solver generalized (eigsh(D - W, M = D) shift-invert; "
+                        "stored as u = D^1/2 v like every store)")
     g = p.add_argument_group("spectrum")
     g.add_argument("--num-eigs", type=at_least(2), default=8, metavar="K",
                    help="eigenvectors kept per image, >= 2 (default 8; an image needs more than K patches)")
@@ -167,9 +180,15 @@ def build_configs(args: argparse.Namespace):
         name=args.extractor, weights=args.weights, facet=args.facet, short_side=args.short_side,
         max_long_side=args.max_long_side, device=args.device, batch_size=args.batch_size, precision=args.precision,
     )
+    kind, solver = args.graph_kind, args.solver
+    if args.preset == "dsm":
+        if solver not in ("auto", "generalized"):
+            raise ValueError(f"--preset dsm uses --solver generalized, not {solver!r}; drop --solver")
+        kind, solver = "dense", "generalized"
     graph = GraphConfig(k=args.knn, backend=args.graph_backend, threshold=args.threshold,
-                        color_weight=args.color_weight)
-    spectral = SpectralConfig(num_eigs=args.num_eigs, solver=args.solver)
+                        color_weight=args.color_weight, kind=kind, global_weight=args.global_weight,
+                        global_rank=args.global_rank)
+    spectral = SpectralConfig(num_eigs=args.num_eigs, solver=solver)
     return dataset, extractor, graph, spectral
 
 

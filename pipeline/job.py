@@ -37,8 +37,8 @@ from sazs.stores.writer import ImageResult, StoreWriter
 
 from .datasets import Dataset, ImageError
 from .extractors import Extractor, Features
-from .batched import ell_from_csr
-from .graph import GraphConfig, build_knn_graph, build_knn_graphs, patch_colors
+from .batched import ell_from_graphs
+from .graph import GraphConfig, build_graph, build_knn_graphs, patch_colors
 from .spectral import SolverError, SpectralConfig, laplacian_eigs, laplacian_eigs_batch
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def solve_one(image: np.ndarray | None, feats: Features, graph_cfg: GraphConfig,
     """Graph + spectrum of one image from its features: (grid, Spectrum), or the recorded error."""
     try:
         colors = patch_colors(image, feats.grid) if graph_cfg.color_weight > 0 else None
-        graph = build_knn_graph(_host(feats.feats), graph_cfg, grid=feats.grid, colors=colors)
+        graph = build_graph(_host(feats.feats), graph_cfg, grid=feats.grid, colors=colors)
         return feats.grid, laplacian_eigs(graph, spectral_cfg)
     except RECORDED_ERRORS as exc:
         return exc
@@ -187,13 +187,13 @@ def solve_batch(items: list[tuple[np.ndarray | None, Features]], graph_cfg: Grap
     (GPU) memory splits the batch in halves until it fits.
     """
     try:
-        if graph_cfg.backend == "batched" and graph_cfg.color_weight == 0:
+        if graph_cfg.backend == "batched" and graph_cfg.color_weight == 0 and graph_cfg.kind == "knn":
             ell = build_knn_graphs([f.feats for _, f in items], graph_cfg, grids=[f.grid for _, f in items])
         else:
-            graphs = [build_knn_graph(_host(f.feats), graph_cfg, grid=f.grid,
+            graphs = [build_graph(_host(f.feats), graph_cfg, grid=f.grid,
                                       colors=patch_colors(image, f.grid) if graph_cfg.color_weight > 0 else None)
                       for image, f in items]
-            ell = ell_from_csr([g.W for g in graphs])
+            ell = ell_from_graphs(graphs)
         spectra = laplacian_eigs_batch(ell, spectral_cfg)
         return [(f.grid, spec) for (_, f), spec in zip(items, spectra)]
     except RECORDED_ERRORS as exc:
@@ -378,7 +378,7 @@ def make_manifest(dataset: Dataset, extractor_provenance: dict, max_grid: tuple[
     return build_manifest(
         dataset=dataset.describe(),
         extractor=extractor_provenance,
-        graph=asdict(graph_cfg),
+        graph=graph_cfg.describe(),  # new settings at their old behaviour left out: old fingerprints hold
         solver=asdict(spectral_cfg),
         num_eigs=spectral_cfg.num_eigs,
         layout={"shard_size": shard_size, "max_grid": list(max_grid), "eigvecs_dtype": "float16"},
