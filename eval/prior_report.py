@@ -42,7 +42,8 @@ COLUMNS = {
 
 
 def score_store(store, dataset, *, label_map: bool, n_best: int = 4, refine: str | None = None,
-                boundary_tolerance: float = 0.008, ids: list[str] | None = None, progress: bool = False) -> dict:  # fmt: skip
+                boundary_tolerance: float = 0.008, ids: list[str] | None = None,
+                progress: bool = False) -> dict:  # fmt: skip
     """Per-image scores of one store on ``dataset`` (``ids``: default every dataset id).
 
     Returns {"rows": {variant: [{"id", "group", **scores}]}, "failures": {id: reason},
@@ -324,7 +325,8 @@ def add_priors_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     p.add_argument("--images-dir", default=None, help="masks dataset: the image folder (default: auto-detected)")
     p.add_argument("--masks-dir", default=None, help="masks dataset: the mask folder (default: auto-detected)")
-    p.add_argument("--names", default=None, help="comma-separated names of the stores in the table (default: file names)")
+    p.add_argument("--names", default=None,
+                   help="comma-separated names of the stores in the table (default: their file names)")
     p.add_argument("--n-best", type=int, default=4, help="eigen-segments v1..vN for best-of-N and the label maps (4)")
     p.add_argument("--refine", default="none", choices=["none", "guided"],
                    help="also score eigenvectors refined to pixel resolution with the image (guided filter)")

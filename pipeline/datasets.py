@@ -530,7 +530,7 @@ class COCODataset(Dataset):
         return mask
 
 
-# ----------------------------------------------------------------------------- mask layouts (DAVIS, salient objects, CamVid)
+# ----------------------------------------------------------------------------- mask layouts (DAVIS, SOD, CamVid)
 
 
 def _read_mask(path: Path, image_path: Path, *, labels: bool) -> np.ndarray:
