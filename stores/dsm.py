@@ -58,7 +58,8 @@ DSM_LAPLACIAN = {
     "vectors": "v = D^-1/2 u: generalised eigenvectors as Deep Spectral Methods saves them, each image's "
                "scaled by 1/||v0|| (mean degree 1); not orthonormal",
 }
-DSM_SIGN_CONVENTION = "Deep Spectral Methods: a vector with more than half, but not all, of its entries positive is negated"
+DSM_SIGN_CONVENTION = ("Deep Spectral Methods: a vector with more than half, but not all, of its entries positive "
+                       "is negated")
 DSM_PATCH_SIZE = 16  # DSM's default model, dino_vits16
 MAX_FILE_BYTES = 2 * MAX_CHUNK_BYTES  # float32 on disk: twice the largest image a store holds
 EIGVAL_RANGE = (-1e-3, 2 + 1e-3)  # eigenvalues of the normalised Laplacian (what verify accepts)
@@ -263,8 +264,9 @@ def _convert(data: bytes, path: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
     return vals.astype(np.float32), vecs
 
 
-def import_dsm(eigs_dir: str | Path, out: str | Path, *, ids: Sequence[str], image_size: Callable[[str], tuple[int, int]],
-               dataset: dict, cfg: ImportConfig = ImportConfig()) -> dict[str, int]:  # fmt: skip
+def import_dsm(eigs_dir: str | Path, out: str | Path, *, ids: Sequence[str],
+               image_size: Callable[[str], tuple[int, int]], dataset: dict,
+               cfg: ImportConfig = ImportConfig()) -> dict[str, int]:  # fmt: skip
     """Write the DSM files ``eigs_dir/{id}.pth`` of ``ids`` as the prior store ``out``; counts by status.
 
     ``image_size(id)`` gives the image's (H, W) (OSError/ValueError for an unreadable image);
