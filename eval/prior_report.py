@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -433,7 +434,8 @@ def cmd_priors(args) -> int:
     pictures = []
     if not args.no_pictures:
         for name, store in stores.items():
-            png = draw_grid(store, dataset, results[name]["rows"]["bilinear"], Path(args.out) / f"grid-{name}.png",
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "store"
+            png = draw_grid(store, dataset, results[name]["rows"]["bilinear"], Path(args.out) / f"grid-{slug}.png",
                             label_map=label_map, n_best=args.n_best, refine=refine,
                             title=f"{name} on {dataset.name}/{dataset.split}: best, median, worst by "
                                   f"{HEADLINE[label_map]}")  # fmt: skip

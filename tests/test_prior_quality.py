@@ -264,8 +264,10 @@ def test_eval_priors_baseline_dsm_is_computed_and_scored_beside(tmp_path):
                         "--out", str(store), "--preview", "0", "--no-progress"]) == 0
     out = tmp_path / "report"
     argv = ["priors", str(store), "--names", "ours", "--dataset", "davis", "--data", str(root), "--out", str(out),
-            "--baseline", "dsm", "--no-pictures", "--no-progress"]
+            "--baseline", "dsm", "--no-progress"]
     assert eval_main(argv) == 0
+    assert (out / "grid-dsm-original.png").is_file()  # a file name without spaces
+    argv.insert(-1, "--no-pictures")
     report = json.loads((out / "report.json").read_text())
     assert list(report["stores"]) == ["ours", "dsm (original)"]
     base = report["stores"]["dsm (original)"]
