@@ -7,8 +7,9 @@ Deep Spectral Methods), plus the *global term* g (1 + p_i . p_j) / 2 between eve
 principal directions. The global term is never formed: it is the low-rank factor
 `Graph.lowrank` (N x (r + 1)), applied in O(N r) inside the solvers' products
 (`spectral.NormalizedAffinity`, `batched`). Why it is there: a kNN graph only links
-near-duplicates (cos ~ 0.99), so its Fiedler cut follows whatever splits the patch
-manifold into two long chains (often left/right halves of the background); the global
+near-duplicates (cos ~ 0.99), so its cheapest cut separates two large background
+regions that share few kNN links (water above, bank below) and the object goes with
+one of them; the global
 term adds how similar *every* pair is, which is what separates an object from its
 background in the dense affinity of Deep Spectral Methods, at O(N r) instead of O(N^2).
 
