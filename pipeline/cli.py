@@ -25,12 +25,13 @@ disk, read-only); 130 interrupted (re-run to resume).
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import math
 import sys
 from pathlib import PurePosixPath
+
+from sazs.stores.console import disk_error_message
 
 log = logging.getLogger("sazs.priors")
 
@@ -245,14 +246,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def write_error(exc: OSError, out: str) -> str:
     """One line for an OSError while writing a store: the file, the cause, the fix."""
-    where = exc.filename or out
-    if exc.errno == errno.ENOSPC:
-        fix = "free disk space (finished shards are kept; re-run to resume) or choose another --out"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "choose a writable --out"
-    else:
-        fix = "check the path, or choose another --out"
-    return f"cannot write {where}: {exc.strerror or exc}; {fix}"
+    return disk_error_message(exc, out) or (
+        f"cannot write {exc.filename or out}: {exc.strerror or exc}; check the path, or choose another --out")
 
 
 def cmd_show(args: argparse.Namespace) -> int:

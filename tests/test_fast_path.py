@@ -187,7 +187,7 @@ def test_ctrl_c_with_threads_keeps_every_computed_shard(tmp_path, monkeypatch):
     assert_same_arrays(ref, out)
 
 
-def test_a_failed_write_in_the_writer_thread_stops_the_job(tmp_path, monkeypatch):
+def test_a_failed_write_in_the_writer_thread_stops_the_job(tmp_path, monkeypatch, capsys):
     from sazs.stores.lock import read_lock
     from sazs.stores.writer import StoreWriter
 
@@ -196,8 +196,9 @@ def test_a_failed_write_in_the_writer_thread_stops_the_job(tmp_path, monkeypatch
 
     monkeypatch.setattr(StoreWriter, "write_shard", disk_full)
     out = tmp_path / "s.zarr"
-    with pytest.raises(OSError, match="No space left"):
-        cli.main(["run", *map(str, [*FAST, "--limit", 4, "--shard-size", 2, "--decode-workers", 2, "--out", out])])
+    code = cli.main(["run", *map(str, [*FAST, "--limit", 4, "--shard-size", 2, "--decode-workers", 2, "--out", out])])
+    assert code == 2  # one line naming the store and the fix, no traceback
+    assert "No space left on device" in capsys.readouterr().err
     assert read_lock(out) is None  # the lock is released on the way out
 
 

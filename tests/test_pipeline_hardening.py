@@ -223,7 +223,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(job, "open", FullDisk, raising=False)  # the progress log's open()
     assert run(*FAST, "--limit", 1, "--out", out) == 2
     line = one_line_error(capsys)
-    assert f"cannot write {tmp_path / 's.progress.jsonl'}: No space left on device; free disk space" in line
+    assert f"cannot write {tmp_path / 's.progress.jsonl'}: No space left on device; free space there" in line
     monkeypatch.undo()
 
     real = Path.write_text
