@@ -2,7 +2,8 @@
 
 Each variant is trained on CamVid train for every fold and seed through ``sazs-train run``
 (frozen pretrained backbone, feature cache: the views are shared by every run) and scored
-through ``sazs-eval run`` in the generalised setting on CamVid val, with the GT-free fusion
+through ``sazs-eval run --cache-features`` (each val image's tokens computed once for all
+runs) in the generalised setting on CamVid val, with the GT-free fusion
 modes (none, project). Loss weights: with ``--tune``, each variant's weight is chosen on val
 (fold 0, seed 0, hIoU of fusion none) from ``--grid``; otherwise the given weights are used.
 There is no test split here: the numbers are val numbers, and they are what the weights were
@@ -81,6 +82,7 @@ def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float
         argv = ["run", "--dataset", "camvid", "--data", args.data, "--folds", str(fold), "--ckpt",
                 str(run / "checkpoint.pt"), "--priors", args.val_priors, "--fusion", "none,project", "--headline",
                 "project", "--out", str(run / "eval"), "--device", args.device, "--no-progress", "--draw", "0",
+                "--cache-features",
                 *(["--limit", str(args.val_limit)] if args.val_limit else [])]  # fmt: skip
         if eval_cli.main(argv) != 0:
             raise RuntimeError(f"evaluation failed: sazs-eval {' '.join(argv)}")

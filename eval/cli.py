@@ -69,6 +69,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--max-long-side", type=int, default=None, metavar="PX", help="cap (default 2x short side)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    g.add_argument("--cache-features", nargs="?", const="auto", default=None, metavar="DIR",
+                   help="frozen backbone, fp32: reuse its tokens of an image across checkpoints (sazs-train's "
+                        "feature cache, default ~/.cache/sazs/features)")
     g = p.add_argument_group("priors")
     g.add_argument("--priors", default=None, metavar="PATH|URL",
                    help="prior store of the validation split (default priors/<dataset>-<split>-<extractor>.zarr)")
@@ -218,7 +221,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         if label_counts is not None:
             write_split_list(fold_eps.entries, out / "splits" / HSNET_NAMES[bench] / "val" / f"fold{fold}.txt")
         predictor = Predictor(ckpts[fold], device=args.device, short_side=args.short_side,
-                              max_long_side=args.max_long_side, precision=args.precision)  # fmt: skip
+                              max_long_side=args.max_long_side, precision=args.precision,
+                              feature_cache=args.cache_features)  # fmt: skip
         infos[str(fold)] = predictor.describe()
         ids = list(dict.fromkeys(e.image_id for e in fold_eps.episodes)) if fold_eps else []
         gen_ids = list(dataset.ids[: args.generalised_limit]) if generalised else []

@@ -39,7 +39,8 @@ class Predictor:
     """A checkpoint ready for inference (model, text classifier, preprocessing)."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, device: str = "auto", short_side: int | None = None,
-                 max_long_side: int | None = None, precision: str = "auto"):  # fmt: skip
+                 max_long_side: int | None = None, precision: str = "auto",
+                 feature_cache: str | None = None):  # fmt: skip
         from sazs.train.checkpoint import load_for_inference
 
         path = Path(checkpoint)
@@ -62,6 +63,13 @@ class Predictor:
         self.background = str(self.ckpt.get("train_names", ["background"])[0]) if has_slot else None
         self.dataset = cfg["data"]["dataset"]
         self.random_weights = bool(self.ckpt.get("random_weights", self.model.random_weights))
+        # A frozen backbone's tokens of an image (fp32 runs): cached by pixels and input size
+        # ("auto": ~/.cache/sazs/features), shared by every checkpoint on that backbone.
+        self.cache = None
+        if feature_cache and not cfg["model"].get("finetune_backbone") and precision == "fp32":
+            from sazs.train.cache import FeatureCache, backbone_key
+
+            self.cache = FeatureCache(None if feature_cache == "auto" else feature_cache, backbone_key(self.model))
 
     def describe(self) -> dict:
         return {"checkpoint": self.path, "step": self.ckpt.get("step"), "code_version": self.ckpt.get("code_version"),
@@ -99,6 +107,11 @@ class Predictor:
         if self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = self.model(x, emb)["logits"]
+        elif self.cache is not None:
+            from sazs.train.cache import content_view
+
+            tokens = self.cache.tokens(self.model, x, [content_view(image, x.shape[-2:])])
+            out = self.model(x, emb, tokens=tokens)["logits"]
         else:
             out = self.model(x, emb)["logits"]
         return F.interpolate(out.float(), size=(h, w), mode="bilinear", align_corners=False)[0]

@@ -130,3 +130,32 @@ def test_camvid_train_eval_predict_with_a_vit_and_a_sentence_encoder(tmp_path, c
     index = json.loads((out / "predictions.json").read_text())
     assert index["labels"]["0"] == "sky" and len(index["labels"]) == 11  # no background word for CamVid
     assert (out / "f000.overlay.png").is_file()
+
+
+def test_eval_reads_a_frozen_backbones_tokens_back_across_checkpoints(tmp_path):
+    from sazs.eval.predict import Predictor
+
+    data = write_camvid(tmp_path / "camvid", n_train=3, n_val=2)
+    cache = tmp_path / "cache"
+    args = ["run", "--dataset", "camvid", "--data", str(data), "--fold", "0", "--arch", "sazs-tiny", "--head-dim",
+            "16", "--templates", "single", "--crop-size", "32", "--batch-size", "3", "--steps", "2", "--workers", "0",
+            "--spectral-weight", "0", "--no-progress", "--optimizer", "adamw", "--out"]  # fmt: skip
+    for name, lr in (("a", "1e-2"), ("b", "3e-2")):  # two heads on one frozen (seed 0) backbone
+        assert train_cli.main([*args, str(tmp_path / name), "--lr", lr]) == 0
+    assert eval_cli.main(["run", "--dataset", "camvid", "--data", str(data), "--folds", "0", "--ckpt",
+                          str(tmp_path / "a" / "checkpoint.pt"), "--fusion", "none", "--headline", "none", "--out",
+                          str(tmp_path / "rep"), "--no-progress", "--draw", "0", "--cache-features", str(cache),
+                          "--device", "cpu"]) == 0  # fmt: skip
+    assert len(list(cache.rglob("*.npy"))) == 2  # one per val image
+    image = np.array(Image.open(data / "val" / "f001.png").convert("RGB"))
+    names = list(CAMVID_CLASSES)
+    cached = Predictor(tmp_path / "b" / "checkpoint.pt", device="cpu", feature_cache=str(cache))
+    got = cached.logits(image, names)
+    assert (cached.cache.hits, cached.cache.misses) == (1, 0)  # checkpoint b reads a's tokens back
+    live = Predictor(tmp_path / "b" / "checkpoint.pt", device="cpu").logits(image, names)
+    torch.testing.assert_close(got, live, atol=5e-2, rtol=5e-2)  # tokens stored as float16
+    assert live.argmax(0).eq(got.argmax(0)).float().mean() > 0.95
+    changed = image.copy()
+    changed[0, 0] ^= 1  # other pixels: another key
+    cached.logits(changed, names)
+    assert cached.cache.misses == 1

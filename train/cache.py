@@ -12,6 +12,11 @@ configuration or another view is another key: nothing stale is ever read. Files 
 ``.npy`` float16 arrays read with ``allow_pickle=False`` (no code can run from a cache file),
 written atomically; an unreadable file is recomputed. The cache lives outside the repository:
 ``$SAZS_CACHE/features`` (default ``~/.cache/sazs/features``) unless a folder is given.
+
+Evaluation reuses it (``sazs-eval run --cache-features``): a frozen backbone's tokens of one
+validation image at one input size are the same for every checkpoint trained on top of it, so
+an ablation computes them once. There the view is :func:`content_view`: the image's pixels
+(SHA-256) and the model's input size, whatever the file or dataset they came from.
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ def backbone_key(model) -> dict:
             "facet": "ln_post" if model.is_clip else "token",
             "renorm": None if model.is_clip else [model.renorm_scale.flatten().tolist(),
                                                    model.renorm_shift.flatten().tolist()]}  # fmt: skip
+
+
+def content_view(image: np.ndarray, input_hw: Sequence[int]) -> str:
+    """The cache key of an (H, W, 3) image resized to ``input_hw`` (the whole image, no crop)."""
+    digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+    return json.dumps(["content", digest, list(image.shape), [int(n) for n in input_hw]])
 
 
 class FeatureCache:
