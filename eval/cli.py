@@ -72,6 +72,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--cache-features", nargs="?", const="auto", default=None, metavar="DIR",
                    help="frozen backbone, fp32: reuse its tokens of an image across checkpoints (sazs-train's "
                         "feature cache, default ~/.cache/sazs/features)")
+    g.add_argument("--calibration", type=float, default=0.0, metavar="G",
+                   help="calibrated stacking: subtract G of cosine similarity from the classes the checkpoint was "
+                        "trained on (SPNet-C; choose G on val; default 0)")
     g = p.add_argument_group("priors")
     g.add_argument("--priors", default=None, metavar="PATH|URL",
                    help="prior store of the validation split (default priors/<dataset>-<split>-<extractor>.zarr)")
@@ -222,7 +225,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             write_split_list(fold_eps.entries, out / "splits" / HSNET_NAMES[bench] / "val" / f"fold{fold}.txt")
         predictor = Predictor(ckpts[fold], device=args.device, short_side=args.short_side,
                               max_long_side=args.max_long_side, precision=args.precision,
-                              feature_cache=args.cache_features)  # fmt: skip
+                              feature_cache=args.cache_features, calibration=args.calibration)  # fmt: skip
         infos[str(fold)] = predictor.describe()
         ids = list(dict.fromkeys(e.image_id for e in fold_eps.episodes)) if fold_eps else []
         gen_ids = list(dataset.ids[: args.generalised_limit]) if generalised else []
@@ -326,7 +329,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import OnTheFlyPriors, Predictor, parse_classes, predict_image
 
     classes = parse_classes(args.classes)
-    predictor = Predictor(args.ckpt, device=args.device, short_side=args.short_side)
+    predictor = Predictor(args.ckpt, device=args.device, short_side=args.short_side, calibration=args.calibration)
     priors = None
     if args.fusion != "none":
         if args.store:
@@ -413,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--refine", default="none", choices=["none", "guided"],
                       help="project: refine the upsampled eigenvectors with the image first (guided filter)")
     pred.add_argument("--short-side", type=int, default=None, help="model input short side (default: training crop)")
+    pred.add_argument("--calibration", type=float, default=0.0, metavar="G",
+                      help="subtract G of cosine similarity from the checkpoint's training classes (as sazs-eval run)")
     pred.add_argument("--out", default=None, help="output directory (default <ckpt dir>/predictions)")
     pred.add_argument("--device", default="auto")
     pred.set_defaults(func=cmd_predict)

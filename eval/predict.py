@@ -24,6 +24,7 @@ the same stage functions as ``sazs-priors`` (default graph and solver settings).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +41,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike, *, device: str = "auto", short_side: int | None = None,
                  max_long_side: int | None = None, precision: str = "auto",
-                 feature_cache: str | None = None):  # fmt: skip
+                 feature_cache: str | None = None, calibration: float = 0.0):  # fmt: skip
         from sazs.train.checkpoint import load_for_inference
 
         path = Path(checkpoint)
@@ -65,6 +66,11 @@ class Predictor:
         self.random_weights = bool(self.ckpt.get("random_weights", self.model.random_weights))
         # A frozen backbone's tokens of an image (fp32 runs): cached by pixels and input size
         # ("auto": ~/.cache/sazs/features), shared by every checkpoint on that backbone.
+        # Calibrated stacking (SPNet-C): the classes the checkpoint was trained on lose
+        # ``calibration`` of cosine similarity (x the learned logit scale), so that unseen
+        # classes, never pushed up by the training loss, can win a pixel at all.
+        self.calibration = float(calibration)
+        self.trained_names = set(self.ckpt.get("train_names", []))
         self.cache = None
         if feature_cache and not cfg["model"].get("finetune_backbone") and precision == "fp32":
             from sazs.train.cache import FeatureCache, backbone_key
@@ -75,7 +81,7 @@ class Predictor:
         return {"checkpoint": self.path, "step": self.ckpt.get("step"), "code_version": self.ckpt.get("code_version"),
                 "clip": self.ckpt.get("clip"), "random_weights": self.random_weights, "split": self.split,
                 "short_side": self.short_side, "max_long_side": self.max_long_side, "device": str(self.device),
-                "precision": self.precision}  # fmt: skip
+                "precision": self.precision, "calibration": self.calibration}  # fmt: skip
 
     def label_names(self, classes: Sequence[str]) -> list[str]:
         """Names of the label indices of a prediction for ``classes``: the background word first, if any."""
@@ -114,6 +120,11 @@ class Predictor:
             out = self.model(x, emb, tokens=tokens)["logits"]
         else:
             out = self.model(x, emb)["logits"]
+        if self.calibration:
+            seen = [i for i, n in enumerate(names) if n in self.trained_names]
+            scale = self.model.logit_scale.float().clamp(max=math.log(100.0)).exp()
+            out = out.float()
+            out[:, seen] -= self.calibration * scale
         return F.interpolate(out.float(), size=(h, w), mode="bilinear", align_corners=False)[0]
 
 

@@ -159,3 +159,25 @@ def test_eval_reads_a_frozen_backbones_tokens_back_across_checkpoints(tmp_path):
     changed[0, 0] ^= 1  # other pixels: another key
     cached.logits(changed, names)
     assert cached.cache.misses == 1
+
+
+def test_calibration_takes_cosine_similarity_from_the_training_classes_only(tmp_path):
+    from sazs.eval.predict import Predictor
+
+    data = write_camvid(tmp_path / "camvid", n_train=3, n_val=1)
+    assert train_cli.main(["run", "--dataset", "camvid", "--data", str(data), "--fold", "0", "--arch", "sazs-tiny",
+                           "--head-dim", "16", "--templates", "single", "--crop-size", "32", "--batch-size", "3",
+                           "--steps", "1", "--workers", "0", "--spectral-weight", "0", "--no-progress",
+                           "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    image = np.array(Image.open(data / "val" / "f000.png").convert("RGB"))
+    names = list(CAMVID_CLASSES)
+    plain = Predictor(ckpt, device="cpu").logits(image, names)
+    calibrated = Predictor(ckpt, device="cpu", calibration=0.2)
+    got = calibrated.logits(image, names)
+    scale = calibrated.model.logit_scale.exp().item()
+    unseen = set(zero_shot_split("camvid", 0).unseen_names())
+    for i, name in enumerate(names):  # logits are linear in the scores, so the shift survives the upsampling
+        shift = 0.0 if name in unseen else 0.2 * scale
+        torch.testing.assert_close(got[i], plain[i] - shift, atol=1e-4, rtol=1e-4)
+    assert calibrated.describe()["calibration"] == 0.2
