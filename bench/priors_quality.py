@@ -3,15 +3,17 @@
 Features (ViT-S/14 keys by default) are computed once per image and cached outside the
 project (--cache, default ~/.cache/sazs/priors-quality); every design then builds its
 graph and spectrum from the cached features, timed (graph + solve, ms per image, one
-process), and its eigenvectors are scored by `eval.prior_quality.score_image` (the
-Deep Spectral Methods single-object protocol, best-of-4 upper bound, span-K capture).
+process, the designs interleaved image by image so that they share the machine's load),
+and its eigenvectors are scored by `eval.prior_quality.score_image` (the Deep Spectral
+Methods single-object protocol, best-of-4 upper bound, span-K capture).
 
     make bench-quality DATA=../shared/data/davis2016-dev
     python bench/priors_quality.py --data ../shared/data/davis2016-dev --step 3 --out /tmp/q.json
     python bench/priors_quality.py --data ... --designs default,dsm,"knn k=10 g=0"
 
 A design is "dsm" (the original formulation: `--preset dsm`), "default" (this
-project's defaults) or "knn k=<K> g=<global weight> r=<global rank>" (any subset).
+project's defaults) or "knn k=<K> g=<global weight> r=<global rank> kernel=<affine|cosine>"
+(any subset).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from sazs.pipeline.extractors import ExtractorConfig, build_extractor
 from sazs.pipeline.graph import GraphConfig, build_graph
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
 
-DEFAULT_DESIGNS = ("knn k=10 g=0", "knn k=20 g=0", "knn k=10 g=0.01", "knn k=10 g=0.1", "default",
-                   "knn k=10 g=1 r=0", "knn k=10 g=10", "dsm")
+DEFAULT_DESIGNS = ("knn k=10 g=0", "default", "knn k=10 g=1 kernel=cosine", "knn k=10 g=0.3 kernel=cosine",
+                   "knn k=10 g=3 kernel=cosine", "dsm")
 METRICS = ("fiedler_iou", "fiedler_accuracy", "fiedler_max_fbeta", "best_of_n_iou_upper_bound", "span_iou")
 
 
@@ -45,8 +47,9 @@ def design_configs(name: str, num_eigs: int) -> tuple[GraphConfig, SpectralConfi
         return GraphConfig(), SpectralConfig(num_eigs=num_eigs)
     kind, *pairs = name.split()
     if kind != "knn":
-        raise ValueError(f"design {name!r}: use 'dsm', 'default' or 'knn k=.. g=.. r=..'")
-    keys = {"k": ("k", int), "g": ("global_weight", float), "r": ("global_rank", int)}
+        raise ValueError(f"design {name!r}: use 'dsm', 'default' or 'knn k=.. g=.. r=.. kernel=..'")
+    keys = {"k": ("k", int), "g": ("global_weight", float), "r": ("global_rank", int),
+            "kernel": ("global_kernel", str)}
     fields = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -80,22 +83,27 @@ def run(args) -> dict:
     ex_cfg = ExtractorConfig(name=args.extractor, facet=args.facet, device="cpu")
     feats = cached_features(dataset, indices, ex_cfg, Path(args.cache).expanduser())
     masks = {i: dataset.load_mask(dataset.ids[i]) for i in indices}
-    table = {}
-    for name in args.designs.split(","):
-        graph_cfg, spectral_cfg = design_configs(name.strip(), args.num_eigs)
-        rows, ms = [], []
-        for i in indices:
-            x, grid = feats[i]
+    names = [name.strip() for name in args.designs.split(",")]
+    configs = {name: design_configs(name, args.num_eigs) for name in names}
+    rows, ms = {name: [] for name in names}, {name: [] for name in names}
+    # Images outer, designs inner: every design meets the same machine load (a shared
+    # machine's load drifts over a run; one design after another would time it, not them).
+    for i in indices:
+        x, grid = feats[i]
+        for name in names:
+            graph_cfg, spectral_cfg = configs[name]
             t0 = time.perf_counter()
             spectrum = laplacian_eigs(build_graph(x, graph_cfg, grid=grid), spectral_cfg)
-            ms.append(1000 * (time.perf_counter() - t0))
-            vecs = spectrum.eigvecs.T.reshape(-1, *grid)
-            rows.append(score_image(vecs, masks[i], n_best=4))
-        summary = summarise(rows)
-        table[name] = {**{m: summary[m] for m in METRICS}, "ms_per_image": statistics.median(ms),
+            ms[name].append(1000 * (time.perf_counter() - t0))
+            rows[name].append(score_image(spectrum.eigvecs.T.reshape(-1, *grid), masks[i], n_best=4))
+    table = {}
+    for name in names:
+        graph_cfg, spectral_cfg = configs[name]
+        summary = summarise(rows[name])
+        table[name] = {**{m: summary[m] for m in METRICS}, "ms_per_image": statistics.median(ms[name]),
                        "graph": graph_cfg.describe(), "solver": spectral_cfg.solver}
         print(f"{name}: " + ", ".join(f"{m} {summary[m]:.3f}" for m in METRICS) +
-              f", {statistics.median(ms):.0f} ms", file=sys.stderr, flush=True)
+              f", {statistics.median(ms[name]):.0f} ms", file=sys.stderr, flush=True)
     return {"data": str(args.data), "dataset": args.dataset, "images": len(indices), "step": args.step,
             "extractor": args.extractor, "facet": args.facet, "num_eigs": args.num_eigs,
             "cpu_threads": os.cpu_count(), "designs": table}

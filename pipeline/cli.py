@@ -112,11 +112,15 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--color-weight", type=number(0), default=0.0,
                    help="weight of the colour/position kNN term, >= 0 (0 = off)")
     g.add_argument("--global-weight", type=number(0), default=1.0,
-                   help="weight g of the global term g (1 + p_i.p_j) / 2 added to the kNN graph (p: unit features "
+                   help="weight g of the global term g k(p_i.p_j) added to the kNN graph (p: unit features "
                         "on their top --global-rank directions; applied in O(N r), never formed), >= 0 (default 1; "
                         "0 = the kNN graph alone, the default before the global term)")
     g.add_argument("--global-rank", type=at_least(0), default=32, metavar="R",
                    help="principal directions kept in the global term (default 32; 0 = all)")
+    g.add_argument("--global-kernel", default="affine", choices=["affine", "cosine"],
+                   help="k of the global term: affine (default) (1 + p_i.p_j) / 2; cosine p_i.p_j, the "
+                        "low-rank form of the original max(cos, 0), sharper (shifted only if some pair is "
+                        "negative)")
     g.add_argument("--graph", default="knn", choices=["knn", "dense"], dest="graph_kind",
                    help="knn (default): sparse kNN graph + global term; dense: the original Deep Spectral "
                         "Methods affinity max(F F^T, 0) / max over all pairs (baseline, O(N^2); see --preset dsm)")
@@ -188,7 +192,7 @@ def build_configs(args: argparse.Namespace):
         kind, solver = "dense", "generalized"
     graph = GraphConfig(k=args.knn, backend=args.graph_backend, threshold=args.threshold,
                         color_weight=args.color_weight, kind=kind, global_weight=args.global_weight,
-                        global_rank=args.global_rank)
+                        global_rank=args.global_rank, global_kernel=args.global_kernel)
     spectral = SpectralConfig(num_eigs=args.num_eigs, solver=solver)
     return dataset, extractor, graph, spectral
 

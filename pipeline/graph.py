@@ -2,10 +2,14 @@
 
 W_ij = max(cos(f_i, f_j), 0) for j among the k nearest neighbours of i (by cosine),
 symmetrised, plus an optional colour/position term (the image-matting kNN affinity of
-Deep Spectral Methods), plus the *global term* g (1 + p_i . p_j) / 2 between every pair
+Deep Spectral Methods), plus the *global term* g k(p_i . p_j) between every pair
 (i != j), with p_i the unit feature f_i projected on the image's top `global_rank`
-principal directions. The global term is never formed: it is the low-rank factor
-`Graph.lowrank` (N x (r + 1)), applied in O(N r) inside the solvers' products
+principal directions and k the kernel `global_kernel`: "affine" (default)
+k(c) = (1 + c) / 2, or "cosine" k(c) = c + s, the rank-r approximation of Deep Spectral
+Methods' own dense affinity max(c, 0) (s = 0 unless some pair has c < 0, see
+`global_factor`); sharper, better on max F-beta and span-K, not on every metric
+(docs/BENCHMARKS.md, "Quality of the priors"). The global term is never formed: it is the
+low-rank factor `Graph.lowrank` (N x (r + 1)), applied in O(N r) inside the solvers' products
 (`spectral.NormalizedAffinity`, `batched`). Why it is there: a kNN graph only links
 near-duplicates (cos ~ 0.99), so its cheapest cut separates two large background
 regions that share few kNN links (water above, bank below) and the object goes with
@@ -39,7 +43,8 @@ BACKENDS = ("certified", "faiss", "torch", "batched")
 KINDS = ("knn", "dense")
 # Settings that did not exist in stores written before the global term: a manifest
 # leaves them out at these values (the old behaviour), so old fingerprints still match.
-_LEGACY_DEFAULTS = {"kind": "knn", "global_weight": 0.0}
+_LEGACY_DEFAULTS = {"kind": "knn", "global_weight": 0.0, "global_kernel": "affine"}
+GLOBAL_KERNELS = ("cosine", "affine")
 DENSE_MAX_NODES = 8192  # the dense baseline keeps N x N float64 (512 MiB here)
 
 
@@ -58,10 +63,14 @@ class GraphConfig:
     baseline, `build_dense_graph`; k, threshold, colour and global settings unused).
 
     global_weight g (default 1; 0 = the kNN graph alone, the setting before the global
-    term) weighs the global affinity (1 + p_i . p_j) / 2 against the kNN cosines;
+    term) weighs the global affinity k(p_i . p_j) against the kNN cosines;
     global_rank r (default 32; 0 = all d dimensions) is the number of principal
     directions of the unit features kept in p: 32 carry > 99% of their energy on ViT
-    features, and the solver's products cost O(N r).
+    features, and the solver's products cost O(N r). global_kernel k: "affine"
+    (default) (1 + p_i . p_j) / 2, the first global term (manifests leave the key out
+    at this value, so stores written before the field existed keep their fingerprint);
+    "cosine" p_i . p_j (+ a shift only where some pair is negative, `global_factor`),
+    the low-rank form of DSM's max(cos, 0).
 
     backend: "certified" (default; exact, fastest on CPUs with native bfloat16, see
     `knn_certified`), "faiss" (exact float32 flat index), "torch" (exact float32
@@ -81,10 +90,13 @@ class GraphConfig:
     kind: str = "knn"
     global_weight: float = 1.0
     global_rank: int = 32
+    global_kernel: str = "affine"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown graph kind {self.kind!r}; choose from {list(KINDS)}")
+        if self.global_kernel not in GLOBAL_KERNELS:
+            raise ValueError(f"unknown global kernel {self.global_kernel!r}; choose from {list(GLOBAL_KERNELS)}")
         if self.global_weight < 0 or self.global_rank < 0:
             raise ValueError(f"global_weight and global_rank must be >= 0 (got {self.global_weight}, "
                              f"{self.global_rank})")
@@ -105,12 +117,14 @@ class GraphConfig:
         A store written before the global term existed has no kind / global_* keys and
         means kind "knn" without global term; leaving those keys out when they hold the
         old behaviour keeps such stores' fingerprints equal to a run with --global-weight 0.
+        Likewise a store written before global_kernel existed has no such key: "affine".
         """
         out = asdict(self)
         if self.kind == "dense":
             out["global_weight"] = 0.0  # unused by the dense baseline
         if out["global_weight"] == 0:
             out.pop("global_rank")  # meaningless without the global term
+            out.pop("global_kernel")
         for key, legacy in _LEGACY_DEFAULTS.items():
             if out.get(key) == legacy:
                 out.pop(key)
@@ -122,9 +136,10 @@ class Graph:
     """Symmetric non-negative affinity over the h*w patches (row-major): W + the global term.
 
     W: sparse part, zero diagonal (kind "knn"; the dense baseline keeps DSM's diagonal).
-    lowrank: None, or G (N, r) with the global affinity g (G G^T - diag(G G^T)): for the
-    global term (1 + p_i . p_j) / 2, G = [1, P] / sqrt(2) (`global_factor`). Its entries
-    lie in [0, 1] (|p_i| <= 1), so the whole affinity stays non-negative.
+    lowrank: None, or G (N, r) with the global affinity g (G G^T - diag(G G^T)):
+    G = [sqrt(s), P] for the kernel "cosine", [1, P] / sqrt(2) for "affine"
+    (`global_factor`). G G^T >= 0 entrywise either way, so the whole affinity stays
+    non-negative.
     """
 
     W: sp.csr_matrix
@@ -596,8 +611,16 @@ def _pair_dots(x: np.ndarray, idx: np.ndarray, block: int = 1024) -> np.ndarray:
     return out
 
 
-def global_factor(x, rank: int, seed: int = 0):
-    """G (N, r + 1) float32 with G G^T = (1 + P P^T) / 2, P = x projected on its top `rank` directions.
+def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
+    """G (N, r + 1) float32 with G G^T = k(P P^T), P = x projected on its top `rank` directions.
+
+    kernel "cosine": k(c) = c + s, G = [sqrt(s), P], with s = max(0, -min_ij p_i . p_j)
+    the smallest constant shift that keeps every pair's weight >= 0 (so the Laplacian
+    stays positive semi-definite). The minimum is computed exactly in row blocks, never
+    kept: O(N^2 r), a tenth of the kNN search's O(N^2 d). ViT key cosines are positive
+    (>= 0.57 on every DAVIS dev frame), so s = 0 there and G G^T = P P^T, the rank-r
+    approximation of Deep Spectral Methods' max(x x^T, 0). kernel "affine":
+    k(c) = (1 + c) / 2, G = [1, P] / sqrt(2), in [0, 1] without a shift.
 
     x: (N, d) unit rows, a numpy array (returns numpy) or a torch tensor (returns a tensor
     on its device: the batched GPU path). The directions are the top right singular
@@ -620,7 +643,15 @@ def global_factor(x, rank: int, seed: int = 0):
             q = torch.linalg.qr(rows.T @ (rows @ q)).Q
         v = torch.linalg.svd(rows @ q, full_matrices=False).Vh
         t = t @ (q @ v.T[:, :rank])
-    G = (torch.cat([torch.ones((n, 1), dtype=t.dtype, device=t.device), t], dim=1) / np.sqrt(2.0)).float()
+    if kernel == "affine":
+        G = torch.cat([torch.ones((n, 1), dtype=t.dtype, device=t.device), t], dim=1) / np.sqrt(2.0)
+    elif kernel == "cosine":
+        lowest = min(float((t[lo:lo + 1024] @ t.T).min()) for lo in range(0, n, 1024))
+        shift = torch.full((n, 1), np.sqrt(max(0.0, -lowest)), dtype=t.dtype, device=t.device)
+        G = torch.cat([shift, t], dim=1)
+    else:
+        raise ValueError(f"unknown global kernel {kernel!r}; choose from {list(GLOBAL_KERNELS)}")
+    G = G.float()
     return G.numpy() if is_numpy else G
 
 
@@ -706,7 +737,7 @@ def build_knn_graph(
             raise ValueError("colors contain NaN/Inf")
         W = (W + cfg.color_weight * _color_affinity(colors, cfg, (h, w), min(cfg.color_k, n - 1))).tocsr()
 
-    lowrank = global_factor(x, cfg.global_rank) if cfg.global_weight > 0 else None
+    lowrank = global_factor(x, cfg.global_rank, cfg.global_kernel) if cfg.global_weight > 0 else None
     graph = Graph(W=W, grid=(h, w), lowrank=lowrank, global_weight=cfg.global_weight if lowrank is not None else 0.0)
     if graph.num_isolated:
         logger.debug("graph %s: %d isolated patches (degree 0)", (h, w), graph.num_isolated)
@@ -755,7 +786,8 @@ def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, in
         factors = []
         for b, nb in enumerate(n_valid):  # small per-image work (a few (N, r) products), on the device
             x = padded[b, :nb]
-            factors.append(global_factor(x / torch.linalg.vector_norm(x, dim=1, keepdim=True), cfg.global_rank))
+            x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            factors.append(global_factor(x, cfg.global_rank, cfg.global_kernel))
         ell.lowrank = torch.zeros((len(tensors), n, factors[0].shape[1]), dtype=torch.float32, device=device)
         for b, G in enumerate(factors):
             ell.lowrank[b, : G.shape[0]] = G

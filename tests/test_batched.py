@@ -376,13 +376,14 @@ def test_low_precision_product_runs_with_full_precision_reductions(monkeypatch):
     assert (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction) == before
 
 
-def test_batched_global_term_matches_per_image_eigsh():
+@pytest.mark.parametrize("kernel,positive", [("cosine", True), ("cosine", False), ("affine", False)])
+def test_batched_global_term_matches_per_image_eigsh(kernel, positive):
     """The low-rank term in the ELL products: padded batch of two == eigsh per image (numpy)."""
     from sazs.pipeline.batched import ell_from_graphs
     from sazs.pipeline.graph import build_knn_graphs
 
-    cfg = GraphConfig(k=8, global_weight=0.3, global_rank=6)
-    feats = [normalise(random_features(n=n, d=16, seed=s)) for n, s in ((400, 8), (300, 9))]
+    cfg = GraphConfig(k=8, global_weight=0.3, global_rank=6, global_kernel=kernel)
+    feats = [normalise(random_features(n=n, d=16, seed=s, positive=positive)) for n, s in ((400, 8), (300, 9))]
     grids = [(20, 20), (15, 20)]
     graphs = [build_knn_graph(f, cfg, grid=gr) for f, gr in zip(feats, grids)]
     refs = [laplacian_eigs(g, SpectralConfig(num_eigs=5, tol=1e-8, precision="float64")) for g in graphs]

@@ -360,17 +360,23 @@ def test_certified_detects_a_product_outside_its_bound(bf16_path, monkeypatch, c
 # --- the global term and the dense baseline -------------------------------------------------
 
 
-def test_global_term_is_the_rank_d_affinity_never_formed():
-    """Graph.toarray / degrees / the solver's operator agree with the dense (1 + f.f^T) / 2 reference."""
+@pytest.mark.parametrize("kernel", ["cosine", "affine"])
+@pytest.mark.parametrize("positive", [True, False])
+def test_global_term_is_the_rank_d_affinity_never_formed(kernel, positive):
+    """Graph.toarray / degrees / the solver's operator agree with the dense reference of each kernel."""
     from sazs.pipeline.spectral import NormalizedAffinity, normalized_operator
 
-    x = normalise(random_features(n=60, d=8, seed=3))
-    g = build_knn_graph(x, GraphConfig(k=5, global_weight=0.7, global_rank=0), grid=(6, 10))
+    x = normalise(random_features(n=60, d=8, seed=3, positive=positive))
+    g = build_knn_graph(x, GraphConfig(k=5, global_weight=0.7, global_rank=0, global_kernel=kernel), grid=(6, 10))
     assert g.W.nnz < 60 * 60 / 2 and g.lowrank.shape == (60, 9)  # sparse part + factor only
     knn_only = build_knn_graph(x, GraphConfig(k=5, global_weight=0), grid=(6, 10)).W.toarray()
-    dense = knn_only + 0.7 * ((1 + x @ x.T) / 2 - np.eye(60))
+    C = x.astype(np.float64) @ x.T
+    # cosine: shifted by the most negative pair's cosine, only when there is one
+    K = (1 + C) / 2 if kernel == "affine" else C + max(0.0, -C.min())
+    dense = knn_only + 0.7 * (K - np.diag(np.diag(K)))
     np.testing.assert_allclose(g.toarray(), dense, atol=1e-6)
     np.testing.assert_allclose(g.degrees, dense.sum(axis=1), rtol=1e-6)
+    assert g.toarray().min() >= -1e-6
     A = normalized_operator(g)
     assert isinstance(A, NormalizedAffinity)
     dinv = 1 / np.sqrt(dense.sum(axis=1))
@@ -379,26 +385,49 @@ def test_global_term_is_the_rank_d_affinity_never_formed():
     np.testing.assert_allclose(A @ X[:, 0], (dinv[:, None] * dense * dinv) @ X[:, 0], atol=1e-6)
 
 
+def test_cosine_kernel_shifts_only_when_a_pair_is_negative():
+    from sazs.pipeline.graph import global_factor
+
+    positive = normalise(random_features(n=80, d=6, seed=11, positive=True))
+    G = global_factor(positive, 0, kernel="cosine")
+    assert np.all(G[:, 0] == 0)  # no shift: G G^T is exactly x x^T, DSM's max(x x^T, 0) on these features
+    np.testing.assert_allclose(G[:, 1:].astype(np.float64) @ G[:, 1:].T, positive @ positive.T, atol=1e-6)
+    signed = normalise(random_features(n=80, d=6, seed=11))
+    G = global_factor(signed, 0, kernel="cosine").astype(np.float64)
+    K = G @ G.T
+    assert abs(K.min()) < 1e-6  # the most negative pair is lifted to 0, no further
+    np.testing.assert_allclose(K - K[0, 1], signed @ signed.T - (signed @ signed.T)[0, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown global kernel"):
+        global_factor(positive, 0, kernel="gauss")
+
+
 def test_global_rank_keeps_the_affinity_non_negative_and_close():
     x = normalise(random_features(n=200, d=16, seed=4, positive=True))
-    g = build_knn_graph(x, GraphConfig(k=5, global_rank=4), grid=(10, 20))
-    Wg = g.lowrank.astype(np.float64) @ g.lowrank.T.astype(np.float64)
-    assert g.lowrank.shape == (200, 5) and Wg.min() >= 0 and Wg.max() <= 1 + 1e-6
-    exact = (1 + x @ x.T) / 2
-    # the best rank-4 approximation of x x^T is within the energy of the dropped directions
     s = np.linalg.svd(x, compute_uv=False)
-    assert np.linalg.norm(Wg - exact, 2) <= 0.5 * s[4] ** 2 * 1.05
+    for kernel, exact in (("affine", (1 + x @ x.T) / 2), ("cosine", x @ x.T)):
+        g = build_knn_graph(x, GraphConfig(k=5, global_rank=4, global_kernel=kernel), grid=(10, 20))
+        Wg = g.lowrank.astype(np.float64) @ g.lowrank.T.astype(np.float64)
+        assert g.lowrank.shape == (200, 5) and Wg.min() >= 0 and Wg.max() <= 1 + 1e-6
+        # the best rank-4 approximation of x x^T is within the energy of the dropped directions
+        scale = 0.5 if kernel == "affine" else 1.0
+        assert np.linalg.norm(Wg - exact, 2) <= scale * s[4] ** 2 * 1.05
 
 
 def test_describe_leaves_old_settings_out_so_old_fingerprints_hold():
     old_keys = {"k", "backend", "threshold", "color_weight", "color_k", "xy_weight", "device"}
     assert set(GraphConfig(global_weight=0).describe()) == old_keys
+    assert set(GraphConfig(global_weight=0, global_kernel="affine").describe()) == old_keys
+    # the default kernel (1 + c) / 2 is what stores had before global_kernel existed: same fingerprint
+    assert set(GraphConfig().describe()) == old_keys | {"global_weight", "global_rank"}
     assert GraphConfig().describe()["global_weight"] == 1.0 and GraphConfig().describe()["global_rank"] == 32
+    assert GraphConfig(global_kernel="cosine").describe()["global_kernel"] == "cosine"
     assert GraphConfig(kind="dense").describe()["kind"] == "dense"
     with pytest.raises(ValueError, match="unknown graph kind"):
         GraphConfig(kind="full")
     with pytest.raises(ValueError, match="global_weight"):
         GraphConfig(global_weight=-1)
+    with pytest.raises(ValueError, match="unknown global kernel"):
+        GraphConfig(global_kernel="gauss")
 
 
 def test_dense_baseline_graph():
@@ -420,6 +449,9 @@ def test_cli_graph_flags():
     parse = get_args_parser().parse_args
     _, _, graph, spectral = build_configs(parse([]))
     assert (graph.kind, graph.global_weight, graph.global_rank, spectral.solver) == ("knn", 1.0, 32, "auto")
+    assert graph.global_kernel == "affine"
+    _, _, graph, _ = build_configs(parse(["--global-kernel", "cosine"]))
+    assert graph.global_kernel == "cosine"
     _, _, graph, _ = build_configs(parse(["--global-weight", "0", "--knn", "20"]))
     assert graph.global_weight == 0 and graph.k == 20
     _, _, graph, spectral = build_configs(parse(["--preset", "dsm"]))

@@ -236,12 +236,13 @@ def test_rejects_asymmetric_or_negative_weights():
 # --- the global term and the Deep Spectral Methods baseline ---------------------------------
 
 
+@pytest.mark.parametrize("kernel", ["cosine", "affine"])
 @pytest.mark.parametrize("solver", ["eigsh", "lobpcg", "batched", "dense"])
-def test_global_term_spectrum_matches_dense_reference(solver):
+def test_global_term_spectrum_matches_dense_reference(solver, kernel):
     import scipy.linalg
 
-    x = normalise(random_features(n=300, d=12, seed=6))
-    g = build_knn_graph(x, GraphConfig(k=8, global_weight=0.05, global_rank=0), grid=(15, 20))
+    x = normalise(random_features(n=300, d=12, seed=6, positive=kernel == "cosine"))
+    g = build_knn_graph(x, GraphConfig(k=8, global_weight=0.05, global_rank=0, global_kernel=kernel), grid=(15, 20))
     W = g.toarray()
     dinv = 1 / np.sqrt(W.sum(axis=1))
     L = np.eye(300) - dinv[:, None] * W * dinv
