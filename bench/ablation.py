@@ -7,7 +7,11 @@ runs) in the generalised setting on CamVid val, with the GT-free fusion
 modes (none, project). Loss weights: with ``--tune``, each variant's weight is chosen on val
 (fold 0, seed 0, hIoU of fusion none) from ``--grid``; otherwise the given weights are used.
 There is no test split here: the numbers are val numbers, and they are what the weights were
-tuned on when ``--tune`` is given (say so when quoting them).
+tuned on when ``--tune`` is given (say so when quoting them). A head trained with CE over the
+seen classes' text embeddings predicts no unseen class at all (unseen mIoU 0 on CamVid fold 0),
+so the evaluation calibrates (``--calibration``: SPNet-C's calibrated stacking, the seen classes
+lose that much cosine similarity); ``--tune-calibration GRID`` chooses it on val with the CE run
+(first fold and seed) before anything else.
 
 Prints and writes ``<out>/ablation.json`` and ``<out>/ablation.md``: per fold and variant,
 seen mIoU, unseen mIoU, hIoU and boundary F of the unseen classes, mean ± std over seeds.
