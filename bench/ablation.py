@@ -35,8 +35,12 @@ VARIANTS = {  # name -> flags; {w} is the variant's loss weight
     "ce+spectral": ["--spectral-weight", "{w}"],
     "ce+spectral+segment": ["--spectral-weight", "{w}", "--segment-weight", "{w2}"],
 }
-METRICS = (("seen_miou", "seen mIoU"), ("unseen_miou", "unseen mIoU"), ("harmonic_miou", "hIoU"),
-           ("boundary_f_unseen", "BF unseen"))  # fmt: skip
+METRICS = (
+    ("seen_miou", "seen mIoU"),
+    ("unseen_miou", "unseen mIoU"),
+    ("harmonic_miou", "hIoU"),
+    ("boundary_f_unseen", "BF unseen"),
+)
 
 
 def parse_args(argv=None):
@@ -52,10 +56,18 @@ def parse_args(argv=None):
     p.add_argument("--segment-weight", type=float, default=0.3)
     p.add_argument("--tune", action="store_true", help="choose each variant's weight on val from --grid")
     p.add_argument("--grid", default="0.1,0.3,1.0")
-    p.add_argument("--calibration", type=float, default=0.0,
-                   help="sazs-eval --calibration: cosine similarity taken from the seen classes at evaluation")
-    p.add_argument("--tune-calibration", default=None, metavar="GRID",
-                   help="choose --calibration on val (CE only, first fold and seed, hIoU of fusion none) from GRID")
+    p.add_argument(
+        "--calibration",
+        type=float,
+        default=0.0,
+        help="sazs-eval --calibration: cosine similarity taken from the seen classes at evaluation",
+    )
+    p.add_argument(
+        "--tune-calibration",
+        default=None,
+        metavar="GRID",
+        help="choose --calibration on val (CE only, first fold and seed, hIoU of fusion none) from GRID",
+    )
     p.add_argument("--epochs", type=float, default=10)
     p.add_argument("--limit", type=int, default=None, help="first N training images")
     p.add_argument("--val-limit", type=int, default=None, help="first N val images")
@@ -78,21 +90,75 @@ def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float
     run = Path(args.out) / f"{variant}-w{w:g}-fold{fold}-seed{seed}"
     report = run / f"eval-c{cal:g}" / "report.json"
     if not (run / "checkpoint.pt").is_file():
-        argv = ["run", "--dataset", "camvid", "--data", args.data, "--fold", str(fold), "--seed", str(seed),
-                "--priors", args.train_priors, "--epochs", str(args.epochs), "--optimizer", "adamw", "--lr", "1e-3",
-                "--batch-size", "8", "--workers", "2", "--cache-features", "--views", str(args.views),
-                "--templates", "seg", "--device", args.device, "--no-progress", "--overwrite", "--out", str(run),
-                *(["--limit", str(args.limit)] if args.limit else []),
-                *(["--crop-size", str(args.crop_size)] if args.crop_size else []),
-                *_flags(variant, w, w2), *args.train_args.split()]  # fmt: skip
+        argv = [
+            "run",
+            "--dataset",
+            "camvid",
+            "--data",
+            args.data,
+            "--fold",
+            str(fold),
+            "--seed",
+            str(seed),
+            "--priors",
+            args.train_priors,
+            "--epochs",
+            str(args.epochs),
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "8",
+            "--workers",
+            "2",
+            "--cache-features",
+            "--views",
+            str(args.views),
+            "--templates",
+            "seg",
+            "--device",
+            args.device,
+            "--no-progress",
+            "--overwrite",
+            "--out",
+            str(run),
+            *(["--limit", str(args.limit)] if args.limit else []),
+            *(["--crop-size", str(args.crop_size)] if args.crop_size else []),
+            *_flags(variant, w, w2),
+            *args.train_args.split(),
+        ]
         if train_cli.main(argv) != 0:
             raise RuntimeError(f"training failed: sazs-train {' '.join(argv)}")
     if not report.is_file():
-        argv = ["run", "--dataset", "camvid", "--data", args.data, "--folds", str(fold), "--ckpt",
-                str(run / "checkpoint.pt"), "--priors", args.val_priors, "--fusion", "none,project", "--headline",
-                "project", "--out", str(report.parent), "--device", args.device, "--no-progress", "--draw", "0",
-                "--cache-features", "--calibration", str(cal),
-                *(["--limit", str(args.val_limit)] if args.val_limit else [])]  # fmt: skip
+        argv = [
+            "run",
+            "--dataset",
+            "camvid",
+            "--data",
+            args.data,
+            "--folds",
+            str(fold),
+            "--ckpt",
+            str(run / "checkpoint.pt"),
+            "--priors",
+            args.val_priors,
+            "--fusion",
+            "none,project",
+            "--headline",
+            "project",
+            "--out",
+            str(report.parent),
+            "--device",
+            args.device,
+            "--no-progress",
+            "--draw",
+            "0",
+            "--cache-features",
+            "--calibration",
+            str(cal),
+            *(["--limit", str(args.val_limit)] if args.val_limit else []),
+        ]
         if eval_cli.main(argv) != 0:
             raise RuntimeError(f"evaluation failed: sazs-eval {' '.join(argv)}")
     gen = json.loads(report.read_text())["generalised"]["camvid-11"]["fusion"]
@@ -112,22 +178,30 @@ def main(argv=None) -> int:
     folds = [int(f) for f in args.folds.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
-    weights = {"ce": args.spectral_weight, "ce+edge": args.edge_weight, "ce+spectral": args.spectral_weight,
-               "ce+spectral+segment": args.spectral_weight}  # fmt: skip
+    weights = {
+        "ce": args.spectral_weight,
+        "ce+edge": args.edge_weight,
+        "ce+spectral": args.spectral_weight,
+        "ce+spectral+segment": args.spectral_weight,
+    }
     t0 = time.perf_counter()
     cal = args.calibration
     if args.tune_calibration:  # one CE checkpoint, evaluated at each calibration (val)
         w = weights["ce"]
-        scores = {c: train_and_eval(args, "ce", folds[0], seeds[0], w, args.segment_weight, c)["none"]["harmonic_miou"]
-                  for c in (float(g) for g in args.tune_calibration.split(","))}  # fmt: skip
+        scores = {
+            c: train_and_eval(args, "ce", folds[0], seeds[0], w, args.segment_weight, c)["none"]["harmonic_miou"]
+            for c in (float(g) for g in args.tune_calibration.split(","))
+        }
         cal = max(scores, key=lambda c: scores[c])
         print(f"tuned calibration: {cal:g} (val hIoU of CE {scores})", flush=True)
     if args.tune:  # on val, fold 0, seed 0, fusion none
         for v in variants:
             if v == "ce":
                 continue
-            scores = {w: train_and_eval(args, v, folds[0], seeds[0], w, args.segment_weight, cal)["none"]
-                      ["harmonic_miou"] for w in (float(g) for g in args.grid.split(","))}  # fmt: skip
+            scores = {
+                w: train_and_eval(args, v, folds[0], seeds[0], w, args.segment_weight, cal)["none"]["harmonic_miou"]
+                for w in (float(g) for g in args.grid.split(","))
+            }
             weights[v] = max(scores, key=lambda w: scores[w])
             print(f"tuned {v}: weight {weights[v]:g} (val hIoU {scores})", flush=True)
     rows = {}
@@ -136,8 +210,10 @@ def main(argv=None) -> int:
             per_seed = [train_and_eval(args, v, fold, s, weights[v], args.segment_weight, cal) for s in seeds]
             for mode in per_seed[0]:
                 rows[(fold, v, mode)] = {k: _mean_std([r[mode][k] for r in per_seed]) for k, _ in METRICS}
-    lines = ["| fold | variant | weight | fusion | " + " | ".join(t for _, t in METRICS) + " |",
-             "|---|---|---|---|" + "---|" * len(METRICS)]  # fmt: skip
+    lines = [
+        "| fold | variant | weight | fusion | " + " | ".join(t for _, t in METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
     for (fold, v, mode), res in rows.items():
         cells = " | ".join(f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in res.values())
         lines.append(f"| {fold} | {v} | {weights[v]:g} | {mode} | {cells} |")
@@ -145,13 +221,26 @@ def main(argv=None) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.md").write_text(f"`{' '.join(sys.argv)}`\n\nseeds {seeds}, calibration {cal:g}, "
-                                     f"{time.perf_counter() - t0:.0f}s\n\n"
-                                     + table + "\n")  # fmt: skip
-    (out / "ablation.json").write_text(json.dumps({
-        "args": vars(args), "weights": weights, "calibration": cal, "seeds": seeds, "rows": [
-        {"fold": f, "variant": v, "fusion": m, **{k: {"mean": a, "std": b} for k, (a, b) in r.items()}}
-        for (f, v, m), r in rows.items()]}, indent=1) + "\n")  # fmt: skip
+    (out / "ablation.md").write_text(
+        f"`{' '.join(sys.argv)}`\n\nseeds {seeds}, calibration {cal:g}, "
+        f"{time.perf_counter() - t0:.0f}s\n\n" + table + "\n"
+    )
+    (out / "ablation.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "weights": weights,
+                "calibration": cal,
+                "seeds": seeds,
+                "rows": [
+                    {"fold": f, "variant": v, "fusion": m, **{k: {"mean": a, "std": b} for k, (a, b) in r.items()}}
+                    for (f, v, m), r in rows.items()
+                ],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
     return 0
 

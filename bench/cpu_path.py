@@ -43,9 +43,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _run_job(tree: str, env: dict, data: Path, extractor: str, args, out: Path) -> float:
-    cmd = [sys.executable, "-m", "sazs.pipeline", "run", "--dataset", "coco", "--data", str(data), "--split",
-           "val2017", "--extractor", extractor, "--short-side", str(args.short_side), "--out", str(out),
-           "--shard-size", str(args.shard_size), "--no-progress", "--preview", "0", "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sazs.pipeline",
+        "run",
+        "--dataset",
+        "coco",
+        "--data",
+        str(data),
+        "--split",
+        "val2017",
+        "--extractor",
+        extractor,
+        "--short-side",
+        str(args.short_side),
+        "--out",
+        str(out),
+        "--shard-size",
+        str(args.shard_size),
+        "--no-progress",
+        "--preview",
+        "0",
+        "--overwrite",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -62,7 +83,7 @@ def _arrays(path: Path) -> dict:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from sazs.pipeline.synthetic import make_coco
+    from sazs.datasets.synthetic import make_coco
 
     with tempfile.TemporaryDirectory(prefix="sazs-bench-cpu-") as tmp:
         tmp = Path(tmp)
@@ -71,13 +92,17 @@ def main(argv=None) -> int:
         try:
             (tmp / "shim").mkdir()
             (tmp / "shim" / "sazs").symlink_to(worktree)
-            base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
-                                      text=True, check=True).stdout.strip()
-            head_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                      text=True, check=True).stdout.strip()
+            base_rev = subprocess.run(
+                ["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            head_rev = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
             data = make_coco(tmp / "coco", num_train=1, num_val=args.images)
-            envs = {"base": {**os.environ, "PYTHONPATH": str(tmp / "shim"), "HF_HUB_OFFLINE": "1"},
-                    "head": {**os.environ, "HF_HUB_OFFLINE": "1"}}
+            envs = {
+                "base": {**os.environ, "PYTHONPATH": str(tmp / "shim"), "HF_HUB_OFFLINE": "1"},
+                "head": {**os.environ, "HF_HUB_OFFLINE": "1"},
+            }
             envs["head"].pop("PYTHONPATH", None)
             rows = []
             for extractor in args.extractors.split(","):
@@ -88,20 +113,35 @@ def main(argv=None) -> int:
                         rate = _run_job(label, envs[label], data, extractor, args, tmp / f"{label}.zarr")
                         if r > 0:
                             rates[label].append(rate)
-                same = all(np.array_equal(a, b) for a, b in zip(_arrays(tmp / "base.zarr").values(),
-                                                                 _arrays(tmp / "head.zarr").values()))
+                same = all(
+                    np.array_equal(a, b)
+                    for a, b in zip(_arrays(tmp / "base.zarr").values(), _arrays(tmp / "head.zarr").values())
+                )
                 base, head = statistics.median(rates["base"]), statistics.median(rates["head"])
-                rows.append({"extractor": extractor, "base_img_s": base, "head_img_s": head, "ratio": head / base,
-                             "identical_arrays": same, "base_runs": rates["base"], "head_runs": rates["head"]})
+                rows.append(
+                    {
+                        "extractor": extractor,
+                        "base_img_s": base,
+                        "head_img_s": head,
+                        "ratio": head / base,
+                        "identical_arrays": same,
+                        "base_runs": rates["base"],
+                        "head_runs": rates["head"],
+                    }
+                )
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
 
-    print(f"\nCPU path, {args.images} synthetic COCO images, short side {args.short_side}, "
-          f"{os.cpu_count()} CPUs; base {base_rev} vs head {head_rev} (working tree)")
+    print(
+        f"\nCPU path, {args.images} synthetic COCO images, short side {args.short_side}, "
+        f"{os.cpu_count()} CPUs; base {base_rev} vs head {head_rev} (working tree)"
+    )
     print(f"{'extractor':18s} {'base img/s':>11s} {'head img/s':>11s} {'head/base':>10s}  identical arrays")
     for r in rows:
-        print(f"{r['extractor']:18s} {r['base_img_s']:11.2f} {r['head_img_s']:11.2f} {r['ratio']:10.2f}  "
-              f"{'yes' if r['identical_arrays'] else 'NO'}")
+        print(
+            f"{r['extractor']:18s} {r['base_img_s']:11.2f} {r['head_img_s']:11.2f} {r['ratio']:10.2f}  "
+            f"{'yes' if r['identical_arrays'] else 'NO'}"
+        )
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"base": base_rev, "head": head_rev, "args": vars(args), "rows": rows}, indent=1))

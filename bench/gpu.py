@@ -43,8 +43,8 @@ import numpy as np
 
 from sazs.pipeline import batched as batched_mod
 from sazs.pipeline import spectral
-from sazs.pipeline.graph import Graph
 from sazs.pipeline.batched import batched_eigs, batched_knn, ell_graph, ell_to_csr
+from sazs.pipeline.graph import Graph
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs, normalized_adjacency
 
 COCO_TRAIN = 118_287
@@ -71,17 +71,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--check", type=int, default=4, help="images checked against float64")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--e2e-images", type=int, default=1024, help="images of the measured end-to-end run")
-    p.add_argument("--e2e-shard-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256],
-                   help="store shard sizes of the end-to-end runs (the shard is the batched-solve batch; "
-                        "64 is the default of make priors)")
+    p.add_argument(
+        "--e2e-shard-sizes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[64, 256],
+        help="store shard sizes of the end-to-end runs (the shard is the batched-solve batch; "
+        "64 is the default of make priors)",
+    )
     p.add_argument("--out", default="bench/results/gpu.json")
     return p
 
 
 def _git_sha() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -140,15 +145,25 @@ def stage_features(args, device: str, timer: Timer) -> list[dict]:
     rows = []
     for name, weights in names:
         try:
-            ext = build_extractor(ExtractorConfig(name=name, weights=weights, short_side=args.short_side,
-                                                  device=device, batch_size=args.feat_batch))
+            ext = build_extractor(
+                ExtractorConfig(
+                    name=name, weights=weights, short_side=args.short_side, device=device, batch_size=args.feat_batch
+                )
+            )
         except (ImportError, FileNotFoundError, ValueError) as e:
             rows.append({"stage": f"features {name}", "skipped": str(e)})
             continue
         sec, feats = timer(lambda: ext.extract(images), args.repeats)
         h, w = feats[0].grid
-        rows.append({"stage": f"features {name}", "images_per_s": len(images) / sec, "N": h * w,
-                     "precision": ext.precision, "seconds": sec})
+        rows.append(
+            {
+                "stage": f"features {name}",
+                "images_per_s": len(images) / sec,
+                "N": h * w,
+                "precision": ext.precision,
+                "seconds": sec,
+            }
+        )
     return rows
 
 
@@ -159,10 +174,12 @@ def write_jpegs(folder: Path, count: int) -> None:
     from skimage.transform import resize
 
     folder.mkdir(parents=True, exist_ok=True)
-    bases = [(resize(getattr(data, n)(), (480, 700), anti_aliasing=True) * 255).astype(np.uint8)
-             for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    bases = [
+        (resize(getattr(data, n)(), (480, 700), anti_aliasing=True) * 255).astype(np.uint8)
+        for n in ("astronaut", "coffee", "chelsea", "rocket")
+    ]
     for i in range(count):
-        img = bases[i % 4][:, (i // 4) % 60:(i // 4) % 60 + 640]
+        img = bases[i % 4][:, (i // 4) % 60 : (i // 4) % 60 + 640]
         img = img[:, ::-1] if (i // 240) % 2 else img
         Image.fromarray(np.ascontiguousarray(img)).save(folder / f"{i:06d}.jpg", quality=90)
 
@@ -172,7 +189,7 @@ def stage_end_to_end(args, device: str) -> list[dict]:
     writes, once per shard size in --e2e-shard-sizes (the shard is the batched-solve batch)."""
     import tempfile
 
-    from sazs.pipeline.datasets import DatasetConfig, build_dataset
+    from sazs.datasets.readers import DatasetConfig, build_dataset
     from sazs.pipeline.extractors import ExtractorConfig, build_extractor
     from sazs.pipeline.graph import GraphConfig
     from sazs.pipeline.job import JobConfig, run_local
@@ -181,25 +198,50 @@ def stage_end_to_end(args, device: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="sazs-bench-gpu-") as tmp:
         write_jpegs(Path(tmp) / "images", args.e2e_images)
-        ext = build_extractor(ExtractorConfig(name=args.extractor, weights=args.weights, short_side=args.short_side,
-                                              device=device, batch_size=args.feat_batch))
+        ext = build_extractor(
+            ExtractorConfig(
+                name=args.extractor,
+                weights=args.weights,
+                short_side=args.short_side,
+                device=device,
+                batch_size=args.feat_batch,
+            )
+        )
         cfgs = GraphConfig(backend="auto"), SpectralConfig(solver="auto")
         for shard_size in args.e2e_shard_sizes:
-            warm = build_dataset(DatasetConfig(name="folder", root=str(Path(tmp) / "images"),
-                                               limit=min(args.e2e_images, shard_size)))
-            run_local(warm, ext, *cfgs, JobConfig(out=str(Path(tmp) / f"warm{shard_size}.zarr"),
-                                                  shard_size=shard_size, progress=False, preview=0))
+            warm = build_dataset(
+                DatasetConfig(name="folder", root=str(Path(tmp) / "images"), limit=min(args.e2e_images, shard_size))
+            )
+            run_local(
+                warm,
+                ext,
+                *cfgs,
+                JobConfig(
+                    out=str(Path(tmp) / f"warm{shard_size}.zarr"), shard_size=shard_size, progress=False, preview=0
+                ),
+            )
             dataset = build_dataset(DatasetConfig(name="folder", root=str(Path(tmp) / "images")))
             out = Path(tmp) / f"e2e{shard_size}.zarr"
-            summary = run_local(dataset, ext, *cfgs, JobConfig(out=str(out), shard_size=shard_size,
-                                                                progress=False, preview=0))
+            summary = run_local(
+                dataset, ext, *cfgs, JobConfig(out=str(out), shard_size=shard_size, progress=False, preview=0)
+            )
             manifest = open_store(out).manifest
             rate = summary.computed / summary.seconds
-            rows.append({"stage": f"end to end (measured, shard {shard_size})", "images_per_s": rate,
-                         "extractor": args.extractor, "images": summary.computed, "done": summary.done,
-                         "failed": summary.failed, "not_converged": summary.not_converged,
-                         "solver": manifest["solver"]["solver"], "graph_backend": manifest["graph"]["backend"],
-                         "short_side": args.short_side, "coco_train2017_minutes": COCO_TRAIN / rate / 60})
+            rows.append(
+                {
+                    "stage": f"end to end (measured, shard {shard_size})",
+                    "images_per_s": rate,
+                    "extractor": args.extractor,
+                    "images": summary.computed,
+                    "done": summary.done,
+                    "failed": summary.failed,
+                    "not_converged": summary.not_converged,
+                    "solver": manifest["solver"]["solver"],
+                    "graph_backend": manifest["graph"]["backend"],
+                    "short_side": args.short_side,
+                    "coco_train2017_minutes": COCO_TRAIN / rate / 60,
+                }
+            )
     return rows
 
 
@@ -207,8 +249,12 @@ def _torch_lobpcg(A, K: int, device: str, tol: float):
     import torch
 
     warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
-    At = torch.sparse_csr_tensor(torch.from_numpy(A.indptr).long(), torch.from_numpy(A.indices).long(),
-                                 torch.from_numpy(A.data).float(), size=A.shape).to(device)
+    At = torch.sparse_csr_tensor(
+        torch.from_numpy(A.indptr).long(),
+        torch.from_numpy(A.indices).long(),
+        torch.from_numpy(A.data).float(),
+        size=A.shape,
+    ).to(device)
     X0 = torch.randn(A.shape[0], K + max(2, K // 2), generator=torch.Generator().manual_seed(0)).to(device)
     vals, vecs = torch.lobpcg(At, X=X0, k=K + max(2, K // 2), largest=True, tol=tol, niter=500)
     return vals[:K], vecs[:, :K]
@@ -243,8 +289,12 @@ def main(argv=None) -> int:
     timer = Timer(cuda, xp)
     B, N, K = args.batch, args.n, args.num_eigs
     meta = {
-        "args": vars(args), "git_sha": _git_sha(), "python": sys.version.split()[0], "torch": torch.__version__,
-        "cupy": getattr(xp, "__version__", None) if cuda else None, "numpy": np.__version__,
+        "args": vars(args),
+        "git_sha": _git_sha(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cupy": getattr(xp, "__version__", None) if cuda else None,
+        "numpy": np.__version__,
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
     }
@@ -259,16 +309,24 @@ def main(argv=None) -> int:
     # float32 product (what it runs on a CPU). Both give the float32 neighbours (up to ties).
     for precision in ("fp16", "fp32"):
         knn_stats: dict = {}
-        sec, (idx, sims) = timer(lambda: batched_knn(feats, args.k, device=device, precision=precision,
-                                                     stats=knn_stats), args.repeats)
-        rows.append({"stage": f"knn batched ({precision})", "images_per_s": B / sec, "N": N, "B": B,
-                     "seconds": sec, "rows_searched_again": knn_stats["searched_again"] / knn_stats["rows"]})
+        sec, (idx, sims) = timer(
+            lambda: batched_knn(feats, args.k, device=device, precision=precision, stats=knn_stats), args.repeats
+        )
+        rows.append(
+            {
+                "stage": f"knn batched ({precision})",
+                "images_per_s": B / sec,
+                "N": N,
+                "B": B,
+                "seconds": sec,
+                "rows_searched_again": knn_stats["searched_again"] / knn_stats["rows"],
+            }
+        )
         if precision == "fp16":
             exact = (idx, sims)
     idx, sims = exact
     sec, ell = timer(lambda: ell_graph(idx, sims), args.repeats)
-    rows.append({"stage": "ell graph", "images_per_s": B / sec, "N": N, "B": B, "width": ell.shape[2],
-                 "seconds": sec})
+    rows.append({"stage": "ell graph", "images_per_s": B / sec, "N": N, "B": B, "width": ell.shape[2], "seconds": sec})
 
     variants = [("fused", True), ("gather", False)] if cuda else [("gather", False)]
     for name, fused in variants:
@@ -277,11 +335,20 @@ def main(argv=None) -> int:
             batched_mod._FUSED_STATE["ok"] = False  # forces the plain gather product
         sec, out = timer(lambda: batched_eigs(ell, K, xp=xp, tol=args.tol), args.repeats)
         its = [s.iterations for s in out]
-        rows.append({"stage": f"eigen batched ({xp.__name__}, {name})", "images_per_s": B / sec, "N": N, "B": B,
-                     "seconds": sec, "iterations_median": float(np.median(its)), "iterations_max": int(max(its)),
-                     "converged": int(sum(s.converged for s in out)),
-                     "max_residual": float(max(s.residuals.max() for s in out)),
-                     "fused_self_check": batched_mod._FUSED_STATE.get("ok") if fused else None})
+        rows.append(
+            {
+                "stage": f"eigen batched ({xp.__name__}, {name})",
+                "images_per_s": B / sec,
+                "N": N,
+                "B": B,
+                "seconds": sec,
+                "iterations_median": float(np.median(its)),
+                "iterations_max": int(max(its)),
+                "converged": int(sum(s.converged for s in out)),
+                "max_residual": float(max(s.residuals.max() for s in out)),
+                "fused_self_check": batched_mod._FUSED_STATE.get("ok") if fused else None,
+            }
+        )
         if name == variants[0][0]:
             spectra = out
     batched_mod._FUSED_STATE.pop("ok", None)
@@ -290,14 +357,23 @@ def main(argv=None) -> int:
     errs, coss, ress = [], [], []
     graphs = [ell_to_csr(ell, b) for b in range(max(args.check, args.baseline_images))]
     for b in range(args.check):
-        ref = laplacian_eigs(Graph(W=graphs[b], grid=(1, N)),
-                             SpectralConfig(num_eigs=K + 1, solver="eigsh", precision="float64", tol=1e-12))
+        ref = laplacian_eigs(
+            Graph(W=graphs[b], grid=(1, N)),
+            SpectralConfig(num_eigs=K + 1, solver="eigsh", precision="float64", tol=1e-12),
+        )
         s = spectra[b]
         errs.append(float(np.abs(s.eigvals - ref.eigvals[:K]).max()))
         coss.append(subspace_cos(ref.eigvecs[:, : K - 1], s.eigvecs[:, : K - 1]))
         ress.append(float(s.residuals.max()))
-    rows.append({"stage": "accuracy vs float64", "max_abs_dlambda": max(errs), "min_subspace_cos_first_K-1": min(coss),
-                 "max_residual": max(ress), "images": args.check})
+    rows.append(
+        {
+            "stage": "accuracy vs float64",
+            "max_abs_dlambda": max(errs),
+            "min_subspace_cos_first_K-1": min(coss),
+            "max_residual": max(ress),
+            "images": args.check,
+        }
+    )
 
     # per-image baselines on the same graphs
     nb = args.baseline_images
@@ -307,20 +383,32 @@ def main(argv=None) -> int:
     if cuda:
         cfg = SpectralConfig(num_eigs=K, solver="cupy-lobpcg", device="cuda")
         try:
-            sec, _ = timer(lambda: [laplacian_eigs(Graph(W=W, grid=(1, N)), cfg) for W in graphs[:nb]],
-                           max(1, args.repeats - 1))
+            sec, _ = timer(
+                lambda: [laplacian_eigs(Graph(W=W, grid=(1, N)), cfg) for W in graphs[:nb]], max(1, args.repeats - 1)
+            )
             rows.append({"stage": "eigen cupy-lobpcg per image (cuda)", "images_per_s": nb / sec, "N": N})
         except spectral.SolverError as e:
             rows.append({"stage": "eigen cupy-lobpcg per image (cuda)", "skipped": str(e)})
     cfg = SpectralConfig(num_eigs=K, solver="eigsh")
-    sec, _ = timer(lambda: [laplacian_eigs(Graph(W=W, grid=(1, N)), cfg) for W in graphs[:nb]],
-                   max(1, args.repeats - 1))
-    rows.append({"stage": f"eigen scipy eigsh per image (cpu, {torch.get_num_threads()} threads)",
-                 "images_per_s": nb / sec, "N": N})
+    sec, _ = timer(
+        lambda: [laplacian_eigs(Graph(W=W, grid=(1, N)), cfg) for W in graphs[:nb]], max(1, args.repeats - 1)
+    )
+    rows.append(
+        {
+            "stage": f"eigen scipy eigsh per image (cpu, {torch.get_num_threads()} threads)",
+            "images_per_s": nb / sec,
+            "N": N,
+        }
+    )
 
     rows += stage_end_to_end(args, device)
     # serial estimate from the stages, and the COCO projection from the measured run
-    firsts = (f"features {args.extractor}", "knn batched (fp16", "ell", f"eigen batched ({xp.__name__}, {variants[0][0]}")
+    firsts = (
+        f"features {args.extractor}",
+        "knn batched (fp16",
+        "ell",
+        f"eigen batched ({xp.__name__}, {variants[0][0]}",
+    )
     rates = [r["images_per_s"] for r in rows if r["stage"].startswith(firsts) and "images_per_s" in r]
     e2e = 1.0 / sum(1.0 / r for r in rates)
     rows.append({"stage": "end to end (serial estimate of the stages)", "images_per_s": e2e, "stages": len(rates)})
@@ -329,8 +417,10 @@ def main(argv=None) -> int:
     for r in rows:
         rate = f"{r['images_per_s']:10.1f}" if "images_per_s" in r else f"{'-':>10s}"
         notes = {k: v for k, v in r.items() if k not in ("stage", "images_per_s", "seconds")}
-        print(f"{r['stage']:48s} {rate}  " + ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in notes.items()))
+        print(
+            f"{r['stage']:48s} {rate}  "
+            + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in notes.items())
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1))

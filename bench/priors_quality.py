@@ -29,14 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
+from sazs.datasets.readers import DatasetConfig, build_dataset
 from sazs.eval.prior_quality import score_image, summarise
-from sazs.pipeline.datasets import DatasetConfig, build_dataset
 from sazs.pipeline.extractors import ExtractorConfig, build_extractor
 from sazs.pipeline.graph import GraphConfig, build_graph
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
 
-DEFAULT_DESIGNS = ("knn k=10 g=0", "default", "knn k=10 g=1 kernel=cosine", "knn k=10 g=0.3 kernel=cosine",
-                   "knn k=10 g=3 kernel=cosine", "dsm")
+DEFAULT_DESIGNS = (
+    "knn k=10 g=0",
+    "default",
+    "knn k=10 g=1 kernel=cosine",
+    "knn k=10 g=0.3 kernel=cosine",
+    "knn k=10 g=3 kernel=cosine",
+    "dsm",
+)
 METRICS = ("fiedler_iou", "fiedler_accuracy", "fiedler_max_fbeta", "best_of_n_iou_upper_bound", "span_iou")
 
 
@@ -48,8 +54,7 @@ def design_configs(name: str, num_eigs: int) -> tuple[GraphConfig, SpectralConfi
     kind, *pairs = name.split()
     if kind != "knn":
         raise ValueError(f"design {name!r}: use 'dsm', 'default' or 'knn k=.. g=.. r=.. kernel=..'")
-    keys = {"k": ("k", int), "g": ("global_weight", float), "r": ("global_rank", int),
-            "kernel": ("global_kernel", str)}
+    keys = {"k": ("k", int), "g": ("global_weight", float), "r": ("global_rank", int), "kernel": ("global_kernel", str)}
     fields = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -61,8 +66,12 @@ def design_configs(name: str, num_eigs: int) -> tuple[GraphConfig, SpectralConfi
 
 def cached_features(dataset, indices, extractor_cfg: ExtractorConfig, cache: Path) -> dict:
     """{index: (feats, grid)}, extracted once and kept in `cache` (outside the project)."""
-    tag = hashlib.sha256(json.dumps([extractor_cfg.name, extractor_cfg.facet, extractor_cfg.short_side,
-                                     extractor_cfg.max_long_side], sort_keys=True).encode()).hexdigest()[:12]
+    tag = hashlib.sha256(
+        json.dumps(
+            [extractor_cfg.name, extractor_cfg.facet, extractor_cfg.short_side, extractor_cfg.max_long_side],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:12]
     folder = cache / f"{dataset.name}-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     extractor, out = None, {}
@@ -101,23 +110,45 @@ def run(args) -> dict:
     for name in names:
         graph_cfg, spectral_cfg = configs[name]
         summary = summarise(rows[name])
-        table[name] = {**{m: summary[m] for m in METRICS}, "ms_per_image": statistics.median(ms[name]),
-                       "cpu_ms_per_image": statistics.median(cpu_ms[name]),
-                       "graph": graph_cfg.describe(), "solver": spectral_cfg.solver}
-        print(f"{name}: " + ", ".join(f"{m} {summary[m]:.3f}" for m in METRICS) +
-              f", {statistics.median(ms[name]):.0f} ms ({statistics.median(cpu_ms[name]):.0f} ms CPU)",
-              file=sys.stderr, flush=True)
-    return {"data": str(args.data), "dataset": args.dataset, "images": len(indices), "step": args.step,
-            "extractor": args.extractor, "facet": args.facet, "num_eigs": args.num_eigs,
-            "cpu_threads": os.cpu_count(), "designs": table}
+        table[name] = {
+            **{m: summary[m] for m in METRICS},
+            "ms_per_image": statistics.median(ms[name]),
+            "cpu_ms_per_image": statistics.median(cpu_ms[name]),
+            "graph": graph_cfg.describe(),
+            "solver": spectral_cfg.solver,
+        }
+        print(
+            f"{name}: "
+            + ", ".join(f"{m} {summary[m]:.3f}" for m in METRICS)
+            + f", {statistics.median(ms[name]):.0f} ms ({statistics.median(cpu_ms[name]):.0f} ms CPU)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "data": str(args.data),
+        "dataset": args.dataset,
+        "images": len(indices),
+        "step": args.step,
+        "extractor": args.extractor,
+        "facet": args.facet,
+        "num_eigs": args.num_eigs,
+        "cpu_threads": os.cpu_count(),
+        "designs": table,
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = ["| design | Fiedler IoU | Fiedler acc | Fiedler max F-beta | best of 4 (upper bound) | span-K IoU "
-             "| graph + solve ms/img | CPU ms/img |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| design | Fiedler IoU | Fiedler acc | Fiedler max F-beta | best of 4 (upper bound) | span-K IoU "
+        "| graph + solve ms/img | CPU ms/img |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["designs"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS)
-                     + f" | {r['ms_per_image']:.0f} | {r['cpu_ms_per_image']:.0f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r[m]:.3f}" for m in METRICS)
+            + f" | {r['ms_per_image']:.0f} | {r['cpu_ms_per_image']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -132,8 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--facet", default="key", choices=["key", "token"])
     p.add_argument("--num-eigs", type=int, default=8)
     p.add_argument("--designs", default=",".join(DEFAULT_DESIGNS), help="comma-separated designs (see above)")
-    p.add_argument("--cache", default=os.environ.get("SAZS_CACHE", "~/.cache/sazs") + "/priors-quality",
-                   help="feature cache folder (outside the project)")
+    p.add_argument(
+        "--cache",
+        default=os.environ.get("SAZS_CACHE", "~/.cache/sazs") + "/priors-quality",
+        help="feature cache folder (outside the project)",
+    )
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
     result = run(args)

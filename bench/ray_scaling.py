@@ -4,7 +4,7 @@ start-up overhead, and per-stage throughputs for a paper estimate of COCO train2
 Example (the defaults run in under 3 minutes on a 2-core machine):
     python bench/ray_scaling.py --out bench/results/ray_scaling.json
 
-1. A synthetic COCO layout (`sazs.pipeline.synthetic.make_coco`, --images val images) in a
+1. A synthetic COCO layout (`sazs.datasets.synthetic.make_coco`, --images val images) in a
    temporary directory.
 2. The real CLI (`python -m sazs.pipeline run`, one subprocess per setting so that each
    gets its own thread limits and its own Ray instance) with the local executor on 1 and
@@ -75,8 +75,15 @@ def run_cli(name: str, argv: list[str], env: dict, work: Path) -> dict:
     summary = json.loads((work / f"{name}.summary.json").read_text())
     rate = summary["computed"] / summary["seconds"] if summary["seconds"] > 0 else float("nan")
     steady = steady_rate(work / f"{name}.progress.jsonl")
-    return {"name": name, "store": str(out), "img_s": rate, "steady_img_s": steady, "job_s": summary["seconds"],
-            "wall_s": wall, "computed": summary["computed"]}
+    return {
+        "name": name,
+        "store": str(out),
+        "img_s": rate,
+        "steady_img_s": steady,
+        "job_s": summary["seconds"],
+        "wall_s": wall,
+        "computed": summary["computed"],
+    }
 
 
 def steady_rate(progress: Path) -> float:
@@ -129,16 +136,20 @@ def ray_startup(actors: int, extractor: str, short_side: int) -> dict:
     t2 = time.perf_counter()
     ray.shutdown()
     t3 = time.perf_counter()
-    return {"actors": actors, "init_s": t1 - t0, "actors_ready_s": t2 - t1, "shutdown_s": t3 - t2,
-            "extractor_build_s": max(i["startup_s"] for i in infos)}
+    return {
+        "actors": actors,
+        "init_s": t1 - t0,
+        "actors_ready_s": t2 - t1,
+        "shutdown_s": t3 - t2,
+        "extractor_build_s": max(i["startup_s"] for i in infos),
+    }
 
 
 def time_stages(args) -> dict:
     """Per-image seconds of each stage, in this process (its thread limits come from the caller)."""
-    import numpy as np
     import torch
 
-    from sazs.pipeline.datasets import read_image
+    from sazs.datasets.readers import read_image
     from sazs.pipeline.extractors import ExtractorConfig, build_extractor
     from sazs.pipeline.graph import GraphConfig, build_knn_graph
     from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
@@ -177,7 +188,10 @@ def time_stages(args) -> dict:
     return result
 
 
-def driver_write_img_s(path: Path = Path(__file__).with_name("results") / "store.json") -> float | None:
+STORE_RESULTS = Path(__file__).with_name("results") / "store.json"
+
+
+def driver_write_img_s(path: Path = STORE_RESULTS) -> float | None:
     """The store's measured write rate (bench/store.py), if that benchmark has been run."""
     try:
         results = json.loads(path.read_text())["results"]
@@ -199,8 +213,7 @@ def estimate(stages: dict, num_images: int = 118_287, gpu_img_s: float = 300.0, 
     """
     cpu_s = stages["decode_s"] + stages["graph_s"] + stages["eigen_s"]
     solve_s = stages["graph_s"] + stages["eigen_s"]
-    per_gpu = {"actor": 1.0 / (1.0 / gpu_img_s + solve_s),
-               "cpu-tasks": min(gpu_img_s, (cores_per_gpu - 1) / cpu_s)}
+    per_gpu = {"actor": 1.0 / (1.0 / gpu_img_s + solve_s), "cpu-tasks": min(gpu_img_s, (cores_per_gpu - 1) / cpu_s)}
     write = driver_write_img_s()
     rows = []
     for gpus in (1, 4, 8, 16):
@@ -209,10 +222,17 @@ def estimate(stages: dict, num_images: int = 118_287, gpu_img_s: float = 300.0, 
             bound = "GPU (ViT)" if mode == "cpu-tasks" and rate >= gpu_img_s else "CPU (graph + eigen)"
             if write is not None and write < total:
                 total, bound = write, "driver's store writes"
-            rows.append({"gpus": gpus, "solve_on": mode, "img_s": total, "minutes": num_images / total / 60,
-                         "bound_by": bound})
-    return {"images": num_images, "assumed_gpu_img_s": gpu_img_s, "cores_per_gpu": cores_per_gpu,
-            "cpu_core_s_per_image": cpu_s, "driver_write_img_s": write, "rows": rows}
+            rows.append(
+                {"gpus": gpus, "solve_on": mode, "img_s": total, "minutes": num_images / total / 60, "bound_by": bound}
+            )
+    return {
+        "images": num_images,
+        "assumed_gpu_img_s": gpu_img_s,
+        "cores_per_gpu": cores_per_gpu,
+        "cpu_core_s_per_image": cpu_s,
+        "driver_write_img_s": write,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,28 +240,67 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage_worker:
         print(json.dumps(time_stages(args)))
         return 0
-    from sazs.pipeline.synthetic import make_coco
+    from sazs.datasets.synthetic import make_coco
 
     workers = [int(w) for w in args.workers.split(",")]
-    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                 "python": platform.python_version(), "cuda": has_cuda()},
-                     "settings": {k: v for k, v in vars(args).items() if k != "stage_worker"}, "runs": []}
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cuda": has_cuda(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "stage_worker"},
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="sazs-bench-") as tmp:
         work = Path(tmp)
         coco = make_coco(work / "coco", num_train=1, num_val=args.images)
-        common = ["--dataset", "coco", "--data", str(coco), "--split", "val2017", "--extractor", args.extractor,
-                  "--short-side", str(args.short_side), "--shard-size", str(args.shard_size), "--device", "cpu"]
+        common = [
+            "--dataset",
+            "coco",
+            "--data",
+            str(coco),
+            "--split",
+            "val2017",
+            "--extractor",
+            args.extractor,
+            "--short-side",
+            str(args.short_side),
+            "--shard-size",
+            str(args.shard_size),
+            "--device",
+            "cpu",
+        ]
         for n in workers:
-            results["runs"].append({"executor": "local", "workers": n, "kind": f"{n} thread(s)",
-                                    **run_cli(f"local{n}", common, env_with_threads(n), work)})
+            results["runs"].append(
+                {
+                    "executor": "local",
+                    "workers": n,
+                    "kind": f"{n} thread(s)",
+                    **run_cli(f"local{n}", common, env_with_threads(n), work),
+                }
+            )
         for n in workers:
             argv = [*common, "--executor", "ray", "--ray-num-cpus", str(n), "--ray-num-gpus", "0"]
-            results["runs"].append({"executor": "ray", "workers": n, "kind": f"{n} CPU actor(s)",
-                                    **run_cli(f"ray{n}", argv, env_with_threads(None), work)})
+            results["runs"].append(
+                {
+                    "executor": "ray",
+                    "workers": n,
+                    "kind": f"{n} CPU actor(s)",
+                    **run_cli(f"ray{n}", argv, env_with_threads(None), work),
+                }
+            )
         if has_cuda():
             gpu = [*common[:-2], "--device", "auto", "--executor", "ray", "--ray-actors", "1"]
-            results["runs"].append({"executor": "ray", "workers": 1, "kind": "1 GPU actor",
-                                    **run_cli("ray-gpu", gpu, env_with_threads(None), work)})
+            results["runs"].append(
+                {
+                    "executor": "ray",
+                    "workers": 1,
+                    "kind": "1 GPU actor",
+                    **run_cli("ray-gpu", gpu, env_with_threads(None), work),
+                }
+            )
         first = results["runs"][0]["store"]
         for r in results["runs"][1:]:
             r["identical_to_local1"] = same_arrays(first, r["store"]) if "GPU" not in r["kind"] else None
@@ -252,36 +311,57 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.stage_images > 0:
             big = make_coco(work / "coco-big", num_train=1, num_val=args.stage_images, size=(480, 640))
-            cmd = [sys.executable, __file__, "--stage-worker", str(big / "val2017"), "--stage-images",
-                   str(args.stage_images), "--stage-short-side", str(args.stage_short_side),
-                   "--extractor", args.extractor]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--stage-worker",
+                str(big / "val2017"),
+                "--stage-images",
+                str(args.stage_images),
+                "--stage-short-side",
+                str(args.stage_short_side),
+                "--extractor",
+                args.extractor,
+            ]
             proc = subprocess.run(cmd, env=env_with_threads(1), capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
                 raise RuntimeError(f"stage timing failed:\n{proc.stderr[-3000:]}")
             results["stages_1core"] = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    print(f"\n{'executor':<8} {'workers':<16} {'steady img/s':>12} {'job img/s':>10} {'wall s':>7}  "
-          "same bits as local 1 thread")
+    print(
+        f"\n{'executor':<8} {'workers':<16} {'steady img/s':>12} {'job img/s':>10} {'wall s':>7}  "
+        "same bits as local 1 thread"
+    )
     for k, r in enumerate(results["runs"]):
         same = "(reference)" if k == 0 else r.get("identical_to_local1")
-        print(f"{r['executor']:<8} {r['kind']:<16} {r['steady_img_s']:>12.2f} {r['img_s']:>10.2f} "
-              f"{r['wall_s']:>7.1f}  {same}")
-    print("(a store is bitwise identical across executors at equal threads per worker; the kNN graph's float32\n"
-          " similarities can change in the last bit with the BLAS/OpenMP thread count)")
+        print(
+            f"{r['executor']:<8} {r['kind']:<16} {r['steady_img_s']:>12.2f} {r['img_s']:>10.2f} "
+            f"{r['wall_s']:>7.1f}  {same}"
+        )
+    print(
+        "(a store is bitwise identical across executors at equal threads per worker; the kNN graph's float32\n"
+        " similarities can change in the last bit with the BLAS/OpenMP thread count)"
+    )
     print(f"\n{'ray start-up':<14} {'init s':>8} {'actors s':>9} {'shutdown s':>11}")
     for s in results["startup"]:
-        print(f"{str(s['actors']) + ' actor(s)':<14} {s['init_s']:>8.2f} {s['actors_ready_s']:>9.2f} "
-              f"{s['shutdown_s']:>11.2f}")
+        print(
+            f"{str(s['actors']) + ' actor(s)':<14} {s['init_s']:>8.2f} {s['actors_ready_s']:>9.2f} "
+            f"{s['shutdown_s']:>11.2f}"
+        )
     if "stages_1core" in results:
         st = results["stages_1core"]
-        print(f"\nper-stage, one core, {st['images']} images {st['image_size'][0]}x{st['image_size'][1]}, "
-              f"grid {st['grid'][0]}x{st['grid'][1]} (short side {args.stage_short_side}):")
+        print(
+            f"\nper-stage, one core, {st['images']} images {st['image_size'][0]}x{st['image_size'][1]}, "
+            f"grid {st['grid'][0]}x{st['grid'][1]} (short side {args.stage_short_side}):"
+        )
         for key in [k for k in st if k.endswith("_s")]:
             print(f"  {key[:-2]:<14} {st[key] * 1e3:>9.1f} ms/img   {1 / st[key]:>8.2f} img/s")
         est = results["coco_train2017_estimate"] = estimate(st)
-        print(f"\nCOCO train2017 ({est['images']:,} images) on N GPUs: ASSUMING ViT-S/14 @448 at "
-              f"{est['assumed_gpu_img_s']:.0f} img/s per H100-class GPU (bf16), {est['cores_per_gpu']} CPU cores "
-              f"per GPU at this machine's per-core rates ({est['cpu_core_s_per_image'] * 1e3:.0f} ms/img):")
+        print(
+            f"\nCOCO train2017 ({est['images']:,} images) on N GPUs: ASSUMING ViT-S/14 @448 at "
+            f"{est['assumed_gpu_img_s']:.0f} img/s per H100-class GPU (bf16), {est['cores_per_gpu']} CPU cores "
+            f"per GPU at this machine's per-core rates ({est['cpu_core_s_per_image'] * 1e3:.0f} ms/img):"
+        )
         print(f"  {'GPUs':>4} {'--ray-solve-on':<15} {'img/s':>7} {'minutes':>8}  bound by")
         for r in est["rows"]:
             print(f"  {r['gpus']:>4} {r['solve_on']:<15} {r['img_s']:>7.0f} {r['minutes']:>8.1f}  {r['bound_by']}")

@@ -69,8 +69,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--short-side", type=int, default=672, help="ViT input short side (grid 48 x <=72 at patch 14)")
     p.add_argument("--extractor", default="imgfocus-vits14")
-    p.add_argument("--threads", default="1,2",
-                   help="BLAS/OpenMP/torch/faiss threads, or a comma list run one subprocess each (default 1,2)")
+    p.add_argument(
+        "--threads",
+        default="1,2",
+        help="BLAS/OpenMP/torch/faiss threads, or a comma list run one subprocess each (default 1,2)",
+    )
     return p
 
 
@@ -252,15 +255,25 @@ def run_one(args, threads: int) -> dict:
                 )
             finally:
                 spectral._cupy_modules = orig_modules
-            rec = {"image": name, "grid": list(grid), "N": len(f), "method": method,
-                   "graph_s": t_graph, "solve_s": t_solve, "seconds": t_total}
+            rec = {
+                "image": name,
+                "grid": list(grid),
+                "N": len(f),
+                "method": method,
+                "graph_s": t_graph,
+                "solve_s": t_solve,
+                "seconds": t_total,
+            }
             if method not in (original, "eigsh/faiss"):
                 rec.update(knn_agree=agree, knn_uncertain=uncertain)
             ref = {original: ref_dsm, "eigsh/faiss": ref_faiss}.get(method, ref_ours)
             rec.update(agreement(vals, vecs, *ref))
             records.append(rec)
-        print(f"  {name}: grid {grid}, N={len(f)}: "
-              + ", ".join(f"{r['method']} {r['seconds']:.3f}s" for r in records[-len(methods):]), flush=True)
+        print(
+            f"  {name}: grid {grid}, N={len(f)}: "
+            + ", ".join(f"{r['method']} {r['seconds']:.3f}s" for r in records[-len(methods) :]),
+            flush=True,
+        )
 
     summary = []
     t_orig = sum(r["seconds"] for r in records if r["method"] == original)
@@ -286,25 +299,36 @@ def run_one(args, threads: int) -> dict:
         summary.append(row)
     print_table(summary, threads)
     return {
-        "features": used, "threads": threads, "threads_info": threads_info, "num_eigs": K, "k": args.k,
+        "features": used,
+        "threads": threads,
+        "threads_info": threads_info,
+        "num_eigs": K,
+        "k": args.k,
         "env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", *PASSIVE_WAIT)},
-        "repeats": args.repeats, "images": names, "summary": summary, "records": records,
+        "repeats": args.repeats,
+        "images": names,
+        "summary": summary,
+        "records": records,
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__},
         "cpu": platform.processor() or platform.machine(),
     }
 
 
 def print_table(summary: list[dict], threads: int) -> None:
-    header = (f"{'method':18s} {'graph ms':>9s} {'solve ms':>9s} {'total ms':>9s} {'img/s':>7s} {'speedup':>8s} "
-              f"{'solve x':>8s} {'max|dl|':>8s} {'min align':>10s} {'max resid':>9s} {'knn agree':>10s} {'uncert':>6s}")
+    header = (
+        f"{'method':18s} {'graph ms':>9s} {'solve ms':>9s} {'total ms':>9s} {'img/s':>7s} {'speedup':>8s} "
+        f"{'solve x':>8s} {'max|dl|':>8s} {'min align':>10s} {'max resid':>9s} {'knn agree':>10s} {'uncert':>6s}"
+    )
     print(f"\n{threads} thread(s):\n" + header + "\n" + "-" * len(header))
     for s in summary:
         exact = "knn_agree" not in s  # FAISS / dense affinity: exact float32, nothing to compare
         knn_cols = f"{'exact':>10s} {'-':>6s}" if exact else f"{s['knn_agree']:10.6f} {s['knn_uncertain']:6d}"
-        print(f"{s['method']:18s} {1e3 * s['graph_s_per_image']:9.1f} {1e3 * s['solve_s_per_image']:9.1f} "
-              f"{1e3 * s['seconds_per_image']:9.1f} {s['images_per_s']:7.2f} {s['speedup_vs_original']:7.1f}x "
-              f"{s['solve_speedup_vs_original']:7.1f}x {s['max_abs_dlambda']:8.1e} {s['min_alignment']:10.6f} "
-              f"{s['max_residual']:9.1e} {knn_cols}")
+        print(
+            f"{s['method']:18s} {1e3 * s['graph_s_per_image']:9.1f} {1e3 * s['solve_s_per_image']:9.1f} "
+            f"{1e3 * s['seconds_per_image']:9.1f} {s['images_per_s']:7.2f} {s['speedup_vs_original']:7.1f}x "
+            f"{s['solve_speedup_vs_original']:7.1f}x {s['max_abs_dlambda']:8.1e} {s['min_alignment']:10.6f} "
+            f"{s['max_residual']:9.1e} {knn_cols}"
+        )
 
 
 def verdict(result: dict) -> str:
@@ -315,16 +339,33 @@ def verdict(result: dict) -> str:
     g, s, t = o["graph_s_per_image"], o["solve_s_per_image"], o["seconds_per_image"]
     quality = o["max_abs_dlambda"] <= 1e-4 and o["max_residual"] <= 1e-3 and o.get("knn_agree", 1.0) == 1.0
     # (medians of graph, solve and total are taken separately, so g + s need not equal t)
-    return (f"{result['threads']} thread(s): ours {1e3 * t:.1f} ms/img vs original {1e3 * ref['seconds_per_image']:.1f}"
-            f" -> {ratio:.1f}x ({'meets' if ratio >= TARGET else 'misses'} the {TARGET:.0f}x target"
-            f"{'' if quality else '; QUALITY CHECK FAILED'}); ours: graph {1e3 * g:.1f} ms ({100 * g / (g + s):.0f}%),"
-            f" solve {1e3 * s:.1f} ms ({100 * s / (g + s):.0f}%)")
+    return (
+        f"{result['threads']} thread(s): ours {1e3 * t:.1f} ms/img vs original {1e3 * ref['seconds_per_image']:.1f}"
+        f" -> {ratio:.1f}x ({'meets' if ratio >= TARGET else 'misses'} the {TARGET:.0f}x target"
+        f"{'' if quality else '; QUALITY CHECK FAILED'}); ours: graph {1e3 * g:.1f} ms ({100 * g / (g + s):.0f}%),"
+        f" solve {1e3 * s:.1f} ms ({100 * s / (g + s):.0f}%)"
+    )
 
 
 def child_argv(args, threads: int, out: Path) -> list[str]:
-    return ["--out", str(out), "--images", str(args.images), "--repeats", str(args.repeats),
-            "--num-eigs", str(args.num_eigs), "--k", str(args.k), "--short-side", str(args.short_side),
-            "--extractor", args.extractor, "--threads", str(threads)]
+    return [
+        "--out",
+        str(out),
+        "--images",
+        str(args.images),
+        "--repeats",
+        str(args.repeats),
+        "--num-eigs",
+        str(args.num_eigs),
+        "--k",
+        str(args.k),
+        "--short-side",
+        str(args.short_side),
+        "--extractor",
+        args.extractor,
+        "--threads",
+        str(threads),
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -340,8 +381,13 @@ def main(argv: list[str] | None = None) -> dict:
         runs = []
         for n in settings:
             part = out.with_name(f"{out.stem}.t{n}.json")
-            env = {**os.environ, **{v: str(n) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                        "MKL_NUM_THREADS", "BLIS_NUM_THREADS")}}
+            env = {
+                **os.environ,
+                **{
+                    v: str(n)
+                    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+                },
+            }
             # Idle workers of one pool (OpenBLAS; torch's and faiss's OpenMP) otherwise spin
             # for up to ~0.1 s and steal the cores the next pool needs: on a 2-core machine
             # that slowed every method at 2 threads, the original by 1.5x.

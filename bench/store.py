@@ -111,8 +111,14 @@ def synthetic_result(index: int, seed: int) -> ImageResult:
     flip = (vecs > 0).mean(axis=(1, 2)) > 0.5  # sign convention: positive part is the minority
     vecs[flip] *= -1
     eigvals = np.concatenate([[0.0], np.sort(rng.uniform(0.001, 0.3, K - 1))]).astype(np.float32)
-    return ImageResult(index=index, image_size=(h * 8, w * 8), grid=(h, w), eigvals=eigvals,
-                       eigvecs=np.ascontiguousarray(vecs, dtype=np.float16), residuals=np.full(K, 1e-5, np.float32))
+    return ImageResult(
+        index=index,
+        image_size=(h * 8, w * 8),
+        grid=(h, w),
+        eigvals=eigvals,
+        eigvecs=np.ascontiguousarray(vecs, dtype=np.float16),
+        residuals=np.full(K, 1e-5, np.float32),
+    )
 
 
 def make_manifest(num_images: int, shard_size: int) -> dict:
@@ -141,9 +147,16 @@ def payload_bytes(r: ImageResult) -> int:
 
 def row(name, *, files, size, write_s, n_written, written_bytes, read_s, n_read, read_bytes, **extra) -> dict:
     return {
-        "format": name, "files": files, "bytes": size, "size_mb": size / 1e6,
-        "write_s": write_s, "write_images_per_s": n_written / write_s, "write_mb_per_s": written_bytes / 1e6 / write_s,
-        "read_s": read_s, "read_images_per_s": n_read / read_s, "read_mb_per_s": read_bytes / 1e6 / read_s,
+        "format": name,
+        "files": files,
+        "bytes": size,
+        "size_mb": size / 1e6,
+        "write_s": write_s,
+        "write_images_per_s": n_written / write_s,
+        "write_mb_per_s": written_bytes / 1e6 / write_s,
+        "read_s": read_s,
+        "read_images_per_s": n_read / read_s,
+        "read_mb_per_s": read_bytes / 1e6 / read_s,
         **extra,
     }
 
@@ -176,10 +189,20 @@ def bench_store(path: Path, ids, results, args, read_ids, payload) -> tuple[dict
     size, files = tree_stats(path)
     settle()
     read_s, runs, checked = read_store(str(path), read_ids, results, ids, repeats=args.repeats)
-    return row("zarr store (local)", files=files, size=size, write_s=write_s, n_written=len(ids),
-               written_bytes=sum(payload), read_s=read_s, n_read=len(read_ids),
-               read_bytes=sum(payload[i] for i in read_ids), read_runs_s=runs, finalize_s=finalize_s,
-               checked=checked), finalize_s
+    return row(
+        "zarr store (local)",
+        files=files,
+        size=size,
+        write_s=write_s,
+        n_written=len(ids),
+        written_bytes=sum(payload),
+        read_s=read_s,
+        n_read=len(read_ids),
+        read_bytes=sum(payload[i] for i in read_ids),
+        read_runs_s=runs,
+        finalize_s=finalize_s,
+        checked=checked,
+    ), finalize_s
 
 
 def read_store(url: str, read_ids, results, ids, storage_options=None, repeats=1) -> tuple[float, list, bool]:
@@ -203,10 +226,20 @@ def bench_npy(root: Path, ids, results, args, read_ids, payload) -> dict:
     settle()
     read_s, runs, got = timed(lambda: [np.load(root / f"{ids[i]}.npy") for i in read_ids], args.repeats)
     ok = all(np.array_equal(g, results[i].eigvecs) for g, i in zip(got, read_ids))
-    return row(".npy per image", files=files, size=size, write_s=write_s, n_written=len(ids),
-               written_bytes=sum(payload), read_s=read_s, n_read=len(read_ids),
-               read_bytes=sum(payload[i] for i in read_ids), read_runs_s=runs, checked=ok,
-               note="eigenvectors only")
+    return row(
+        ".npy per image",
+        files=files,
+        size=size,
+        write_s=write_s,
+        n_written=len(ids),
+        written_bytes=sum(payload),
+        read_s=read_s,
+        n_read=len(read_ids),
+        read_bytes=sum(payload[i] for i in read_ids),
+        read_runs_s=runs,
+        checked=ok,
+        note="eigenvectors only",
+    )
 
 
 def bench_pth(root: Path, ids, results, args, read_ids, payload) -> dict:
@@ -217,26 +250,53 @@ def bench_pth(root: Path, ids, results, args, read_ids, payload) -> dict:
     settle()
     t0 = time.perf_counter()
     for id_, r in zip(ids, results):
-        torch.save({"eigenvalues": torch.from_numpy(r.eigvals), "eigenvectors": torch.from_numpy(r.eigvecs),
-                    "residuals": torch.from_numpy(r.residuals), "grid": list(r.grid),
-                    "image_size": list(r.image_size)}, root / f"{id_}.pth")
+        torch.save(
+            {
+                "eigenvalues": torch.from_numpy(r.eigvals),
+                "eigenvectors": torch.from_numpy(r.eigvecs),
+                "residuals": torch.from_numpy(r.residuals),
+                "grid": list(r.grid),
+                "image_size": list(r.image_size),
+            },
+            root / f"{id_}.pth",
+        )
     write_s = time.perf_counter() - t0
     size, files = tree_stats(root)
     settle()
-    read_s, runs, got = timed(lambda: [torch.load(root / f"{ids[i]}.pth", weights_only=True) for i in read_ids],
-                              args.repeats)
+    read_s, runs, got = timed(
+        lambda: [torch.load(root / f"{ids[i]}.pth", weights_only=True) for i in read_ids], args.repeats
+    )
     ok = all(np.array_equal(g["eigenvectors"].numpy(), results[i].eigvecs) for g, i in zip(got, read_ids))
-    return row(".pth per image", files=files, size=size, write_s=write_s, n_written=len(ids),
-               written_bytes=sum(payload), read_s=read_s, n_read=len(read_ids),
-               read_bytes=sum(payload[i] for i in read_ids), read_runs_s=runs, checked=ok,
-               note="torch.save of a dict")
+    return row(
+        ".pth per image",
+        files=files,
+        size=size,
+        write_s=write_s,
+        n_written=len(ids),
+        written_bytes=sum(payload),
+        read_s=read_s,
+        n_read=len(read_ids),
+        read_bytes=sum(payload[i] for i in read_ids),
+        read_runs_s=runs,
+        checked=ok,
+        note="torch.save of a dict",
+    )
 
 
 def start_s3(timeout_s: float) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(timeout_s)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, text=True)
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(timeout_s)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     line = proc.stdout.readline().strip()
     if not line.isdigit():
         proc.kill()
@@ -258,10 +318,20 @@ def bench_s3(store: Path, ids, results, args, read_ids, payload) -> dict:
 
     proc, endpoint = start_s3(args.server_timeout)
     try:
-        opts = {"key": "testing", "secret": "testing", "skip_instance_cache": True, "use_listings_cache": False,
-                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="bench")
+        opts = {
+            "key": "testing",
+            "secret": "testing",
+            "skip_instance_cache": True,
+            "use_listings_cache": False,
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="bench")
         url = "s3://bench/priors/store.zarr"
         t0 = time.perf_counter()
         publish(store, url, storage_options=opts, progress=False, max_workers=args.workers)
@@ -270,10 +340,20 @@ def bench_s3(store: Path, ids, results, args, read_ids, payload) -> dict:
         read_s, runs, ok = read_store(url, read_ids, results, ids, storage_options=opts)  # one run: slow
     finally:
         stop_s3(proc)
-    return row("zarr store (S3, moto)", files=files, size=size, write_s=publish_s, n_written=len(ids),
-               written_bytes=sum(payload), read_s=read_s, n_read=len(read_ids),
-               read_bytes=sum(payload[i] for i in read_ids), read_runs_s=runs, checked=ok,
-               note=f"write = publish of the finalised store (local verify + upload, {args.workers} threads)")
+    return row(
+        "zarr store (S3, moto)",
+        files=files,
+        size=size,
+        write_s=publish_s,
+        n_written=len(ids),
+        written_bytes=sum(payload),
+        read_s=read_s,
+        n_read=len(read_ids),
+        read_bytes=sum(payload[i] for i in read_ids),
+        read_runs_s=runs,
+        checked=ok,
+        note=f"write = publish of the finalised store (local verify + upload, {args.workers} threads)",
+    )
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -281,8 +361,10 @@ def bench_s3(store: Path, ids, results, args, read_ids, payload) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    print(f"{args.images} synthetic images, K={K}, max grid {MAX_GRID}, shard {args.shard_size}, "
-          f"{args.reads} random reads; {os.cpu_count()} CPUs")
+    print(
+        f"{args.images} synthetic images, K={K}, max grid {MAX_GRID}, shard {args.shard_size}, "
+        f"{args.reads} random reads; {os.cpu_count()} CPUs"
+    )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sazs-bench-store-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -305,23 +387,35 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    header = (f"{'format':24s} {'files':>6s} {'size MB':>8s} {'write img/s':>11s} {'write MB/s':>10s} "
-              f"{'read img/s':>10s} {'read MB/s':>9s}")
+    header = (
+        f"{'format':24s} {'files':>6s} {'size MB':>8s} {'write img/s':>11s} {'write MB/s':>10s} "
+        f"{'read img/s':>10s} {'read MB/s':>9s}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['format']:24s} {r['files']:6d} {r['size_mb']:8.1f} {r['write_images_per_s']:11.0f} "
-              f"{r['write_mb_per_s']:10.1f} {r['read_images_per_s']:10.0f} {r['read_mb_per_s']:9.1f}")
+        print(
+            f"{r['format']:24s} {r['files']:6d} {r['size_mb']:8.1f} {r['write_images_per_s']:11.0f} "
+            f"{r['write_mb_per_s']:10.1f} {r['read_images_per_s']:10.0f} {r['read_mb_per_s']:9.1f}"
+        )
     local = rows[0]["read_images_per_s"]
     met = local >= TARGET_READS_PER_S
     print(f"\nfinalize (checksums) of the local store: {finalize_s:.2f}s (not in its write time)")
-    print(f"target: random access from the local store >= {TARGET_READS_PER_S} images/s: "
-          f"{local:.0f} images/s -> {'MET' if met else 'NOT MET'}")
+    print(
+        f"target: random access from the local store >= {TARGET_READS_PER_S} images/s: "
+        f"{local:.0f} images/s -> {'MET' if met else 'NOT MET'}"
+    )
     if not all(r["checked"] for r in rows):
         print("WARNING: some read-back arrays differ from what was written")
 
     result = {
-        "config": {**vars(args), "num_eigs": K, "max_grid": list(MAX_GRID), "cpus": os.cpu_count(),
-                   "python": platform.python_version(), "machine": platform.machine()},
+        "config": {
+            **vars(args),
+            "num_eigs": K,
+            "max_grid": list(MAX_GRID),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
         "payload_mb": sum(payload) / 1e6,
         "results": rows,
         "target": {"local_random_read_images_per_s": TARGET_READS_PER_S, "measured": local, "met": met},

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset, build_loader
-from sazs.train.losses import LossConfig
 from sazs.train.loop import TrainConfig, build_optimizer, forward_losses, to_device
+from sazs.train.losses import LossConfig
 from sazs.train.model import ModelConfig, build_model
 
 TARGET_OVERHEAD = 0.05
@@ -68,15 +68,33 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def prepare(workdir: Path, num_images: int) -> tuple[str, str]:
+    from sazs.datasets.synthetic import make_voc
     from sazs.pipeline import cli as priors_cli
-    from sazs.pipeline.synthetic import make_voc
 
     voc = workdir / "voc" / "VOCdevkit" / "VOC2012"
     if not (voc / "ImageSets" / "Segmentation" / "train.txt").is_file():
         make_voc(workdir / "voc", num_train=num_images, num_val=2, size=(375, 500), seed=0)
     store = workdir / "train-color.zarr"
-    rc = priors_cli.main(["run", "--dataset", "voc", "--data", str(voc), "--split", "train", "--extractor", "color",
-                          "--short-side", "224", "--out", str(store), "--no-progress", "--preview", "0"])  # fmt: skip
+    rc = priors_cli.main(
+        [
+            "run",
+            "--dataset",
+            "voc",
+            "--data",
+            str(voc),
+            "--split",
+            "train",
+            "--extractor",
+            "color",
+            "--short-side",
+            "224",
+            "--out",
+            str(store),
+            "--no-progress",
+            "--preview",
+            "0",
+        ]
+    )
     if rc:
         raise SystemExit(f"computing the benchmark priors failed (exit code {rc})")
     return str(voc), str(store)
@@ -95,12 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         voc, store = prepare(workdir, args.images)
         torch.manual_seed(0)
         model, text = build_model(ModelConfig(arch=args.arch, templates="single"), device)
-        data = DataConfig(dataset="voc", root=voc, fold=0, priors=store, prior_stride=model.output_stride,
-                          augment=AugmentConfig(crop_size=args.crop_size))  # fmt: skip
+        data = DataConfig(
+            dataset="voc",
+            root=voc,
+            fold=0,
+            priors=store,
+            prior_stride=model.output_stride,
+            augment=AugmentConfig(crop_size=args.crop_size),
+        )
         datasets = {"no priors": PriorSegDataset(data, with_priors=False), "priors": PriorSegDataset(data)}
         emb = text(datasets["priors"].split.train_names()).to(device)
-        losses = {"no priors": LossConfig(spectral_weight=0), "priors, no loss": LossConfig(spectral_weight=0),
-                  "priors + spectral": LossConfig(spectral_weight=1.0)}  # fmt: skip
+        losses = {
+            "no priors": LossConfig(spectral_weight=0),
+            "priors, no loss": LossConfig(spectral_weight=0),
+            "priors + spectral": LossConfig(spectral_weight=1.0),
+        }
         opt = build_optimizer(model, TrainConfig(lr=1e-4))
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -115,10 +142,17 @@ def main(argv: list[str] | None = None) -> int:
                     getitem[name].append(time.perf_counter() - t0)
 
         samples = {m: {"step": [], "data": []} for m in MODES}
-        loaders = {m: iter(build_loader(datasets["no priors" if m == "no priors" else "priors"],
-                                        batch_size=args.batch_size, num_workers=args.workers,
-                                        pin_memory=device.type == "cuda"))
-                   for m in MODES}  # same seed and start: the same images and augmentation draws  # fmt: skip
+        loaders = {
+            m: iter(
+                build_loader(
+                    datasets["no priors" if m == "no priors" else "priors"],
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                    pin_memory=device.type == "cuda",
+                )
+            )
+            for m in MODES
+        }  # same seed and start: the same images and augmentation draws
         model.train()
         total = args.warmup + args.steps * args.rounds
         for k in range(total):
@@ -145,44 +179,57 @@ def main(argv: list[str] | None = None) -> int:
         steps = samples[mode]["step"]
         step = statistics.median(steps)
         data_t = statistics.median(samples[mode]["data"])
-        rows.append({
-            "mode": mode,
-            "step_s": step,
-            "step_min_s": min(steps),
-            "data_s": data_t,
-            "data_share": data_t / step,
-            "images_per_s": args.batch_size / step,
-            "overhead_vs_no_priors": statistics.median(a / b for a, b in zip(steps, base)) - 1,
-            "getitem_ms": 1000 * statistics.median(getitem["no priors" if mode == "no priors" else "priors"]),
-            "getitem_min_ms": 1000 * min(getitem["no priors" if mode == "no priors" else "priors"]),
-        })  # fmt: skip
-    header = (f"{'mode':<20} {'step s':>8} {'min s':>7} {'data s':>8} {'data %':>7} {'img/s':>7} {'vs base':>8} "
-              f"{'getitem ms (min)':>17}")
-    print(f"\ntraining step: {args.arch}, crop {args.crop_size}, batch {args.batch_size}, frozen backbone, "
-          f"{args.workers} worker(s) per mode, device {device}, {args.rounds * args.steps} steps per mode, interleaved")
+        rows.append(
+            {
+                "mode": mode,
+                "step_s": step,
+                "step_min_s": min(steps),
+                "data_s": data_t,
+                "data_share": data_t / step,
+                "images_per_s": args.batch_size / step,
+                "overhead_vs_no_priors": statistics.median(a / b for a, b in zip(steps, base)) - 1,
+                "getitem_ms": 1000 * statistics.median(getitem["no priors" if mode == "no priors" else "priors"]),
+                "getitem_min_ms": 1000 * min(getitem["no priors" if mode == "no priors" else "priors"]),
+            }
+        )
+    header = (
+        f"{'mode':<20} {'step s':>8} {'min s':>7} {'data s':>8} {'data %':>7} {'img/s':>7} {'vs base':>8} "
+        f"{'getitem ms (min)':>17}"
+    )
+    print(
+        f"\ntraining step: {args.arch}, crop {args.crop_size}, batch {args.batch_size}, frozen backbone, "
+        f"{args.workers} worker(s) per mode, device {device}, {args.rounds * args.steps} steps per mode, interleaved"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['mode']:<20} {r['step_s']:>8.3f} {r['step_min_s']:>7.3f} {r['data_s']:>8.3f} "
-              f"{100 * r['data_share']:>6.1f}% "
-              f"{r['images_per_s']:>7.1f} {100 * r['overhead_vs_no_priors']:>+7.1f}% "
-              f"{r['getitem_ms']:>9.1f} ({r['getitem_min_ms']:.1f})")
+        print(
+            f"{r['mode']:<20} {r['step_s']:>8.3f} {r['step_min_s']:>7.3f} {r['data_s']:>8.3f} "
+            f"{100 * r['data_share']:>6.1f}% "
+            f"{r['images_per_s']:>7.1f} {100 * r['overhead_vs_no_priors']:>+7.1f}% "
+            f"{r['getitem_ms']:>9.1f} ({r['getitem_min_ms']:.1f})"
+        )
     overhead = rows[-1]["overhead_vs_no_priors"]
     verdict = "meets" if overhead <= TARGET_OVERHEAD else "MISSES"
-    print(f"\nstreaming priors + spectral loss add {100 * overhead:+.1f}% to the step: {verdict} the "
-          f"<= {100 * TARGET_OVERHEAD:.0f}% target")
+    print(
+        f"\nstreaming priors + spectral loss add {100 * overhead:+.1f}% to the step: {verdict} the "
+        f"<= {100 * TARGET_OVERHEAD:.0f}% target"
+    )
     result = {
         "config": vars(args),
         "device": str(device),
         "torch": torch.__version__,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
         "rows": rows,
         "samples": samples,
         "target_overhead": TARGET_OVERHEAD,
         "meets_target": overhead <= TARGET_OVERHEAD,
-    }  # fmt: skip
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

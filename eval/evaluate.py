@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,12 +30,26 @@ from sazs.stores.reader import PriorStore
 from sazs.stores.writer import DONE
 
 from .fusion import (
-    DEFAULT_HEADLINE, FUSIONS, NEEDS_PRIORS, SEMANTIC, FusionConfig, check_fusion, check_headline, fuse_binary,
-    fuse_semantic, upsample_eigvecs,
-)  # fmt: skip
+    DEFAULT_HEADLINE,
+    FUSIONS,
+    NEEDS_PRIORS,
+    SEMANTIC,
+    FusionConfig,
+    check_fusion,
+    check_headline,
+    fuse_binary,
+    fuse_semantic,
+    upsample_eigvecs,
+)
 from .metrics import (
-    IGNORE_INDEX, BoundaryMeter, EpisodeMeter, SegMeter, boundary_counts, harmonic_mean, intersection_union,
-)  # fmt: skip
+    IGNORE_INDEX,
+    BoundaryMeter,
+    EpisodeMeter,
+    SegMeter,
+    boundary_counts,
+    harmonic_mean,
+    intersection_union,
+)
 from .protocols import Episode, FoldEpisodes, ZeroShotSplit
 
 log = logging.getLogger(__name__)
@@ -75,14 +89,19 @@ class EvalConfig:
 class StorePriors:
     """Eigenvectors of the evaluated images from a prior store, checked against the dataset."""
 
-    def __init__(self, store: PriorStore, *, dataset_name: str, split: str, ids: Sequence[str],
-                 allow_missing: bool = False):  # fmt: skip
+    def __init__(
+        self, store: PriorStore, *, dataset_name: str, split: str, ids: Sequence[str], allow_missing: bool = False
+    ):
         ds = store.manifest.get("dataset", {})
-        hint = (f"compute them with: sazs-priors run --dataset {dataset_name} --data ... --split {split} "
-                f"(make priors DATASET={dataset_name} DATA=... SPLIT={split})")  # fmt: skip
+        hint = (
+            f"compute them with: sazs-priors run --dataset {dataset_name} --data ... --split {split} "
+            f"(make priors DATASET={dataset_name} DATA=... SPLIT={split})"
+        )
         if ds.get("name") != dataset_name or ds.get("split") != split:
-            raise PriorsMismatchError(f"prior store {store.url} holds priors of {ds.get('name')}/{ds.get('split')} "
-                                      f"but the evaluation uses {dataset_name}/{split}; {hint}")
+            raise PriorsMismatchError(
+                f"prior store {store.url} holds priors of {ds.get('name')}/{ds.get('split')} "
+                f"but the evaluation uses {dataset_name}/{split}; {hint}"
+            )
         self.store = store
         status = store.status()
         known = set(store.ids)
@@ -94,12 +113,17 @@ class StorePriors:
                 self.missing[id_] = "failed" if status[store.index(id_)] == 2 else "pending"
         if self.missing and not allow_missing:
             examples = ", ".join(f"{k} ({v})" for k, v in list(self.missing.items())[:3])
-            raise PriorsMismatchError(f"{len(self.missing)} evaluated image(s) have no priors in {store.url} "
-                                      f"(e.g. {examples}); {hint}, or pass --allow-missing-priors to keep the "
-                                      "network's prediction for them in the prior-based fusion modes")
+            raise PriorsMismatchError(
+                f"{len(self.missing)} evaluated image(s) have no priors in {store.url} "
+                f"(e.g. {examples}); {hint}, or pass --allow-missing-priors to keep the "
+                "network's prediction for them in the prior-based fusion modes"
+            )
         if self.missing:
-            log.warning("%d image(s) without priors: prior-based fusion keeps the prediction there (e.g. %s)",
-                        len(self.missing), list(self.missing)[:3])
+            log.warning(
+                "%d image(s) without priors: prior-based fusion keeps the prediction there (e.g. %s)",
+                len(self.missing),
+                list(self.missing)[:3],
+            )
 
     def __call__(self, image_id: str, image_hw: tuple[int, int]) -> np.ndarray | None:
         if image_id in self.missing:
@@ -109,7 +133,8 @@ class StorePriors:
             raise PriorsMismatchError(
                 f"priors of {image_id!r} in {self.store.url} were computed on a {prior.image_size[0]}x"
                 f"{prior.image_size[1]} image but the dataset's image is {image_hw[0]}x{image_hw[1]}; "
-                "the store belongs to another copy of the dataset")
+                "the store belongs to another copy of the dataset"
+            )
         return prior.eigvecs
 
 
@@ -177,8 +202,10 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
     """
     split = fold_eps.split
     if cfg.needs_priors and priors is None:
-        raise ValueError(f"fusion modes {sorted(set(cfg.fusions) & NEEDS_PRIORS)} need a prior store of the "
-                         "validation split; pass one, or evaluate --fusion none")
+        raise ValueError(
+            f"fusion modes {sorted(set(cfg.fusions) & NEEDS_PRIORS)} need a prior store of the "
+            "validation split; pass one, or evaluate --fusion none"
+        )
     counts = fold_eps.counts()
     by_image: dict[str, list[int]] = {}
     for e in counts:  # Counter keeps first-appearance order
@@ -206,8 +233,9 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
             fused_masks: dict[str, torch.Tensor] = {}
             for mode in cfg.fusions:
                 fallback = mode in NEEDS_PRIORS and eig is None
-                fused = fuse_binary("none" if fallback else mode, probs, eig, cfg=cfg.fusion,
-                                    target=target.to(probs.device))  # fmt: skip
+                fused = fuse_binary(
+                    "none" if fallback else mode, probs, eig, cfg=cfg.fusion, target=target.to(probs.device)
+                )
                 fg = fused.mask.cpu()
                 inter, union = intersection_union(fg.long(), target, 2)
                 edges = boundary_counts(fg, target, tolerance=cfg.boundary_tolerance)
@@ -215,13 +243,17 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
                 fused_masks[mode] = fg
             scores[episode] = per_mode
             if episode in samples_wanted:
-                samples.append({
-                    "image_id": image_id, "class": split.name(label), "image": _thumb(image),
-                    "target": _thumb(target.numpy().astype(np.uint8)),
-                    "masks": {m: _thumb(v.numpy()) for m, v in fused_masks.items()},
-                    "iou": {m: s.iou for m, s in per_mode.items()},
-                    "eigvecs": eig_grid,
-                })  # fmt: skip
+                samples.append(
+                    {
+                        "image_id": image_id,
+                        "class": split.name(label),
+                        "image": _thumb(image),
+                        "target": _thumb(target.numpy().astype(np.uint8)),
+                        "masks": {m: _thumb(v.numpy()) for m, v in fused_masks.items()},
+                        "iou": {m: s.iou for m, s in per_mode.items()},
+                        "eigvecs": eig_grid,
+                    }
+                )
     seconds = time.perf_counter() - t0
     order = {e: i for i, e in enumerate(fold_eps.episodes)}
     samples.sort(key=lambda s: order[Episode(s["image_id"], split.class_names.index(s["class"]) + 1)])
@@ -250,11 +282,17 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
             "segment_rate": replaced / len(fold_eps.episodes) if mode in ("select", "oracle") else None,
             "fallbacks": fallbacks,
         }
-    log.info("%s fold %d: %d episodes (%d distinct, %d images) in %.1fs; %s", split.benchmark, split.fold,
-             len(fold_eps.episodes), len(counts), len(by_image), seconds,
-             "  ".join(f"{m} mIoU {100 * r['miou']:.1f}" for m, r in modes.items()))  # fmt: skip
-    return {"fold": split.fold, "protocol": fold_eps.describe(), "modes": modes, "seconds": seconds,
-            "samples": samples}  # fmt: skip
+    log.info(
+        "%s fold %d: %d episodes (%d distinct, %d images) in %.1fs; %s",
+        split.benchmark,
+        split.fold,
+        len(fold_eps.episodes),
+        len(counts),
+        len(by_image),
+        seconds,
+        "  ".join(f"{m} mIoU {100 * r['miou']:.1f}" for m, r in modes.items()),
+    )
+    return {"fold": split.fold, "protocol": fold_eps.describe(), "modes": modes, "seconds": seconds, "samples": samples}
 
 
 def _num(x: float) -> float | None:
@@ -264,8 +302,9 @@ def _num(x: float) -> float | None:
 # ----------------------------------------------------------------------------- generalised
 
 
-def evaluate_generalised(model, dataset, split: ZeroShotSplit, ids: Sequence[str], priors: PriorsFn | None,
-                         cfg: EvalConfig) -> dict:  # fmt: skip
+def evaluate_generalised(
+    model, dataset, split: ZeroShotSplit, ids: Sequence[str], priors: PriorsFn | None, cfg: EvalConfig
+) -> dict:
     """All classes at once on whole validation masks: seen / unseen mIoU and their harmonic mean.
 
     The classifier holds the background word and every class (every class only, for a
@@ -293,8 +332,9 @@ def evaluate_generalised(model, dataset, split: ZeroShotSplit, ids: Sequence[str
             eig = upsample_eigvecs(grid, mask.shape) if grid is not None else None
             fallbacks += grid is None
         for mode in modes_run:
-            pred = fuse_semantic(mode if (mode == "none" or eig is not None) else "none", probs, eig,
-                                 cfg=cfg.fusion).cpu()  # fmt: skip
+            pred = fuse_semantic(
+                mode if (mode == "none" or eig is not None) else "none", probs, eig, cfg=cfg.fusion
+            ).cpu()
             meters[mode].update(pred, target)
             bmeters[mode].update_semantic(pred.numpy(), target.numpy())
     out = {}
@@ -313,5 +353,10 @@ def evaluate_generalised(model, dataset, split: ZeroShotSplit, ids: Sequence[str
             "boundary_f_seen": bmeters[mode].mean_f(seen),
             "iou": {n: _num(v) for n, v in zip(split.all_names(), iou)},
         }
-    return {"fold": split.fold, "images": len(ids), "modes": out, "fallbacks": fallbacks,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "fold": split.fold,
+        "images": len(ids),
+        "modes": out,
+        "fallbacks": fallbacks,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -60,8 +60,10 @@ def check_fusion(mode: str) -> str:
 def check_headline(mode: str) -> str:
     """The fusion whose numbers are the headline: ground-truth-free only."""
     if mode in UPPER_BOUNDS:
-        raise ValueError(f"fusion {mode!r} picks masks with the ground truth: it is an upper bound and can never "
-                         f"be the headline; choose from {list(GT_FREE)}")
+        raise ValueError(
+            f"fusion {mode!r} picks masks with the ground truth: it is an upper bound and can never "
+            f"be the headline; choose from {list(GT_FREE)}"
+        )
     if mode not in GT_FREE:
         raise ValueError(f"unknown headline fusion {mode!r}; choose from {list(GT_FREE)}")
     return mode
@@ -176,9 +178,15 @@ class Fused:
     score: float | None = None  # select: agreement with the prediction; oracle: IoU with the truth
 
 
-def fuse_binary(mode: str, probs: torch.Tensor, eigvecs: torch.Tensor | None = None, *,
-                cfg: FusionConfig = FusionConfig(), target: torch.Tensor | None = None,
-                ignore_index: int = IGNORE_INDEX) -> Fused:  # fmt: skip
+def fuse_binary(
+    mode: str,
+    probs: torch.Tensor,
+    eigvecs: torch.Tensor | None = None,
+    *,
+    cfg: FusionConfig = FusionConfig(),
+    target: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Fused:
     """Foreground mask of a binary episode; ``probs`` (2, H, W): background, class.
 
     ``target`` (H, W: 1 class, 0 background, ``ignore_index``) is read by ``oracle`` only.
@@ -215,16 +223,18 @@ def fuse_binary(mode: str, probs: torch.Tensor, eigvecs: torch.Tensor | None = N
     return Fused(candidates[k], k, float(iou[k]))
 
 
-def fuse_semantic(mode: str, probs: torch.Tensor, eigvecs: torch.Tensor | None = None, *,
-                  cfg: FusionConfig = FusionConfig()) -> torch.Tensor:  # fmt: skip
+def fuse_semantic(
+    mode: str, probs: torch.Tensor, eigvecs: torch.Tensor | None = None, *, cfg: FusionConfig = FusionConfig()
+) -> torch.Tensor:
     """(H, W) label map from (C, H, W) probabilities: ``none`` or ``project``.
 
     ``select`` and ``oracle`` choose one binary mask and are defined for episodes only.
     """
     check_fusion(mode)
     if mode not in SEMANTIC:
-        raise ValueError(f"fusion {mode!r} is defined for binary episodes only; for label maps choose from "
-                         f"{list(SEMANTIC)}")
+        raise ValueError(
+            f"fusion {mode!r} is defined for binary episodes only; for label maps choose from {list(SEMANTIC)}"
+        )
     if mode == "none":
         return probs.argmax(0)
     if eigvecs is None:

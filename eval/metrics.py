@@ -25,7 +25,7 @@ episodes as 0; with 1000 episodes every class has some, and the two agree.)
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,8 +53,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = IGNORE_
     if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes):
         raise ValueError(f"predictions must lie in 0..{num_classes - 1}, got {int(p.min())}..{int(p.max())}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        raise ValueError(f"targets must lie in 0..{num_classes - 1} or be {ignore_index}, "
-                         f"got {int(t.min())}..{int(t.max())}")
+        raise ValueError(
+            f"targets must lie in 0..{num_classes - 1} or be {ignore_index}, got {int(t.min())}..{int(t.max())}"
+        )
     counts = torch.bincount(t * num_classes + p, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).cpu()
 
@@ -87,8 +88,7 @@ def harmonic_mean(a: float, b: float) -> float:
 class SegMeter:
     """Confusion matrix over a whole evaluation set; IoUs computed from the sums."""
 
-    def __init__(self, num_classes: int, *, ignore_index: int = IGNORE_INDEX,
-                 class_names: Sequence[str] | None = None):  # fmt: skip
+    def __init__(self, num_classes: int, *, ignore_index: int = IGNORE_INDEX, class_names: Sequence[str] | None = None):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.num_classes = num_classes
@@ -119,10 +119,12 @@ class SegMeter:
         """Mean of background and foreground IoU after merging every other class into foreground."""
         cm = self.confusion
         fg = [c for c in range(self.num_classes) if c != background]
-        binary = torch.stack([
-            torch.stack([cm[background, background], cm[background, fg].sum()]),
-            torch.stack([cm[fg, background].sum(), cm[fg][:, fg].sum()]),
-        ])  # fmt: skip
+        binary = torch.stack(
+            [
+                torch.stack([cm[background, background], cm[background, fg].sum()]),
+                torch.stack([cm[fg, background].sum(), cm[fg][:, fg].sum()]),
+            ]
+        )
         inter = binary.diag()
         return _nanmean(_iou(inter, binary.sum(0) + binary.sum(1) - inter))
 
@@ -244,8 +246,15 @@ def boundary_counts(pred, target, *, tolerance: float = 0.008, ignore_index: int
     pred_b = mask_boundary(pred)
     gt_b = mask_boundary(target == 1)
     pred_counted = pred_b & valid
-    return np.array([_within(pred_counted, gt_b, radius).sum(), pred_counted.sum(),
-                     _within(gt_b, pred_b, radius).sum(), gt_b.sum()], np.int64)  # fmt: skip
+    return np.array(
+        [
+            _within(pred_counted, gt_b, radius).sum(),
+            pred_counted.sum(),
+            _within(gt_b, pred_b, radius).sum(),
+            gt_b.sum(),
+        ],
+        np.int64,
+    )
 
 
 def _f_score(counts: np.ndarray) -> np.ndarray:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,9 +39,17 @@ log = logging.getLogger(__name__)
 class Predictor:
     """A checkpoint ready for inference (model, text classifier, preprocessing)."""
 
-    def __init__(self, checkpoint: str | os.PathLike, *, device: str = "auto", short_side: int | None = None,
-                 max_long_side: int | None = None, precision: str = "auto",
-                 feature_cache: str | None = None, calibration: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        *,
+        device: str = "auto",
+        short_side: int | None = None,
+        max_long_side: int | None = None,
+        precision: str = "auto",
+        feature_cache: str | None = None,
+        calibration: float = 0.0,
+    ):
         from sazs.train.checkpoint import load_for_inference
 
         path = Path(checkpoint)
@@ -78,10 +86,19 @@ class Predictor:
             self.cache = FeatureCache(None if feature_cache == "auto" else feature_cache, backbone_key(self.model))
 
     def describe(self) -> dict:
-        return {"checkpoint": self.path, "step": self.ckpt.get("step"), "code_version": self.ckpt.get("code_version"),
-                "clip": self.ckpt.get("clip"), "random_weights": self.random_weights, "split": self.split,
-                "short_side": self.short_side, "max_long_side": self.max_long_side, "device": str(self.device),
-                "precision": self.precision, "calibration": self.calibration}  # fmt: skip
+        return {
+            "checkpoint": self.path,
+            "step": self.ckpt.get("step"),
+            "code_version": self.ckpt.get("code_version"),
+            "clip": self.ckpt.get("clip"),
+            "random_weights": self.random_weights,
+            "split": self.split,
+            "short_side": self.short_side,
+            "max_long_side": self.max_long_side,
+            "device": str(self.device),
+            "precision": self.precision,
+            "calibration": self.calibration,
+        }
 
     def label_names(self, classes: Sequence[str]) -> list[str]:
         """Names of the label indices of a prediction for ``classes``: the background word first, if any."""
@@ -144,26 +161,38 @@ def store_priors_for(store, image_path: Path, image_hw: tuple[int, int]) -> np.n
     known = set(store.ids)
     id_ = next((c for c in candidates if c in known), None)
     if id_ is None:
-        raise KeyError(f"image {image_path} is not in store {store.url} (looked for ids {candidates}); "
-                       "compute its priors with --extractor NAME instead")
+        raise KeyError(
+            f"image {image_path} is not in store {store.url} (looked for ids {candidates}); "
+            "compute its priors with --extractor NAME instead"
+        )
     prior = store.get(id_)
     if tuple(prior.image_size) != tuple(image_hw):
-        raise ValueError(f"store {store.url} has priors of {id_!r} for a {prior.image_size[0]}x{prior.image_size[1]} "
-                         f"image, but {image_path} is {image_hw[0]}x{image_hw[1]}")
+        raise ValueError(
+            f"store {store.url} has priors of {id_!r} for a {prior.image_size[0]}x{prior.image_size[1]} "
+            f"image, but {image_path} is {image_hw[0]}x{image_hw[1]}"
+        )
     return prior.eigvecs
 
 
 class OnTheFlyPriors:
     """Priors of single images with the pipeline's stage functions (extractor -> kNN graph -> eigs)."""
 
-    def __init__(self, extractor: str, *, weights: str | None = None, short_side: int | None = None,
-                 device: str = "auto", num_eigs: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        extractor: str,
+        *,
+        weights: str | None = None,
+        short_side: int | None = None,
+        device: str = "auto",
+        num_eigs: int = 8,
+    ):
         from sazs.pipeline.extractors import ExtractorConfig, build_extractor
         from sazs.pipeline.graph import GraphConfig
         from sazs.pipeline.spectral import SpectralConfig
 
-        self.extractor = build_extractor(ExtractorConfig(name=extractor, weights=weights, short_side=short_side,
-                                                         device=device))  # fmt: skip
+        self.extractor = build_extractor(
+            ExtractorConfig(name=extractor, weights=weights, short_side=short_side, device=device)
+        )
         self.graph_cfg = GraphConfig()
         self.spectral_cfg = SpectralConfig(num_eigs=num_eigs)
 
@@ -205,8 +234,16 @@ def write_label_png(labels: np.ndarray, path: Path) -> Path:
     return path
 
 
-def draw_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], path: Path, *, title: str,
-                 alpha: float = 0.5, background: bool = True) -> Path:  # fmt: skip
+def draw_overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+    alpha: float = 0.5,
+    background: bool = True,
+) -> Path:
     """The image with the classes blended in (label 0 left out when it is background), and a legend."""
     import matplotlib
 
@@ -226,8 +263,10 @@ def draw_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], pa
     ax.imshow(blend.clip(0, 255).astype(np.uint8), interpolation="nearest")
     ax.set_axis_off()
     share = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
-    handles = [Patch(facecolor=colours[i] / 255, edgecolor="k", label=f"{i} {n} ({100 * share[i]:.1f} %)")
-               for i, n in enumerate(names)]  # fmt: skip
+    handles = [
+        Patch(facecolor=colours[i] / 255, edgecolor="k", label=f"{i} {n} ({100 * share[i]:.1f} %)")
+        for i, n in enumerate(names)
+    ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
@@ -236,14 +275,23 @@ def draw_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], pa
     return path
 
 
-def predict_image(predictor: Predictor, image_path: str | Path, classes: Sequence[str], out_dir: str | Path, *,
-                  fusion: str = "none", priors=None, fusion_cfg=None, refine: str | None = None) -> dict:  # fmt: skip
+def predict_image(
+    predictor: Predictor,
+    image_path: str | Path,
+    classes: Sequence[str],
+    out_dir: str | Path,
+    *,
+    fusion: str = "none",
+    priors=None,
+    fusion_cfg=None,
+    refine: str | None = None,
+) -> dict:
     """Label map of one image for ``classes``; writes the overlay and the raw label PNG.
 
     ``priors``: None, a callable image -> eigvecs (K, h, w), or an open prior store.
     ``refine``: None, or "guided" to refine the upsampled eigenvectors with the image.
     """
-    from sazs.pipeline.datasets import read_image
+    from sazs.datasets.readers import read_image
 
     from .fusion import FusionConfig, fuse_semantic, upsample_eigvecs
 
@@ -263,9 +311,21 @@ def predict_image(predictor: Predictor, image_path: str | Path, classes: Sequenc
     stem = image_path.stem
     label_png = write_label_png(labels, out / f"{stem}.labels.png")
     note = " · RANDOM WEIGHTS: meaningless" if predictor.random_weights else ""
-    overlay = draw_overlay(image, labels, names, out / f"{stem}.overlay.png", background=bool(predictor.background),
-                           title=f"{image_path.name} · fusion {fusion}{note}")  # fmt: skip
+    overlay = draw_overlay(
+        image,
+        labels,
+        names,
+        out / f"{stem}.overlay.png",
+        background=bool(predictor.background),
+        title=f"{image_path.name} · fusion {fusion}{note}",
+    )
     share = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
-    return {"image": str(image_path), "size": list(image.shape[:2]), "overlay": str(overlay),
-            "labels": str(label_png), "classes": names, "fusion": fusion,
-            "share": {n: round(float(s), 6) for n, s in zip(names, share)}}  # fmt: skip
+    return {
+        "image": str(image_path),
+        "size": list(image.shape[:2]),
+        "overlay": str(overlay),
+        "labels": str(label_png),
+        "classes": names,
+        "fusion": fusion,
+        "share": {n: round(float(s), 6) for n, s in zip(names, share)},
+    }

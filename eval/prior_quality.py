@@ -57,7 +57,7 @@ and tested on hand-computed cases (tests/test_prior_quality.py).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -95,8 +95,14 @@ def accuracy(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = Non
     return float(agree[valid].mean()) if valid.any() else math.nan
 
 
-def max_fbeta(soft: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, *, beta2: float = BETA2,
-              levels: int = NUM_LEVELS) -> float:  # fmt: skip
+def max_fbeta(
+    soft: np.ndarray,
+    truth: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    beta2: float = BETA2,
+    levels: int = NUM_LEVELS,
+) -> float:
     """max over thresholds t of F_beta(soft >= t, truth); soft min-max normalised to ``levels`` bins.
 
     F_beta = (1 + beta^2) P R / (beta^2 P + R). A threshold predicting nothing has P = 0 and
@@ -215,9 +221,17 @@ def _vectors_at_pixels(eigvecs: np.ndarray, size: tuple[int, int], image, refine
     return vecs
 
 
-def score_image(eigvecs: np.ndarray, mask: np.ndarray, *, n_best: int = 4, image: np.ndarray | None = None,
-                refine: str | None = None, label_map: bool = False, boundary_tolerance: float = 0.008,
-                refine_cfg: RefineConfig = RefineConfig()) -> dict[str, float]:  # fmt: skip
+def score_image(
+    eigvecs: np.ndarray,
+    mask: np.ndarray,
+    *,
+    n_best: int = 4,
+    image: np.ndarray | None = None,
+    refine: str | None = None,
+    label_map: bool = False,
+    boundary_tolerance: float = 0.008,
+    refine_cfg: RefineConfig | None = None,
+) -> dict[str, float]:
     """Scores of one image's eigenvectors (K, h, w) against its mask (H, W); see the module doc."""
     eigvecs = np.asarray(eigvecs)
     mask = np.asarray(mask)
@@ -228,7 +242,7 @@ def score_image(eigvecs: np.ndarray, mask: np.ndarray, *, n_best: int = 4, image
     if n_best < 1:
         raise ValueError(f"n_best must be >= 1, got {n_best}")
     n = min(n_best, eigvecs.shape[0] - 1)
-    vecs = _vectors_at_pixels(eigvecs, mask.shape, image, refine, refine_cfg)
+    vecs = _vectors_at_pixels(eigvecs, mask.shape, image, refine, refine_cfg or RefineConfig())
     v = vecs.numpy()
     valid = mask != IGNORE
     if not label_map:

@@ -34,23 +34,40 @@ log = logging.getLogger(__name__)
 
 HEADLINE = {False: "fiedler_iou", True: "covering"}
 COLUMNS = {
-    False: [("fiedler_iou", "Fiedler IoU"), ("fiedler_accuracy", "Fiedler acc"),
-            ("fiedler_max_fbeta", "Fiedler max Fβ"), ("best_of_n_iou_upper_bound", "best of {n} IoU (upper bound)"),
-            ("span_iou", "span-K capture IoU")],
-    True: [("covering", "covering"), ("mean_best_iou", "mean best IoU"), ("boundary_recall", "boundary recall"),
-           ("boundary_precision", "boundary precision"), ("span_miou", "span-K mIoU")],
-}  # fmt: skip
+    False: [
+        ("fiedler_iou", "Fiedler IoU"),
+        ("fiedler_accuracy", "Fiedler acc"),
+        ("fiedler_max_fbeta", "Fiedler max Fβ"),
+        ("best_of_n_iou_upper_bound", "best of {n} IoU (upper bound)"),
+        ("span_iou", "span-K capture IoU"),
+    ],
+    True: [
+        ("covering", "covering"),
+        ("mean_best_iou", "mean best IoU"),
+        ("boundary_recall", "boundary recall"),
+        ("boundary_precision", "boundary precision"),
+        ("span_miou", "span-K mIoU"),
+    ],
+}
 
 
-def score_store(store, dataset, *, label_map: bool, n_best: int = 4, refine: str | None = None,
-                boundary_tolerance: float = 0.008, ids: list[str] | None = None,
-                progress: bool = False) -> dict:  # fmt: skip
+def score_store(
+    store,
+    dataset,
+    *,
+    label_map: bool,
+    n_best: int = 4,
+    refine: str | None = None,
+    boundary_tolerance: float = 0.008,
+    ids: list[str] | None = None,
+    progress: bool = False,
+) -> dict:
     """Per-image scores of one store on ``dataset`` (``ids``: default every dataset id).
 
     Returns {"rows": {variant: [{"id", "group", **scores}]}, "failures": {id: reason},
     "refine_ms": [...]}; variants: "bilinear", and "guided" when ``refine`` is given.
     """
-    from sazs.pipeline.datasets import ImageError  # an edge: the pipeline only inside functions
+    from sazs.datasets.readers import ImageError  # an edge: the pipeline only inside functions
 
     ids = list(dataset.ids if ids is None else ids)
     in_store = set(store.ids)
@@ -74,21 +91,31 @@ def score_store(store, dataset, *, label_map: bool, n_best: int = 4, refine: str
             if mask is None:
                 raise ImageError(f"no mask for {id_}")
             if tuple(mask.shape) != tuple(prior.image_size):
-                raise ImageError(f"mask of {id_} is {mask.shape[0]}x{mask.shape[1]} but the priors were computed for "
-                                 f"a {prior.image_size[0]}x{prior.image_size[1]} image (another dataset version?)")
+                raise ImageError(
+                    f"mask of {id_} is {mask.shape[0]}x{mask.shape[1]} but the priors were computed for "
+                    f"a {prior.image_size[0]}x{prior.image_size[1]} image (another dataset version?)"
+                )
             image = dataset.load_image(id_) if refine else None
         except (StoreError, ImageError) as exc:
             failures[id_] = str(exc)
             continue
         meta = {"id": id_, "group": group(id_) if group else None}
         t0 = time.perf_counter()
-        scores = score_image(prior.eigvecs, mask, n_best=n_best, label_map=label_map,
-                             boundary_tolerance=boundary_tolerance)  # fmt: skip
+        scores = score_image(
+            prior.eigvecs, mask, n_best=n_best, label_map=label_map, boundary_tolerance=boundary_tolerance
+        )
         t1 = time.perf_counter()
         rows["bilinear"].append({**meta, **scores})
         if refine:
-            scores = score_image(prior.eigvecs, mask, n_best=n_best, label_map=label_map, image=image, refine=refine,
-                                 boundary_tolerance=boundary_tolerance)  # fmt: skip
+            scores = score_image(
+                prior.eigvecs,
+                mask,
+                n_best=n_best,
+                label_map=label_map,
+                image=image,
+                refine=refine,
+                boundary_tolerance=boundary_tolerance,
+            )
             # the refinement's own cost: the refined scoring minus the plain one (same metrics)
             refine_ms.append(max(0.0, 1000 * ((time.perf_counter() - t1) - (t1 - t0))))
             rows[refine].append({**meta, **scores})
@@ -118,9 +145,17 @@ def _per_class(summary: dict[str, float], class_names: list[str]) -> dict[str, f
     return out
 
 
-def build_report(results: dict[str, dict], *, dataset: dict, label_map: bool, class_names: list[str],
-                 n_best: int, timing: dict[str, float | None] | None = None, refine: str | None = None,
-                 score_ms: dict[str, float] | None = None) -> dict:  # fmt: skip
+def build_report(
+    results: dict[str, dict],
+    *,
+    dataset: dict,
+    label_map: bool,
+    class_names: list[str],
+    n_best: int,
+    timing: dict[str, float | None] | None = None,
+    refine: str | None = None,
+    score_ms: dict[str, float] | None = None,
+) -> dict:
     """JSON-able report of several stores (``results``: name -> :func:`score_store` output)."""
     stores = {}
     for name, res in results.items():
@@ -143,8 +178,14 @@ def build_report(results: dict[str, dict], *, dataset: dict, label_map: bool, cl
             "variants": variants,
             "failures": res["failures"],
         }
-    return {"dataset": dataset, "label_map": label_map, "n_best": n_best, "refine": refine,
-            "headline": HEADLINE[label_map], "stores": stores}  # fmt: skip
+    return {
+        "dataset": dataset,
+        "label_map": label_map,
+        "n_best": n_best,
+        "refine": refine,
+        "headline": HEADLINE[label_map],
+        "stores": stores,
+    }
 
 
 def _fmt(x) -> str:
@@ -157,13 +198,19 @@ def format_markdown(report: dict) -> str:
     ds = report["dataset"]
     lines = [f"# Prior quality on {ds.get('name')}/{ds.get('split')} ({ds.get('num_images')} images)", ""]
     if label_map:
-        lines += ["Label maps: per ground-truth class the best IoU with one eigen-segment (cells of the sign "
-                  f"pattern of v1..v{report['n_best']}); covering weights them by area; boundary recall within the "
-                  "tolerance band; span-K mIoU: class maps projected on span(v0..v_{K-1}), argmax.", ""]
+        lines += [
+            "Label maps: per ground-truth class the best IoU with one eigen-segment (cells of the sign "
+            f"pattern of v1..v{report['n_best']}); covering weights them by area; boundary recall within the "
+            "tolerance band; span-K mIoU: class maps projected on span(v0..v_{K-1}), argmax.",
+            "",
+        ]
     else:
-        lines += ["Fiedler segment: v1 > 0 (the minority side, chosen without the mask), bilinear to the mask's "
-                  f"pixels. Best of {report['n_best']}: the best v_k > 0 by IoU WITH the mask, an upper bound. "
-                  "Span-K capture: the mask projected on span(v0..v_{K-1}), > 0.5.", ""]
+        lines += [
+            "Fiedler segment: v1 > 0 (the minority side, chosen without the mask), bilinear to the mask's "
+            f"pixels. Best of {report['n_best']}: the best v_k > 0 by IoU WITH the mask, an upper bound. "
+            "Span-K capture: the mask projected on span(v0..v_{K-1}), > 0.5.",
+            "",
+        ]
     head = ["store", "upsampling"] + [t for _, t in cols] + ["scored", "failed", "priors ms/img", "refine ms/img"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in report["stores"].items():
@@ -171,21 +218,41 @@ def format_markdown(report: dict) -> str:
             m = v["mean"]
             ms = s["ms_per_image"] if variant == "bilinear" else None
             rms = s["refine_ms_per_image"] if variant != "bilinear" else None
-            lines.append("| " + " | ".join([name, variant] + [_fmt(m.get(k)) for k, _ in cols] + [
-                str(int(m.get("num_images", 0))), str(len(s["failures"])),
-                "–" if ms is None else f"{ms:.0f}", "–" if rms is None else f"{rms:.0f}"]) + " |")
-    lines += ["", "priors ms/img: the whole `sazs-priors run` (decode, features, graph, solve) per computed image, "
-              "from the store's summary JSON (– when it has none); refine ms/img: the refinement of the K "
-              "upsampled vectors per image (the refined scoring's time minus the plain one's).", ""]
+            lines.append(
+                "| "
+                + " | ".join(
+                    [name, variant]
+                    + [_fmt(m.get(k)) for k, _ in cols]
+                    + [
+                        str(int(m.get("num_images", 0))),
+                        str(len(s["failures"])),
+                        "–" if ms is None else f"{ms:.0f}",
+                        "–" if rms is None else f"{rms:.0f}",
+                    ]
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "priors ms/img: the whole `sazs-priors run` (decode, features, graph, solve) per computed image, "
+        "from the store's summary JSON (– when it has none); refine ms/img: the refinement of the K "
+        "upsampled vectors per image (the refined scoring's time minus the plain one's).",
+        "",
+    ]
     headline = report["headline"]
     for name, s in report["stores"].items():
         for variant, v in s["variants"].items():
             if v["per_group"]:
-                lines += [f"## {name} ({variant}): per sequence", "", "| sequence | images | "
-                          + " | ".join(t for _, t in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+                lines += [
+                    f"## {name} ({variant}): per sequence",
+                    "",
+                    "| sequence | images | " + " | ".join(t for _, t in cols) + " |",
+                    "|" + "---|" * (len(cols) + 2),
+                ]
                 for g, m in sorted(v["per_group"].items(), key=lambda x: x[0]):
-                    lines.append(f"| {g} | {int(m['num_images'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in cols)
-                                 + " |")  # fmt: skip
+                    lines.append(
+                        f"| {g} | {int(m['num_images'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in cols) + " |"
+                    )
                 lines.append("")
             if v["per_class"]:
                 lines += [f"## {name} ({variant}): best IoU per class", "", "| class | best IoU |", "|---|---|"]
@@ -240,8 +307,17 @@ def pick_images(rows: list[dict], key: str, per_end: int = 2) -> list[tuple[str,
     return out
 
 
-def draw_grid(store, dataset, rows: list[dict], out_png: str | Path, *, label_map: bool, n_best: int = 4,
-              refine: str | None = None, title: str = "") -> Path | None:  # fmt: skip
+def draw_grid(
+    store,
+    dataset,
+    rows: list[dict],
+    out_png: str | Path,
+    *,
+    label_map: bool,
+    n_best: int = 4,
+    refine: str | None = None,
+    title: str = "",
+) -> Path | None:
     """One row per picked image: image, mask, eigen-segments, Fiedler segment (refined), projection."""
     import matplotlib
 
@@ -280,8 +356,9 @@ def draw_grid(store, dataset, rows: list[dict], out_png: str | Path, *, label_ma
             fiedlers.append(refine_eigvecs(v, image, grid=prior.grid)[1])
         for vec in fiedlers:
             ax[c].imshow(image)
-            ax[c].imshow(np.ma.masked_equal((vec > 0).astype(float), 0), cmap="autumn", alpha=0.55,
-                         interpolation="nearest")  # fmt: skip
+            ax[c].imshow(
+                np.ma.masked_equal((vec > 0).astype(float), 0), cmap="autumn", alpha=0.55, interpolation="nearest"
+            )
             c += 1
         if label_map:
             classes = [int(x) for x in np.unique(mask[valid])]
@@ -310,32 +387,54 @@ def draw_grid(store, dataset, rows: list[dict], out_png: str | Path, *, label_ma
 
 BINARY_DATASETS = ("davis", "masks")  # single-object protocol; the others are label maps
 PRIORS_DATASETS = ("davis", "masks", "camvid", "voc", "coco")
-PRIORS_EXAMPLE = ("sazs-eval priors /tmp/davis.zarr --dataset davis --data ../shared/data/davis2016-dev "
-                  "--out runs/priors-davis --refine guided")  # fmt: skip
+PRIORS_EXAMPLE = (
+    "sazs-eval priors /tmp/davis.zarr --dataset davis --data ../shared/data/davis2016-dev "
+    "--out runs/priors-davis --refine guided"
+)
 
 
 def add_priors_parser(sub) -> None:
     """The `priors` subcommand of sazs-eval."""
-    p = sub.add_parser("priors", help="score prior stores against a dataset's masks (report + pictures)",
-                       description=f"Example: {PRIORS_EXAMPLE}")
+    p = sub.add_parser(
+        "priors",
+        help="score prior stores against a dataset's masks (report + pictures)",
+        description=f"Example: {PRIORS_EXAMPLE}",
+    )
     p.add_argument("stores", nargs="+", metavar="STORE", help="prior store(s) of the dataset, side by side")
-    p.add_argument("--dataset", required=True, choices=PRIORS_DATASETS,
-                   help="davis / masks: single-object protocol; camvid / voc / coco: label maps")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=PRIORS_DATASETS,
+        help="davis / masks: single-object protocol; camvid / voc / coco: label maps",
+    )
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset root (Makefile: DATA=)")
     p.add_argument("--split", default=None, help="split (default: the dataset's)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     p.add_argument("--images-dir", default=None, help="masks dataset: the image folder (default: auto-detected)")
     p.add_argument("--masks-dir", default=None, help="masks dataset: the mask folder (default: auto-detected)")
-    p.add_argument("--names", default=None,
-                   help="comma-separated names of the stores in the table (default: their file names)")
+    p.add_argument(
+        "--names", default=None, help="comma-separated names of the stores in the table (default: their file names)"
+    )
     p.add_argument("--n-best", type=int, default=4, help="eigen-segments v1..vN for best-of-N and the label maps (4)")
-    p.add_argument("--refine", default="none", choices=["none", "guided"],
-                   help="also score eigenvectors refined to pixel resolution with the image (guided filter)")
-    p.add_argument("--boundary-tolerance", type=float, default=0.008,
-                   help="boundary band: >= 1 pixels, < 1 fraction of the diagonal (0.008)")
-    p.add_argument("--baseline", default=None, choices=sorted(BASELINES),
-                   help="also compute (or resume) OUT/baseline-dsm.zarr, the original formulation on the same "
-                        "dataset, extractor and K as the first STORE, and score it beside them")
+    p.add_argument(
+        "--refine",
+        default="none",
+        choices=["none", "guided"],
+        help="also score eigenvectors refined to pixel resolution with the image (guided filter)",
+    )
+    p.add_argument(
+        "--boundary-tolerance",
+        type=float,
+        default=0.008,
+        help="boundary band: >= 1 pixels, < 1 fraction of the diagonal (0.008)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        choices=sorted(BASELINES),
+        help="also compute (or resume) OUT/baseline-dsm.zarr, the original formulation on the same "
+        "dataset, extractor and K as the first STORE, and score it beside them",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="report directory (report.md, report.json, PNGs)")
     p.add_argument("--no-pictures", action="store_true", help="skip the picture grids")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -343,7 +442,7 @@ def add_priors_parser(sub) -> None:
 
 
 def _build_dataset(args):
-    from sazs.pipeline.datasets import DatasetConfig, MasksDataset, build_dataset
+    from sazs.datasets.readers import DatasetConfig, MasksDataset, build_dataset
 
     cfg = DatasetConfig(name=args.dataset, root=args.data, split=args.split, limit=args.limit)
     if args.dataset == "masks":
@@ -365,8 +464,10 @@ def store_ms_per_image(url: str) -> float | None:
         return None
 
 
-BASELINES = {"dsm": "the original Deep Spectral Methods formulation: dense affinity max(f·fᵀ, 0), generalised "
-                     "shift-invert eigsh(D − W, M = D)"}  # fmt: skip
+BASELINES = {
+    "dsm": "the original Deep Spectral Methods formulation: dense affinity max(f·fᵀ, 0), generalised "
+    "shift-invert eigsh(D − W, M = D)"
+}
 
 
 def compute_baseline(kind: str, like, dataset, out_dir: str | Path, *, progress: bool) -> Path:
@@ -382,21 +483,29 @@ def compute_baseline(kind: str, like, dataset, out_dir: str | Path, *, progress:
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline {kind!r}; choose from {sorted(BASELINES)}")
     if "kind" not in {f.name for f in fields(GraphConfig)} or "generalized" not in list_solvers():
-        raise ValueError("--baseline dsm needs the pipeline's dense graph and generalized solver, which this sazs "
-                         "lacks; compute the baseline store with sazs-priors and pass it as another STORE")
+        raise ValueError(
+            "--baseline dsm needs the pipeline's dense graph and generalized solver, which this sazs "
+            "lacks; compute the baseline store with sazs-priors and pass it as another STORE"
+        )
     ex = like.manifest.get("extractor", {})
     policy = ex.get("input_size_policy", {})
     weights = ex.get("weights")
-    extractor = ExtractorConfig(name=ex.get("name", "imgfocus-vits14"),
-                                weights=weights if weights and Path(weights).is_file() else None,
-                                facet=ex["facet"] if ex.get("facet") in FACETS else "key",  # color: no facet
-                                short_side=policy.get("short_side"),
-                                max_long_side=policy.get("max_long_side"))  # fmt: skip
+    extractor = ExtractorConfig(
+        name=ex.get("name", "imgfocus-vits14"),
+        weights=weights if weights and Path(weights).is_file() else None,
+        facet=ex["facet"] if ex.get("facet") in FACETS else "key",  # color: no facet
+        short_side=policy.get("short_side"),
+        max_long_side=policy.get("max_long_side"),
+    )
     path = Path(out_dir) / f"baseline-{kind}.zarr"
     log.info("baseline %s: %s, extractor %s, K=%d -> %s", kind, BASELINES[kind], extractor.name, like.num_eigs, path)
-    summary = run_local(dataset, build_extractor(extractor), GraphConfig(kind="dense"),
-                        SpectralConfig(num_eigs=like.num_eigs, solver="generalized"),
-                        JobConfig(out=str(path), progress=progress, preview=0))  # fmt: skip
+    summary = run_local(
+        dataset,
+        build_extractor(extractor),
+        GraphConfig(kind="dense"),
+        SpectralConfig(num_eigs=like.num_eigs, solver="generalized"),
+        JobConfig(out=str(path), progress=progress, preview=0),
+    )
     log.info("baseline %s: %d done, %d failed", kind, summary.done, summary.failed)
     return path
 
@@ -416,29 +525,51 @@ def cmd_priors(args) -> int:
     label_map = args.dataset not in BINARY_DATASETS
     stores = {n: open_store(s) for n, s in zip(names, args.stores)}
     if args.baseline:
-        path = compute_baseline(args.baseline, next(iter(stores.values())), dataset, args.out,
-                                progress=not args.no_progress)  # fmt: skip
+        path = compute_baseline(
+            args.baseline, next(iter(stores.values())), dataset, args.out, progress=not args.no_progress
+        )
         stores[f"{args.baseline} (original)"] = open_store(path)
     results, timing, score_ms = {}, {}, {}
     for name, store in stores.items():
         t0 = time.perf_counter()
-        res = score_store(store, dataset, label_map=label_map, n_best=args.n_best, refine=refine,
-                          boundary_tolerance=args.boundary_tolerance, progress=not args.no_progress)  # fmt: skip
+        res = score_store(
+            store,
+            dataset,
+            label_map=label_map,
+            n_best=args.n_best,
+            refine=refine,
+            boundary_tolerance=args.boundary_tolerance,
+            progress=not args.no_progress,
+        )
         scored = len(res["rows"]["bilinear"])
         score_ms[name] = 1000 * (time.perf_counter() - t0) / scored if scored else None
         res.update(url=store.url, fingerprint=store.fingerprint)
         results[name] = res
         timing[name] = store_ms_per_image(store.url)
-    report = build_report(results, dataset=dataset.describe(), label_map=label_map, class_names=dataset.class_names,
-                          n_best=args.n_best, timing=timing, refine=refine, score_ms=score_ms)  # fmt: skip
+    report = build_report(
+        results,
+        dataset=dataset.describe(),
+        label_map=label_map,
+        class_names=dataset.class_names,
+        n_best=args.n_best,
+        timing=timing,
+        refine=refine,
+        score_ms=score_ms,
+    )
     pictures = []
     if not args.no_pictures:
         for name, store in stores.items():
             slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "store"
-            png = draw_grid(store, dataset, results[name]["rows"]["bilinear"], Path(args.out) / f"grid-{slug}.png",
-                            label_map=label_map, n_best=args.n_best, refine=refine,
-                            title=f"{name} on {dataset.name}/{dataset.split}: best, median, worst by "
-                                  f"{HEADLINE[label_map]}")  # fmt: skip
+            png = draw_grid(
+                store,
+                dataset,
+                results[name]["rows"]["bilinear"],
+                Path(args.out) / f"grid-{slug}.png",
+                label_map=label_map,
+                n_best=args.n_best,
+                refine=refine,
+                title=f"{name} on {dataset.name}/{dataset.split}: best, median, worst by {HEADLINE[label_map]}",
+            )
             if png:
                 pictures.append(str(png))
     report["pictures"] = pictures

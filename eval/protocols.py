@@ -66,9 +66,9 @@ import pickle
 import pickletools
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -83,32 +83,133 @@ MAX_SPLIT_LIST_ENTRIES = 2_000_000
 MAX_IMAGE_NAME = 1024  # characters of one image name in a list
 
 PASCAL_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
-)  # fmt: skip
+)
 
 COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+)
 
-CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car",
-                  "pedestrian", "bicyclist")  # fmt: skip
+CAMVID_CLASSES = (
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "sign symbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+)
 # CamVid-11 folds (mask labels = index in CAMVID_CLASSES); see the module docstring for the neighbours.
 CAMVID_FOLDS = ((10, 4, 7), (9, 3, 6), (8, 1, 2))
 
 # Dataset name -> (benchmark, class table). Keys are pipeline dataset names.
-BENCHMARKS = {"voc": ("pascal-5i", PASCAL_CLASSES), "coco": ("coco-20i", COCO_CLASSES),
-              "camvid": ("camvid-11", CAMVID_CLASSES)}  # fmt: skip
+BENCHMARKS = {
+    "voc": ("pascal-5i", PASCAL_CLASSES),
+    "coco": ("coco-20i", COCO_CLASSES),
+    "camvid": ("camvid-11", CAMVID_CLASSES),
+}
 # Benchmarks whose masks have no background class (label 0 is a class) and their fold counts.
 NO_BACKGROUND = {"camvid-11"}
 BENCHMARK_FOLDS = {"pascal-5i": NUM_FOLDS, "coco-20i": NUM_FOLDS, "camvid-11": len(CAMVID_FOLDS)}
@@ -253,8 +354,10 @@ def check_dataset_classes(split: ZeroShotSplit, dataset_class_names: list[str]) 
         diff = [f"label {i + 1}: {a!r} != {b!r}" for i, (a, b) in enumerate(zip(got, split.class_names)) if a != b]
         if len(got) != len(split.class_names):
             diff.insert(0, f"{len(got)} classes != {len(split.class_names)}")
-        raise ValueError(f"the dataset's classes do not match the {split.benchmark} table "
-                         f"({'; '.join(diff[:5])}); fold numbers would select the wrong classes")
+        raise ValueError(
+            f"the dataset's classes do not match the {split.benchmark} table "
+            f"({'; '.join(diff[:5])}); fold numbers would select the wrong classes"
+        )
 
 
 def benchmark_folds(dataset: str) -> tuple[int, ...]:
@@ -309,9 +412,11 @@ def hsnet_list_path(splits_dir: str | Path, benchmark: str, fold: int) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"no {benchmark} split list for fold {fold} under {splits_dir} (looked for "
-                            f"{', '.join(str(p) for p in candidates)}); point --splits at HSNet's data/splits "
-                            "folder, or leave it out to generate the lists from the annotations")
+    raise FileNotFoundError(
+        f"no {benchmark} split list for fold {fold} under {splits_dir} (looked for "
+        f"{', '.join(str(p) for p in candidates)}); point --splits at HSNet's data/splits "
+        "folder, or leave it out to generate the lists from the annotations"
+    )
 
 
 def _short(obj) -> str:
@@ -323,8 +428,10 @@ def _short(obj) -> str:
 
 
 def _too_many(path, n: int) -> ValueError:
-    return ValueError(f"{path}: more than {MAX_SPLIT_LIST_ENTRIES} entries ({n} so far), more than any HSNet split "
-                      "list; point --splits at HSNet's data/splits folder, or leave it out to generate the lists")
+    return ValueError(
+        f"{path}: more than {MAX_SPLIT_LIST_ENTRIES} entries ({n} so far), more than any HSNet split "
+        "list; point --splits at HSNet's data/splits folder, or leave it out to generate the lists"
+    )
 
 
 def parse_split_lines(text: str, *, benchmark: str, source: str = "<text>") -> list[Episode]:
@@ -348,9 +455,11 @@ def _read_list_bytes(path: Path) -> bytes:
     """The bytes of a split list, refused before reading when larger than any real one."""
     size = path.stat().st_size
     if size > MAX_SPLIT_LIST_BYTES:
-        raise ValueError(f"{path} is {size / 2**20:.0f} MiB, larger than any HSNet split list (at most "
-                         f"{MAX_SPLIT_LIST_BYTES // 2**20} MiB read); point --splits at HSNet's data/splits folder, "
-                         "or leave it out to generate the lists")  # fmt: skip
+        raise ValueError(
+            f"{path} is {size / 2**20:.0f} MiB, larger than any HSNet split list (at most "
+            f"{MAX_SPLIT_LIST_BYTES // 2**20} MiB read); point --splits at HSNet's data/splits folder, "
+            "or leave it out to generate the lists"
+        )
     return path.read_bytes()
 
 
@@ -358,17 +467,49 @@ class _PlainUnpickler(pickle.Unpickler):
     """Builds plain containers, strings and numbers only: a pickle cannot name any code."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a split list (only plain "
-                                     "containers of strings and numbers are accepted)")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a split list (only plain "
+            "containers of strings and numbers are accepted)"
+        )
 
 
 # Pickle opcodes of a dict of lists of names / ids (every protocol); any other is refused unread.
-_VALUES = {"NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
-           "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_VALUES = {
+    "NONE",
+    "NEWTRUE",
+    "NEWFALSE",
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
 _PUTS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 _GETS = {"GET", "BINGET", "LONG_BINGET"}
-_CODE = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD", "EXT1", "EXT2", "EXT4",
-         "PERSID", "BINPERSID"}
+_CODE = {
+    "GLOBAL",
+    "STACK_GLOBAL",
+    "INST",
+    "OBJ",
+    "NEWOBJ",
+    "NEWOBJ_EX",
+    "REDUCE",
+    "BUILD",
+    "EXT1",
+    "EXT2",
+    "EXT4",
+    "PERSID",
+    "BINPERSID",
+}
 _MAX_PICKLE_DEPTH = 2  # dict (2) -> list (1) -> name (0)
 _MAX_PICKLE_STACK = 100_000  # pickle appends items in batches of 1000
 
@@ -393,8 +534,10 @@ def _check_list_pickle(data: bytes) -> None:
         items += len(new)
         container[0] = max([container[0], *(1 + c[0] for c in new)])
         if container[0] > _MAX_PICKLE_DEPTH:
-            raise pickle.UnpicklingError(f"containers nested deeper than a dict of lists (depth > "
-                                         f"{_MAX_PICKLE_DEPTH}); a split list is {{class id: [image names]}}")
+            raise pickle.UnpicklingError(
+                f"containers nested deeper than a dict of lists (depth > "
+                f"{_MAX_PICKLE_DEPTH}); a split list is {{class id: [image names]}}"
+            )
         if items > MAX_SPLIT_LIST_ENTRIES:
             raise pickle.UnpicklingError(f"more than {MAX_SPLIT_LIST_ENTRIES} items")
 
@@ -437,11 +580,14 @@ def _check_list_pickle(data: bytes) -> None:
                 what = arg.replace(" ", ".")[:160] if name in ("GLOBAL", "INST") and isinstance(arg, str) else None
                 if name == "STACK_GLOBAL" and len(stack) >= 2 and all(isinstance(c, tuple) for c in stack[-2:]):
                     what = f"{str(stack[-2][1])[:80]}.{str(stack[-1][1])[:80]}"
-                raise pickle.UnpicklingError(f"refusing to load {what or 'a Python object'} from a split list "
-                                             "(only plain containers of strings and numbers are accepted)")
+                raise pickle.UnpicklingError(
+                    f"refusing to load {what or 'a Python object'} from a split list "
+                    "(only plain containers of strings and numbers are accepted)"
+                )
             elif name not in ("PROTO", "FRAME", "STOP"):
-                raise pickle.UnpicklingError(f"pickle opcode {name} has no place in a split list "
-                                             "({class id: [image names]})")
+                raise pickle.UnpicklingError(
+                    f"pickle opcode {name} has no place in a split list ({{class id: [image names]}})"
+                )
     except (IndexError, KeyError) as exc:  # popping an empty stack, an unknown memo key
         raise pickle.UnpicklingError(f"malformed pickle ({type(exc).__name__})") from None
 
@@ -480,8 +626,10 @@ def read_coco_pickle(path: str | Path) -> list[Episode]:
             if isinstance(name, int) and not isinstance(name, bool) and 0 <= name < 2**63:
                 name = str(name)  # a bare COCO image id
             if not isinstance(name, str) or len(name) > MAX_IMAGE_NAME:
-                raise ValueError(f"{path}: class {cls}: expected image names (strings of at most {MAX_IMAGE_NAME} "
-                                 f"characters), got {_short(name)}")
+                raise ValueError(
+                    f"{path}: class {cls}: expected image names (strings of at most {MAX_IMAGE_NAME} "
+                    f"characters), got {_short(name)}"
+                )
             out.append(Episode(coco_image_id(name), cls + 1))
     return out
 
@@ -496,9 +644,11 @@ def read_split_list(path: str | Path, benchmark: str) -> list[Episode]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); an HSNet split list is "
-                         "plain text lines such as 2007_000033__01: re-save it as UTF-8, or leave out --splits to "
-                         "generate the lists from the annotations") from None  # fmt: skip
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); an HSNet split list is "
+            "plain text lines such as 2007_000033__01: re-save it as UTF-8, or leave out --splits to "
+            "generate the lists from the annotations"
+        ) from None
     return parse_split_lines(text, benchmark=benchmark, source=str(path))
 
 
@@ -531,8 +681,9 @@ def scan_labels(dataset, ids: Sequence[str] | None = None, *, progress: bool = F
     return out
 
 
-def generate_split_list(label_counts: dict[str, dict[int, int]], unseen: Sequence[int], *,
-                        min_pixels: int = 1) -> list[Episode]:  # fmt: skip
+def generate_split_list(
+    label_counts: dict[str, dict[int, int]], unseen: Sequence[int], *, min_pixels: int = 1
+) -> list[Episode]:
     """The rule: (image, class) for every unseen class covering >= ``min_pixels`` of the image's
     mask, images in the order of ``label_counts`` (dataset order), classes ascending."""
     if min_pixels < 1:
@@ -541,8 +692,7 @@ def generate_split_list(label_counts: dict[str, dict[int, int]], unseen: Sequenc
     return [Episode(id_, c) for id_, counts in label_counts.items() for c in keep if counts.get(c, 0) >= min_pixels]
 
 
-def sample_episodes(entries: Sequence[Episode], n: int, *, rule: str, seed: int = 0,
-                    fold: int = 0) -> list[Episode]:  # fmt: skip
+def sample_episodes(entries: Sequence[Episode], n: int, *, rule: str, seed: int = 0, fold: int = 0) -> list[Episode]:
     """``n`` episodes drawn from a split list by ``rule`` ('cycle' or 'class-uniform'); deterministic."""
     if rule not in SAMPLING_RULES:
         raise ValueError(f"unknown episode rule {rule!r}; choose from {list(SAMPLING_RULES)}")
@@ -619,8 +769,14 @@ class FoldEpisodes:
         }
 
 
-def fold_episodes(dataset_name: str, fold: int, cfg: ProtocolConfig, *, dataset_ids: Sequence[str],
-                  label_counts: dict[str, dict[int, int]] | None = None) -> FoldEpisodes:  # fmt: skip
+def fold_episodes(
+    dataset_name: str,
+    fold: int,
+    cfg: ProtocolConfig,
+    *,
+    dataset_ids: Sequence[str],
+    label_counts: dict[str, dict[int, int]] | None = None,
+) -> FoldEpisodes:
     """Split list (read or generated) and episodes of ``fold``.
 
     ``label_counts`` (:func:`scan_labels`) is needed only when the list is generated. The
@@ -634,8 +790,10 @@ def fold_episodes(dataset_name: str, fold: int, cfg: ProtocolConfig, *, dataset_
         known = set(dataset_ids)
         missing = [e.image_id for e in entries if e.image_id not in known]
         if missing:
-            raise ValueError(f"{len(missing)} of the {len(entries)} entries of {path} name images that are not in "
-                             f"the validation split (e.g. {missing[:3]}); use the dataset the list was made for")
+            raise ValueError(
+                f"{len(missing)} of the {len(entries)} entries of {path} name images that are not in "
+                f"the validation split (e.g. {missing[:3]}); use the dataset the list was made for"
+            )
         wrong = sorted({e.label for e in entries} - set(split.unseen))
         if wrong:
             raise ValueError(f"{path} holds classes {wrong} that are not unseen in {split.benchmark} fold {fold}")
@@ -646,7 +804,9 @@ def fold_episodes(dataset_name: str, fold: int, cfg: ProtocolConfig, *, dataset_
         entries = generate_split_list(label_counts, split.unseen, min_pixels=cfg.min_pixels)
         source = f"generated (every val image x unseen class with >= {cfg.min_pixels} px)"
     if not entries:
-        raise ValueError(f"no validation image contains an unseen class of {split.benchmark} fold {fold} "
-                         f"({', '.join(split.unseen_names())}); nothing to evaluate")
+        raise ValueError(
+            f"no validation image contains an unseen class of {split.benchmark} fold {fold} "
+            f"({', '.join(split.unseen_names())}); nothing to evaluate"
+        )
     episodes = sample_episodes(entries, cfg.episodes, rule=rule, seed=cfg.seed, fold=fold)
     return FoldEpisodes(split, entries, episodes, source, rule)

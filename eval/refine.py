@@ -95,10 +95,15 @@ def _coefficients(g: np.ndarray, p: np.ndarray, radius: int, eps: float) -> tupl
         for i in range(3):
             for j in range(i, 3):
                 sig[i, j] = sig[j, i] = mean(g[i] * g[j]) - mean_g[i] * mean_g[j] + (eps if i == j else 0.0)
-        adj = {(0, 0): sig[1, 1] * sig[2, 2] - sig[1, 2] ** 2, (0, 1): sig[0, 2] * sig[1, 2] - sig[0, 1] * sig[2, 2],
-               (0, 2): sig[0, 1] * sig[1, 2] - sig[0, 2] * sig[1, 1], (1, 1): sig[0, 0] * sig[2, 2] - sig[0, 2] ** 2,
-               (1, 2): sig[0, 1] * sig[0, 2] - sig[0, 0] * sig[1, 2], (2, 2): sig[0, 0] * sig[1, 1] - sig[0, 1] ** 2}
-        for (i, j) in list(adj):
+        adj = {
+            (0, 0): sig[1, 1] * sig[2, 2] - sig[1, 2] ** 2,
+            (0, 1): sig[0, 2] * sig[1, 2] - sig[0, 1] * sig[2, 2],
+            (0, 2): sig[0, 1] * sig[1, 2] - sig[0, 2] * sig[1, 1],
+            (1, 1): sig[0, 0] * sig[2, 2] - sig[0, 2] ** 2,
+            (1, 2): sig[0, 1] * sig[0, 2] - sig[0, 0] * sig[1, 2],
+            (2, 2): sig[0, 0] * sig[1, 1] - sig[0, 1] ** 2,
+        }
+        for i, j in list(adj):
             adj[j, i] = adj[i, j]
         det = sig[0, 0] * adj[0, 0] + sig[0, 1] * adj[0, 1] + sig[0, 2] * adj[0, 2]
         a = np.stack([sum(adj[i, j] * cov[:, j] for j in range(3)) for i in range(3)], 1) / det
@@ -156,8 +161,9 @@ def default_radius(image_hw: tuple[int, int], grid: tuple[int, int]) -> int:
     return max(1, math.ceil(max(image_hw[0] / grid[0], image_hw[1] / grid[1])))
 
 
-def refine_eigvecs(vecs: np.ndarray, image: np.ndarray, cfg: RefineConfig = RefineConfig(), *,
-                   grid: tuple[int, int] | None = None) -> np.ndarray:  # fmt: skip
+def refine_eigvecs(
+    vecs: np.ndarray, image: np.ndarray, cfg: RefineConfig = RefineConfig(), *, grid: tuple[int, int] | None = None
+) -> np.ndarray:
     """Eigenvectors (K, H, W) already upsampled to ``image`` (H, W, 3) uint8 -> refined float32 (K, H, W).
 
     ``grid`` (the patch grid the vectors came from) sets the default radius (one patch);
@@ -168,8 +174,9 @@ def refine_eigvecs(vecs: np.ndarray, image: np.ndarray, cfg: RefineConfig = Refi
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"refinement needs the (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
     if vecs.shape[-2:] != image.shape[:2]:
-        raise ValueError(f"eigenvectors {vecs.shape[-2:]} are not at the image's size {image.shape[:2]}; "
-                         "upsample them first")
+        raise ValueError(
+            f"eigenvectors {vecs.shape[-2:]} are not at the image's size {image.shape[:2]}; upsample them first"
+        )
     radius = cfg.radius or (default_radius(image.shape[:2], grid) if grid else max(1, max(image.shape[:2]) // 32))
     guide = image.astype(np.float32) / np.float32(255)
     if not cfg.color:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -25,8 +25,12 @@ from .protocols import BENCHMARK_TITLES
 log = logging.getLogger(__name__)
 
 METRICS = (("miou", "mIoU"), ("fb_iou", "FB-IoU"), ("boundary_f", "BF"))
-GENERALISED_METRICS = (("seen_miou", "seen"), ("unseen_miou", "unseen"), ("harmonic_miou", "hIoU"),
-                       ("boundary_f_unseen", "BF unseen"))
+GENERALISED_METRICS = (
+    ("seen_miou", "seen"),
+    ("unseen_miou", "unseen"),
+    ("harmonic_miou", "hIoU"),
+    ("boundary_f_unseen", "BF unseen"),
+)
 REPORT_FORMAT = 1
 
 
@@ -61,8 +65,13 @@ def _clean(x):
     return x
 
 
-def build_report(protocols: dict[str, list[dict]], *, headline: str, generalised: dict[str, list[dict]] | None = None,
-                 meta: dict | None = None) -> dict:  # fmt: skip
+def build_report(
+    protocols: dict[str, list[dict]],
+    *,
+    headline: str,
+    generalised: dict[str, list[dict]] | None = None,
+    meta: dict | None = None,
+) -> dict:
     """JSON-able report from the per-fold results of :func:`sazs.eval.evaluate.evaluate_episodes`.
 
     ``protocols``: benchmark name -> fold results; ``generalised``: benchmark -> results of
@@ -77,12 +86,21 @@ def build_report(protocols: dict[str, list[dict]], *, headline: str, generalised
         for mode in modes:
             per_fold = {f"fold{r['fold']}": {k: r["modes"][mode][k] for k, _ in METRICS} for r in folds}
             mean = {k: _mean([r["modes"][mode][k] for r in folds]) for k, _ in METRICS}
-            entry = {"label": fusion_label(mode), "upper_bound": mode in UPPER_BOUNDS, "folds": per_fold, "mean": mean,
-                     "per_class": {f"fold{r['fold']}": {"iou": r["modes"][mode]["iou"],
-                                                        "boundary_f": r["modes"][mode]["boundary_f_per_class"]}
-                                   for r in folds},
-                     "segment_rate": {f"fold{r['fold']}": r["modes"][mode].get("segment_rate") for r in folds},
-                     "fallbacks": sum(r["modes"][mode].get("fallbacks", 0) for r in folds)}  # fmt: skip
+            entry = {
+                "label": fusion_label(mode),
+                "upper_bound": mode in UPPER_BOUNDS,
+                "folds": per_fold,
+                "mean": mean,
+                "per_class": {
+                    f"fold{r['fold']}": {
+                        "iou": r["modes"][mode]["iou"],
+                        "boundary_f": r["modes"][mode]["boundary_f_per_class"],
+                    }
+                    for r in folds
+                },
+                "segment_rate": {f"fold{r['fold']}": r["modes"][mode].get("segment_rate") for r in folds},
+                "fallbacks": sum(r["modes"][mode].get("fallbacks", 0) for r in folds),
+            }
             table[fusion_key(mode)] = entry
         out["protocols"][bench] = {
             "title": BENCHMARK_TITLES.get(bench, bench),
@@ -92,19 +110,31 @@ def build_report(protocols: dict[str, list[dict]], *, headline: str, generalised
             "seconds": sum(r.get("seconds", 0.0) for r in folds),
         }
         if out["headline"] is None and headline in modes:
-            out["headline"] = {"protocol": bench, "fusion": headline, "ground_truth_free": True,
-                               "folds": [r["fold"] for r in folds], **table[fusion_key(headline)]["mean"]}  # fmt: skip
+            out["headline"] = {
+                "protocol": bench,
+                "fusion": headline,
+                "ground_truth_free": True,
+                "folds": [r["fold"] for r in folds],
+                **table[fusion_key(headline)]["mean"],
+            }
     for bench, folds in (generalised or {}).items():
         modes = list(folds[0]["modes"]) if folds else []
         table = {}
         for mode in modes:
             per_fold = {f"fold{r['fold']}": {k: r["modes"][mode][k] for k, _ in GENERALISED_METRICS} for r in folds}
             mean = {k: _mean([r["modes"][mode][k] for r in folds]) for k, _ in GENERALISED_METRICS}
-            table[fusion_key(mode)] = {"label": fusion_label(mode), "upper_bound": mode in UPPER_BOUNDS,
-                                       "folds": per_fold, "mean": mean,
-                                       "per_class": {f"fold{r['fold']}": r["modes"][mode]["iou"] for r in folds}}
-        out["generalised"][bench] = {"title": BENCHMARK_TITLES.get(bench, bench),
-                                     "images": {f"fold{r['fold']}": r["images"] for r in folds}, "fusion": table}
+            table[fusion_key(mode)] = {
+                "label": fusion_label(mode),
+                "upper_bound": mode in UPPER_BOUNDS,
+                "folds": per_fold,
+                "mean": mean,
+                "per_class": {f"fold{r['fold']}": r["modes"][mode]["iou"] for r in folds},
+            }
+        out["generalised"][bench] = {
+            "title": BENCHMARK_TITLES.get(bench, bench),
+            "images": {f"fold{r['fold']}": r["images"] for r in folds},
+            "fusion": table,
+        }
     return _clean(out)
 
 
@@ -159,8 +189,9 @@ def markdown_rows(proto: dict, headline_key: str | None) -> tuple[list[str], lis
 def _episode_note(proto: dict) -> str:
     eps = list(proto["episodes"].values())
     n = sorted({e["episodes"] for e in eps})
-    sources = sorted({"HSNet list" if not e["source"].startswith("generated") else "lists generated by rule"
-                      for e in eps})  # fmt: skip
+    sources = sorted(
+        {"HSNet list" if not e["source"].startswith("generated") else "lists generated by rule" for e in eps}
+    )
     return f"{'/'.join(map(str, n))} episodes per fold ({', '.join(sources)}; rule {eps[0]['rule']})"
 
 
@@ -178,8 +209,12 @@ def _text_table(first_header: str, groups: list[str], subheaders: Sequence[str],
     head2 = f"{first_header:<{first}}" + "".join(f" | {group_cells(subheaders, w)}" for w in widths)
     out = [head1.rstrip(), head2.rstrip(), "-" * len(head2.rstrip())]
     for r in rows:
-        out.append((f"{r[0]:<{first}}" + "".join(f" | {group_cells(r[1 + g * n : 1 + (g + 1) * n], w)}"
-                                                for g, w in enumerate(widths))).rstrip())  # fmt: skip
+        out.append(
+            (
+                f"{r[0]:<{first}}"
+                + "".join(f" | {group_cells(r[1 + g * n : 1 + (g + 1) * n], w)}" for g, w in enumerate(widths))
+            ).rstrip()
+        )
     return out
 
 
@@ -188,13 +223,13 @@ def format_text(report: dict) -> str:
     lines: list[str] = []
     headline = report.get("headline")
     hkey = fusion_key(headline["fusion"]) if headline else None
-    for bench, proto in report["protocols"].items():
+    for _bench, proto in report["protocols"].items():
         lines.append(f"{proto['title']} · zero-shot episodes · {_episode_note(proto)}")
         lines.append("mIoU / FB-IoU / boundary F (BF) over the fold's unseen classes, %")
         groups = [_mode_title(key, e, hkey) for key, e in proto["fusion"].items()]
         _, rows = protocol_rows(proto, hkey)
         lines += _text_table("fold", groups, [name for _, name in METRICS], rows) + [""]
-    for bench, gen in report.get("generalised", {}).items():
+    for _bench, gen in report.get("generalised", {}).items():
         lines.append(f"{gen['title']} · generalised setting: background + all classes on whole validation masks")
         lines.append("seen mIoU (background counted as seen) / unseen mIoU / their harmonic mean, %")
         groups = [e["label"] for e in gen["fusion"].values()]
@@ -214,8 +249,10 @@ def headline_line(report: dict) -> str:
     check_headline(h["fusion"])
     title = report["protocols"][h["protocol"]]["title"]
     folds = ",".join(map(str, h["folds"]))
-    return (f"headline  {title} mean mIoU {_pct(h['miou'])} (fusion '{h['fusion']}', ground-truth-free; "
-            f"folds {folds}); FB-IoU {_pct(h['fb_iou'])}, boundary F {_pct(h['boundary_f'])}")
+    return (
+        f"headline  {title} mean mIoU {_pct(h['miou'])} (fusion '{h['fusion']}', ground-truth-free; "
+        f"folds {folds}); FB-IoU {_pct(h['fb_iou'])}, boundary F {_pct(h['boundary_f'])}"
+    )
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -233,23 +270,37 @@ def format_markdown(report: dict) -> str:
         lines += [f"> **Warning:** {w}", ""]
     if report.get("checkpoints"):
         lines += ["Checkpoints: " + ", ".join(f"fold {k}: `{v}`" for k, v in report["checkpoints"].items()), ""]
-    for bench, proto in report["protocols"].items():
-        lines += [f"## {proto['title']}: zero-shot episodes", "",
-                  f"{_episode_note(proto)}. Each cell: mIoU / FB-IoU / boundary F over the fold's unseen classes, %. "
-                  f"The oracle row is an {UPPER_BOUND_TAG}: it picks masks with the ground truth "
-                  "(the released SAZS evaluation), so it is never the headline.", ""]  # fmt: skip
+    for _bench, proto in report["protocols"].items():
+        lines += [
+            f"## {proto['title']}: zero-shot episodes",
+            "",
+            f"{_episode_note(proto)}. Each cell: mIoU / FB-IoU / boundary F over the fold's unseen classes, %. "
+            f"The oracle row is an {UPPER_BOUND_TAG}: it picks masks with the ground truth "
+            "(the released SAZS evaluation), so it is never the headline.",
+            "",
+        ]
         lines += _md_table(*markdown_rows(proto, hkey)) + [""]
-        rates = {e["label"]: e["segment_rate"] for e in proto["fusion"].values() if any(
-            v is not None for v in e["segment_rate"].values())}  # fmt: skip
+        rates = {
+            e["label"]: e["segment_rate"]
+            for e in proto["fusion"].values()
+            if any(v is not None for v in e["segment_rate"].values())
+        }
         for label, r in rates.items():
-            lines.append(f"- {label}: an eigen-segment replaced the prediction in "
-                         + ", ".join(f"{k} {_pct(v)} %" for k, v in r.items() if v is not None) + " of the episodes")
+            lines.append(
+                f"- {label}: an eigen-segment replaced the prediction in "
+                + ", ".join(f"{k} {_pct(v)} %" for k, v in r.items() if v is not None)
+                + " of the episodes"
+            )
         if rates:
             lines.append("")
-    for bench, gen in report.get("generalised", {}).items():
-        lines += [f"## {gen['title']}: generalised setting", "",
-                  "Background + every class scored at once on whole validation masks; seen mIoU counts background "
-                  "as seen; hIoU = harmonic mean of seen and unseen mIoU (%).", ""]  # fmt: skip
+    for _bench, gen in report.get("generalised", {}).items():
+        lines += [
+            f"## {gen['title']}: generalised setting",
+            "",
+            "Background + every class scored at once on whole validation masks; seen mIoU counts background "
+            "as seen; hIoU = harmonic mean of seen and unseen mIoU (%).",
+            "",
+        ]
         headers = ["fold"] + [f"{e['label']} · {n}" for e in gen["fusion"].values() for _, n in GENERALISED_METRICS]
         rows = _generalised_rows(gen)
         lines += _md_table(headers, rows) + [""]
@@ -316,8 +367,9 @@ def _target_rgb(image: np.ndarray, target: np.ndarray) -> np.ndarray:
     return out
 
 
-def draw_episode_grid(samples: list[dict], out_png: str | Path, *, fusions: Sequence[str], headline: str,
-                      title: str, num_vectors: int = 3) -> Path | None:  # fmt: skip
+def draw_episode_grid(
+    samples: list[dict], out_png: str | Path, *, fusions: Sequence[str], headline: str, title: str, num_vectors: int = 3
+) -> Path | None:
     """One row per episode: image, ground truth, prediction, fused, oracle (upper bound), eigen-segments."""
     if not samples:
         return None

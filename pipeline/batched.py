@@ -57,8 +57,9 @@ def _valid_mask(n_valid, B: int, N: int, device):
     return torch.arange(N, device=device)[None, :] < nv[:, None], nv
 
 
-def batched_knn(feats, k: int, *, n_valid=None, device: str = "cpu", precision: str = "fp32",
-                stats: dict | None = None):
+def batched_knn(
+    feats, k: int, *, n_valid=None, device: str = "cpu", precision: str = "fp32", stats: dict | None = None
+):
     """k nearest other patches (by cosine) of each of B images at once, exactly.
 
     feats: (B, N, d) array or tensor; rows past n_valid[b] are padding and ignored.
@@ -133,8 +134,8 @@ def batched_knn(feats, k: int, *, n_valid=None, device: str = "cpu", precision: 
     # Certificate. Rounding a, b to the low precision (unit roundoff u), the product's fp32
     # accumulation and its rounding back to that precision move r_ij by at most
     # (3u + 2 d 2^-24) |a_i| |a_j| + 2 d 2^-24 |mu| |x_j| (first order); doubled for safety.
-    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
-    eps32 = 2.0 * d * 2.0 ** -24
+    u = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    eps32 = 2.0 * d * 2.0**-24
     an = torch.linalg.vector_norm(a, dim=2).double()  # (B, N)
     amax = an.max(dim=1, keepdim=True).values
     bound = 2.0 * ((3 * u + eps32) * an * amax + eps32 * torch.linalg.vector_norm(mu, dim=2).double())
@@ -204,10 +205,10 @@ def _pair_dots(x, idx, block_bytes: int = 1 << 28):
     xf, out = x.reshape(B * N, -1), torch.zeros((B * N, k), dtype=torch.float64, device=x.device)
     flat = torch.where(idx >= 0, idx + (torch.arange(B, device=x.device) * N)[:, None, None], -1).reshape(B * N, k)
     for s in range(0, B * N, rows):
-        j = flat[s:s + rows]
-        xi = xf[s:s + rows].double()
+        j = flat[s : s + rows]
+        xi = xf[s : s + rows].double()
         xj = xf[j.clamp_min(0)].double()
-        out[s:s + rows] = torch.where(j >= 0, torch.einsum("nd,nkd->nk", xi, xj), 0.0)
+        out[s : s + rows] = torch.where(j >= 0, torch.einsum("nd,nkd->nk", xi, xj), 0.0)
     return out.reshape(B, N, k)
 
 
@@ -339,15 +340,19 @@ class _Operator:
         self.fused = _fused_available(xp) if fused is None else fused
         self.lowrank = lowrank
 
-    def take(self, sel) -> "_Operator":
+    def take(self, sel) -> _Operator:
         lowrank = None if self.lowrank is None else (self.lowrank[0][sel], self.lowrank[1], self.lowrank[2][sel])
         return _Operator(self.idx[sel], self.a[sel], self.xp, self.step, self.fused, lowrank)
 
-    def astype(self, dtype, fused: bool | None = None) -> "_Operator":
-        lowrank = None if self.lowrank is None else (self.lowrank[0].astype(dtype), self.lowrank[1],
-                                                     self.lowrank[2].astype(dtype))
-        return _Operator(self.idx, self.a.astype(dtype), self.xp, self.step,
-                         self.fused if fused is None else fused, lowrank)
+    def astype(self, dtype, fused: bool | None = None) -> _Operator:
+        lowrank = (
+            None
+            if self.lowrank is None
+            else (self.lowrank[0].astype(dtype), self.lowrank[1], self.lowrank[2].astype(dtype))
+        )
+        return _Operator(
+            self.idx, self.a.astype(dtype), self.xp, self.step, self.fused if fused is None else fused, lowrank
+        )
 
     def _global(self, X):
         xp = self.xp
@@ -361,8 +366,8 @@ class _Operator:
         bsel = xp.arange(B)[:, None, None]
         Y = xp.zeros_like(X)
         for s in range(0, m, self.step):
-            g = X[bsel, self.idx[:, :, s:s + self.step]]  # (B, N, step, p)
-            Y += xp.einsum("bnj,bnjp->bnp", self.a[:, :, s:s + self.step], g)
+            g = X[bsel, self.idx[:, :, s : s + self.step]]  # (B, N, step, p)
+            Y += xp.einsum("bnj,bnjp->bnp", self.a[:, :, s : s + self.step], g)
         return Y
 
     def __call__(self, X):
@@ -411,8 +416,11 @@ def _fused_product(op: _Operator, X):
     idx, a = xp.ascontiguousarray(op.idx), xp.ascontiguousarray(op.a)
     Y = xp.empty_like(X)
     total, threads = B * N * p, 256
-    _ell_kernel(xp, X.dtype)(((total + threads - 1) // threads,), (threads,),
-                             (idx, a, X, Y, np.int64(B * N), np.int32(N), np.int32(m), np.int32(p)))
+    _ell_kernel(xp, X.dtype)(
+        ((total + threads - 1) // threads,),
+        (threads,),
+        (idx, a, X, Y, np.int64(B * N), np.int32(N), np.int32(m), np.int32(p)),
+    )
     if "ok" not in _FUSED_STATE:
         # First use in this process: the kernel must agree with the gather product, or it
         # is switched off for good (a warning, then the slower but plain path).
@@ -420,8 +428,11 @@ def _fused_product(op: _Operator, X):
         err = float(xp.abs(Y - ref).max()) / max(float(xp.abs(ref).max()), 1e-30)
         _FUSED_STATE["ok"] = err <= 1e-4
         if not _FUSED_STATE["ok"]:
-            logger.warning("fused ELL kernel disagrees with the gather product (relative error %.2e); "
-                           "using the gather product from now on", err)
+            logger.warning(
+                "fused ELL kernel disagrees with the gather product (relative error %.2e); "
+                "using the gather product from now on",
+                err,
+            )
             op.fused = False
             return ref
     return Y
@@ -505,8 +516,18 @@ class BatchedResult:
 
 
 def chebyshev_subspace(
-    op: _Operator, sqrt_d, valid, K: int, *, xp=np, tol: float = 1e-4, block: int | None = None,
-    degree: int = 10, max_iter: int = 100, seed: int = 0, dtype=np.float32,
+    op: _Operator,
+    sqrt_d,
+    valid,
+    K: int,
+    *,
+    xp=np,
+    tol: float = 1e-4,
+    block: int | None = None,
+    degree: int = 10,
+    max_iter: int = 100,
+    seed: int = 0,
+    dtype=np.float32,
 ) -> BatchedResult:
     """K largest eigenpairs of B normalised adjacencies A (spectra in [-1, 1]) at once.
 
@@ -600,8 +621,17 @@ def _normalised_weights(ell: Ell, xp):
 
 
 def batched_eigs(
-    ell: Ell, K: int, *, xp=np, tol: float = 1e-4, residual_tol: float = 1e-3, block: int | None = None,
-    degree: int = 10, max_iter: int = 100, seed: int = 0, dtype=np.float32,
+    ell: Ell,
+    K: int,
+    *,
+    xp=np,
+    tol: float = 1e-4,
+    residual_tol: float = 1e-3,
+    block: int | None = None,
+    degree: int = 10,
+    max_iter: int = 100,
+    seed: int = 0,
+    dtype=np.float32,
 ) -> list[Spectrum]:
     """K smallest eigenpairs of L = I - D^-1/2 W D^-1/2 for each of B graphs in one ELL batch.
 
@@ -615,9 +645,21 @@ def batched_eigs(
     if not 1 <= K:
         raise ValueError(f"K must be >= 1, got {K}")
     idx, a64, sqrt_d, valid, lowrank = _normalised_weights(ell, xp)
-    return _solve(_Operator(idx, a64, xp, fused=False, lowrank=lowrank), sqrt_d, valid, K, xp=xp, tol=tol,
-                  residual_tol=residual_tol, block=block, degree=degree, max_iter=max_iter, seed=seed,
-                  dtype=dtype, t0=t0)
+    return _solve(
+        _Operator(idx, a64, xp, fused=False, lowrank=lowrank),
+        sqrt_d,
+        valid,
+        K,
+        xp=xp,
+        tol=tol,
+        residual_tol=residual_tol,
+        block=block,
+        degree=degree,
+        max_iter=max_iter,
+        seed=seed,
+        dtype=dtype,
+        t0=t0,
+    )
 
 
 def _solve(op64: _Operator, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, max_iter, seed, dtype, t0):
@@ -639,8 +681,9 @@ def _solve(op64: _Operator, sqrt_d, valid, K, *, xp, tol, residual_tol, block, d
         sel = np.flatnonzero(blocks == p)
         s = xp.asarray(sel)
         part = (op, start, valid) if len(sel) == B else (op.take(s), start[s], valid[s])
-        r = chebyshev_subspace(*part, K, xp=xp, tol=tol, block=int(p), degree=degree, max_iter=max_iter,
-                               seed=seed, dtype=dtype)
+        r = chebyshev_subspace(
+            *part, K, xp=xp, tol=tol, block=int(p), degree=degree, max_iter=max_iter, seed=seed, dtype=dtype
+        )
         vecs[s] = r.vecs
         iterations[sel], converged[sel] = r.iterations, r.converged
         qr_fallbacks += r.info.get("qr_fallbacks", 0)
@@ -663,14 +706,31 @@ def _solve(op64: _Operator, sqrt_d, valid, K, *, xp, tol, residual_tol, block, d
     for b in range(B):
         conv = bool(converged[b]) and bool((res_h[b] <= residual_tol).all())
         if not conv:
-            logger.warning("batched solver: image %d not converged (residuals %s, %d iterations)",
-                           b, np.array2string(res_h[b], precision=2), iterations[b])
-        out.append(Spectrum(
-            eigvals=lam_h[b].astype(np.float64), eigvecs=np.ascontiguousarray(u_h[b, : nv[b]]),
-            residuals=res_h[b], converged=conv, iterations=int(iterations[b]), solver="batched",
-            info={"seconds": seconds, "batch": B, "solver_converged": bool(converged[b]), "block": int(blocks[b]),
-                  "degree": degree, "matvecs": int(iterations[b] * (degree + 1) + 1), "qr_fallbacks": qr_fallbacks},
-        ))
+            logger.warning(
+                "batched solver: image %d not converged (residuals %s, %d iterations)",
+                b,
+                np.array2string(res_h[b], precision=2),
+                iterations[b],
+            )
+        out.append(
+            Spectrum(
+                eigvals=lam_h[b].astype(np.float64),
+                eigvecs=np.ascontiguousarray(u_h[b, : nv[b]]),
+                residuals=res_h[b],
+                converged=conv,
+                iterations=int(iterations[b]),
+                solver="batched",
+                info={
+                    "seconds": seconds,
+                    "batch": B,
+                    "solver_converged": bool(converged[b]),
+                    "block": int(blocks[b]),
+                    "degree": degree,
+                    "matvecs": int(iterations[b] * (degree + 1) + 1),
+                    "qr_fallbacks": qr_fallbacks,
+                },
+            )
+        )
     return out
 
 
@@ -698,16 +758,19 @@ def array_module(device: str, ell: Ell | None = None):
     """
     if device == "cpu":
         return np, contextlib.nullcontext()
-    on_gpu = ell is not None and (getattr(getattr(ell.idx, "device", None), "type", None) == "cuda"
-                                  or type(ell.idx).__module__.startswith("cupy"))
+    on_gpu = ell is not None and (
+        getattr(getattr(ell.idx, "device", None), "type", None) == "cuda" or type(ell.idx).__module__.startswith("cupy")
+    )
     if device == "auto" and not on_gpu:
         return np, contextlib.nullcontext()
     try:
         import cupy
     except ImportError as e:
         if device == "auto":
-            logger.warning("graphs are on a GPU but CuPy is missing: solving on the CPU "
-                           "(pip install cupy-cuda12x for the GPU solver)")
+            logger.warning(
+                "graphs are on a GPU but CuPy is missing: solving on the CPU "
+                "(pip install cupy-cuda12x for the GPU solver)"
+            )
             return np, contextlib.nullcontext()
         raise ImportError(f"solver 'batched' on device {device!r} needs CuPy: pip install cupy-cuda12x") from e
     index = int(device.split(":")[1]) if ":" in device else None
@@ -728,9 +791,21 @@ def solve_batched(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg):
     ell = ell_from_csr([A])
     valid = np.ones((1, A.shape[0]), dtype=bool)
     op64 = _Operator(ell.idx, ell.w, np, fused=False, lowrank=lowrank)
-    (s,) = _solve(op64, np.asarray(sqrt_d, np.float64)[None], valid, cfg.num_eigs, xp=np,
-                  tol=cfg.tol, residual_tol=cfg.residual_tol, block=None, degree=10,
-                  max_iter=cfg.max_iter or 100, seed=cfg.seed, dtype=np.float32, t0=time.perf_counter())
+    (s,) = _solve(
+        op64,
+        np.asarray(sqrt_d, np.float64)[None],
+        valid,
+        cfg.num_eigs,
+        xp=np,
+        tol=cfg.tol,
+        residual_tol=cfg.residual_tol,
+        block=None,
+        degree=10,
+        max_iter=cfg.max_iter or 100,
+        seed=cfg.seed,
+        dtype=np.float32,
+        t0=time.perf_counter(),
+    )
     return _Raw(s.eigvals, s.eigvecs.astype(np.float64), iterations=s.iterations, info=dict(s.info))
 
 

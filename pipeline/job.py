@@ -24,20 +24,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from sazs.stores.faults import fault_point
+from sazs.core.faults import fault_point
+from sazs.datasets.readers import Dataset, ImageError
 from sazs.stores.manifest import build_manifest
 from sazs.stores.preview import draw_priors
 from sazs.stores.reader import open_store
 from sazs.stores.writer import ImageResult, StoreWriter
 
-from .datasets import Dataset, ImageError
-from .extractors import Extractor, Features
 from .batched import ell_from_graphs
+from .extractors import Extractor, Features
 from .graph import GraphConfig, build_graph, build_knn_graphs, patch_colors
 from .spectral import SolverError, SpectralConfig, laplacian_eigs, laplacian_eigs_batch
 
@@ -174,8 +174,9 @@ def _host(feats) -> np.ndarray:
     return feats.detach().float().cpu().numpy() if hasattr(feats, "detach") else np.asarray(feats)
 
 
-def solve_batch(items: list[tuple[np.ndarray | None, Features]], graph_cfg: GraphConfig,
-                spectral_cfg: SpectralConfig) -> list:
+def solve_batch(
+    items: list[tuple[np.ndarray | None, Features]], graph_cfg: GraphConfig, spectral_cfg: SpectralConfig
+) -> list:
     """Graphs and spectra of many images in batched calls (solver "batched"): per image
     (grid, Spectrum) or the recorded error.
 
@@ -190,17 +191,22 @@ def solve_batch(items: list[tuple[np.ndarray | None, Features]], graph_cfg: Grap
         if graph_cfg.backend == "batched" and graph_cfg.color_weight == 0 and graph_cfg.kind == "knn":
             ell = build_knn_graphs([f.feats for _, f in items], graph_cfg, grids=[f.grid for _, f in items])
         else:
-            graphs = [build_graph(_host(f.feats), graph_cfg, grid=f.grid,
-                                      colors=patch_colors(image, f.grid) if graph_cfg.color_weight > 0 else None)
-                      for image, f in items]
+            graphs = [
+                build_graph(
+                    _host(f.feats),
+                    graph_cfg,
+                    grid=f.grid,
+                    colors=patch_colors(image, f.grid) if graph_cfg.color_weight > 0 else None,
+                )
+                for image, f in items
+            ]
             ell = ell_from_graphs(graphs)
         spectra = laplacian_eigs_batch(ell, spectral_cfg)
         return [(f.grid, spec) for (_, f), spec in zip(items, spectra)]
     except RECORDED_ERRORS as exc:
         if len(items) == 1:
             return [exc]
-        log.info("batched solve failed (%s: %s); solving its %d images one by one", type(exc).__name__, exc,
-                 len(items))
+        log.info("batched solve failed (%s: %s); solving its %d images one by one", type(exc).__name__, exc, len(items))
         return [solve_batch([item], graph_cfg, spectral_cfg)[0] for item in items]
     except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
         if not _out_of_memory(exc):
@@ -208,8 +214,9 @@ def solve_batch(items: list[tuple[np.ndarray | None, Features]], graph_cfg: Grap
         if len(items) == 1:
             return [exc]
         half = len(items) // 2
-        log.warning("out of memory solving %d images at once (%s); splitting the batch in two", len(items),
-                    type(exc).__name__)
+        log.warning(
+            "out of memory solving %d images at once (%s); splitting the batch in two", len(items), type(exc).__name__
+        )
         _release_device_memory()
         return solve_batch(items[:half], graph_cfg, spectral_cfg) + solve_batch(items[half:], graph_cfg, spectral_cfg)
 
@@ -231,8 +238,9 @@ def _release_device_memory() -> None:
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def solve_features(items: list[tuple[np.ndarray | None, Features]], graph_cfg: GraphConfig,
-                   spectral_cfg: SpectralConfig) -> list:
+def solve_features(
+    items: list[tuple[np.ndarray | None, Features]], graph_cfg: GraphConfig, spectral_cfg: SpectralConfig
+) -> list:
     """Graph + spectrum per (image, features) pair, in order: one by one, or with the
     batched solver in batches of up to SOLVE_BATCH images of similar size (less padding)."""
     if spectral_cfg.solver != "batched":
@@ -240,7 +248,7 @@ def solve_features(items: list[tuple[np.ndarray | None, Features]], graph_cfg: G
     order = sorted(range(len(items)), key=lambda j: (items[j][1].feats.shape[0], j))
     out: list = [None] * len(items)
     for lo in range(0, len(order), SOLVE_BATCH):
-        group = order[lo:lo + SOLVE_BATCH]
+        group = order[lo : lo + SOLVE_BATCH]
         for j, result in zip(group, solve_batch([items[j] for j in group], graph_cfg, spectral_cfg)):
             out[j] = result
     return out
@@ -289,7 +297,7 @@ def batches(indices: list[int], size: int) -> list[list[int]]:
     """The extractor batches of a shard. Every executor uses these same slices: batch
     composition can change the last bits of a model's output."""
     size = max(1, size)
-    return [indices[lo:lo + size] for lo in range(0, len(indices), size)]
+    return [indices[lo : lo + size] for lo in range(0, len(indices), size)]
 
 
 def to_result(index: int, image_size: tuple[int, int], out) -> ImageResult:
@@ -299,13 +307,21 @@ def to_result(index: int, image_size: tuple[int, int], out) -> ImageResult:
     grid, spec = out
     h, w = grid
     vecs = np.ascontiguousarray(spec.eigvecs.T).reshape(-1, h, w)
-    return ImageResult(index=index, image_size=image_size, grid=grid, eigvals=spec.eigvals, eigvecs=vecs,
-                       residuals=spec.residuals)
+    return ImageResult(
+        index=index, image_size=image_size, grid=grid, eigvals=spec.eigvals, eigvecs=vecs, residuals=spec.residuals
+    )
 
 
-def priors_of_shard(loaded: dict, indices: list[int], extractor: Extractor, graph_cfg: GraphConfig,
-                    spectral_cfg: SpectralConfig, *, batch: int,
-                    progress: Callable[[int], None] | None = None) -> list[ImageResult]:
+def priors_of_shard(
+    loaded: dict,
+    indices: list[int],
+    extractor: Extractor,
+    graph_cfg: GraphConfig,
+    spectral_cfg: SpectralConfig,
+    *,
+    batch: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[ImageResult]:
     """ImageResults of a shard whose images ``load_images`` decoded, in ``indices`` order.
 
     Both executors compute a shard with this function, so they form the same batches.
@@ -319,8 +335,9 @@ def priors_of_shard(loaded: dict, indices: list[int], extractor: Extractor, grap
     if spectral_cfg.solver != "batched":
         for chunk in batches(indices, batch):
             ok = [i for i in chunk if isinstance(loaded[i], np.ndarray)]
-            outs.update(zip(ok, compute_priors([loaded[i] for i in ok], extractor, graph_cfg, spectral_cfg)
-                            if ok else []))
+            outs.update(
+                zip(ok, compute_priors([loaded[i] for i in ok], extractor, graph_cfg, spectral_cfg) if ok else [])
+            )
             if progress:
                 progress(len(chunk))
     else:
@@ -348,8 +365,9 @@ def gpu_solver_available() -> bool:
         return False
 
 
-def resolve_auto(graph_cfg: GraphConfig, spectral_cfg: SpectralConfig, *, gpu: bool,
-                 cupy: bool | None = None) -> tuple[GraphConfig, SpectralConfig]:
+def resolve_auto(
+    graph_cfg: GraphConfig, spectral_cfg: SpectralConfig, *, gpu: bool, cupy: bool | None = None
+) -> tuple[GraphConfig, SpectralConfig]:
     """Pick the path for "auto" graph backend / solver, once per job.
 
     gpu: the features are computed on a CUDA device. Then the GPU fast path: backend
@@ -364,15 +382,23 @@ def resolve_auto(graph_cfg: GraphConfig, spectral_cfg: SpectralConfig, *, gpu: b
         cupy = gpu_solver_available() if cupy is None and gpu else cupy
         solver = "batched" if gpu and cupy else "eigsh"
         if gpu and not cupy:
-            log.warning("GPU found but CuPy is missing: eigenvectors are solved per image on the CPU "
-                        "(pip install cupy-cuda12x for the GPU fast path)")
+            log.warning(
+                "GPU found but CuPy is missing: eigenvectors are solved per image on the CPU "
+                "(pip install cupy-cuda12x for the GPU fast path)"
+            )
     if (backend, solver) != (graph_cfg.backend, spectral_cfg.solver):
         log.info("path: graph backend %s, solver %s (%s)", backend, solver, "GPU" if gpu else "CPU")
     return replace(graph_cfg, backend=backend), replace(spectral_cfg, solver=solver)
 
 
-def make_manifest(dataset: Dataset, extractor_provenance: dict, max_grid: tuple[int, int], graph_cfg: GraphConfig,
-                  spectral_cfg: SpectralConfig, shard_size: int) -> dict:
+def make_manifest(
+    dataset: Dataset,
+    extractor_provenance: dict,
+    max_grid: tuple[int, int],
+    graph_cfg: GraphConfig,
+    spectral_cfg: SpectralConfig,
+    shard_size: int,
+) -> dict:
     if "auto" in (graph_cfg.backend, spectral_cfg.solver):
         raise ValueError("resolve the 'auto' graph backend / solver (job.resolve_auto) before writing a manifest")
     return build_manifest(
@@ -402,8 +428,12 @@ class ProgressLog:
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, event: str, **fields) -> None:
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
-                  "elapsed_s": round(time.perf_counter() - self.started, 3), **fields}
+        record = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "event": event,
+            "elapsed_s": round(time.perf_counter() - self.started, 3),
+            **fields,
+        }
         try:
             self._file.write(json.dumps(record, default=str) + "\n")
             self._file.flush()
@@ -420,33 +450,57 @@ class JobRun:
     the executor calls ``record`` for every finished shard, then ``finish`` after the block.
     """
 
-    def __init__(self, dataset: Dataset, manifest: dict, job: JobConfig, spectral_cfg: SpectralConfig, *,
-                 executor: str = "local", **start_info):
+    def __init__(
+        self,
+        dataset: Dataset,
+        manifest: dict,
+        job: JobConfig,
+        spectral_cfg: SpectralConfig,
+        *,
+        executor: str = "local",
+        **start_info,
+    ):
         self.dataset, self.manifest, self.job, self.spectral_cfg = dataset, manifest, job, spectral_cfg
         self.executor, self.start_info = executor, start_info
         self.started = time.perf_counter()
 
-    def __enter__(self) -> "JobRun":
+    def __enter__(self) -> JobRun:
         from tqdm.auto import tqdm
 
         job = self.job
         # The writer holds the store's lock until the block is left: on success, on an error
         # and on Ctrl-C alike (only a killed process leaves a stale lock behind).
-        self.writer = StoreWriter.open(job.out, ids=list(self.dataset.ids), manifest=self.manifest,
-                                       overwrite=job.overwrite, take_over_lock=job.take_over_lock)
+        self.writer = StoreWriter.open(
+            job.out,
+            ids=list(self.dataset.ids),
+            manifest=self.manifest,
+            overwrite=job.overwrite,
+            take_over_lock=job.take_over_lock,
+        )
         try:
             mine = shards_of_part(self.writer.num_shards, job.part)
             self.todo = {s: v for s, v in self.writer.todo(retry_failed=job.retry_failed).items() if s in mine}
             self.num_todo = sum(len(v) for v in self.todo.values())
             in_part = sum(len(self.writer.shard_range(s)) for s in mine)
-            self.summary = JobSummary(store=str(job.out), total=self.writer.num_images,
-                                      skipped=in_part - self.num_todo, executor=self.executor)
+            self.summary = JobSummary(
+                store=str(job.out),
+                total=self.writer.num_images,
+                skipped=in_part - self.num_todo,
+                executor=self.executor,
+            )
             log.info("%d of %d images to compute (%d shards)", self.num_todo, self.writer.num_images, len(self.todo))
             self.progress = ProgressLog(progress_path(job.out))
-            self.progress.write("start", executor=self.executor, total=self.writer.num_images,
-                                images_todo=self.num_todo, shards_todo=len(self.todo), **self.start_info)
-            self.bar = tqdm(total=self.num_todo, unit="img", disable=not job.progress, desc="priors",
-                            dynamic_ncols=True)
+            self.progress.write(
+                "start",
+                executor=self.executor,
+                total=self.writer.num_images,
+                images_todo=self.num_todo,
+                shards_todo=len(self.todo),
+                **self.start_info,
+            )
+            self.bar = tqdm(
+                total=self.num_todo, unit="img", disable=not job.progress, desc="priors", dynamic_ncols=True
+            )
         except BaseException:
             self.writer.close()
             raise
@@ -459,23 +513,30 @@ class JobRun:
         failures = sum(not r.ok for r in results)
         s.computed += len(results)
         s.failed += failures
-        s.not_converged += sum(
-            r.ok and bool(np.nanmax(r.residuals) > self.spectral_cfg.residual_tol) for r in results
-        )
+        s.not_converged += sum(r.ok and bool(np.nanmax(r.residuals) > self.spectral_cfg.residual_tol) for r in results)
         if advance:
             self.bar.update(len(results))
         self.bar.set_postfix(failed=s.failed, refresh=False)
         elapsed = time.perf_counter() - self.started
-        self.progress.write("shard", shard=shard, images=len(results), failures=failures, done=s.computed,
-                            todo=self.num_todo, rate=round(s.computed / elapsed, 3) if elapsed > 0 else None, **info)
+        self.progress.write(
+            "shard",
+            shard=shard,
+            images=len(results),
+            failures=failures,
+            done=s.computed,
+            todo=self.num_todo,
+            rate=round(s.computed / elapsed, 3) if elapsed > 0 else None,
+            **info,
+        )
         fault_point("job.after_shard")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self.bar.close()
             if exc_type is KeyboardInterrupt:
-                log.warning("interrupted: finished shards are saved in %s; re-run the same command to resume",
-                            self.job.out)
+                log.warning(
+                    "interrupted: finished shards are saved in %s; re-run the same command to resume", self.job.out
+                )
             if exc_type is not None:
                 # Best effort: on a full disk this line cannot be written either, and its error
                 # must not hide the one that stopped the job.
@@ -499,9 +560,16 @@ class JobRun:
         if job.preview > 0 and s.done:
             s.preview = str(write_preview(store, self.dataset, preview_png, count=job.preview))
         write_text(summary_json, json.dumps(asdict(s), indent=2))
-        self.progress.write("end", computed=s.computed, failed=s.failed, done=s.done, pending=s.pending,
-                            retries=s.retries, seconds=round(s.seconds, 3),
-                            rate=round(s.computed / s.seconds, 3) if s.seconds > 0 else None)
+        self.progress.write(
+            "end",
+            computed=s.computed,
+            failed=s.failed,
+            done=s.done,
+            pending=s.pending,
+            retries=s.retries,
+            seconds=round(s.seconds, 3),
+            rate=round(s.computed / s.seconds, 3) if s.seconds > 0 else None,
+        )
         self.progress.close()
         return s
 
@@ -528,8 +596,9 @@ def run_local(
 ) -> JobSummary:
     """Compute priors for every image of ``dataset`` in this process, resuming ``job.out``."""
     graph_cfg, spectral_cfg = resolve_auto(graph_cfg, spectral_cfg, gpu=_on_gpu(extractor))
-    manifest = make_manifest(dataset, extractor.provenance(), extractor.max_grid, graph_cfg, spectral_cfg,
-                             job.shard_size)
+    manifest = make_manifest(
+        dataset, extractor.provenance(), extractor.max_grid, graph_cfg, spectral_cfg, job.shard_size
+    )
     batch = max(1, getattr(extractor.config, "batch_size", 8))
     load = lambda i: dataset.load_image(dataset.ids[i])  # noqa: E731
     # With a GPU extractor, two helpers keep the GPU busy: decoding runs in worker threads
@@ -556,12 +625,14 @@ def run_local(
                     t0 = time.perf_counter()
                     loaded = {i: f.result() for i, f in ahead.items()}
                     ahead = decode(shards[n + 1][1]) if n + 1 < len(shards) else {}
-                    results = priors_of_shard(loaded, indices, extractor, graph_cfg, spectral_cfg, batch=batch,
-                                              progress=run.bar.update)
+                    results = priors_of_shard(
+                        loaded, indices, extractor, graph_cfg, spectral_cfg, batch=batch, progress=run.bar.update
+                    )
                     if writing is not None:
                         writing.result()  # the previous shard's write, and its errors
-                    writing = writes.submit(run.record, shard, results, advance=False,
-                                            seconds=round(time.perf_counter() - t0, 3))
+                    writing = writes.submit(
+                        run.record, shard, results, advance=False, seconds=round(time.perf_counter() - t0, 3)
+                    )
             finally:
                 if writing is not None:
                     writing.result()
@@ -571,8 +642,9 @@ def run_local(
     return run.finish()
 
 
-def write_preview(store, dataset: Dataset | None, out_png: str | Path, *, ids: list[str] | None = None,
-                  count: int = 4) -> Path:
+def write_preview(
+    store, dataset: Dataset | None, out_png: str | Path, *, ids: list[str] | None = None, count: int = 4
+) -> Path:
     """Draw the priors of ``ids`` (default: the first ``count`` done images) with their images."""
     ids = ids or store.done_ids()[:count]
     rows = []
@@ -586,5 +658,6 @@ def write_preview(store, dataset: Dataset | None, out_png: str | Path, *, ids: l
                 log.warning("preview: cannot load image %s: %s", id_, exc)
         rows.append((prior, image))
     ds = store.manifest["dataset"]
-    title = f"{ds.get('name')}/{ds.get('split')} · {store.manifest['extractor'].get('name')} · K={store.manifest['num_eigs']}"
+    extractor = store.manifest["extractor"].get("name")
+    title = f"{ds.get('name')}/{ds.get('split')} · {extractor} · K={store.manifest['num_eigs']}"
     return draw_priors(rows, out_png, title=title)

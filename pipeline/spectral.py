@@ -21,8 +21,8 @@ import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -124,7 +124,7 @@ class NormalizedAffinity:
         self.diag = self.weight * np.einsum("ij,ij->i", H, H)
         self.shape, self.dtype = sparse.shape, sparse.dtype
 
-    def astype(self, dtype) -> "NormalizedAffinity":
+    def astype(self, dtype) -> NormalizedAffinity:
         out = NormalizedAffinity(self.sparse.astype(dtype), self.H.astype(dtype), self.weight)
         out.diag = self.diag.astype(dtype)
         return out
@@ -216,12 +216,15 @@ def _lobpcg_generic(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig, *
             raise ValueError("the GPU LOBPCG has no global term; use the solver 'batched' on a GPU")
         A_dev = sla.LinearOperator(A.shape, matvec=A.__matmul__, matmat=A.__matmul__, dtype=np.float64)
     else:
-        A_dev = sparse.csr_matrix((xp.asarray(A.data), xp.asarray(A.indices), xp.asarray(A.indptr)),
-                                  shape=A.shape)
+        A_dev = sparse.csr_matrix((xp.asarray(A.data), xp.asarray(A.indices), xp.asarray(A.indptr)), shape=A.shape)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = lobpcg(
-            A_dev, xp.asarray(X0), tol=cfg.tol, maxiter=cfg.max_iter or 500, largest=True,
+            A_dev,
+            xp.asarray(X0),
+            tol=cfg.tol,
+            maxiter=cfg.max_iter or 500,
+            largest=True,
             retResidualNormsHistory=True,
         )
     # CuPy's small-problem branch (n < 5 m: dense eigh instead) returns no history.
@@ -294,8 +297,9 @@ def _solve_generalized(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     # Their sigma = 0 is an exact eigenvalue (the constant vector): on some images the LU
     # of the singular D - W meets an exactly zero pivot and ARPACK returns NaN. A shift
     # just below 0 makes D - W - sigma D positive definite and changes no eigenvector.
-    vals, v = sla.eigsh(D - W, k=cfg.num_eigs, sigma=_GENERALIZED_SHIFT, which="LM", M=D, tol=cfg.tol, v0=v0,
-                        maxiter=cfg.max_iter)
+    vals, v = sla.eigsh(
+        D - W, k=cfg.num_eigs, sigma=_GENERALIZED_SHIFT, which="LM", M=D, tol=cfg.tol, v0=v0, maxiter=cfg.max_iter
+    )
     u = sqrt_d[:, None] * v
     return _Raw(vals, u / np.linalg.norm(u, axis=0, keepdims=True))
 
@@ -383,12 +387,20 @@ def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
     if not converged:
         logger.warning(
             "solver %r: residuals %s exceed residual_tol=%g (N=%d)",
-            cfg.solver, np.array2string(residuals, precision=2), cfg.residual_tol, n,
+            cfg.solver,
+            np.array2string(residuals, precision=2),
+            cfg.residual_tol,
+            n,
         )
     logger.debug("solver %r: N=%d K=%d in %.3f s (iterations=%s)", cfg.solver, n, K, seconds, raw.iterations)
     return Spectrum(
-        eigvals=vals, eigvecs=vecs32, residuals=residuals, converged=converged,
-        iterations=raw.iterations, solver=cfg.solver, info={"seconds": seconds, **raw.info},
+        eigvals=vals,
+        eigvecs=vecs32,
+        residuals=residuals,
+        converged=converged,
+        iterations=raw.iterations,
+        solver=cfg.solver,
+        info={"seconds": seconds, **raw.info},
     )
 
 
@@ -407,5 +419,12 @@ def laplacian_eigs_batch(ell, cfg: SpectralConfig) -> list[Spectrum]:
         raise ValueError(f"laplacian_eigs_batch runs the 'batched' solver, not {cfg.solver!r}")
     xp, device = array_module(cfg.device, ell)
     with device:
-        return batched_eigs(ell, cfg.num_eigs, xp=xp, tol=cfg.tol, residual_tol=cfg.residual_tol,
-                            max_iter=cfg.max_iter or 100, seed=cfg.seed)
+        return batched_eigs(
+            ell,
+            cfg.num_eigs,
+            xp=xp,
+            tol=cfg.tol,
+            residual_tol=cfg.residual_tol,
+            max_iter=cfg.max_iter or 100,
+            seed=cfg.seed,
+        )

@@ -42,10 +42,17 @@ class PriorDataset:
     ``url`` may be an already open :class:`PriorStore` (its URL and options are reused).
     """
 
-    def __init__(self, url: str | Path | PriorStore, ids: Sequence[str] | None = None,
-                 transform: Callable[[dict], Any] | None = None, *, num_eigs: int | None = None,
-                 load_image: Callable[[str], Any] | None = None, skip_failed: bool = False,
-                 storage_options: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        url: str | Path | PriorStore,
+        ids: Sequence[str] | None = None,
+        transform: Callable[[dict], Any] | None = None,
+        *,
+        num_eigs: int | None = None,
+        load_image: Callable[[str], Any] | None = None,
+        skip_failed: bool = False,
+        storage_options: dict | None = None,
+    ):
         store = url if isinstance(url, PriorStore) else open_store(url, storage_options=storage_options)
         self.url, self.storage_options = store.url, store.storage_options
         self.fingerprint = store.fingerprint
@@ -62,19 +69,25 @@ class PriorDataset:
         known = set(store.ids)
         missing = [i for i in ids if i not in known]
         if missing:
-            raise KeyError(f"{len(missing)} of the {len(ids)} ids are not in store {store.url} (e.g. {missing[:3]}); "
-                           "it holds the priors of another image list")
+            raise KeyError(
+                f"{len(missing)} of the {len(ids)} ids are not in store {store.url} (e.g. {missing[:3]}); "
+                "it holds the priors of another image list"
+            )
         status = store.status()
         pending = [i for i in ids if status[store.index(i)] == PENDING]
         if pending:
-            raise StoreError(f"store {store.url} is incomplete: {len(pending)} of the ids are pending (e.g. "
-                             f"{pending[:3]}); finish it by re-running the sazs-priors command that wrote it")
+            raise StoreError(
+                f"store {store.url} is incomplete: {len(pending)} of the ids are pending (e.g. "
+                f"{pending[:3]}); finish it by re-running the sazs-priors command that wrote it"
+            )
         failures = store.failures()
         failed = {i: failures[i] for i in ids if status[store.index(i)] == FAILED}
         if failed and not skip_failed:
             shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
-            raise StoreError(f"{len(failed)} of the ids have failed priors in {store.url} ({shown}); pass "
-                             "skip_failed=True to leave them out")
+            raise StoreError(
+                f"{len(failed)} of the ids have failed priors in {store.url} ({shown}); pass "
+                "skip_failed=True to leave them out"
+            )
         if failed:
             log.warning("skipping %d image(s) whose priors failed (e.g. %s)", len(failed), list(failed)[:3])
         return [i for i in ids if i not in failed], failed
@@ -100,8 +113,14 @@ class PriorDataset:
         prior = self.store.get(self.ids[i])
         if self.num_eigs < len(prior.eigvals):
             k = self.num_eigs
-            prior = Prior(id=prior.id, eigvals=prior.eigvals[:k], eigvecs=prior.eigvecs[:k],
-                          residuals=prior.residuals[:k], grid=prior.grid, image_size=prior.image_size)
+            prior = Prior(
+                id=prior.id,
+                eigvals=prior.eigvals[:k],
+                eigvecs=prior.eigvecs[:k],
+                residuals=prior.residuals[:k],
+                grid=prior.grid,
+                image_size=prior.image_size,
+            )
         return prior
 
     def __getitem__(self, i: int) -> Any:
@@ -109,8 +128,14 @@ class PriorDataset:
             raise IndexError(f"index {i} out of range for {len(self)} images")
         i = i % len(self)
         prior = self.prior(i)
-        sample = {"id": prior.id, "index": i, "eigvecs": prior.eigvecs, "eigvals": prior.eigvals,
-                  "grid": np.asarray(prior.grid, np.int64), "image_size": np.asarray(prior.image_size, np.int64)}
+        sample = {
+            "id": prior.id,
+            "index": i,
+            "eigvecs": prior.eigvecs,
+            "eigvals": prior.eigvals,
+            "grid": np.asarray(prior.grid, np.int64),
+            "image_size": np.asarray(prior.image_size, np.int64),
+        }
         if self.load_image is not None:
             sample["image"] = self.load_image(prior.id)
         return self.transform(sample) if self.transform is not None else sample

@@ -56,10 +56,11 @@ DSM_LAPLACIAN = {
     "type": "random-walk (generalised)",
     "formula": "(D - W) v = lambda D v",
     "vectors": "v = D^-1/2 u: generalised eigenvectors as Deep Spectral Methods saves them, each image's "
-               "scaled by 1/||v0|| (mean degree 1); not orthonormal",
+    "scaled by 1/||v0|| (mean degree 1); not orthonormal",
 }
-DSM_SIGN_CONVENTION = ("Deep Spectral Methods: a vector with more than half, but not all, of its entries positive "
-                       "is negated")
+DSM_SIGN_CONVENTION = (
+    "Deep Spectral Methods: a vector with more than half, but not all, of its entries positive is negated"
+)
 DSM_PATCH_SIZE = 16  # DSM's default model, dino_vits16
 MAX_FILE_BYTES = 2 * MAX_CHUNK_BYTES  # float32 on disk: twice the largest image a store holds
 EIGVAL_RANGE = (-1e-3, 2 + 1e-3)  # eigenvalues of the normalised Laplacian (what verify accepts)
@@ -95,8 +96,10 @@ def to_generalised(eigvecs: np.ndarray) -> np.ndarray:
     u = eigvecs.reshape(k, -1).astype(np.float64)
     u0 = np.abs(u[0])
     if u0.min() <= 1e-4 * u0.max() or not (np.all(u[0] >= 0) or np.all(u[0] <= 0)):
-        raise DsmFileError("its trivial eigenvector is not of one sign (the patch graph is in several pieces), "
-                           "so the degrees that turn u into DSM's v are unknown; export it as npz instead")
+        raise DsmFileError(
+            "its trivial eigenvector is not of one sign (the patch graph is in several pieces), "
+            "so the degrees that turn u into DSM's v are unknown; export it as npz instead"
+        )
     v = u / (np.sqrt(u.shape[1]) * u0)
     return dsm_signs(v).astype(np.float32)
 
@@ -138,20 +141,25 @@ def load_dsm_bytes(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray, tupl
     # recorded failure of that one file, never a crash of the import.
     except Exception as exc:  # noqa: BLE001
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DsmFileError(f"{name} is not a plain-tensor torch file (weights_only load refused it: "
-                           f"{reason[:300]})") from None
+        raise DsmFileError(
+            f"{name} is not a plain-tensor torch file (weights_only load refused it: {reason[:300]})"
+        ) from None
     if not isinstance(obj, dict) or not {"eigenvalues", "eigenvectors"} <= set(obj):
         kind = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
         raise DsmFileError(f"{name} holds {kind}, not DSM's {{'eigenvalues', 'eigenvectors'}}")
     vals, vecs = obj["eigenvalues"], obj["eigenvectors"]
     if not (isinstance(vals, torch.Tensor) and isinstance(vecs, torch.Tensor)):
-        raise DsmFileError(f"{name}: 'eigenvalues' and 'eigenvectors' must be tensors, got "
-                           f"{type(vals).__name__} and {type(vecs).__name__}")
+        raise DsmFileError(
+            f"{name}: 'eigenvalues' and 'eigenvectors' must be tensors, got "
+            f"{type(vals).__name__} and {type(vecs).__name__}"
+        )
     if not (vals.is_floating_point() and vecs.is_floating_point()):
         raise DsmFileError(f"{name}: eigenvalues/eigenvectors have dtypes {vals.dtype}/{vecs.dtype}, not floats")
     if vecs.ndim != 2 or vals.ndim != 1 or vals.shape[0] != vecs.shape[0]:
-        raise DsmFileError(f"{name}: eigenvectors have shape {tuple(vecs.shape)} and eigenvalues "
-                           f"{tuple(vals.shape)}; DSM's layout is (K, h*w) and (K,)")
+        raise DsmFileError(
+            f"{name}: eigenvectors have shape {tuple(vecs.shape)} and eigenvalues "
+            f"{tuple(vals.shape)}; DSM's layout is (K, h*w) and (K,)"
+        )
     grid = None
     if "grid" in obj:
         g = obj["grid"]
@@ -229,11 +237,14 @@ def _scan_one(path: Path, id_: str, image_size: Callable[[str], tuple[int, int]]
         return out
     h, w = out.image_size
     grid = cfg.grid or file_grid or (h // cfg.patch_size, w // cfg.patch_size)
-    how = ("--grid" if cfg.grid else "the file's 'grid'" if file_grid
-           else f"image {h}x{w} // patch size {cfg.patch_size}")
+    how = (
+        "--grid" if cfg.grid else "the file's 'grid'" if file_grid else f"image {h}x{w} // patch size {cfg.patch_size}"
+    )
     if grid[0] * grid[1] != vecs.shape[1] or min(grid) < 1:
-        out.error = (f"{path}: {vecs.shape[1]} entries per eigenvector, but the grid is {grid[0]}x{grid[1]} (from "
-                     f"{how}); pass the patch size DSM used (--patch-size) or --grid HxW")
+        out.error = (
+            f"{path}: {vecs.shape[1]} entries per eigenvector, but the grid is {grid[0]}x{grid[1]} (from "
+            f"{how}); pass the patch size DSM used (--patch-size) or --grid HxW"
+        )
         return out
     if max(grid) > MAX_GRID_SIDE:
         out.error = f"{path}: grid {grid} exceeds {MAX_GRID_SIDE} patches a side"
@@ -252,8 +263,10 @@ def _convert(data: bytes, path: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise DsmFileError(f"{path} holds NaN or infinite values")
     low, high = EIGVAL_RANGE
     if vals.min() < low or vals.max() > high:
-        raise DsmFileError(f"{path}: eigenvalues {vals.min():.4g}..{vals.max():.4g} are outside [0, 2], so not "
-                           "those of a normalised Laplacian (DSM's which_matrix='laplacian' with lapnorm=True)")
+        raise DsmFileError(
+            f"{path}: eigenvalues {vals.min():.4g}..{vals.max():.4g} are outside [0, 2], so not "
+            "those of a normalised Laplacian (DSM's which_matrix='laplacian' with lapnorm=True)"
+        )
     if np.any(np.diff(vals) < -1e-6):
         raise DsmFileError(f"{path}: eigenvalues are not ascending")
     vecs = from_generalised(vecs)
@@ -264,9 +277,15 @@ def _convert(data: bytes, path: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
     return vals.astype(np.float32), vecs
 
 
-def import_dsm(eigs_dir: str | Path, out: str | Path, *, ids: Sequence[str],
-               image_size: Callable[[str], tuple[int, int]], dataset: dict,
-               cfg: ImportConfig = ImportConfig()) -> dict[str, int]:  # fmt: skip
+def import_dsm(
+    eigs_dir: str | Path,
+    out: str | Path,
+    *,
+    ids: Sequence[str],
+    image_size: Callable[[str], tuple[int, int]],
+    dataset: dict,
+    cfg: ImportConfig = ImportConfig(),
+) -> dict[str, int]:
     """Write the DSM files ``eigs_dir/{id}.pth`` of ``ids`` as the prior store ``out``; counts by status.
 
     ``image_size(id)`` gives the image's (H, W) (OSError/ValueError for an unreadable image);
@@ -304,9 +323,17 @@ def import_dsm(eigs_dir: str | Path, out: str | Path, *, ids: Sequence[str],
         raise StoreError(f"no DSM file in {eigs_dir} holds K={k} eigenvectors")
     max_grid = [max(s.grid[0] for s in good), max(s.grid[1] for s in good)]
     source = hashlib.sha256("".join(f"{i}\t{s.sha256}\n" for i, s in scans.items()).encode()).hexdigest()
-    manifest = imported_manifest(dataset, eigs_dir, num_eigs=k, max_grid=max_grid, shard_size=cfg.shard_size,
-                                 patch_size=cfg.patch_size, grid=cfg.grid, source_sha256=source,
-                                 num_files=len(good))
+    manifest = imported_manifest(
+        dataset,
+        eigs_dir,
+        num_eigs=k,
+        max_grid=max_grid,
+        shard_size=cfg.shard_size,
+        patch_size=cfg.patch_size,
+        grid=cfg.grid,
+        source_sha256=source,
+        num_files=len(good),
+    )
     with StoreWriter.open(out, ids=ids, manifest=manifest, overwrite=cfg.overwrite) as writer:
         todo = writer.todo(retry_failed=cfg.retry_failed)
         bar = tqdm(total=sum(map(len, todo.values())), desc="import", unit="img", disable=not cfg.progress)
@@ -332,26 +359,57 @@ def _import_one(index: int, id_: str, scan: _Scan, eigs_dir: Path, k: int) -> Im
     except (DsmFileError, OSError) as exc:
         return ImageResult(index=index, image_size=scan.image_size, error=str(exc))
     h, w = scan.grid
-    return ImageResult(index=index, image_size=scan.image_size, grid=(h, w), eigvals=vals,
-                       eigvecs=vecs.reshape(k, h, w), residuals=np.full(k, np.nan, np.float32))
+    return ImageResult(
+        index=index,
+        image_size=scan.image_size,
+        grid=(h, w),
+        eigvals=vals,
+        eigvecs=vecs.reshape(k, h, w),
+        residuals=np.full(k, np.nan, np.float32),
+    )
 
 
-def imported_manifest(dataset: dict, eigs_dir: Path, *, num_eigs: int, max_grid: list[int], shard_size: int,
-                      patch_size: int, grid: tuple[int, int] | None, source_sha256: str, num_files: int) -> dict:
+def imported_manifest(
+    dataset: dict,
+    eigs_dir: Path,
+    *,
+    num_eigs: int,
+    max_grid: list[int],
+    shard_size: int,
+    patch_size: int,
+    grid: tuple[int, int] | None,
+    source_sha256: str,
+    num_files: int,
+) -> dict:
     """The manifest of an imported store: what is known, nothing invented (see the module docstring)."""
-    grid_rule = (f"{grid[0]}x{grid[1]} for every image (--grid)" if grid
-                 else f"the file's 'grid', else (H // {patch_size}, W // {patch_size})")
+    grid_rule = (
+        f"{grid[0]}x{grid[1]} for every image (--grid)"
+        if grid
+        else f"the file's 'grid', else (H // {patch_size}, W // {patch_size})"
+    )
     return build_manifest(
         dataset=dataset,
-        extractor={"name": "imported", "architecture": None, "weights": None, "weights_sha256": None,
-                   "facet": None, "input_size_policy": {"patch_size": patch_size, "grid": grid_rule},
-                   "source_sha256": source_sha256},
+        extractor={
+            "name": "imported",
+            "architecture": None,
+            "weights": None,
+            "weights_sha256": None,
+            "facet": None,
+            "input_size_policy": {"patch_size": patch_size, "grid": grid_rule},
+            "source_sha256": source_sha256,
+        },
         graph={"name": "imported"},
         solver={"solver": "imported"},
         num_eigs=num_eigs,
         layout={"shard_size": shard_size, "max_grid": list(max_grid), "eigvecs_dtype": "float16"},
         laplacian=DSM_LAPLACIAN,
         sign_convention=DSM_SIGN_CONVENTION,
-        extra={"imported": {"from": "deep-spectral-methods", "source": str(eigs_dir.resolve()),
-                            "num_files": num_files, "files_sha256": source_sha256}},
+        extra={
+            "imported": {
+                "from": "deep-spectral-methods",
+                "source": str(eigs_dir.resolve()),
+                "num_files": num_files,
+                "files_sha256": source_sha256,
+            }
+        },
     )

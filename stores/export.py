@@ -78,8 +78,10 @@ class ExportSummary:
     no_priors: dict[str, str] = field(default_factory=dict)  # failed or pending in the store
 
     def line(self) -> str:
-        text = (f"exported {self.written} image(s) to {self.out} ({self.format}, {self.num_vectors} vector(s)); "
-                f"{self.existing} already there")
+        text = (
+            f"exported {self.written} image(s) to {self.out} ({self.format}, {self.num_vectors} vector(s)); "
+            f"{self.existing} already there"
+        )
         if self.no_priors:
             text += f"; {len(self.no_priors)} without priors skipped"
         if self.failed:
@@ -129,10 +131,17 @@ def _dsm_bytes(prior: Prior, k: int, generalised: bool) -> bytes:
 
 def _npz_bytes(prior: Prior, k: int, vectors: str, fingerprint: str) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, eigvals=prior.eigvals[:k].astype(np.float32), eigvecs=prior.eigvecs[:k].astype(np.float32),
-             residuals=prior.residuals[:k].astype(np.float32), grid=np.asarray(prior.grid, np.int32),
-             image_size=np.asarray(prior.image_size, np.int32), vectors=np.str_(vectors), id=np.str_(prior.id),
-             fingerprint=np.str_(fingerprint))
+    np.savez(
+        buf,
+        eigvals=prior.eigvals[:k].astype(np.float32),
+        eigvecs=prior.eigvecs[:k].astype(np.float32),
+        residuals=prior.residuals[:k].astype(np.float32),
+        grid=np.asarray(prior.grid, np.int32),
+        image_size=np.asarray(prior.image_size, np.int32),
+        vectors=np.str_(vectors),
+        id=np.str_(prior.id),
+        fingerprint=np.str_(fingerprint),
+    )
     return buf.getvalue()
 
 
@@ -178,8 +187,10 @@ def _check_marker(out: Path, marker: dict, overwrite: bool) -> None:
     keys = ("fingerprint", "format", "num_vectors")
     if not isinstance(old, dict) or any(old.get(k) != marker[k] for k in keys):
         got = {k: old.get(k) for k in keys} if isinstance(old, dict) else old
-        raise StoreError(f"{out} holds an export of another store or setting ({got}, now "
-                         f"{ {k: marker[k] for k in keys} }); choose another output folder or pass --overwrite")
+        raise StoreError(
+            f"{out} holds an export of another store or setting ({got}, now "
+            f"{ {k: marker[k] for k in keys} }); choose another output folder or pass --overwrite"
+        )
 
 
 def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_options: dict | None = None) -> ExportSummary:
@@ -191,15 +202,21 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
     default = SAZS_NUM_VECTORS if cfg.format == "sazs-png" else k_all - 1
     n = cfg.num_vectors or min(default, k_all - 1)
     if not 1 <= n <= k_all - 1:
-        raise ValueError(f"--num-vectors {n}: {store.url} holds K={k_all} eigenvectors, so at most {k_all - 1} "
-                         "non-trivial ones")
+        raise ValueError(
+            f"--num-vectors {n}: {store.url} holds K={k_all} eigenvectors, so at most {k_all - 1} non-trivial ones"
+        )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out} is a file; export writes a folder: choose another output path")
     ids, no_priors = _select(store, cfg)
     generalised = holds_generalised(store.manifest)
-    marker = {"store": store.url, "fingerprint": store.fingerprint, "format": cfg.format, "num_vectors": n,
-              "vectors": "v" if generalised else "u"}
+    marker = {
+        "store": store.url,
+        "fingerprint": store.fingerprint,
+        "format": cfg.format,
+        "num_vectors": n,
+        "vectors": "v" if generalised else "u",
+    }
     summary = ExportSummary(out=str(out), format=cfg.format, num_vectors=n, no_priors=no_priors)
     with disk_errors(out, f"exporting to {out}"):
         out.mkdir(parents=True, exist_ok=True)
@@ -219,8 +236,12 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
                 continue
             summary.written += 1
     if no_priors:
-        log.warning("%d image(s) have no priors in %s and were skipped (e.g. %s)", len(no_priors), store.url,
-                    list(no_priors)[:3])
+        log.warning(
+            "%d image(s) have no priors in %s and were skipped (e.g. %s)",
+            len(no_priors),
+            store.url,
+            list(no_priors)[:3],
+        )
     return summary
 
 

@@ -52,8 +52,10 @@ class GalleryConfig:
 
     def __post_init__(self) -> None:
         if self.num_vectors < 1 or self.thumb_size < 16 or self.workers < 1:
-            raise ValueError(f"gallery: num_vectors >= 1, thumb_size >= 16 and workers >= 1 are needed, got "
-                             f"{self.num_vectors}, {self.thumb_size} and {self.workers}")
+            raise ValueError(
+                f"gallery: num_vectors >= 1, thumb_size >= 16 and workers >= 1 are needed, got "
+                f"{self.num_vectors}, {self.thumb_size} and {self.workers}"
+            )
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"gallery: --limit must be >= 1 (or 0 for all images), got {self.limit}")
 
@@ -103,12 +105,20 @@ def _check_out_dir(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         index = out / "index.html"
         if not (index.is_file() and MARKER in index.read_text(errors="replace")[:4096]):
-            raise StoreError(f"{out} is not empty and does not hold a sazs gallery; give --out a new or empty "
-                             "directory")
+            raise StoreError(
+                f"{out} is not empty and does not hold a sazs gallery; give --out a new or empty directory"
+            )
 
 
-def build_gallery(store: PriorStore, out_dir: str | Path, *, load_image: Callable[[str], np.ndarray | None] | None,
-                  cfg: GalleryConfig = GalleryConfig(), images_note: str = "", progress: bool = True) -> Path:
+def build_gallery(
+    store: PriorStore,
+    out_dir: str | Path,
+    *,
+    load_image: Callable[[str], np.ndarray | None] | None,
+    cfg: GalleryConfig = GalleryConfig(),
+    images_note: str = "",
+    progress: bool = True,
+) -> Path:
     """Write the gallery of ``store`` to ``out_dir``; returns the path of ``index.html``.
 
     ``load_image(id)`` returns the image (H, W, 3) uint8, or None where it cannot (the card
@@ -135,17 +145,28 @@ def build_gallery(store: PriorStore, out_dir: str | Path, *, load_image: Callabl
             except (OSError, ValueError, KeyError) as exc:  # an unreadable or missing image: maps only
                 note = f"image not loaded: {type(exc).__name__}: {exc}"
             if image is not None and tuple(image.shape[:2]) != tuple(prior.image_size):
-                note = (f"image is {image.shape[1]}x{image.shape[0]} but the priors were computed at "
-                        f"{prior.image_size[1]}x{prior.image_size[0]}")
+                note = (
+                    f"image is {image.shape[1]}x{image.shape[0]} but the priors were computed at "
+                    f"{prior.image_size[1]}x{prior.image_size[0]}"
+                )
         residual = float(np.nanmax(prior.residuals)) if np.isfinite(prior.residuals).any() else math.nan
-        return {"id": id_, "order": index, "grid": list(prior.grid), "size": list(prior.image_size),
-                "eigvals": [round(float(x), 6) for x in prior.eigvals[: cfg.num_vectors + 2]],
-                "gap": eigengap(prior.eigvals), "residual": residual, "note": note,
-                **_thumbnails(prior, image, index, thumbs, cfg)}
+        return {
+            "id": id_,
+            "order": index,
+            "grid": list(prior.grid),
+            "size": list(prior.image_size),
+            "eigvals": [round(float(x), 6) for x in prior.eigvals[: cfg.num_vectors + 2]],
+            "gap": eigengap(prior.eigvals),
+            "residual": residual,
+            "note": note,
+            **_thumbnails(prior, image, index, thumbs, cfg),
+        }
 
     cards: list[dict] = [None] * len(shown)  # type: ignore[list-item]
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool, \
-            tqdm(total=len(shown), unit="img", desc="thumbnails", disable=not progress, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=cfg.workers) as pool,
+        tqdm(total=len(shown), unit="img", desc="thumbnails", disable=not progress, leave=False) as bar,
+    ):
         futures = {pool.submit(one, i, id_): i for i, id_ in enumerate(shown)}
         for fut in as_completed(futures):
             cards[futures[fut]] = fut.result()
@@ -173,15 +194,20 @@ def _summary_rows(store: PriorStore, shown: int, total_done: int, images_note: s
     rows = [
         ("store", store.url),
         ("dataset", f"{ds.get('name')} / {ds.get('split')} ({ds.get('num_images')} images, root {ds.get('root')})"),
-        ("images", f"{counts['done']} done, {counts['failed']} failed, {counts['pending']} pending; "
-                   f"{shown} shown" + (f" (the first {shown} of {total_done} done)" if shown < total_done else "")),
-        ("extractor", f"{ex.get('name')} ({ex.get('architecture', '—')}, facet {ex.get('facet', '—')}), weights "
-                      f"sha256 {str(ex.get('weights_sha256') or '—')[:16]}"),
+        (
+            "images",
+            f"{counts['done']} done, {counts['failed']} failed, {counts['pending']} pending; "
+            f"{shown} shown" + (f" (the first {shown} of {total_done} done)" if shown < total_done else ""),
+        ),
+        (
+            "extractor",
+            f"{ex.get('name')} ({ex.get('architecture', '—')}, facet {ex.get('facet', '—')}), weights "
+            f"sha256 {str(ex.get('weights_sha256') or '—')[:16]}",
+        ),
         ("graph", ", ".join(f"{k}={v}" for k, v in graph.items() if not isinstance(v, dict | list))),
         ("solver", ", ".join(f"{k}={v}" for k, v in solver.items() if not isinstance(v, dict | list))),
         ("spectrum", f"K = {store.num_eigs}, max grid {store.max_grid[0]}×{store.max_grid[1]}"),
-        ("created", f"{m.get('created', '—')} by {m.get('created_by', '—')} "
-                    f"with sazs {m.get('code_version', '—')}"),
+        ("created", f"{m.get('created', '—')} by {m.get('created_by', '—')} with sazs {m.get('code_version', '—')}"),
         ("fingerprint", store.fingerprint),
     ]
     if "imported" in m:
@@ -205,28 +231,39 @@ def _card(c: dict, labels: list[str]) -> str:
     note = f'<p class="note">{e(c["note"])}</p>' if c["note"] else ""
     gap = c["gap"] if math.isfinite(c["gap"]) else -1
     res = c["residual"] if math.isfinite(c["residual"]) else -1
-    return (f'<article class="card" data-id="{e(c["id"])}" data-order="{c["order"]}" data-gap="{gap:.6g}" '
-            f'data-residual="{res:.6g}"><h3>{e(c["id"])}</h3><div class="pics">{"".join(pics)}</div>'
-            f'<p class="stats">gap λ2−λ1 <b>{_fmt(c["gap"], 3)}</b> · residual <b>{_fmt(c["residual"], 2)}</b> · '
-            f'grid {c["grid"][0]}×{c["grid"][1]} · image {c["size"][1]}×{c["size"][0]}</p>'
-            f'<p class="vals">λ0.. = {vals}</p>{note}</article>')
+    return (
+        f'<article class="card" data-id="{e(c["id"])}" data-order="{c["order"]}" data-gap="{gap:.6g}" '
+        f'data-residual="{res:.6g}"><h3>{e(c["id"])}</h3><div class="pics">{"".join(pics)}</div>'
+        f'<p class="stats">gap λ2−λ1 <b>{_fmt(c["gap"], 3)}</b> · residual <b>{_fmt(c["residual"], 2)}</b> · '
+        f"grid {c['grid'][0]}×{c['grid'][1]} · image {c['size'][1]}×{c['size'][0]}</p>"
+        f'<p class="vals">λ0.. = {vals}</p>{note}</article>'
+    )
 
 
-def render_page(store: PriorStore, cards: list[dict], *, total_done: int, images_note: str,
-                cfg: GalleryConfig) -> str:
+def render_page(store: PriorStore, cards: list[dict], *, total_done: int, images_note: str, cfg: GalleryConfig) -> str:
     e = html.escape
     m = store.manifest
     title = f"{m['dataset'].get('name')} / {m['dataset'].get('split')} · {m['extractor'].get('name')}"
-    summary = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>"
-                      for k, v in _summary_rows(store, len(cards), total_done, images_note))
+    summary = "".join(
+        f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>"
+        for k, v in _summary_rows(store, len(cards), total_done, images_note)
+    )
     labels = [f"eigvec {v}" for v in range(1, cfg.num_vectors + 1)]
     grid = "".join(_card(c, labels) for c in cards) or '<p class="empty">no image of this store is done yet</p>'
     failures = store.failures()
     fail_rows = "".join(f"<tr><td>{e(i)}</td><td>{e(r)}</td></tr>" for i, r in failures.items())
-    fail_html = (f"<table><tr><th>id</th><th>reason</th></tr>{fail_rows}</table>" if failures
-                 else "<p>none</p>")
-    return _PAGE.format(marker=MARKER, title=e(title), summary=summary, grid=grid, shown=len(cards),
-                        num_failed=len(failures), failures=fail_html, css=_CSS, js=_JS)
+    fail_html = f"<table><tr><th>id</th><th>reason</th></tr>{fail_rows}</table>" if failures else "<p>none</p>"
+    return _PAGE.format(
+        marker=MARKER,
+        title=e(title),
+        summary=summary,
+        grid=grid,
+        shown=len(cards),
+        num_failed=len(failures),
+        failures=fail_html,
+        css=_CSS,
+        js=_JS,
+    )
 
 
 _CSS = """

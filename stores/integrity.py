@@ -29,11 +29,12 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
-from .console import disk_error_message
+from sazs.core.console import disk_error_message
+
 from .manifest import code_version
 from .reader import PriorStore, is_http, open_store, split_url
 from .schema import ARRAYS, DONE, FAILED, PENDING, STATUS_NAMES, StoreError
@@ -54,7 +55,7 @@ DONE_ARRAYS = tuple(a for a in ARRAYS if a not in ("status", "errors"))
 
 
 def _key(root: str, path: str) -> str:
-    return path[len(root.rstrip("/")) + 1:]
+    return path[len(root.rstrip("/")) + 1 :]
 
 
 def list_objects(fs, root: str) -> dict[str, int]:
@@ -66,8 +67,11 @@ def list_objects(fs, root: str) -> dict[str, int]:
     if is_http(fs):
         return _served_objects(fs, root)
     found = fs.find(root, detail=True)
-    return {_key(root, p): int(info.get("size") or 0) for p, info in found.items()
-            if info.get("type", "file") == "file" and _key(root, p) not in SIDE_FILES}
+    return {
+        _key(root, p): int(info.get("size") or 0)
+        for p, info in found.items()
+        if info.get("type", "file") == "file" and _key(root, p) not in SIDE_FILES
+    }
 
 
 def _served_objects(fs, root: str) -> dict[str, int]:
@@ -75,9 +79,11 @@ def _served_objects(fs, root: str) -> dict[str, int]:
 
     expected = read_checksums(fs, root)
     if expected is None:
-        raise StoreError(f"{root} has no {CHECKSUM_FILE}: over plain HTTP the objects of a store cannot be listed, "
-                         "only a finalised store can be read there; finalize it (sazs-store finalize) and publish "
-                         "it again")
+        raise StoreError(
+            f"{root} has no {CHECKSUM_FILE}: over plain HTTP the objects of a store cannot be listed, "
+            "only a finalised store can be read there; finalize it (sazs-store finalize) and publish "
+            "it again"
+        )
 
     def size(key: str) -> int | None:
         try:
@@ -125,8 +131,10 @@ def read_checksums(fs, root: str) -> dict[str, str] | None:
     for n, line in enumerate(fs.cat_file(path).decode(errors="replace").splitlines(), 1):
         digest, sep, key = line.partition("  ")
         if not sep or len(digest) != 64:
-            raise StoreError(f"{root}/{CHECKSUM_FILE} line {n} is malformed: {line[:80]!r}; if finalize was "
-                             f"interrupted (a full disk?), re-run `sazs-store finalize {root}` to rewrite it")
+            raise StoreError(
+                f"{root}/{CHECKSUM_FILE} line {n} is malformed: {line[:80]!r}; if finalize was "
+                f"interrupted (a full disk?), re-run `sazs-store finalize {root}` to rewrite it"
+            )
         out[key] = digest
     return out
 
@@ -152,8 +160,9 @@ def _write_side_file(fs, path: str, data: bytes) -> None:
         msg = disk_error_message(exc, path)
         if msg is None:
             raise
-        raise StoreError(f"finalize: {msg}; nothing was half-written, re-run `sazs-store finalize` "
-                         "afterwards") from None
+        raise StoreError(
+            f"finalize: {msg}; nothing was half-written, re-run `sazs-store finalize` afterwards"
+        ) from None
 
 
 def is_finalized(url: str, storage_options: dict | None = None) -> bool:
@@ -161,18 +170,22 @@ def is_finalized(url: str, storage_options: dict | None = None) -> bool:
     return fs.exists(f"{root.rstrip('/')}/{CHECKSUM_FILE}")
 
 
-def finalize(url: str, *, storage_options: dict | None = None, allow_incomplete: bool = False,
-             progress: bool = False) -> dict:
+def finalize(
+    url: str, *, storage_options: dict | None = None, allow_incomplete: bool = False, progress: bool = False
+) -> dict:
     """Write the checksum file and summary of a store whose writers have finished."""
     store = open_store(url, storage_options=storage_options)
     fs, root = store.fs, store.root
     if fs.exists(f"{root.rstrip('/')}/{LOCK_FILE}"):
-        raise StoreError(f"{url} is locked by a writer ({LOCK_FILE}); finalize after the job ends "
-                         "(or `sazs-store unlock` a stale lock)")
+        raise StoreError(
+            f"{url} is locked by a writer ({LOCK_FILE}); finalize after the job ends "
+            "(or `sazs-store unlock` a stale lock)"
+        )
     counts = store.counts()
     if counts["pending"] and not allow_incomplete:
-        raise StoreError(f"{url} has {counts['pending']} pending image(s); finish the job (re-run it) "
-                         "or pass --allow-incomplete")
+        raise StoreError(
+            f"{url} has {counts['pending']} pending image(s); finish the job (re-run it) or pass --allow-incomplete"
+        )
     objects = list_objects(fs, root)
     for key in [k for k in objects if k.endswith(TEMP_SUFFIX)]:
         log.info("removing leftover temporary file %s", key)
@@ -189,7 +202,7 @@ def finalize(url: str, *, storage_options: dict | None = None, allow_incomplete:
         "num_objects": len(objects),
         "total_bytes": int(sum(objects.values())),
         "checksums_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "finalized": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finalized": datetime.now(UTC).isoformat(timespec="seconds"),
         "finalized_with": code_version(),
     }
     _write_side_file(fs, f"{root.rstrip('/')}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
@@ -226,33 +239,50 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
     def lines(self, limit: int = 10) -> list[str]:
-        out = [f"store       {self.url}",
-               f"finalized   {'yes' if self.finalized else 'no (no checksums: content checks only)'}"]
+        out = [
+            f"store       {self.url}",
+            f"finalized   {'yes' if self.finalized else 'no (no checksums: content checks only)'}",
+        ]
         for name in (*DAMAGE, "high_residual", "pending", "failed", "temp_files"):
             items = getattr(self, name)
             if items:
                 shown = ", ".join(items[:limit]) + (f" ... (+{len(items) - limit})" if len(items) > limit else "")
                 out.append(f"{name:<11} {len(items)}: {shown}")
-        out.append("result      " + ("OK" if self.ok else "DAMAGED") +
-                   (f" ({len(self.pending)} image(s) pending)" if self.pending else ""))
+        out.append(
+            "result      "
+            + ("OK" if self.ok else "DAMAGED")
+            + (f" ({len(self.pending)} image(s) pending)" if self.pending else "")
+        )
         if not self.ok:
-            out.append("fix         pull a good copy (sazs-store pull), or re-create the store "
-                       "(sazs-priors run with --overwrite); images with an undefined status are recomputed "
-                       "by re-running the job that wrote it")
+            out.append(
+                "fix         pull a good copy (sazs-store pull), or re-create the store "
+                "(sazs-priors run with --overwrite); images with an undefined status are recomputed "
+                "by re-running the job that wrote it"
+            )
         return out
 
 
 # The report fields that mean damage (the others are information: pending, failed, ...).
-DAMAGE = ("missing", "extra", "corrupted", "unreadable", "missing_data", "bad_status", "nonfinite",
-          "out_of_range", "not_ascending")
+DAMAGE = (
+    "missing",
+    "extra",
+    "corrupted",
+    "unreadable",
+    "missing_data",
+    "bad_status",
+    "nonfinite",
+    "out_of_range",
+    "not_ascending",
+)
 
 
 def _row_keys(array, name: str, i: int) -> list[str]:
     """Keys (relative to the store root) of the objects holding row ``i`` of ``array``."""
     chunk = array.shards or array.chunks  # the stored object: a shard when sharded
     rest = [range(-(-size // c)) for size, c in zip(array.shape[1:], chunk[1:])]
-    return [f"{name}/{array.metadata.encode_chunk_key((i // chunk[0], *coords))}"
-            for coords in itertools.product(*rest)]
+    return [
+        f"{name}/{array.metadata.encode_chunk_key((i // chunk[0], *coords))}" for coords in itertools.product(*rest)
+    ]
 
 
 def missing_objects(store: PriorStore, objects: dict[str, int] | set[str]) -> dict[str, str]:
@@ -282,9 +312,18 @@ def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[
     """Content checks for one shard; returns id lists per problem kind (``gone``: missing_objects)."""
     s = int(store.manifest["layout"]["shard_size"])
     lo, hi = shard * s, min((shard + 1) * s, len(store))
-    out: dict[str, list[str]] = {name: [] for name in
-                                 ("unreadable", "missing_data", "bad_status", "nonfinite", "out_of_range",
-                                  "not_ascending", "high_residual")}
+    out: dict[str, list[str]] = {
+        name: []
+        for name in (
+            "unreadable",
+            "missing_data",
+            "bad_status",
+            "nonfinite",
+            "out_of_range",
+            "not_ascending",
+            "high_residual",
+        )
+    }
     try:
         status = np.asarray(store.group["status"][lo:hi])
         eigvals = np.asarray(store.group["eigvals"][lo:hi])
@@ -316,8 +355,10 @@ def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[
             out["nonfinite"].append(id_)
             continue
         if (eigvals[j] < low).any() or (eigvals[j] > high).any() or (residual[j] < 0).any():
-            out["out_of_range"].append(f"{id_} (eigenvalues {eigvals[j].min():.4g}..{eigvals[j].max():.4g}, "
-                                       f"smallest residual {residual[j].min():.4g})")
+            out["out_of_range"].append(
+                f"{id_} (eigenvalues {eigvals[j].min():.4g}..{eigvals[j].max():.4g}, "
+                f"smallest residual {residual[j].min():.4g})"
+            )
             continue
         if np.any(np.diff(eigvals[j]) < -1e-6):
             out["not_ascending"].append(id_)
@@ -361,8 +402,9 @@ def verify(url: str, *, storage_options: dict | None = None, progress: bool = Fa
     gone = missing_objects(store, objects)
     tol = float(store.manifest["solver"].get("residual_tol", 1e-3))
     num_shards = -(-len(store) // int(store.manifest["layout"]["shard_size"]))
-    results = dask.compute(*[dask.delayed(_check_shard)(store, s, tol, gone) for s in range(num_shards)],
-                           scheduler="threads")
+    results = dask.compute(
+        *[dask.delayed(_check_shard)(store, s, tol, gone) for s in range(num_shards)], scheduler="threads"
+    )
     for part in results:
         for name, items in part.items():
             getattr(report, name).extend(items)

@@ -27,10 +27,11 @@ import socket
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from .console import disk_error_message
+from sazs.core.console import disk_error_message
+
 from .integrity import LOCK_FILE
 from .schema import MAX_JSON_BYTES, StoreError, parse_json
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _user() -> str:
@@ -106,7 +107,7 @@ def _age(iso: str | None) -> str:
         then = datetime.fromisoformat(iso)
     except (TypeError, ValueError):
         return "an unknown time"
-    s = max(0, int((datetime.now(timezone.utc) - then).total_seconds()))
+    s = max(0, int((datetime.now(UTC) - then).total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= size:
             return f"{s // size}{unit} ago"
@@ -128,13 +129,14 @@ def describe(info: dict) -> str:
 
 
 def locked_message(store: str | Path, info: dict) -> str:
-    hint = (f"if that process is gone, take the lock over with --take-over-lock / "
-            f"`sazs-store unlock {store}`")
+    hint = f"if that process is gone, take the lock over with --take-over-lock / `sazs-store unlock {store}`"
     if not info:
         return f"{store} is locked ({LOCK_FILE} exists but cannot be read); {hint}"
     if is_stale(info):
-        return (f"{store} has a stale lock: locked by {describe(info)}, stale (process {info['pid']} is not "
-                f"running); take the lock over with --take-over-lock / `sazs-store unlock {store}`")
+        return (
+            f"{store} has a stale lock: locked by {describe(info)}, stale (process {info['pid']} is not "
+            f"running); take the lock over with --take-over-lock / `sazs-store unlock {store}`"
+        )
     return f"{store} is locked by {describe(info)}; {hint}"
 
 
@@ -160,8 +162,10 @@ class StoreLock:
             current = read_lock(self.store)
             if not current or current.get("token") != self.info["token"]:
                 by = locked_message(self.store, current) if current is not None else f"{LOCK_FILE} was removed"
-                raise StoreError(f"this writer lost the lock of {self.store} ({by}); stopping so that two "
-                                 "writers never write one store")
+                raise StoreError(
+                    f"this writer lost the lock of {self.store} ({by}); stopping so that two "
+                    "writers never write one store"
+                )
             self.info = {**self.info, "heartbeat": _now()}
             # A whole new file renamed over the old one: readers never see half a lock.
             # (".partial", like Zarr's temporary files: finalize removes one a crash left behind.)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ def build_manifest(
         "sign_convention": sign_convention,
         "layout": layout,
         "code_version": code_version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "created_by": f"{_user()}@{platform.node()}",
         **(extra or {}),
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,10 @@ ON_CONFLICT = ("error", "first")
 
 def _read_shard(store: PriorStore, lo: int, hi: int) -> dict[str, np.ndarray]:
     g = store.group
-    return {name: np.asarray(g[name][lo:hi]) for name in
-            ("status", "errors", "image_size", "grid", "eigvals", "residual", "eigvecs")}
+    return {
+        name: np.asarray(g[name][lo:hi])
+        for name in ("status", "errors", "image_size", "grid", "eigvals", "residual", "eigvecs")
+    }
 
 
 def _merge_shard(writer: StoreWriter, stores: list[PriorStore], shard: int) -> list[str]:
@@ -52,27 +54,45 @@ def _merge_shard(writer: StoreWriter, stores: list[PriorStore], shard: int) -> l
             src = done[0]
             h, w = (int(x) for x in src["grid"][j])
             for other in done[1:]:
-                same = (np.array_equal(other["grid"][j], src["grid"][j])
-                        and np.array_equal(other["eigvals"][j], src["eigvals"][j], equal_nan=True)
-                        and np.array_equal(other["eigvecs"][j], src["eigvecs"][j], equal_nan=True))
+                same = (
+                    np.array_equal(other["grid"][j], src["grid"][j])
+                    and np.array_equal(other["eigvals"][j], src["eigvals"][j], equal_nan=True)
+                    and np.array_equal(other["eigvecs"][j], src["eigvecs"][j], equal_nan=True)
+                )
                 if not same:
                     conflicts.append(stores[0].ids[i])
                     break
-            results.append(ImageResult(
-                index=i, image_size=tuple(src["image_size"][j]), grid=(h, w), eigvals=src["eigvals"][j],
-                eigvecs=src["eigvecs"][j][:, :h, :w], residuals=src["residual"][j]))
+            results.append(
+                ImageResult(
+                    index=i,
+                    image_size=tuple(src["image_size"][j]),
+                    grid=(h, w),
+                    eigvals=src["eigvals"][j],
+                    eigvecs=src["eigvecs"][j][:, :h, :w],
+                    residuals=src["residual"][j],
+                )
+            )
             continue
         failed = [p for p in parts if p["status"][j] == FAILED]
         if failed:
-            results.append(ImageResult(index=i, image_size=tuple(failed[0]["image_size"][j]),
-                                       error=str(failed[0]["errors"][j]) or "failed"))
+            results.append(
+                ImageResult(
+                    index=i, image_size=tuple(failed[0]["image_size"][j]), error=str(failed[0]["errors"][j]) or "failed"
+                )
+            )
     if results:
         writer.write_shard(shard, results)
     return conflicts
 
 
-def merge(out: str | Path, inputs: list[str], *, on_conflict: str = "error", overwrite: bool = False,
-          storage_options: dict | None = None) -> dict[str, int]:
+def merge(
+    out: str | Path,
+    inputs: list[str],
+    *,
+    on_conflict: str = "error",
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> dict[str, int]:
     """Merge ``inputs`` (paths or URLs) into a new local store at ``out``; returns its counts."""
     import dask
 
@@ -96,9 +116,10 @@ def merge(out: str | Path, inputs: list[str], *, on_conflict: str = "error", ove
         shutil.rmtree(tmp)
     manifest = copy.deepcopy(first.manifest)
     manifest["layout"]["max_grid"] = [max(int(s.manifest["layout"]["max_grid"][d]) for s in stores) for d in (0, 1)]
-    manifest["merged_from"] = [{"url": s.url, "counts": s.counts(), "created": s.manifest.get("created")}
-                               for s in stores]
-    manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["merged_from"] = [
+        {"url": s.url, "counts": s.counts(), "created": s.manifest.get("created")} for s in stores
+    ]
+    manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     writer = StoreWriter.open(tmp, ids=first.ids, manifest=manifest)
     try:
         tasks = [dask.delayed(_merge_shard)(writer, stores, s) for s in range(writer.num_shards)]
@@ -109,7 +130,8 @@ def merge(out: str | Path, inputs: list[str], *, on_conflict: str = "error", ove
             raise StoreError(
                 f"{len(conflicts)} image(s) are done in several inputs with different numbers: "
                 f"{conflicts[:10]}{' ...' if len(conflicts) > 10 else ''}; pass --on-conflict first to take "
-                "the first input's, or check how the inputs were computed")
+                "the first input's, or check how the inputs were computed"
+            )
         counts = writer.counts()
     except BaseException:
         _close(writer)

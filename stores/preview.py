@@ -98,8 +98,14 @@ def draw_priors(
             ax.imshow(image, extent=extent)
         ax.imshow(np.ma.masked_equal(fiedler, 0), cmap="autumn", alpha=0.55, extent=extent, interpolation="nearest")
         ax = axes[r, 2 + num_vectors]
-        ax.imshow(eigen_segments(prior.eigvecs, num_vectors), cmap=SEGMENT_CMAP, vmin=0, vmax=9, extent=extent,
-                  interpolation="nearest")
+        ax.imshow(
+            eigen_segments(prior.eigvecs, num_vectors),
+            cmap=SEGMENT_CMAP,
+            vmin=0,
+            vmax=9,
+            extent=extent,
+            interpolation="nearest",
+        )
         if r == 0:
             axes[r, 0].set_title("image", fontsize=9)
             axes[r, 1 + num_vectors].set_title("segment (vec 1 > 0)", fontsize=9)

@@ -28,7 +28,14 @@ import numpy as np
 import zarr
 
 from .schema import (
-    ALLOWED_CODECS, ARRAYS, DONE, FAILED, PENDING, StoreError, array_spec, validate_store,
+    ALLOWED_CODECS,
+    ARRAYS,
+    DONE,
+    FAILED,
+    PENDING,
+    StoreError,
+    array_spec,
+    validate_store,
 )
 
 log = logging.getLogger(__name__)
@@ -85,16 +92,22 @@ def check_http_store(fs, root: str, url: str) -> None:
     try:
         head = fs.cat_file(f"{root.rstrip('/')}/zarr.json", start=0, end=1)
     except FileNotFoundError:
-        raise StoreError(f"{url} is not a prior store ({where} is not found, HTTP 404); check the URL, and "
-                         "serve the files of a finalised store there (sazs-store publish STORE DIR, then serve "
-                         "DIR)") from None
+        raise StoreError(
+            f"{url} is not a prior store ({where} is not found, HTTP 404); check the URL, and "
+            "serve the files of a finalised store there (sazs-store publish STORE DIR, then serve "
+            "DIR)"
+        ) from None
     except (OSError, *http_errors(fs)) as exc:
-        raise StoreError(f"cannot read {where} ({type(exc).__name__}: {exc}); check the URL and that the server "
-                         "is up and readable without credentials, then re-run") from None
+        raise StoreError(
+            f"cannot read {where} ({type(exc).__name__}: {exc}); check the URL and that the server "
+            "is up and readable without credentials, then re-run"
+        ) from None
     if len(head) != 1:
-        raise StoreError(f"the server of {url} ignores HTTP Range requests (asked for 1 byte of zarr.json, got "
-                         f"{len(head)}); serve the store with one that supports them (nginx, Caddy, Apache, any "
-                         "object-storage bucket)")
+        raise StoreError(
+            f"the server of {url} ignores HTTP Range requests (asked for 1 byte of zarr.json, got "
+            f"{len(head)}); serve the store with one that supports them (nginx, Caddy, Apache, any "
+            "object-storage bucket)"
+        )
 
 
 class PriorStore:
@@ -119,8 +132,10 @@ class PriorStore:
             # re-opening an array per read would double the cost of a random-access get().
             self._arrays = {name: self.group[name] for name in ARRAYS}
         except (KeyError, ValueError, TypeError) as exc:
-            raise StoreError(f"cannot open {self.url}: damaged metadata ({type(exc).__name__}: {exc}); "
-                             "run `sazs-store verify` and pull or re-create the store") from None
+            raise StoreError(
+                f"cannot open {self.url}: damaged metadata ({type(exc).__name__}: {exc}); "
+                "run `sazs-store verify` and pull or re-create the store"
+            ) from None
         self.ids: list[str] = [str(x) for x in self._read("ids")]
         self._index = {id_: i for i, id_ in enumerate(self.ids)}
 
@@ -164,13 +179,17 @@ class PriorStore:
                 return np.asarray(self._arrays[name][selection])
             except self._http_errors as exc:
                 if attempt == attempts:
-                    raise StoreError(f"cannot read {self.url}/{name}: {type(exc).__name__}: {exc} (after {attempts} "
-                                     "attempts); check that the server is up, then re-run") from None
+                    raise StoreError(
+                        f"cannot read {self.url}/{name}: {type(exc).__name__}: {exc} (after {attempts} "
+                        "attempts); check that the server is up, then re-run"
+                    ) from None
                 log.warning("reading %s/%s failed (%s: %s); retrying", self.url, name, type(exc).__name__, exc)
             except (KeyError, ValueError, RuntimeError, TypeError, OSError) as exc:
-                raise StoreError(f"cannot decode {self.url}/{name} ({type(exc).__name__}: {exc}); the object is "
-                                 "truncated or damaged: run `sazs-store verify` and pull or re-create the "
-                                 "store") from None
+                raise StoreError(
+                    f"cannot decode {self.url}/{name} ({type(exc).__name__}: {exc}); the object is "
+                    "truncated or damaged: run `sazs-store verify` and pull or re-create the "
+                    "store"
+                ) from None
 
     def status(self) -> np.ndarray:
         return self._meta["status"]
@@ -190,8 +209,11 @@ class PriorStore:
 
     def counts(self) -> dict[str, int]:
         status = self.status()
-        return {"done": int((status == DONE).sum()), "failed": int((status == FAILED).sum()),
-                "pending": int((status == PENDING).sum())}
+        return {
+            "done": int((status == DONE).sum()),
+            "failed": int((status == FAILED).sum()),
+            "pending": int((status == PENDING).sum()),
+        }
 
     def index(self, id_: str) -> int:
         try:
@@ -207,8 +229,10 @@ class PriorStore:
         meta = self._meta
         status = int(meta["status"][i])
         if status not in (DONE, FAILED, PENDING):
-            raise StoreError(f"no priors for {id_!r} in {self.url}: its status is {status}, not a defined value; "
-                             "the store is damaged: run `sazs-store verify`")
+            raise StoreError(
+                f"no priors for {id_!r} in {self.url}: its status is {status}, not a defined value; "
+                "the store is damaged: run `sazs-store verify`"
+            )
         if status != DONE:
             reason = str(self._read("errors", i)) if status == FAILED else "not computed yet"
             raise StoreError(f"no priors for {id_!r} in {self.url}: {reason}")
@@ -216,16 +240,23 @@ class PriorStore:
         eigvals = meta["eigvals"][i]
         # A chunk that is missing reads back as its fill value (grid 0, NaN, zeros): for an
         # image marked done that is damage, never data.
-        missing = ("grid" if not (0 < h <= self.max_grid[0] and 0 < w <= self.max_grid[1])
-                   else "eigvals" if np.isnan(eigvals).all() else "")
+        missing = (
+            "grid"
+            if not (0 < h <= self.max_grid[0] and 0 < w <= self.max_grid[1])
+            else "eigvals"
+            if np.isnan(eigvals).all()
+            else ""
+        )
         eigvecs = None
         if not missing:
             eigvecs = self._read("eigvecs", (i, slice(None), slice(0, h), slice(0, w)))
             missing = "" if eigvecs.any() else "eigvecs"
         if missing:
-            raise StoreError(f"no priors for {id_!r} in {self.url}: it is marked done but its {missing} data is "
-                             "missing (the chunk object was deleted or never written); the store is damaged: "
-                             "run `sazs-store verify` and pull or re-create the store")
+            raise StoreError(
+                f"no priors for {id_!r} in {self.url}: it is marked done but its {missing} data is "
+                "missing (the chunk object was deleted or never written); the store is damaged: "
+                "run `sazs-store verify` and pull or re-create the store"
+            )
         return Prior(
             id=id_,
             eigvals=eigvals.copy(),

@@ -39,11 +39,18 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from .integrity import (
-    CHECKSUM_FILE, DAMAGE, LOCK_FILE, SUMMARY_FILE, VerifyReport, list_objects, read_checksums, verify,
+    CHECKSUM_FILE,
+    DAMAGE,
+    LOCK_FILE,
+    SUMMARY_FILE,
+    VerifyReport,
+    list_objects,
+    read_checksums,
+    verify,
 )
 from .reader import http_errors, is_http, split_url
 from .schema import StoreError, parse_json
@@ -72,8 +79,10 @@ def _cat(fs, path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except (OSError, *http_errors(fs)) as exc:
-        raise StoreError(f"cannot read {path} ({type(exc).__name__}: {exc}); check the URL, the credentials "
-                         "and that the server is up, then re-run") from None
+        raise StoreError(
+            f"cannot read {path} ({type(exc).__name__}: {exc}); check the URL, the credentials "
+            "and that the server is up, then re-run"
+        ) from None
 
 
 def _read_json(fs, path: str, url: str) -> dict | None:
@@ -95,8 +104,10 @@ def _safe_key(key: str, url: str) -> str:
     """Refuse object keys that would escape the store directory (``..``, absolute paths)."""
     parts = PurePosixPath(key).parts
     if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
-        raise StoreError(f"{url}/{CHECKSUM_FILE} lists the object key {key!r}, which is not a plain relative "
-                         "path; refusing to transfer it (the store was not written by sazs or was tampered with)")
+        raise StoreError(
+            f"{url}/{CHECKSUM_FILE} lists the object key {key!r}, which is not a plain relative "
+            "path; refusing to transfer it (the store was not written by sazs or was tampered with)"
+        )
     return key
 
 
@@ -105,8 +116,16 @@ def _is_local(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _transfer(jobs: list[tuple[str, int | None]], do: Callable[[str], int | None], *, what: str, url: str,
-              progress: bool, max_workers: int, total: int | None = None) -> None:
+def _transfer(
+    jobs: list[tuple[str, int | None]],
+    do: Callable[[str], int | None],
+    *,
+    what: str,
+    url: str,
+    progress: bool,
+    max_workers: int,
+    total: int | None = None,
+) -> None:
     """Run ``do(key)`` for every (key, size) in parallel threads, with a byte progress bar.
 
     A size of None (HTTP: unknown before the download) counts what ``do`` returns.
@@ -116,8 +135,12 @@ def _transfer(jobs: list[tuple[str, int | None]], do: Callable[[str], int | None
     from tqdm import tqdm
 
     total = total or sum(size or 0 for _, size in jobs)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=not progress,
-              leave=False) as bar, ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
+    with (
+        tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=not progress, leave=False
+        ) as bar,
+        ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool,
+    ):
         futures = {pool.submit(do, key): (key, size) for key, size in jobs}
         try:
             for fut in as_completed(futures):
@@ -125,8 +148,10 @@ def _transfer(jobs: list[tuple[str, int | None]], do: Callable[[str], int | None
                 try:
                     done = fut.result()
                 except OSError as exc:
-                    raise StoreError(f"{what} {key} failed for {url} ({type(exc).__name__}: {exc}); "
-                                     "check the URL and credentials, then re-run") from None
+                    raise StoreError(
+                        f"{what} {key} failed for {url} ({type(exc).__name__}: {exc}); "
+                        "check the URL and credentials, then re-run"
+                    ) from None
                 bar.update(size if size is not None else done or 0)
         except BaseException:
             for fut in futures:
@@ -157,16 +182,24 @@ def _local_finalised(path: Path) -> tuple[dict, bytes]:
     text = checksums.read_bytes()
     summary = _json_object(summary_path.read_bytes(), f"{path}/{SUMMARY_FILE}", f"; {hint}")
     if summary.get("checksums_sha256") != _sha256(text):
-        raise StoreError(f"{path}/{SUMMARY_FILE} does not match {CHECKSUM_FILE} (edited after finalize?); "
-                         f"verify it (sazs-store verify {path}) and {hint}")
+        raise StoreError(
+            f"{path}/{SUMMARY_FILE} does not match {CHECKSUM_FILE} (edited after finalize?); "
+            f"verify it (sazs-store verify {path}) and {hint}"
+        )
     return summary, text
 
 
 # -- publish ------------------------------------------------------------------------------
 
 
-def publish(store_path: str | Path, url: str, *, storage_options: dict | None = None, progress: bool = True,
-            max_workers: int = MAX_WORKERS) -> str:
+def publish(
+    store_path: str | Path,
+    url: str,
+    *,
+    storage_options: dict | None = None,
+    progress: bool = True,
+    max_workers: int = MAX_WORKERS,
+) -> str:
     """Upload the finalised local store ``store_path`` to ``url`` (any fsspec URL); returns ``url``.
 
     Immutable and idempotent: if ``url`` already holds this store (same checksums) nothing
@@ -193,8 +226,10 @@ def publish(store_path: str | Path, url: str, *, storage_options: dict | None = 
 
     report = verify(str(src), progress=progress)
     if not report.ok:
-        raise StoreError(f"{src} fails verification ({_problems(report)}); not publishing a damaged store: "
-                         f"re-create it, or pull a good copy (sazs-store verify {src} for details)")
+        raise StoreError(
+            f"{src} fails verification ({_problems(report)}); not publishing a damaged store: "
+            f"re-create it, or pull a good copy (sazs-store verify {src} for details)"
+        )
     local_fs = _local_fs()
     expected = read_checksums(local_fs, str(src))
     sizes = {k: (src / k).stat().st_size for k in expected}
@@ -202,21 +237,30 @@ def publish(store_path: str | Path, url: str, *, storage_options: dict | None = 
     # What is already there: nothing, our own interrupted upload, or something else.
     lock = _read_json(fs, f"{root}/{LOCK_FILE}", url) or {}
     if lock and "publishing" not in lock:
-        raise StoreError(f"{url} is locked by a writer ({lock.get('owner', '?')} pid {lock.get('pid', '?')}, "
-                         f"command: {lock.get('command', '?')}); a store is being written there: "
-                         "publish to a new URL")
+        raise StoreError(
+            f"{url} is locked by a writer ({lock.get('owner', '?')} pid {lock.get('pid', '?')}, "
+            f"command: {lock.get('command', '?')}); a store is being written there: "
+            "publish to a new URL"
+        )
     existing = list_objects(fs, root) if fs.exists(root) else {}
     foreign = sorted(set(existing) - set(expected))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
-        raise StoreError(f"{url} already holds {len(foreign)} object(s) that are not part of {src} ({shown}) "
-                         f"and no {SUMMARY_FILE}; it is not an interrupted upload of this store: "
-                         "delete it or publish to a new URL")
+        raise StoreError(
+            f"{url} already holds {len(foreign)} object(s) that are not part of {src} ({shown}) "
+            f"and no {SUMMARY_FILE}; it is not an interrupted upload of this store: "
+            "delete it or publish to a new URL"
+        )
     resuming = lock.get("publishing") == identity
     if resuming:
         keep = {k for k, size in existing.items() if sizes.get(k) == size}
-        log.info("resuming the interrupted publish of %s to %s: %d of %d object(s) already there",
-                 src, url, len(keep), len(expected))
+        log.info(
+            "resuming the interrupted publish of %s to %s: %d of %d object(s) already there",
+            src,
+            url,
+            len(keep),
+            len(expected),
+        )
     else:
         keep = set()
         if existing:
@@ -227,10 +271,18 @@ def publish(store_path: str | Path, url: str, *, storage_options: dict | None = 
             fs.makedirs(parent, exist_ok=True)
     # Same fields as a writer's lock (stores/lock.py), so `sazs-store` can describe it,
     # plus the identity of the store being uploaded.
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    token = {"owner": f"{_user()}@{socket.gethostname()}", "host": socket.gethostname(), "pid": os.getpid(),
-             "started": now, "heartbeat": now, "command": f"publish {src.resolve()} {url}",
-             "token": secrets.token_hex(8), "publishing": identity, "fingerprint": summary.get("fingerprint")}
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    token = {
+        "owner": f"{_user()}@{socket.gethostname()}",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": now,
+        "heartbeat": now,
+        "command": f"publish {src.resolve()} {url}",
+        "token": secrets.token_hex(8),
+        "publishing": identity,
+        "fingerprint": summary.get("fingerprint"),
+    }
     _put_bytes(fs, f"{root}/{LOCK_FILE}", json.dumps(token, indent=2).encode(), url)
 
     def upload(key: str) -> None:
@@ -240,27 +292,37 @@ def publish(store_path: str | Path, url: str, *, storage_options: dict | None = 
     todo = [(k, sizes[k]) for k in sorted(expected) if k not in keep and k != ROOT_META]
     _transfer(todo, upload, what="uploading", url=url, progress=progress, max_workers=max_workers)
     if ROOT_META not in keep:
-        _transfer([(ROOT_META, sizes[ROOT_META])], upload, what="uploading", url=url, progress=False,
-                  max_workers=1)
+        _transfer([(ROOT_META, sizes[ROOT_META])], upload, what="uploading", url=url, progress=False, max_workers=1)
 
     # Every object there with its size, and the upload still ours, before the summary commits it.
     there = list_objects(fs, root)
     short = sorted(k for k in expected if there.get(k) != sizes[k])
     if short:
-        raise StoreError(f"after uploading, {len(short)} object(s) at {url} are missing or have the wrong size "
-                         f"({', '.join(short[:5])}); re-run publish to resume")
+        raise StoreError(
+            f"after uploading, {len(short)} object(s) at {url} are missing or have the wrong size "
+            f"({', '.join(short[:5])}); re-run publish to resume"
+        )
     if (_read_json(fs, f"{root}/{LOCK_FILE}", url) or {}) != token:
-        raise StoreError(f"another publish to {url} started while this one ran ({LOCK_FILE} changed); "
-                         "not marking the upload complete: check what is there and publish to a new URL")
+        raise StoreError(
+            f"another publish to {url} started while this one ran ({LOCK_FILE} changed); "
+            "not marking the upload complete: check what is there and publish to a new URL"
+        )
     _put_bytes(fs, f"{root}/{CHECKSUM_FILE}", checksum_text, url)
     try:
         fs.rm_file(f"{root}/{LOCK_FILE}")
     except OSError as exc:
-        raise StoreError(f"removing {LOCK_FILE} from {url} failed ({type(exc).__name__}: {exc}); "
-                         "re-run publish to finish") from None
+        raise StoreError(
+            f"removing {LOCK_FILE} from {url} failed ({type(exc).__name__}: {exc}); re-run publish to finish"
+        ) from None
     _put_bytes(fs, f"{root}/{SUMMARY_FILE}", (src / SUMMARY_FILE).read_bytes(), url)  # last: marks completion
-    log.info("published %s to %s: %d object(s), %d uploaded, %.1f MB", src, url, len(expected), len(todo),
-             sum(sizes.values()) / 1e6)
+    log.info(
+        "published %s to %s: %d object(s), %d uploaded, %.1f MB",
+        src,
+        url,
+        len(expected),
+        len(todo),
+        sum(sizes.values()) / 1e6,
+    )
     return url
 
 
@@ -268,8 +330,10 @@ def _put_bytes(fs, path: str, data: bytes, url: str) -> None:
     try:
         fs.pipe_file(path, data)
     except OSError as exc:
-        raise StoreError(f"writing {PurePosixPath(path).name} to {url} failed ({type(exc).__name__}: {exc}); "
-                         "check the URL and credentials, then re-run") from None
+        raise StoreError(
+            f"writing {PurePosixPath(path).name} to {url} failed ({type(exc).__name__}: {exc}); "
+            "check the URL and credentials, then re-run"
+        ) from None
 
 
 def _local_fs():
@@ -290,8 +354,10 @@ def _user() -> str:
 
 def _parse_summary(data: bytes | None, url: str) -> dict:
     if data is None:
-        raise StoreError(f"{url} is not a published store / upload incomplete (no {SUMMARY_FILE}); "
-                         "check the URL, or re-run `sazs-store publish` to complete the upload")
+        raise StoreError(
+            f"{url} is not a published store / upload incomplete (no {SUMMARY_FILE}); "
+            "check the URL, or re-run `sazs-store publish` to complete the upload"
+        )
     return _json_object(data, f"{url}/{SUMMARY_FILE}", "; the published store is damaged")
 
 
@@ -301,8 +367,14 @@ def published_summary(url: str, *, storage_options: dict | None = None) -> dict:
     return _parse_summary(_cat(fs, f"{root.rstrip('/')}/{SUMMARY_FILE}"), url)
 
 
-def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, progress: bool = True,
-         max_workers: int = MAX_WORKERS) -> VerifyReport:
+def pull(
+    url: str,
+    dest: str | Path,
+    *,
+    storage_options: dict | None = None,
+    progress: bool = True,
+    max_workers: int = MAX_WORKERS,
+) -> VerifyReport:
     """Download the store published at ``url`` into the local directory ``dest`` and verify it.
 
     ``dest`` must be absent, empty, or already a copy of the same store (verified, and
@@ -316,8 +388,10 @@ def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, pro
     checksum_text = _cat(fs, f"{root}/{CHECKSUM_FILE}")
     if checksum_text is None or _sha256(checksum_text) != identity:
         state = "missing" if checksum_text is None else f"does not match {SUMMARY_FILE}"
-        raise StoreError(f"{url}/{CHECKSUM_FILE} {state}: the published store is damaged; "
-                         "re-publish it from a good copy to a new URL")
+        raise StoreError(
+            f"{url}/{CHECKSUM_FILE} {state}: the published store is damaged; "
+            "re-publish it from a good copy to a new URL"
+        )
 
     dest = Path(dest)
     if dest.is_file():
@@ -326,8 +400,10 @@ def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, pro
     if replace:
         local = _local_summary(dest)
         if local is None or local.get("checksums_sha256") != identity:
-            raise StoreError(f"{dest} is not empty and does not hold the store published at {url}; "
-                             "pull into a new or empty directory")
+            raise StoreError(
+                f"{dest} is not empty and does not hold the store published at {url}; "
+                "pull into a new or empty directory"
+            )
         report = verify(str(dest), progress=progress)
         if report.ok:
             log.info("%s already holds %s (verified); nothing to do", dest, url)
@@ -356,17 +432,28 @@ def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, pro
             _download(fs, f"{root}/{key}", tmp / key, key=key, url=url, dest=dest)
             return (tmp / key).stat().st_size
 
-        _transfer([(k, listing[k]) for k in keys], download, what="downloading", url=url, progress=progress,
-                  max_workers=max_workers, total=summary.get("total_bytes") if is_http(fs) else None)
+        _transfer(
+            [(k, listing[k]) for k in keys],
+            download,
+            what="downloading",
+            url=url,
+            progress=progress,
+            max_workers=max_workers,
+            total=summary.get("total_bytes") if is_http(fs) else None,
+        )
         (tmp / SUMMARY_FILE).write_bytes(summary_bytes)
         report = verify(str(tmp), progress=progress)
         if not report.ok:
-            raise StoreError(f"the store pulled from {url} fails verification ({_problems(report)}); the "
-                             f"published copy is damaged: nothing was written to {dest}; re-publish it from a "
-                             "good copy to a new URL")
+            raise StoreError(
+                f"the store pulled from {url} fails verification ({_problems(report)}); the "
+                f"published copy is damaged: nothing was written to {dest}; re-publish it from a "
+                "good copy to a new URL"
+            )
         if summary.get("fingerprint") != report.fingerprint:
-            raise StoreError(f"{url}: {SUMMARY_FILE} names fingerprint {summary.get('fingerprint')}, but the "
-                             f"store's manifest has {report.fingerprint}; the published store is inconsistent")
+            raise StoreError(
+                f"{url}: {SUMMARY_FILE} names fingerprint {summary.get('fingerprint')}, but the "
+                f"store's manifest has {report.fingerprint}; the published store is inconsistent"
+            )
         _swap_into_place(tmp, dest, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -377,8 +464,10 @@ def pull(url: str, dest: str | Path, *, storage_options: dict | None = None, pro
 
 
 def _lacks(url: str, missing: list[str]) -> str:
-    return (f"{url} lacks {len(missing)} object(s) listed in its checksums ({', '.join(missing[:5])}); the "
-            "published store is damaged: re-publish it from a good copy to a new URL")
+    return (
+        f"{url} lacks {len(missing)} object(s) listed in its checksums ({', '.join(missing[:5])}); the "
+        "published store is damaged: re-publish it from a good copy to a new URL"
+    )
 
 
 def _download(fs, path: str, local: Path, *, key: str, url: str, dest: Path) -> None:
@@ -395,9 +484,11 @@ def _download(fs, path: str, local: Path, *, key: str, url: str, dest: Path) -> 
             status = getattr(exc, "status", None)  # an HTTP error response: only a 5xx may pass
             if attempt == attempts or (status is not None and status < 500):
                 tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
-                raise StoreError(f"downloading {key} from {url} failed{tries}: {type(exc).__name__}: {exc}; "
-                                 f"nothing was written to {dest}: check that the server is up and serves the "
-                                 "store's files, then re-run the pull") from None
+                raise StoreError(
+                    f"downloading {key} from {url} failed{tries}: {type(exc).__name__}: {exc}; "
+                    f"nothing was written to {dest}: check that the server is up and serves the "
+                    "store's files, then re-run the pull"
+                ) from None
             log.warning("downloading %s from %s failed (%s: %s); retrying", key, url, type(exc).__name__, exc)
             time.sleep(RETRY_WAIT_S * attempt)
 
@@ -420,4 +511,3 @@ def _swap_into_place(tmp: Path, dest: Path, replace: bool) -> None:
     dest.rename(old)
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
-

@@ -28,10 +28,23 @@ PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 
 # Codecs a v1 store may use. Anything else is refused before Zarr sees it.
-ALLOWED_CODECS = frozenset({
-    "bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "sharding_indexed", "vlen-utf8",
-    "numcodecs.zstd", "numcodecs.blosc", "numcodecs.gzip", "numcodecs.zlib", "numcodecs.crc32c",
-})
+ALLOWED_CODECS = frozenset(
+    {
+        "bytes",
+        "zstd",
+        "blosc",
+        "gzip",
+        "crc32c",
+        "transpose",
+        "sharding_indexed",
+        "vlen-utf8",
+        "numcodecs.zstd",
+        "numcodecs.blosc",
+        "numcodecs.gzip",
+        "numcodecs.zlib",
+        "numcodecs.crc32c",
+    }
+)
 
 # Limits on what a store may claim, checked before anything is allocated. They are far
 # above any real dataset (COCO train: 118k images, grids under 100x100, K = 8..32) and far
@@ -72,20 +85,22 @@ ARRAYS = tuple(array_spec(0, 1, (1, 1)))
 def json_depth(data: bytes) -> int:
     """Deepest nesting of objects/arrays in JSON text, without decoding it."""
     brackets = np.frombuffer(_STRING.sub(b'""', data), np.uint8)
-    step = (np.isin(brackets, (ord("["), ord("{"))).astype(np.int64)
-            - np.isin(brackets, (ord("]"), ord("}"))).astype(np.int64))
+    step = np.isin(brackets, (ord("["), ord("{"))).astype(np.int64) - np.isin(brackets, (ord("]"), ord("}"))).astype(
+        np.int64
+    )
     return int(np.cumsum(step).max(initial=0))
 
 
 def parse_json(data: bytes, where: str, hint: str = "") -> Any:
     """``json.loads(data)`` once its size and depth are within bounds; StoreError naming ``where``."""
     if len(data) > MAX_JSON_BYTES:
-        raise StoreError(f"{where} is larger than {MAX_JSON_BYTES >> 20} MiB ({len(data)} bytes), far more than "
-                         f"sazs ever writes; refusing to parse it{hint}")
+        raise StoreError(
+            f"{where} is larger than {MAX_JSON_BYTES >> 20} MiB ({len(data)} bytes), far more than "
+            f"sazs ever writes; refusing to parse it{hint}"
+        )
     depth = json_depth(data)
     if depth > MAX_JSON_DEPTH:
-        raise StoreError(f"{where} nests {depth} levels deep (sazs writes at most a few); refusing to parse "
-                         f"it{hint}")
+        raise StoreError(f"{where} nests {depth} levels deep (sazs writes at most a few); refusing to parse it{hint}")
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -113,17 +128,24 @@ def check_layout(num_eigs, max_grid, shard_size, where: str) -> None:
     """K, (Hmax, Wmax) and S within the limits above; StoreError naming ``where`` otherwise."""
     if not _int_in(num_eigs, 1, MAX_EIGS):
         raise StoreError(f"{where}: num_eigs = {num_eigs!r} is not an integer in 1..{MAX_EIGS}")
-    if not (isinstance(max_grid, list | tuple) and len(max_grid) == 2
-            and all(_int_in(x, 1, MAX_GRID_SIDE) for x in max_grid)):
+    if not (
+        isinstance(max_grid, list | tuple)
+        and len(max_grid) == 2
+        and all(_int_in(x, 1, MAX_GRID_SIDE) for x in max_grid)
+    ):
         raise StoreError(f"{where}: layout.max_grid = {max_grid!r} is not two integers in 1..{MAX_GRID_SIDE}")
     if num_eigs * max_grid[0] * max_grid[1] * 2 > MAX_CHUNK_BYTES:
-        raise StoreError(f"{where}: K = {num_eigs} eigenvectors on a {max_grid[0]}x{max_grid[1]} grid need more "
-                         f"than {MAX_CHUNK_BYTES >> 20} MiB per image; refusing it")
+        raise StoreError(
+            f"{where}: K = {num_eigs} eigenvectors on a {max_grid[0]}x{max_grid[1]} grid need more "
+            f"than {MAX_CHUNK_BYTES >> 20} MiB per image; refusing it"
+        )
     if not _int_in(shard_size, 1, MAX_IMAGES):
         raise StoreError(f"{where}: layout.shard_size = {shard_size!r} is not an integer in 1..{MAX_IMAGES}")
     if shard_size * num_eigs * max_grid[0] * max_grid[1] * 2 > MAX_SHARD_BYTES:
-        raise StoreError(f"{where}: a shard of {shard_size} images of {num_eigs}x{max_grid[0]}x{max_grid[1]} "
-                         f"eigenvectors exceeds {MAX_SHARD_BYTES >> 30} GiB; use a smaller shard size")
+        raise StoreError(
+            f"{where}: a shard of {shard_size} images of {num_eigs}x{max_grid[0]}x{max_grid[1]} "
+            f"eigenvectors exceeds {MAX_SHARD_BYTES >> 30} GiB; use a smaller shard size"
+        )
 
 
 def check_manifest(manifest: Any, where: str) -> dict:
@@ -146,16 +168,19 @@ def check_manifest(manifest: Any, where: str) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     missing += [f"layout.{k}" for k in ("shard_size", "max_grid") if k not in layout]
     if missing:
-        raise StoreError(f"{where}: manifest is missing the field(s) {missing}; "
-                         "the store was not written by sazs or was edited")
+        raise StoreError(
+            f"{where}: manifest is missing the field(s) {missing}; the store was not written by sazs or was edited"
+        )
     check_layout(manifest["num_eigs"], layout["max_grid"], layout["shard_size"], where)
     num_images = manifest["dataset"].get("num_images") if isinstance(manifest["dataset"], dict) else None
     if num_images is not None and not _int_in(num_images, 0, MAX_IMAGES):
         raise StoreError(f"{where}: dataset.num_images = {num_images!r} is not an integer in 0..{MAX_IMAGES}")
     if fingerprint(manifest) != manifest["fingerprint"]:
-        raise StoreError(f"{where}: the manifest's settings do not match its fingerprint (the manifest was edited "
-                         "after the store was written); its numbers cannot be trusted: re-create the store "
-                         "(`sazs-priors run --overwrite`) or pull a good copy")
+        raise StoreError(
+            f"{where}: the manifest's settings do not match its fingerprint (the manifest was edited "
+            "after the store was written); its numbers cannot be trusted: re-create the store "
+            "(`sazs-priors run --overwrite`) or pull a good copy"
+        )
     return manifest
 
 
@@ -187,8 +212,10 @@ def check_array(name: str, meta: dict, want: tuple, dtype: str, where: str, *, g
     codecs = meta.get("codecs", [])
     bad = [c for c in codec_names(codecs) if c not in ALLOWED_CODECS]
     if bad:
-        raise StoreError(f"{where} uses codec(s) {bad} that a prior store never uses; "
-                         "refusing to read it (allowed: " + ", ".join(sorted(ALLOWED_CODECS)) + ")")
+        raise StoreError(
+            f"{where} uses codec(s) {bad} that a prior store never uses; "
+            "refusing to read it (allowed: " + ", ".join(sorted(ALLOWED_CODECS)) + ")"
+        )
     if meta.get("data_type") != dtype:
         raise StoreError(f"{where} has data type {meta.get('data_type')!r}, expected {dtype!r}")
     got = meta.get("shape", ())
@@ -197,17 +224,23 @@ def check_array(name: str, meta: dict, want: tuple, dtype: str, where: str, *, g
         raise StoreError(f"{where} has shape {got}, expected {want}{grid}")
     chunks = _chunk_shape(meta.get("chunk_grid"))
     if chunks is None or len(chunks) != len(want) or any(c > max(s, 1) for c, s in zip(chunks, want)):
-        raise StoreError(f"{where} has the chunk grid {meta.get('chunk_grid')!r}, not a regular grid of chunks "
-                         f"within its shape {want}; the metadata is damaged")
+        raise StoreError(
+            f"{where} has the chunk grid {meta.get('chunk_grid')!r}, not a regular grid of chunks "
+            f"within its shape {want}; the metadata is damaged"
+        )
     if int(np.prod(chunks, dtype=np.float64)) * _ITEMSIZE[dtype] > MAX_SHARD_BYTES:
         raise StoreError(f"{where} has chunks of {chunks}, over {MAX_SHARD_BYTES >> 30} GiB each; refusing it")
     for codec in codecs if isinstance(codecs, list) else []:
         if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
             inner = (codec.get("configuration") or {}).get("chunk_shape")
-            if not (isinstance(inner, list) and len(inner) == len(chunks)
-                    and all(_int_in(c, 1, s) for c, s in zip(inner, chunks))):
-                raise StoreError(f"{where} has inner chunks {inner!r} that do not fit its shards {chunks}; "
-                                 "the metadata is damaged")
+            if not (
+                isinstance(inner, list)
+                and len(inner) == len(chunks)
+                and all(_int_in(c, 1, s) for c, s in zip(inner, chunks))
+            ):
+                raise StoreError(
+                    f"{where} has inner chunks {inner!r} that do not fit its shards {chunks}; the metadata is damaged"
+                )
 
 
 def validate_store(fs, root: str, url: str) -> tuple[dict, int]:
@@ -239,6 +272,12 @@ def validate_store(fs, root: str, url: str) -> tuple[dict, int]:
             num_images = got[0]
             if not _int_in(num_images, 1, MAX_IMAGES):
                 raise StoreError(f"{where} claims {num_images!r} images; a store holds 1..{MAX_IMAGES}{damaged}")
-        check_array(name, meta, (num_images, *shape[1:]), dtype, where,
-                    grid=f" (K={num_eigs}, max grid {max_grid} from the manifest)")
+        check_array(
+            name,
+            meta,
+            (num_images, *shape[1:]),
+            dtype,
+            where,
+            grid=f" (K={num_eigs}, max grid {max_grid} from the manifest)",
+        )
     return manifest, num_images

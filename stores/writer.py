@@ -13,7 +13,7 @@ chunk last, so an interrupted shard is still *pending* and is recomputed on resu
 
 One writer at a time: ``StoreWriter.open`` takes the store's lock file (stores/lock.py)
 and ``close()`` (or leaving the ``with`` block) gives it back. ``fault_point`` marks the
-places where the crash tests kill the process (stores/faults.py).
+places where the crash tests kill the process (core/faults.py).
 """
 
 from __future__ import annotations
@@ -27,13 +27,22 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .console import disk_error_message
-from .faults import fault_point
+from sazs.core.console import disk_error_message
+from sazs.core.faults import fault_point
+
 from .integrity import CHECKSUM_FILE, LOCK_FILE, SIDE_FILES, TEMP_SUFFIX
 from .lock import acquire_lock
 from .manifest import FORMAT_NAME, REQUIRED_KEYS, fingerprint_diff
 from .schema import (
-    ARRAYS, DONE, FAILED, MAX_IMAGES, PENDING, STATUS_NAMES, StoreError, check_layout, read_json_object,
+    ARRAYS,
+    DONE,
+    FAILED,
+    MAX_IMAGES,
+    PENDING,
+    STATUS_NAMES,
+    StoreError,
+    check_layout,
+    read_json_object,
     validate_store,
 )
 
@@ -117,14 +126,18 @@ def disk_errors(path, doing: str):
 
 
 def _refuse_foreign(path: Path, reason: str) -> StoreError:
-    return StoreError(f"{path} exists and is not a prior store ({reason}); refusing to write into it or delete "
-                      f"it: choose another output path (--out / OUT=), or remove it yourself (rm -r {path}) if "
-                      "nothing in it is needed")
+    return StoreError(
+        f"{path} exists and is not a prior store ({reason}); refusing to write into it or delete "
+        f"it: choose another output path (--out / OUT=), or remove it yourself (rm -r {path}) if "
+        "nothing in it is needed"
+    )
 
 
 def _refuse_leftover(path: Path, reason: str) -> StoreError:
-    return StoreError(f"{path} is not a usable prior store ({reason}); it holds only what a sazs writer creates, "
-                      "so re-run with --overwrite (OVERWRITE=1) to replace it")
+    return StoreError(
+        f"{path} is not a usable prior store ({reason}); it holds only what a sazs writer creates, "
+        "so re-run with --overwrite (OVERWRITE=1) to replace it"
+    )
 
 
 class StoreWriter:
@@ -156,7 +169,7 @@ class StoreWriter:
         manifest: dict,
         overwrite: bool = False,
         take_over_lock: bool = False,
-    ) -> "StoreWriter":
+    ) -> StoreWriter:
         """Create the store at ``path``, or resume it if it holds the same setting.
 
         A store with a different fingerprint is refused unless ``overwrite`` is set, in
@@ -192,14 +205,16 @@ class StoreWriter:
         return writer
 
     @classmethod
-    def _open_locked(cls, path: Path, *, ids: list[str], manifest: dict, overwrite: bool) -> "StoreWriter":
+    def _open_locked(cls, path: Path, *, ids: list[str], manifest: dict, overwrite: bool) -> StoreWriter:
         kind, reason = inspect_dir(path)  # again: it may have changed before we took the lock
         if kind == "foreign":
             raise _refuse_foreign(path, reason)
         if kind == "store" and not overwrite:
             if (path / CHECKSUM_FILE).exists():
-                raise StoreError(f"{path} is finalised (immutable: it has checksums); write to another "
-                                 "path, or pass --overwrite (OVERWRITE=1) to replace it")
+                raise StoreError(
+                    f"{path} is finalised (immutable: it has checksums); write to another "
+                    "path, or pass --overwrite (OVERWRITE=1) to replace it"
+                )
             # Every check the reader makes (codecs allow-listed, sizes bounded, fingerprint
             # recomputed from the settings) before Zarr decodes anything of it.
             existing, _ = validate_store(_local_fs(), str(path), str(path))
@@ -225,7 +240,7 @@ class StoreWriter:
         return cls._create(path, ids=ids, manifest=manifest)
 
     @classmethod
-    def _create(cls, path: Path, *, ids: list[str], manifest: dict) -> "StoreWriter":
+    def _create(cls, path: Path, *, ids: list[str], manifest: dict) -> StoreWriter:
         n = len(ids)
         if n == 0:
             raise StoreError("the dataset has no images; nothing to write")
@@ -274,7 +289,7 @@ class StoreWriter:
         if self.lock is not None:
             self.lock.release()
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -102,7 +102,7 @@ def _handler(server: HTTPServer):
             left = server.drop.get(path, 0)
             if left:
                 server.drop[path] = left - 1 if left > 0 else left
-                self.wfile.write(data[start:start + (end - start) // 2])
+                self.wfile.write(data[start : start + (end - start) // 2])
                 self.wfile.flush()
                 self.close_connection = True
                 return

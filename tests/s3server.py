@@ -45,8 +45,13 @@ class S3Server:
         name = name or f"sazs-test-{uuid.uuid4().hex[:12]}"
         # boto3 rather than s3fs.mkdir: s3fs sends a LocationConstraint for us-east-1,
         # which S3 (and moto) reject.
-        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=REGION,
-                              aws_access_key_id=KEY, aws_secret_access_key=SECRET)
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=KEY,
+            aws_secret_access_key=SECRET,
+        )
         client.create_bucket(Bucket=name)
         return name
 

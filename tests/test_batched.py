@@ -9,14 +9,20 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from skimage import data
+from test_graph import (
+    GRID,
+    assert_same_neighbours_up_to_ties,
+    image_features,
+    normalise,
+    random_features,
+    real_vit_features,
+)
+from test_spectral import assert_matches_reference, assert_well_formed
 
 from sazs.pipeline import spectral
 from sazs.pipeline.batched import batched_eigs, batched_knn, ell_from_csr, ell_graph, ell_to_csr, solve_batched
 from sazs.pipeline.graph import GraphConfig, build_knn_graph, knn, patch_colors
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
-
-from test_graph import FEATS_DIR, GRID, real_vit_features, assert_same_neighbours_up_to_ties, image_features, normalise, random_features
-from test_spectral import assert_matches_reference, assert_well_formed
 
 K = 8
 IMAGES = ["astronaut", "chelsea", "coffee"]
@@ -109,9 +115,17 @@ def image_graphs():
     graphs = []
     for name in IMAGES:
         image = getattr(data, name)()
-        graphs.append(build_knn_graph(image_features(image), GraphConfig(global_weight=0, k=10, color_weight=0.5), grid=GRID,
-                                      colors=patch_colors(image, GRID)))
-    graphs.append(build_knn_graph(random_features(n=700, d=8, seed=9), GraphConfig(global_weight=0, k=10), grid=(25, 28)))
+        graphs.append(
+            build_knn_graph(
+                image_features(image),
+                GraphConfig(global_weight=0, k=10, color_weight=0.5),
+                grid=GRID,
+                colors=patch_colors(image, GRID),
+            )
+        )
+    graphs.append(
+        build_knn_graph(random_features(n=700, d=8, seed=9), GraphConfig(global_weight=0, k=10), grid=(25, 28))
+    )
     refs = [laplacian_eigs(g, SpectralConfig(num_eigs=K + 1, solver="dense")) for g in graphs]
     return graphs, refs
 
@@ -253,8 +267,9 @@ def test_certified_search_with_padding_and_small_images():
     assert (idx[1, :9, 8:] == -1).all() and (idx[1, 9:] == -1).all()  # 8 others only; padded rows empty
     for b, x in enumerate(f):
         cos = x.astype(np.float64) @ x.T.astype(np.float64)
-        assert_same_neighbours_up_to_ties(x, idx[b, : len(x), : len(x) - 1].numpy(),
-                                          ref[b, : len(x), : len(x) - 1].numpy(), lambda i, j: cos[i, j])
+        assert_same_neighbours_up_to_ties(
+            x, idx[b, : len(x), : len(x) - 1].numpy(), ref[b, : len(x), : len(x) - 1].numpy(), lambda i, j: cos[i, j]
+        )
 
 
 def test_bench_gpu_script_runs_on_cpu(tmp_path):

@@ -18,20 +18,50 @@ import numpy as np
 import pytest
 import torch
 
+from sazs.datasets.synthetic import make_voc
 from sazs.eval import cli as eval_cli
-from sazs.pipeline.synthetic import make_voc
 from sazs.train import cli as train_cli
 from sazs.train.checkpoint import (
-    CheckpointError, load_checkpoint, load_for_inference, rng_state, save_checkpoint, set_rng_state,
-)  # fmt: skip
+    CheckpointError,
+    load_checkpoint,
+    load_for_inference,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def train_argv(voc, out):
-    return ["run", "--dataset", "voc", "--data", str(voc), "--fold", "0", "--arch", "sazs-tiny", "--head-dim", "32",
-            "--templates", "single", "--crop-size", "64", "--batch-size", "2", "--steps", "2", "--workers", "0",
-            "--spectral-weight", "0", "--no-progress", "--out", str(out)]  # fmt: skip
+    return [
+        "run",
+        "--dataset",
+        "voc",
+        "--data",
+        str(voc),
+        "--fold",
+        "0",
+        "--arch",
+        "sazs-tiny",
+        "--head-dim",
+        "32",
+        "--templates",
+        "single",
+        "--crop-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--workers",
+        "0",
+        "--spectral-weight",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +88,37 @@ def entry_points(voc, tmp_path):
     val_id = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
     image = voc / "JPEGImages" / f"{val_id}.jpg"
     return {
-        "predict": lambda ckpt: eval_cli.main(["predict", str(image), "--classes", "cat", "--ckpt", str(ckpt),
-                                               "--out", str(tmp_path / "pred")]),
-        "eval run": lambda ckpt: eval_cli.main(["run", "--dataset", "voc", "--data", str(voc), "--folds", "0",
-                                                "--ckpt", str(ckpt), "--fusion", "none", "--headline", "none",
-                                                "--no-generalised", "--episodes", "2", "--draw", "0",
-                                                "--no-progress", "--out", str(tmp_path / "report")]),
+        "predict": lambda ckpt: eval_cli.main(
+            ["predict", str(image), "--classes", "cat", "--ckpt", str(ckpt), "--out", str(tmp_path / "pred")]
+        ),
+        "eval run": lambda ckpt: eval_cli.main(
+            [
+                "run",
+                "--dataset",
+                "voc",
+                "--data",
+                str(voc),
+                "--folds",
+                "0",
+                "--ckpt",
+                str(ckpt),
+                "--fusion",
+                "none",
+                "--headline",
+                "none",
+                "--no-generalised",
+                "--episodes",
+                "2",
+                "--draw",
+                "0",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "report"),
+            ]
+        ),
         # the very flags the checkpoint was trained with: only the file itself can be refused
         "train --resume": lambda ckpt: train_cli.main([*train_argv(voc, tmp_path / "resumed"), "--resume", str(ckpt)]),
-    }  # fmt: skip
+    }
 
 
 ENTRY_POINTS = ("predict", "eval run", "train --resume")
@@ -107,8 +159,13 @@ def test_a_bad_checkpoint_fails_in_one_line_naming_the_file(trained, tmp_path, c
     good = good_checkpoint(ckpt_path)
     bad = tmp_path / f"{case.replace(' ', '-')}.pt"
     if case == "old format":  # sazs-train before weights_only: NumPy's and Python's RNG states as objects
-        torch.save({**good, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                    "python": random.getstate()}}, bad)  # fmt: skip
+        torch.save(
+            {
+                **good,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            },
+            bad,
+        )
         expected = "older sazs-train"
     elif case == "truncated":
         data = ckpt_path.read_bytes()
@@ -172,8 +229,13 @@ def test_every_torch_load_in_the_project_is_weights_only():
         if ".venv" in path.parts or "build" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
                 kw = {k.arg: k.value for k in node.keywords}
                 ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
                 calls.append((f"{path.relative_to(PROJECT)}:{node.lineno}", ok))

@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from storecheck import assert_same_arrays
 
+from sazs.datasets.synthetic import make_coco, make_voc, write_bad_images
 from sazs.pipeline import cli, job
 from sazs.pipeline.job import side_paths
-from sazs.pipeline.synthetic import make_coco, make_voc, write_bad_images
 from sazs.stores.reader import open_store
-
-from storecheck import assert_same_arrays
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress"]
 

@@ -2,7 +2,7 @@
 
 A kill leaves a store whose finished shards verify, a stale lock that a plain re-run
 refuses (naming it), and a re-run with --take-over-lock that ends with exactly the arrays
-of an uninterrupted run. The kills come from ``SAZS_FAULT`` (stores/faults.py), plus one
+of an uninterrupted run. The kills come from ``SAZS_FAULT`` (core/faults.py), plus one
 from outside at a random moment. Nothing races the job: where a test acts while the job runs,
 the job is held at a fault point (``wait=PATH``) that the test waits for (``held_pids``).
 """
@@ -17,17 +17,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from storecheck import ARRAYS, arrays, assert_same_arrays
 
+from sazs.core.faults import ENV_VAR, held_pids
 from sazs.pipeline import cli
-from sazs.stores.faults import ENV_VAR, held_pids
 from sazs.stores.integrity import finalize, verify
 from sazs.stores.lock import is_stale, read_lock
 from sazs.stores.reader import open_store
 
-from storecheck import ARRAYS, arrays, assert_same_arrays
-
-ARGS = ["--extractor", "color", "--short-side", "64", "--limit", "6", "--shard-size", "2", "--batch-size", "2",
-        "--no-progress", "--preview", "0"]
+ARGS = [
+    "--extractor",
+    "color",
+    "--short-side",
+    "64",
+    "--limit",
+    "6",
+    "--shard-size",
+    "2",
+    "--batch-size",
+    "2",
+    "--no-progress",
+    "--preview",
+    "0",
+]
 KILLED = -signal.SIGKILL
 
 
@@ -41,8 +53,9 @@ def environment(fault):
 def run_cli(out, *extra, fault=None, args=ARGS):
     """The real CLI in a subprocess (so that a SIGKILL kills only it); the finished Popen."""
     cmd = [sys.executable, "-m", "sazs.pipeline", "run", *args, "--out", str(out), *map(str, extra)]
-    proc = subprocess.Popen(cmd, env=environment(fault), cwd=Path(out).parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=environment(fault), cwd=Path(out).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     proc.stdout_text, proc.stderr_text = proc.communicate(timeout=300)
     return proc
 
@@ -177,8 +190,21 @@ def test_sigkill_from_outside_at_any_moment(tmp_path, capsys):
 
     The moment is random (the seed is in every message); the outcome is not: the job is held
     before it writes its last shard, so it is always killed mid-job, at worst while held."""
-    args = ["--extractor", "color", "--short-side", "160", "--limit", "8", "--shard-size", "1", "--batch-size", "1",
-            "--no-progress", "--preview", "0"]
+    args = [
+        "--extractor",
+        "color",
+        "--short-side",
+        "160",
+        "--limit",
+        "8",
+        "--shard-size",
+        "1",
+        "--batch-size",
+        "1",
+        "--no-progress",
+        "--preview",
+        "0",
+    ]
     ref = tmp_path / "ref.zarr"
     assert rerun(ref, args=args) == 0
     expected = arrays(ref)

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from sazs.pipeline import synthetic
-from sazs.pipeline.datasets import (
+from sazs.datasets import synthetic
+from sazs.datasets.readers import (
     DATASETS,
     VOC_CLASSES,
     DatasetConfig,
@@ -221,9 +221,28 @@ def test_voc_layout_and_masks(voc_root):
         assert ds.root == str(voc_root)
     assert ds.split == "val" and ds.class_names == VOC_CLASSES
     assert VOC_CLASSES == [
-        "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-        "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-    ]  # fmt: skip
+        "background",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
+    ]
     val_txt = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()
     assert ds.ids == val_txt and len(ds) == 8
     seen = set()
@@ -316,8 +335,11 @@ def test_coco_overlap_rule(tmp_path):
         {"id": 3, "image_id": 7, "category_id": 3, "segmentation": box(0, 0, 19, 19), "area": 361.0, "iscrowd": 1},
     ]
     cats = [{"id": i, "name": n, "supercategory": s} for i, n, s in synthetic.COCO_CATEGORIES]
-    doc = {"images": [{"id": 7, "file_name": "000000000007.jpg", "height": 20, "width": 20}],
-           "annotations": anns, "categories": cats}  # fmt: skip
+    doc = {
+        "images": [{"id": 7, "file_name": "000000000007.jpg", "height": 20, "width": 20}],
+        "annotations": anns,
+        "categories": cats,
+    }
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
     mask = build_dataset(DatasetConfig(name="coco", root=str(tmp_path))).load_mask("7")
     assert mask[7, 7] == 80 and mask[3, 12] == 1 and mask[18, 1] == 255

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sazs.pipeline.datasets import DATASETS, DatasetConfig, ImageError, MasksDataset, build_dataset
+from sazs.datasets.readers import DATASETS, DatasetConfig, ImageError, MasksDataset, build_dataset
 
 
 def _image(path, h=20, w=30, value=100):

@@ -7,13 +7,12 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from test_eval_report import assert_oracle_never_headline
 
+from sazs.datasets.synthetic import make_voc
 from sazs.eval import cli
 from sazs.pipeline import cli as priors_cli
-from sazs.pipeline.synthetic import make_voc
 from sazs.train import cli as train_cli
-
-from test_eval_report import assert_oracle_never_headline
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +21,88 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalvoc")
     voc = make_voc(root, num_train=4, num_val=8, size=(56, 72), seed=2)
     store = root / "val.zarr"
-    assert priors_cli.main(["run", "--dataset", "voc", "--data", str(voc), "--split", "val", "--extractor", "color",
-                            "--short-side", "96", "--out", str(store), "--no-progress", "--preview", "0"]) == 0
+    assert (
+        priors_cli.main(
+            [
+                "run",
+                "--dataset",
+                "voc",
+                "--data",
+                str(voc),
+                "--split",
+                "val",
+                "--extractor",
+                "color",
+                "--short-side",
+                "96",
+                "--out",
+                str(store),
+                "--no-progress",
+                "--preview",
+                "0",
+            ]
+        )
+        == 0
+    )
     run = root / "run"
-    assert train_cli.main(["run", "--dataset", "voc", "--data", str(voc), "--fold", "0", "--arch", "sazs-tiny",
-                           "--head-dim", "32", "--templates", "single", "--crop-size", "64", "--batch-size", "2",
-                           "--steps", "2", "--workers", "0", "--spectral-weight", "0", "--no-progress",
-                           "--out", str(run)]) == 0  # fmt: skip
+    assert (
+        train_cli.main(
+            [
+                "run",
+                "--dataset",
+                "voc",
+                "--data",
+                str(voc),
+                "--fold",
+                "0",
+                "--arch",
+                "sazs-tiny",
+                "--head-dim",
+                "32",
+                "--templates",
+                "single",
+                "--crop-size",
+                "64",
+                "--batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--workers",
+                "0",
+                "--spectral-weight",
+                "0",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return voc, store, run / "checkpoint.pt"
 
 
 def run_args(voc, store, ckpt, out, *extra):
-    return ["run", "--dataset", "voc", "--data", str(voc), "--folds", "0", "--ckpt", str(ckpt), "--priors", str(store),
-            "--episodes", "20", "--out", str(out), "--no-progress", "--draw", "3", *map(str, extra)]  # fmt: skip
+    return [
+        "run",
+        "--dataset",
+        "voc",
+        "--data",
+        str(voc),
+        "--folds",
+        "0",
+        "--ckpt",
+        str(ckpt),
+        "--priors",
+        str(store),
+        "--episodes",
+        "20",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--draw",
+        "3",
+        *map(str, extra),
+    ]
 
 
 def test_run_writes_tables_json_markdown_picture_and_lists(trained, tmp_path, capsys):
@@ -89,8 +157,21 @@ def test_run_names_a_split_list_it_cannot_read(trained, tmp_path, capsys):
     lists = tmp_path / "splits" / "pascal" / "val"
     lists.mkdir(parents=True)
     (lists / "fold0.txt").write_bytes(b"2007_000033__01\n2007_\xff00042__02\n")
-    args = run_args(voc, store, ckpt, tmp_path / "x", "--splits", tmp_path / "splits", "--fusion", "none",
-                    "--headline", "none", "--no-generalised", "--draw", 0)  # fmt: skip
+    args = run_args(
+        voc,
+        store,
+        ckpt,
+        tmp_path / "x",
+        "--splits",
+        tmp_path / "splits",
+        "--fusion",
+        "none",
+        "--headline",
+        "none",
+        "--no-generalised",
+        "--draw",
+        0,
+    )
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -104,8 +185,10 @@ def test_predict_any_image_size_and_class_names(trained, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 91, 3), dtype=np.uint8)).save(odd)
     out = tmp_path / "pred"
     images = [voc / "JPEGImages" / f"{val_id}.jpg", odd]
-    assert cli.main(["predict", *map(str, images), "--classes", "cat, dog,sofa", "--ckpt", str(ckpt),
-                     "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        cli.main(["predict", *map(str, images), "--classes", "cat, dog,sofa", "--ckpt", str(ckpt), "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     for path in images:
         labels = np.array(Image.open(out / f"{path.stem}.labels.png"))
@@ -115,10 +198,44 @@ def test_predict_any_image_size_and_class_names(trained, tmp_path, capsys):
     assert index["labels"] == {"0": "background", "1": "cat", "2": "dog", "3": "sofa"}
     assert "MEANINGLESS" in printed
     # fusion with a store (looked up by file stem) or with priors computed on the fly
-    assert cli.main(["predict", str(images[0]), "--classes", "cat", "--ckpt", str(ckpt), "--out", str(out),
-                     "--fusion", "project", "--store", str(store)]) == 0  # fmt: skip
-    assert cli.main(["predict", str(odd), "--classes", "cat", "--ckpt", str(ckpt), "--out", str(out),
-                     "--fusion", "project", "--extractor", "color"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(images[0]),
+                "--classes",
+                "cat",
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--fusion",
+                "project",
+                "--store",
+                str(store),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(odd),
+                "--classes",
+                "cat",
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--fusion",
+                "project",
+                "--extractor",
+                "color",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli.main(["predict", str(odd), "--classes", "cat", "--ckpt", str(ckpt), "--fusion", "project"]) == 2
     assert "needs priors" in capsys.readouterr().err
@@ -148,9 +265,9 @@ def test_project_denoises_a_noisy_truth_with_real_priors(trained):
     """Eigenvectors from the store line up with the masks: projecting a noisy ground truth onto them recovers it."""
     import torch
 
+    from sazs.datasets.readers import DatasetConfig, build_dataset
     from sazs.eval.fusion import fuse_binary, upsample_eigvecs
     from sazs.eval.metrics import intersection_union
-    from sazs.pipeline.datasets import DatasetConfig, build_dataset
     from sazs.stores.reader import open_store
 
     voc, store_path, _ = trained
@@ -197,27 +314,103 @@ def test_dependency_rule():
         if path.stem in PURE:
             assert not [m for m in names(every) if m.startswith(forbidden)], path.name
         assert not [m for m in names(top) if m.startswith(forbidden)], f"{path.name}: top-level import of {forbidden}"
-    code = ("import sys, sazs.eval.protocols, sazs.eval.metrics, sazs.eval.fusion, sazs.eval.evaluate, "
-            "sazs.eval.report, sazs.eval.predict, sazs.eval.cli; "
-            "print(sorted(m for m in sys.modules if m.startswith(('sazs.train', 'sazs.pipeline'))))")
+    code = (
+        "import sys, sazs.eval.protocols, sazs.eval.metrics, sazs.eval.fusion, sazs.eval.evaluate, "
+        "sazs.eval.report, sazs.eval.predict, sazs.eval.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith(('sazs.train', 'sazs.pipeline'))))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 
 
 def test_coco20i_end_to_end(tmp_path, capsys):
-    from sazs.pipeline.synthetic import make_coco
+    from sazs.datasets.synthetic import make_coco
 
     root = make_coco(tmp_path / "coco", num_train=4, num_val=30, size=(56, 72), seed=0)
     store, run, out = tmp_path / "val.zarr", tmp_path / "run", tmp_path / "rep"
-    assert priors_cli.main(["run", "--dataset", "coco", "--data", str(root), "--split", "val", "--extractor", "color",
-                            "--short-side", "96", "--out", str(store), "--no-progress", "--preview", "0"]) == 0
-    assert train_cli.main(["run", "--dataset", "coco", "--data", str(root), "--fold", "1", "--arch", "sazs-tiny",
-                           "--head-dim", "32", "--templates", "single", "--crop-size", "64", "--batch-size", "2",
-                           "--steps", "1", "--workers", "0", "--spectral-weight", "0", "--no-progress",
-                           "--out", str(run)]) == 0  # fmt: skip
-    assert cli.main(["run", "--dataset", "coco", "--data", str(root), "--folds", "1", "--ckpt",
-                     str(run / "checkpoint.pt"), "--priors", str(store), "--episodes", "30", "--out", str(out),
-                     "--no-progress", "--draw", "2", "--generalised-limit", "5"]) == 0  # fmt: skip
+    assert (
+        priors_cli.main(
+            [
+                "run",
+                "--dataset",
+                "coco",
+                "--data",
+                str(root),
+                "--split",
+                "val",
+                "--extractor",
+                "color",
+                "--short-side",
+                "96",
+                "--out",
+                str(store),
+                "--no-progress",
+                "--preview",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert (
+        train_cli.main(
+            [
+                "run",
+                "--dataset",
+                "coco",
+                "--data",
+                str(root),
+                "--fold",
+                "1",
+                "--arch",
+                "sazs-tiny",
+                "--head-dim",
+                "32",
+                "--templates",
+                "single",
+                "--crop-size",
+                "64",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--workers",
+                "0",
+                "--spectral-weight",
+                "0",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "run",
+                "--dataset",
+                "coco",
+                "--data",
+                str(root),
+                "--folds",
+                "1",
+                "--ckpt",
+                str(run / "checkpoint.pt"),
+                "--priors",
+                str(store),
+                "--episodes",
+                "30",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--draw",
+                "2",
+                "--generalised-limit",
+                "5",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert_oracle_never_headline(printed, report)

@@ -5,9 +5,19 @@ import pytest
 import torch
 
 from sazs.eval.fusion import (
-    FUSIONS, GT_FREE, FusionConfig, check_headline, eigen_segments, fuse_binary, fuse_semantic, fusion_key,
-    fusion_label, orthonormal_basis, project_probs, upsample_eigvecs,
-)  # fmt: skip
+    FUSIONS,
+    GT_FREE,
+    FusionConfig,
+    check_headline,
+    eigen_segments,
+    fuse_binary,
+    fuse_semantic,
+    fusion_key,
+    fusion_label,
+    orthonormal_basis,
+    project_probs,
+    upsample_eigvecs,
+)
 
 H, W = 12, 16
 

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from sazs.eval.metrics import (
-    BoundaryMeter, EpisodeMeter, SegMeter, boundary_counts, boundary_tolerance_px, harmonic_mean, mask_boundary,
-)  # fmt: skip
+    BoundaryMeter,
+    EpisodeMeter,
+    SegMeter,
+    boundary_counts,
+    boundary_tolerance_px,
+    harmonic_mean,
+    mask_boundary,
+)
 
 
 def square(h=8, w=10, top=2, left=2, size=4):

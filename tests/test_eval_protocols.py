@@ -6,14 +6,26 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from sazs.datasets.readers import DatasetConfig, build_dataset
+from sazs.datasets.synthetic import make_coco, make_voc
 from sazs.eval import protocols
 from sazs.eval.protocols import (
-    Episode, ProtocolConfig, coco20i_unseen, coco_image_id, fold_episodes, generate_split_list, hsnet_list_path,
-    parse_folds, parse_split_lines, read_coco_pickle, read_split_list, sample_episodes, scan_labels,
-    write_split_list, zero_shot_split,
-)  # fmt: skip
-from sazs.pipeline.datasets import DatasetConfig, build_dataset
-from sazs.pipeline.synthetic import make_coco, make_voc
+    Episode,
+    ProtocolConfig,
+    coco20i_unseen,
+    coco_image_id,
+    fold_episodes,
+    generate_split_list,
+    hsnet_list_path,
+    parse_folds,
+    parse_split_lines,
+    read_coco_pickle,
+    read_split_list,
+    sample_episodes,
+    scan_labels,
+    write_split_list,
+    zero_shot_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +114,10 @@ class _Evil:
 
 def test_coco_pickle_lists_are_read_without_running_code(tmp_path, capsys):
     good = tmp_path / "fold0.pkl"
-    names = {4: ["val2014/COCO_val2014_000000000042.jpg"],
-             0: ["val2014/COCO_val2014_000000000139.jpg", "val2014/COCO_val2014_000000000007.jpg"]}
+    names = {
+        4: ["val2014/COCO_val2014_000000000042.jpg"],
+        0: ["val2014/COCO_val2014_000000000139.jpg", "val2014/COCO_val2014_000000000007.jpg"],
+    }
     good.write_bytes(pickle.dumps(names))
     assert read_coco_pickle(good) == [Episode("139", 1), Episode("7", 1), Episode("42", 5)]
     evil = tmp_path / "evil.pkl"
@@ -183,8 +197,12 @@ def test_a_split_list_that_is_not_utf8_is_named_with_its_line(tmp_path):
 
 def test_pickle_names_must_be_short_strings(tmp_path):
     path = tmp_path / "fold0.pkl"
-    for names, expected in (([b"a_1.jpg"], "BINBYTES"), ([["a_1.jpg"]], "nested deeper"),
-                            (["9" * 5000], "expected image names"), ([2**70], "expected image names")):
+    for names, expected in (
+        ([b"a_1.jpg"], "BINBYTES"),
+        ([["a_1.jpg"]], "nested deeper"),
+        (["9" * 5000], "expected image names"),
+        ([2**70], "expected image names"),
+    ):
         path.write_bytes(pickle.dumps({0: names}))
         with pytest.raises(ValueError) as info:
             read_coco_pickle(path)

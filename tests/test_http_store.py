@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 from httpserver import http_server  # noqa: F401  (pytest fixture)
+from storecheck import assert_same_arrays, toy_manifest
 
 from sazs.stores import cli, remote
 from sazs.stores.integrity import CHECKSUM_FILE, SUMMARY_FILE, finalize, verify
 from sazs.stores.reader import open_store
 from sazs.stores.remote import publish, pull
 from sazs.stores.writer import ImageResult, StoreError, StoreWriter
-
-from storecheck import assert_same_arrays, toy_manifest
 
 K = 4
 IDS = [f"img{i:02d}" for i in range(7)]
@@ -37,10 +36,16 @@ def make_store(path):
                     continue
                 rng = np.random.default_rng(i)
                 h, w_ = 3 + i % 4, 4 + i % 3
-                results.append(ImageResult(index=i, image_size=(h * 8, w_ * 8), grid=(h, w_),
-                                           eigvals=np.sort(rng.random(K)).astype(np.float32),
-                                           eigvecs=rng.standard_normal((K, h, w_)).astype(np.float32),
-                                           residuals=np.full(K, 1e-6, np.float32)))
+                results.append(
+                    ImageResult(
+                        index=i,
+                        image_size=(h * 8, w_ * 8),
+                        grid=(h, w_),
+                        eigvals=np.sort(rng.random(K)).astype(np.float32),
+                        eigvecs=rng.standard_normal((K, h, w_)).astype(np.float32),
+                        residuals=np.full(K, 1e-6, np.float32),
+                    )
+                )
             w.write_shard(shard, results)
     finalize(str(path))
     return path
@@ -112,8 +117,11 @@ def test_pull_fails_cleanly_when_the_server_keeps_dropping(served, tmp_path, htt
     _, url = served
     http_server.drop[http_server.path_of(url) + SHARD] = -1
     dest = tmp_path / "out" / "x.zarr"
-    with pytest.raises(StoreError, match=rf"downloading eigvecs/c/1/0/0/0 from {url} failed \(attempt 3 of 3\): "
-                                         r"ClientPayloadError.*nothing was written to .*x\.zarr.*re-run the pull"):
+    with pytest.raises(
+        StoreError,
+        match=rf"downloading eigvecs/c/1/0/0/0 from {url} failed \(attempt 3 of 3\): "
+        r"ClientPayloadError.*nothing was written to .*x\.zarr.*re-run the pull",
+    ):
         pull(url, dest, progress=False)
     assert list((tmp_path / "out").iterdir()) == []  # neither the store nor a temporary that looks like one
     # the CLI: one line naming the object and the fix, exit 2
@@ -150,16 +158,22 @@ def test_reads_retry_a_dropped_connection(served, http_server):
     http_server.drop[http_server.path_of(url) + SHARD] = 1
     np.testing.assert_array_equal(store.get("img04").eigvecs, open_store(local).get("img04").eigvecs)
     http_server.drop[http_server.path_of(url) + SHARD] = -1
-    with pytest.raises(StoreError, match=rf"cannot read {url}/eigvecs: .* \(after 3 attempts\); check that the "
-                                         "server is up"):
+    with pytest.raises(
+        StoreError,
+        match=rf"cannot read {url}/eigvecs: .* \(after 3 attempts\); check that the "
+        "server is up",
+    ):
         store.get("img05")
 
 
 def test_opening_errors_name_the_url_and_the_fix(served, http_server, tmp_path):
     _, url = served
     wrong = url.replace("x.zarr", "nope.zarr")
-    with pytest.raises(StoreError, match=rf"{wrong} is not a prior store \({wrong}/zarr.json is not found, HTTP "
-                                         r"404\); check the URL"):
+    with pytest.raises(
+        StoreError,
+        match=rf"{wrong} is not a prior store \({wrong}/zarr.json is not found, HTTP "
+        r"404\); check the URL",
+    ):
         open_store(wrong)
     with pytest.raises(StoreError, match=rf"{wrong} is not a published store"):
         pull(wrong, tmp_path / "d", progress=False)
@@ -182,24 +196,44 @@ def test_opening_errors_name_the_url_and_the_fix(served, http_server, tmp_path):
 
 def test_training_reads_priors_over_http(tmp_path, http_server):
     """The trainer's dataset and its loader workers stream priors from the web server."""
+    from sazs.datasets.synthetic import make_voc
     from sazs.pipeline import cli as priors_cli
-    from sazs.pipeline.synthetic import make_voc
     from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset, build_loader
 
     voc = make_voc(tmp_path / "voc", num_train=4, num_val=1, size=(48, 64))
     store = tmp_path / "train.zarr"
-    assert priors_cli.main(["run", "--dataset", "voc", "--data", str(voc), "--split", "train", "--extractor",
-                            "color", "--short-side", "32", "--out", str(store), "--no-progress",
-                            "--preview", "0"]) == 0
+    assert (
+        priors_cli.main(
+            [
+                "run",
+                "--dataset",
+                "voc",
+                "--data",
+                str(voc),
+                "--split",
+                "train",
+                "--extractor",
+                "color",
+                "--short-side",
+                "32",
+                "--out",
+                str(store),
+                "--no-progress",
+                "--preview",
+                "0",
+            ]
+        )
+        == 0
+    )
     finalize(str(store))
     site = tmp_path / "site" / "train.zarr"
     publish(store, str(site), progress=False)
 
     def batches(priors):
-        cfg = DataConfig(dataset="voc", root=str(voc), fold=0, priors=priors, prior_stride=8,
-                         augment=AugmentConfig(crop_size=32))
-        return list(itertools.islice(iter(build_loader(PriorSegDataset(cfg), batch_size=2, num_workers=2,
-                                                       seed=0)), 2))
+        cfg = DataConfig(
+            dataset="voc", root=str(voc), fold=0, priors=priors, prior_stride=8, augment=AugmentConfig(crop_size=32)
+        )
+        return list(itertools.islice(iter(build_loader(PriorSegDataset(cfg), batch_size=2, num_workers=2, seed=0)), 2))
 
     for x, y in zip(batches(str(store)), batches(http_server.url_for(site))):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["eigvecs"], y["eigvecs"])

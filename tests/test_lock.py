@@ -5,20 +5,18 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
-
 import time
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from storecheck import toy_manifest
 
+from sazs.core import faults
 from sazs.pipeline import cli, job
-from sazs.stores import faults
 from sazs.stores.integrity import LOCK_FILE, finalize
 from sazs.stores.lock import break_lock, is_stale, read_lock
 from sazs.stores.writer import ImageResult, StoreError, StoreWriter
-
-from storecheck import toy_manifest
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
 IDS = ["a", "b", "c", "d", "e"]
@@ -32,10 +30,14 @@ def make_manifest(ids, *, knn=10):
 def result(i, grid=(3, 5)):
     rng = np.random.default_rng(i)
     h, w = grid
-    return ImageResult(index=i, image_size=(h * 8, w * 8), grid=grid,
-                       eigvals=np.sort(rng.random(K)).astype(np.float32),
-                       eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
-                       residuals=np.full(K, 1e-6, np.float32))
+    return ImageResult(
+        index=i,
+        image_size=(h * 8, w * 8),
+        grid=grid,
+        eigvals=np.sort(rng.random(K)).astype(np.float32),
+        eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
+        residuals=np.full(K, 1e-6, np.float32),
+    )
 
 
 def open_writer(path, **kw):
@@ -44,16 +46,25 @@ def open_writer(path, **kw):
 
 def dead_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(proc.stdout)
 
 
 def plant_lock(store, **fields):
     """Write a lock file as another writer would have left it."""
-    ago = (datetime.now(timezone.utc) - timedelta(minutes=2)).isoformat(timespec="seconds")
-    info = {"owner": "alice@elsewhere", "host": "elsewhere", "pid": 123, "started": ago, "heartbeat": ago,
-            "command": "sazs-priors run --limit 9", "token": "feedface", **fields}
+    ago = (datetime.now(UTC) - timedelta(minutes=2)).isoformat(timespec="seconds")
+    info = {
+        "owner": "alice@elsewhere",
+        "host": "elsewhere",
+        "pid": 123,
+        "started": ago,
+        "heartbeat": ago,
+        "command": "sazs-priors run --limit 9",
+        "token": "feedface",
+        **fields,
+    }
     (store / LOCK_FILE).write_text(json.dumps(info))
     return info
 
@@ -135,7 +146,7 @@ def test_heartbeat_and_losing_the_lock(tmp_path):
     (path / LOCK_FILE).write_text(json.dumps({**info, "heartbeat": "2000-01-01T00:00:00+00:00"}))
     old.write_shard(0, [result(0), result(1)])
     beat = datetime.fromisoformat(read_lock(path)["heartbeat"])
-    assert abs(datetime.now(timezone.utc) - beat) < timedelta(minutes=1)
+    assert abs(datetime.now(UTC) - beat) < timedelta(minutes=1)
     assert not list(path.glob("*.partial"))
     new = open_writer(path, take_over_lock=True)
     with pytest.raises(StoreError, match="lost the lock"):
@@ -209,16 +220,23 @@ def test_job_releases_the_lock_on_interrupt_and_error(tmp_path, monkeypatch, cap
 @pytest.fixture
 def armed():
     yield faults.configure
-    faults.configure(os.environ.get(faults.ENV_VAR))
+    faults.arm_from_environment()
 
 
 def test_fault_specs(armed):
     assert faults.parse("") == []
     assert faults.parse("job.after_shard:2, write_shard.start:*:sleep=0.5") == [
-        faults.Fault("job.after_shard", 2, "kill", ""), faults.Fault("write_shard.start", None, "sleep", "0.5")]
-    for bad, why in [("nope:1", "unknown fault point"), ("job.after_shard", "occurrence"),
-                     ("job.after_shard:0", "occurrence"), ("job.after_shard:1:explode", "action"),
-                     ("job.after_shard:1:wait", "action"), ("job.after_shard:1:sleep=x", "float")]:
+        faults.Fault("job.after_shard", 2, "kill", ""),
+        faults.Fault("write_shard.start", None, "sleep", "0.5"),
+    ]
+    for bad, why in [
+        ("nope:1", "unknown fault point"),
+        ("job.after_shard", "occurrence"),
+        ("job.after_shard:0", "occurrence"),
+        ("job.after_shard:1:explode", "action"),
+        ("job.after_shard:1:wait", "action"),
+        ("job.after_shard:1:sleep=x", "float"),
+    ]:
         with pytest.raises(ValueError, match=why):
             faults.parse(bad)
     armed("write_shard.start:2:sleep=0,job.after_shard:*:sleep=0")
@@ -234,9 +252,12 @@ def test_fault_specs(armed):
 
 def test_fault_kill_and_wait_in_a_subprocess(tmp_path):
     go = tmp_path / "go"
-    code = ("from sazs.stores.faults import fault_point\n"
-            "for i in range(3):\n"
-            "    fault_point('job.after_shard'); print(i, flush=True)\n")
+    code = (
+        "from sazs.core.faults import arm_from_environment, fault_point\n"
+        "arm_from_environment()\n"
+        "for i in range(3):\n"
+        "    fault_point('job.after_shard'); print(i, flush=True)\n"
+    )
     env = {**os.environ, faults.ENV_VAR: f"job.after_shard:1:wait={go},job.after_shard:3"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -266,9 +287,18 @@ def test_store_cli_unlock_removes_a_dead_writers_lock(tmp_path, capsys):
     path = tmp_path / "s.zarr"
     StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS)).close()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    now = datetime.now(timezone.utc).isoformat()
-    (path / LOCK_FILE).write_text(json.dumps({"owner": "ghost@" + socket.gethostname(), "host": socket.gethostname(),
-                                              "pid": int(dead.stdout), "started": now, "heartbeat": now}))
+    now = datetime.now(UTC).isoformat()
+    (path / LOCK_FILE).write_text(
+        json.dumps(
+            {
+                "owner": "ghost@" + socket.gethostname(),
+                "host": socket.gethostname(),
+                "pid": int(dead.stdout),
+                "started": now,
+                "heartbeat": now,
+            }
+        )
+    )
     with pytest.raises(StoreError, match="stale"):
         StoreWriter.open(path, ids=IDS, manifest=make_manifest(IDS))
     assert store_cli.main(["unlock", str(path)]) == 0

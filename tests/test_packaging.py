@@ -25,23 +25,52 @@ def test_editable_install_maps_the_namespace():
 @pytest.mark.slow
 def test_built_wheel_contains_and_imports_the_packages(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("sazs-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("sazs/pipeline/cli.py", "sazs/pipeline/extractors.py", "sazs/stores/writer.py",
-                   "sazs/train/__init__.py", "sazs/eval/__init__.py"):
+    for module in (
+        "sazs/pipeline/cli.py",
+        "sazs/pipeline/extractors.py",
+        "sazs/stores/writer.py",
+        "sazs/train/__init__.py",
+        "sazs/eval/__init__.py",
+    ):
         assert module in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sazs-priors = sazs.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     # -S: no site-packages, so the editable finder cannot answer; the import must come from the wheel.
     out = subprocess.run(
-        [sys.executable, "-S", "-c", "import sazs.stores.manifest as m, sazs.pipeline as p; print(m.__file__, p.__file__)"],
-        env={"PYTHONPATH": str(target)}, cwd=tmp_path, check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            "import sazs.stores.manifest as m, sazs.pipeline as p; print(m.__file__, p.__file__)",
+        ],
+        env={"PYTHONPATH": str(target)},
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert out.count(str(target)) == 2

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sazs.datasets.readers import DatasetConfig, ImageError, build_dataset, folder_ids, image_size, read_image
+from sazs.datasets.synthetic import make_coco, make_voc
 from sazs.pipeline import cli, datasets, job
-from sazs.pipeline.datasets import (DatasetConfig, ImageError, build_dataset, folder_ids, image_size,
-                                    read_image)
 from sazs.pipeline.executors import ShardSource
-from sazs.pipeline.synthetic import make_coco, make_voc
 from sazs.stores.reader import open_store
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
@@ -63,8 +62,11 @@ def png_header_only(path: Path, h: int, w: int) -> None:
 def test_a_huge_png_below_pillows_bomb_limit_is_refused_from_its_header(tmp_path):
     path = tmp_path / "huge.png"
     png_header_only(path, 13000, 13000)  # 169 MP: under Pillow's limit (~179 MP), ~5 GB to decode
-    with pytest.raises(ImageError, match=r"image too large: .*huge.png is 13000x13000 = 169.0 megapixels > "
-                                         r"the limit of 40; downscale it or raise --max-megapixels"):
+    with pytest.raises(
+        ImageError,
+        match=r"image too large: .*huge.png is 13000x13000 = 169.0 megapixels > "
+        r"the limit of 40; downscale it or raise --max-megapixels",
+    ):
         read_image(path)
     with pytest.raises(ImageError, match="image too large"):
         image_size(path)
@@ -99,16 +101,24 @@ def test_index_files_fail_in_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "v.zarr").exists()
 
 
-@pytest.mark.parametrize("mangle, expected", [
-    (lambda text, data: text[: len(text) // 2], r"instances_val2017.json is not valid JSON \(line 1, column"),
-    (lambda text, data: json.dumps([data]), "the top level is a JSON list, not an object"),
-    (lambda text, data: json.dumps({**data, "images": {"1": {}}}), "'images' is a JSON dict, not a list"),
-    (lambda text, data: json.dumps({**data, "images": [{k: v for k, v in data["images"][0].items()
-                                                          if k != "file_name"}]}),
-     r"images\[0\] has no str 'file_name' \(got None\)"),
-    (lambda text, data: json.dumps({**data, "annotations": [{**data["annotations"][0], "image_id": "7"}]}),
-     r"annotations\[0\] has no int 'image_id' \(got '7'\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mangle, expected",
+    [
+        (lambda text, data: text[: len(text) // 2], r"instances_val2017.json is not valid JSON \(line 1, column"),
+        (lambda text, data: json.dumps([data]), "the top level is a JSON list, not an object"),
+        (lambda text, data: json.dumps({**data, "images": {"1": {}}}), "'images' is a JSON dict, not a list"),
+        (
+            lambda text, data: json.dumps(
+                {**data, "images": [{k: v for k, v in data["images"][0].items() if k != "file_name"}]}
+            ),
+            r"images\[0\] has no str 'file_name' \(got None\)",
+        ),
+        (
+            lambda text, data: json.dumps({**data, "annotations": [{**data["annotations"][0], "image_id": "7"}]}),
+            r"annotations\[0\] has no int 'image_id' \(got '7'\)",
+        ),
+    ],
+)
 def test_malformed_coco_json_is_one_line(tmp_path, capsys, mangle, expected):
     coco = make_coco(tmp_path / "coco", num_train=1, num_val=2)
     ann = coco / "annotations" / "instances_val2017.json"
@@ -160,14 +170,29 @@ def test_a_non_utf8_file_name_fails_that_image_only(tmp_path, capsys):
 # ----------------------------------------------------------------------------- 5: numbers on the command line
 
 
-@pytest.mark.parametrize("flag, value, valid", [
-    ("--num-eigs", "0", "integer >= 2"), ("--num-eigs", "1", "integer >= 2"), ("--shard-size", "0", ">= 1"),
-    ("--decode-workers", "-1", ">= 0"), ("--knn", "0", ">= 1"), ("--threshold", "nan", "in [0, 1)"),
-    ("--threshold", "1", "in [0, 1)"), ("--threshold", "-0.5", "in [0, 1)"), ("--short-side", "0", ">= 1"),
-    ("--short-side", "abc", ">= 1"), ("--limit", "0", ">= 1"), ("--color-weight", "inf", "in [0, inf)"),
-    ("--color-weight", "-1", "in [0, inf)"), ("--batch-size", "0", ">= 1"), ("--preview", "-1", ">= 0"),
-    ("--max-megapixels", "0", "in (0, inf)"), ("--ray-actors", "0", ">= 1"), ("--max-long-side", "-3", ">= 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value, valid",
+    [
+        ("--num-eigs", "0", "integer >= 2"),
+        ("--num-eigs", "1", "integer >= 2"),
+        ("--shard-size", "0", ">= 1"),
+        ("--decode-workers", "-1", ">= 0"),
+        ("--knn", "0", ">= 1"),
+        ("--threshold", "nan", "in [0, 1)"),
+        ("--threshold", "1", "in [0, 1)"),
+        ("--threshold", "-0.5", "in [0, 1)"),
+        ("--short-side", "0", ">= 1"),
+        ("--short-side", "abc", ">= 1"),
+        ("--limit", "0", ">= 1"),
+        ("--color-weight", "inf", "in [0, inf)"),
+        ("--color-weight", "-1", "in [0, inf)"),
+        ("--batch-size", "0", ">= 1"),
+        ("--preview", "-1", ">= 0"),
+        ("--max-megapixels", "0", "in (0, inf)"),
+        ("--ray-actors", "0", ">= 1"),
+        ("--max-long-side", "-3", ">= 1"),
+    ],
+)
 def test_bad_numbers_exit_2_in_one_line_and_create_nothing(tmp_path, capsys, flag, value, valid):
     out = tmp_path / "x.zarr"
     with pytest.raises(SystemExit) as exit_:
@@ -326,7 +351,7 @@ def test_symlinks_inside_the_root_are_followed(tmp_path):
 
 def test_readers_that_list_folders_have_no_root_check(tmp_path):
     """Only paths read from text are checked: a masks dataset's --images-dir may lie outside DATA."""
-    from sazs.pipeline.datasets import MasksDataset
+    from sazs.datasets.readers import MasksDataset
 
     save(tmp_path / "elsewhere" / "a.png")
     root = tmp_path / "data"

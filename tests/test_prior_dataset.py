@@ -7,26 +7,37 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_store_export import write_store
 from torch.utils.data import DataLoader
 
 from sazs.stores import PriorDataset
 from sazs.stores.schema import StoreError
-from test_store_export import write_store
 
 
 @pytest.fixture
 def store(tmp_path):
     rng = np.random.default_rng(0)
-    images = {f"img{i}": ((40, 60), np.sort(rng.random(4)).astype(np.float32) * [0, 1, 1, 1],
-                          rng.standard_normal((4, 3, 5)).astype(np.float16).astype(np.float32)) for i in range(5)}
+    images = {
+        f"img{i}": (
+            (40, 60),
+            np.sort(rng.random(4)).astype(np.float32) * [0, 1, 1, 1],
+            rng.standard_normal((4, 3, 5)).astype(np.float16).astype(np.float32),
+        )
+        for i in range(5)
+    }
     return write_store(tmp_path / "s.zarr", images, k=4, max_grid=(3, 5), failed=("bad",)), images
 
 
 def test_dataloader_with_two_workers_reads_the_given_ids_in_order(store):
     path, images = store
     ids = ["img3", "img0", "img4", "img1"]  # any image list, in its own order
-    ds = PriorDataset(str(path), ids, num_eigs=3, load_image=lambda id_: np.full((2, 2), int(id_[-1]), np.uint8),
-                      transform=lambda s: {**s, "eigvecs": s["eigvecs"] * 2})
+    ds = PriorDataset(
+        str(path),
+        ids,
+        num_eigs=3,
+        load_image=lambda id_: np.full((2, 2), int(id_[-1]), np.uint8),
+        transform=lambda s: {**s, "eigvecs": s["eigvecs"] * 2},
+    )
     assert len(ds) == 4 and ds._store is None  # checked, then closed: each worker opens its own
     batches = list(DataLoader(ds, batch_size=2, num_workers=2))
     assert [i for b in batches for i in b["id"]] == ids
@@ -57,6 +68,8 @@ def test_default_ids_handle_pickling_and_checks(store):
 
 def test_stores_package_stays_light():
     """`import sazs.stores` (and its manifest) loads neither torch nor zarr; PriorDataset resolves on use."""
-    code = ("import sys, sazs.stores, sazs.stores.manifest; assert 'torch' not in sys.modules and 'zarr' not in "
-            "sys.modules; from sazs.stores import PriorDataset; assert 'torch' not in sys.modules")
+    code = (
+        "import sys, sazs.stores, sazs.stores.manifest; assert 'torch' not in sys.modules and 'zarr' not in "
+        "sys.modules; from sazs.stores import PriorDataset; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

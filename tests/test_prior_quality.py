@@ -177,11 +177,49 @@ def test_eval_priors_end_to_end_on_a_synthetic_davis(tmp_path):
     root = tmp_path / "DAVIS"
     _write_davis(root)
     store = tmp_path / "davis.zarr"
-    assert priors_main(["run", "--dataset", "davis", "--data", str(root), "--extractor", "color", "--short-side", "48",
-                        "--out", str(store), "--preview", "0", "--no-progress"]) == 0
+    assert (
+        priors_main(
+            [
+                "run",
+                "--dataset",
+                "davis",
+                "--data",
+                str(root),
+                "--extractor",
+                "color",
+                "--short-side",
+                "48",
+                "--out",
+                str(store),
+                "--preview",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "report"
-    assert eval_main(["priors", str(store), str(store), "--names", "ours,again", "--dataset", "davis", "--data",
-                      str(root), "--out", str(out), "--refine", "guided", "--no-progress"]) == 0
+    assert (
+        eval_main(
+            [
+                "priors",
+                str(store),
+                str(store),
+                "--names",
+                "ours,again",
+                "--dataset",
+                "davis",
+                "--data",
+                str(root),
+                "--out",
+                str(out),
+                "--refine",
+                "guided",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     ours = report["stores"]["ours"]
     assert set(ours["variants"]) == {"bilinear", "guided"}
@@ -189,7 +227,7 @@ def test_eval_priors_end_to_end_on_a_synthetic_davis(tmp_path):
     assert mean["num_images"] == 3 and mean["span_iou"] > 0.5
     assert mean["best_of_n_iou_upper_bound"] >= mean["fiedler_iou"] - 1e-9
     # the report holds exactly what score_image gives on the store's priors and the dataset's masks
-    from sazs.pipeline.datasets import DatasetConfig, build_dataset
+    from sazs.datasets.readers import DatasetConfig, build_dataset
     from sazs.stores.reader import open_store
 
     ds, priors = build_dataset(DatasetConfig(name="davis", root=str(root))), open_store(store)
@@ -209,8 +247,23 @@ def test_eval_priors_end_to_end_on_a_synthetic_davis(tmp_path):
     # a dataset the store was not computed for: every image is a recorded failure, exit code 1
     other = tmp_path / "other"
     _write_davis(other, size=(40, 64))
-    assert eval_main(["priors", str(store), "--dataset", "davis", "--data", str(other), "--out", str(tmp_path / "r2"),
-                      "--no-pictures", "--no-progress"]) == 1
+    assert (
+        eval_main(
+            [
+                "priors",
+                str(store),
+                "--dataset",
+                "davis",
+                "--data",
+                str(other),
+                "--out",
+                str(tmp_path / "r2"),
+                "--no-pictures",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
 
 
 def test_eval_priors_label_maps_on_a_synthetic_camvid(tmp_path):
@@ -236,11 +289,34 @@ def test_eval_priors_label_maps_on_a_synthetic_camvid(tmp_path):
         Image.fromarray(image).save(root / "val" / f"f{i}.png")
         Image.fromarray(labels, mode="L").save(root / "valannot" / f"f{i}.png")
     store = tmp_path / "camvid.zarr"
-    assert priors_main(["run", "--dataset", "camvid", "--data", str(root), "--extractor", "color", "--short-side", "48",
-                        "--out", str(store), "--preview", "0", "--no-progress"]) == 0
+    assert (
+        priors_main(
+            [
+                "run",
+                "--dataset",
+                "camvid",
+                "--data",
+                str(root),
+                "--extractor",
+                "color",
+                "--short-side",
+                "48",
+                "--out",
+                str(store),
+                "--preview",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "report"
-    assert eval_main(["priors", str(store), "--dataset", "camvid", "--data", str(root), "--out", str(out),
-                      "--no-progress"]) == 0
+    assert (
+        eval_main(
+            ["priors", str(store), "--dataset", "camvid", "--data", str(root), "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
     v = json.loads((out / "report.json").read_text())["stores"]["camvid.zarr"]["variants"]["bilinear"]
     assert set(v["per_class"]) == {"sky", "road", "car"}
     assert 0 < v["mean"]["covering"] <= 1 and 0 <= v["mean"]["boundary_recall"] <= 1
@@ -260,11 +336,43 @@ def test_eval_priors_baseline_dsm_is_computed_and_scored_beside(tmp_path):
     root = tmp_path / "DAVIS"
     _write_davis(root)
     store = tmp_path / "davis.zarr"
-    assert priors_main(["run", "--dataset", "davis", "--data", str(root), "--extractor", "color", "--short-side", "48",
-                        "--out", str(store), "--preview", "0", "--no-progress"]) == 0
+    assert (
+        priors_main(
+            [
+                "run",
+                "--dataset",
+                "davis",
+                "--data",
+                str(root),
+                "--extractor",
+                "color",
+                "--short-side",
+                "48",
+                "--out",
+                str(store),
+                "--preview",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "report"
-    argv = ["priors", str(store), "--names", "ours", "--dataset", "davis", "--data", str(root), "--out", str(out),
-            "--baseline", "dsm", "--no-progress"]
+    argv = [
+        "priors",
+        str(store),
+        "--names",
+        "ours",
+        "--dataset",
+        "davis",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--baseline",
+        "dsm",
+        "--no-progress",
+    ]
     assert eval_main(argv) == 0
     assert (out / "grid-dsm-original.png").is_file()  # a file name without spaces
     argv.insert(-1, "--no-pictures")

@@ -8,7 +8,7 @@ that someone else runs on the machine. ``RAY_AUTH_MODE=disabled`` keeps Ray from
 an auth token into the home directory.
 
 No fault test races the job: the job is held at a fault point (``SAZS_FAULT`` with
-``wait=PATH``, stores/faults.py) until the test has killed what it kills, then released.
+``wait=PATH``, core/faults.py) until the test has killed what it kills, then released.
 The held process announces itself (``faults.held_pids``), so the tests wait for events,
 never for a time; their timeouts are safety nets that fail the test with a message.
 """
@@ -30,20 +30,35 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from storecheck import arrays, assert_same_arrays  # noqa: E402
+
+from sazs.core.faults import ENV_VAR, held_pids  # noqa: E402
+from sazs.datasets.synthetic import make_coco  # noqa: E402
 from sazs.pipeline import cli  # noqa: E402
 from sazs.pipeline.executors import RayConfig, plan  # noqa: E402
 from sazs.pipeline.extractors import ExtractorConfig  # noqa: E402
 from sazs.pipeline.job import progress_path, side_paths  # noqa: E402
-from sazs.pipeline.synthetic import make_coco  # noqa: E402
-from sazs.stores.faults import ENV_VAR, held_pids  # noqa: E402
 from sazs.stores.lock import is_stale, read_lock  # noqa: E402
 from sazs.stores.reader import open_store  # noqa: E402
 
-from storecheck import arrays, assert_same_arrays  # noqa: E402
-
 # 12 COCO-layout images, one shard each: enough shards in flight to kill something mid-job.
-ARGS = ["--dataset", "coco", "--split", "val2017", "--extractor", "color", "--short-side", "128",
-        "--shard-size", "1", "--batch-size", "1", "--no-progress", "--preview", "0"]
+ARGS = [
+    "--dataset",
+    "coco",
+    "--split",
+    "val2017",
+    "--extractor",
+    "color",
+    "--short-side",
+    "128",
+    "--shard-size",
+    "1",
+    "--batch-size",
+    "1",
+    "--no-progress",
+    "--preview",
+    "0",
+]
 RAY = ["--executor", "ray"]
 
 
@@ -80,7 +95,7 @@ def _stat(pid: int) -> tuple[int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
     return int(fields[1]), int(fields[2])
 
 
@@ -128,7 +143,7 @@ def last_run(out) -> list[dict]:
     """The events of the last run (the log is appended to by every run)."""
     evs = events(out)
     starts = [k for k, e in enumerate(evs) if e["event"] == "start"]
-    return evs[starts[-1]:] if starts else []
+    return evs[starts[-1] :] if starts else []
 
 
 def run(*argv) -> int:
@@ -291,8 +306,10 @@ def test_worker_killed_mid_shard_is_retried(coco, reference, tmp_path, monkeypat
     assert [e["actor"] for e in evs if e["event"] == "actor_lost"] == [victim]
     retried = {e["shard"] for e in evs if e["event"] == "retry"}
     assert retried and all(e["actor"] == victim for e in evs if e["event"] == "retry")
-    assert all(any(e["event"] == "shard" and e["shard"] == s and e["attempt"] >= 1 and e["actor"] != victim
-                   for e in evs) for s in retried)
+    assert all(
+        any(e["event"] == "shard" and e["shard"] == s and e["attempt"] >= 1 and e["actor"] != victim for e in evs)
+        for s in retried
+    )
     assert evs[-1]["event"] == "end" and evs[-1]["retries"] == len(retried) and evs[-1]["done"] == 12
     assert json.loads(side_paths(out)[1].read_text())["retries"] == len(retried)
 
@@ -301,18 +318,37 @@ def test_worker_killed_mid_shard_is_retried(coco, reference, tmp_path, monkeypat
 def two_nodes(ray_tmp, tmp_path):
     """A head node and a second node (`ray start --address`) on this machine, 1 CPU each."""
     port = free_port()
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp),
-           # notice a dead node within ~2 s instead of ~30 s
-           "RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
-           "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": str(ray_tmp),
+        # notice a dead node within ~2 s instead of ~30 s
+        "RAY_health_check_initial_delay_ms": "0",
+        "RAY_health_check_period_ms": "500",
+        "RAY_health_check_timeout_ms": "500",
+        "RAY_health_check_failure_threshold": "3",
+    }
     ray_bin = str(Path(sys.executable).with_name("ray"))
 
     def node_args():  # each raylet's agent and metrics need ports of their own on one machine
-        return ["--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        return [
+            "--num-cpus=1",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]
 
-    head = [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={ray_tmp}",
-            f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}", *node_args()]
+    head = [
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--include-dashboard=false",
+        f"--temp-dir={ray_tmp}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-port={free_port()}",
+        *node_args(),
+    ]
     node2 = [ray_bin, "start", f"--address=127.0.0.1:{port}", *node_args()]
     groups = []
     try:
@@ -359,21 +395,33 @@ def test_node_lost_mid_job(coco, reference, tmp_path, two_nodes, monkeypatch):
     victim = actors[next(iter(lost[0]))]["actor"]
     assert [e["actor"] for e in evs if e["event"] == "actor_lost"] == [victim]
     retried = {e["shard"] for e in evs if e["event"] == "retry"}
-    assert retried and all(any(e["event"] == "shard" and e["shard"] == s and e["actor"] != victim for e in evs)
-                           for s in retried)
+    assert retried and all(
+        any(e["event"] == "shard" and e["shard"] == s and e["actor"] != victim for e in evs) for s in retried
+    )
     assert evs[-1]["event"] == "end" and evs[-1]["done"] == 12
 
 
 @pytest.mark.slow
 def test_driver_killed_then_resumed(coco, reference, tmp_path, ray_tmp, capsys):
     out, never = tmp_path / "driver.zarr", tmp_path / "never"
-    cmd = [sys.executable, "-m", "sazs.pipeline", "run", *ARGS, *RAY, "--ray-num-cpus", "2", "--data", str(coco),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sazs.pipeline",
+        "run",
+        *ARGS,
+        *RAY,
+        "--ray-num-cpus",
+        "2",
+        "--data",
+        str(coco),
+        "--out",
+        str(out),
+    ]
     log = open(tmp_path / "driver.log", "w")
     # The driver holds after writing its first shard (`never` is never created) and is killed there.
     env = {**os.environ, ENV_VAR: f"job.after_shard:1:wait={never}"}
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: proc.pid in held_pids(never) or proc.poll() is not None, what="the driver after a shard")
         assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]

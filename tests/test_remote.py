@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import zarr
 from s3server import bucket, s3_server  # noqa: F401  (pytest fixtures)
+from storecheck import ARRAYS, toy_manifest
 
 from sazs.stores.integrity import CHECKSUM_FILE, LOCK_FILE, SUMMARY_FILE, finalize, verify
 from sazs.stores.reader import open_store
 from sazs.stores.remote import publish, pull
 from sazs.stores.writer import ImageResult, StoreError, StoreWriter
-
-from storecheck import ARRAYS, toy_manifest
 
 K = 4
 IDS = [f"img{i:02d}" for i in range(7)]
@@ -28,10 +27,14 @@ def make_manifest(ids, *, knn=10, shard_size=3, max_grid=(6, 7)):
 def result(i, seed=0):
     rng = np.random.default_rng(seed + i)
     h, w = 3 + i % 4, 4 + i % 3
-    return ImageResult(index=i, image_size=(h * 8, w * 8), grid=(h, w),
-                       eigvals=np.sort(rng.random(K)).astype(np.float32),
-                       eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
-                       residuals=np.full(K, 1e-6, np.float32))
+    return ImageResult(
+        index=i,
+        image_size=(h * 8, w * 8),
+        grid=(h, w),
+        eigvals=np.sort(rng.random(K)).astype(np.float32),
+        eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
+        residuals=np.full(K, 1e-6, np.float32),
+    )
 
 
 def make_store(path, *, knn=10, seed=0, final=True):
@@ -151,8 +154,11 @@ def test_interrupted_publish_resumes(store, s3_server, bucket, monkeypatch):
         pull(url, store.parent / "pulled", storage_options=opts, progress=False)
 
     calls.clear()
-    monkeypatch.setattr(s3fs.S3FileSystem, "put_file", lambda self, l, r, *a, **k: (calls.append(r),
-                                                                                     real_put(self, l, r, *a, **k)))
+    monkeypatch.setattr(
+        s3fs.S3FileSystem,
+        "put_file",
+        lambda self, lpath, r, *a, **k: (calls.append(r), real_put(self, lpath, r, *a, **k)),
+    )
     publish(store, url, storage_options=opts, progress=False)
     num_objects = len((store / CHECKSUM_FILE).read_text().splitlines())
     assert 0 < len(calls) <= num_objects - 6  # the six objects already there were kept

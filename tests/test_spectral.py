@@ -6,6 +6,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 from scipy.sparse.csgraph import connected_components
 from skimage import data
+from test_graph import GRID, image_features, normalise, random_features
 
 from sazs.pipeline import spectral
 from sazs.pipeline.graph import Graph, GraphConfig, build_knn_graph, patch_colors
@@ -17,8 +18,6 @@ from sazs.pipeline.spectral import (
     list_solvers,
     normalized_laplacian,
 )
-
-from test_graph import GRID, image_features, normalise, random_features
 
 K = 8
 GAP = 1e-3  # eigenvalue groups separated by less than this are compared as one subspace
@@ -37,7 +36,10 @@ ITERATIVE = ["eigsh", "lobpcg", "cupy-lobpcg", "batched"]
 def image_case(request):
     image = getattr(data, request.param)()
     graph = build_knn_graph(
-        image_features(image), GraphConfig(global_weight=0, k=10, color_weight=0.5), grid=GRID, colors=patch_colors(image, GRID)
+        image_features(image),
+        GraphConfig(global_weight=0, k=10, color_weight=0.5),
+        grid=GRID,
+        colors=patch_colors(image, GRID),
     )
     ref = laplacian_eigs(graph, SpectralConfig(num_eigs=K + 1, solver="dense"))
     return graph, ref
@@ -130,8 +132,11 @@ def test_two_components(solver, numpy_cupy):
     f[300:, 0] -= 1
     g = build_knn_graph(normalise(f), GraphConfig(global_weight=0, k=10), grid=(20, 30))
     assert connected_components(g.W, directed=False)[0] == 2
-    cfg = SpectralConfig(num_eigs=4, solver="eigsh", precision="float64") if solver == "eigsh-float64" else (
-        SpectralConfig(num_eigs=4, solver=solver))
+    cfg = (
+        SpectralConfig(num_eigs=4, solver="eigsh", precision="float64")
+        if solver == "eigsh-float64"
+        else (SpectralConfig(num_eigs=4, solver=solver))
+    )
     s = laplacian_eigs(g, cfg)
     assert s.converged
     np.testing.assert_allclose(s.eigvals[:2], 0, atol=1e-6)

@@ -30,17 +30,28 @@ def write_store(path, images, *, k, max_grid, failed=()):
     ids = list(images) + list(failed)
     manifest = build_manifest(
         dataset={"name": "toy", "split": "val", "root": "/nowhere", "num_images": len(ids), "ids_sha256": "x"},
-        extractor={"name": "test", "weights_sha256": None}, graph={"k": 1}, solver={"solver": "test"},
-        num_eigs=k, layout={"shard_size": 2, "max_grid": list(max_grid), "eigvecs_dtype": "float16"},
-    )  # fmt: skip
+        extractor={"name": "test", "weights_sha256": None},
+        graph={"k": 1},
+        solver={"solver": "test"},
+        num_eigs=k,
+        layout={"shard_size": 2, "max_grid": list(max_grid), "eigvecs_dtype": "float16"},
+    )
     results = []
     for i, id_ in enumerate(ids):
         if id_ in failed:
             results.append(ImageResult(index=i, error="cannot decode it"))
             continue
         size, vals, vecs = images[id_]
-        results.append(ImageResult(index=i, image_size=size, grid=vecs.shape[1:], eigvals=np.float32(vals),
-                                   eigvecs=vecs, residuals=np.zeros(k, np.float32)))
+        results.append(
+            ImageResult(
+                index=i,
+                image_size=size,
+                grid=vecs.shape[1:],
+                eigvals=np.float32(vals),
+                eigvecs=vecs,
+                residuals=np.zeros(k, np.float32),
+            )
+        )
     with StoreWriter.open(path, ids=ids, manifest=manifest) as w:
         for shard in range(w.num_shards):
             w.write_shard(shard, [r for r in results if r.index in w.shard_range(shard)])
@@ -88,8 +99,9 @@ def test_export_resumes_skips_complete_files_and_refuses_another_setting(known_s
     assert (again.written, again.existing) == (1, 1) and (out / "sub" / "b_k1.png").is_file()
     with pytest.raises(StoreError, match="another store or setting"):
         export_store(str(known_store), out, ExportConfig(format="sazs-png", num_vectors=1, progress=False))
-    redo = export_store(str(known_store), out, ExportConfig(format="sazs-png", num_vectors=1, overwrite=True,
-                                                             progress=False))  # fmt: skip
+    redo = export_store(
+        str(known_store), out, ExportConfig(format="sazs-png", num_vectors=1, overwrite=True, progress=False)
+    )
     assert redo.written == 2
 
 
@@ -97,8 +109,9 @@ def test_export_subsets_and_cli_errors(known_store, tmp_path, capsys):
     out = tmp_path / "sub"
     rc = store_cli.main(["export", str(known_store), str(out), "--format", "npz", "--ids", "sub/b", "--no-progress"])
     assert rc == 0 and [p.relative_to(out).as_posix() for p in out.rglob("*.npz")] == ["sub/b.npz"]
-    rc = store_cli.main(["export", str(known_store), str(tmp_path / "lim"), "--format", "npz", "--limit", "1",
-                         "--no-progress"])  # fmt: skip
+    rc = store_cli.main(
+        ["export", str(known_store), str(tmp_path / "lim"), "--format", "npz", "--limit", "1", "--no-progress"]
+    )
     assert rc == 0 and [p.name for p in (tmp_path / "lim").rglob("*.npz")] == ["a.npz"]
     capsys.readouterr()
     rc = store_cli.main(["export", str(known_store), str(out), "--format", "npz", "--ids", "nope", "--no-progress"])
@@ -176,8 +189,14 @@ def test_dsm_round_trip_gives_the_exported_eigenvectors_back(tmp_path):
     assert (exported / "seq" / "img2.pth").is_file()
     sizes = {i: s for i, (s, _, _) in images.items()}
     dataset = {"name": "toy", "split": "val", "root": None, "num_images": 3, "ids_sha256": "y"}
-    counts = import_dsm(exported, tmp_path / "imp.zarr", ids=list(images), image_size=sizes.__getitem__,
-                        dataset=dataset, cfg=ImportConfig(progress=False))
+    counts = import_dsm(
+        exported,
+        tmp_path / "imp.zarr",
+        ids=list(images),
+        image_size=sizes.__getitem__,
+        dataset=dataset,
+        cfg=ImportConfig(progress=False),
+    )
     assert counts == {"pending": 0, "done": 3, "failed": 0}
     imported, original = open_store(tmp_path / "imp.zarr"), open_store(store)
     assert imported.manifest["laplacian"] == DSM_LAPLACIAN and "imported" in imported.manifest
@@ -215,8 +234,14 @@ class Payload:
 def test_import_dsm_cli_records_bad_files_never_runs_them_and_verifies(tmp_path, capsys):
     imgs = tmp_path / "imgs"
     (imgs / "sub").mkdir(parents=True)
-    for name, (hh, ww) in {"good": (64, 96), "sub/nested": (32, 48), "evil": (64, 64), "shape": (64, 64),
-                           "missing": (64, 64), "affinity": (64, 64)}.items():
+    for name, (hh, ww) in {
+        "good": (64, 96),
+        "sub/nested": (32, 48),
+        "evil": (64, 64),
+        "shape": (64, 64),
+        "missing": (64, 64),
+        "affinity": (64, 64),
+    }.items():
         Image.fromarray(np.zeros((hh, ww, 3), np.uint8)).save(imgs / f"{name}.png")
     eigs = tmp_path / "eigs"
     (eigs / "sub").mkdir(parents=True)
@@ -224,8 +249,10 @@ def test_import_dsm_cli_records_bad_files_never_runs_them_and_verifies(tmp_path,
     def dsm_file(name, grid, vals=(0.0, 0.1, 0.4)):
         n = grid[0] * grid[1]
         vecs = np.stack([np.full(n, 0.1), np.linspace(-1, 1, n), np.cos(np.arange(n))]).astype(np.float32)
-        torch.save({"eigenvalues": torch.tensor(vals, dtype=torch.float64), "eigenvectors": torch.from_numpy(vecs)},
-                   eigs / f"{name}.pth")
+        torch.save(
+            {"eigenvalues": torch.tensor(vals, dtype=torch.float64), "eigenvectors": torch.from_numpy(vecs)},
+            eigs / f"{name}.pth",
+        )
 
     dsm_file("good", (4, 6))  # 64x96 // 16
     dsm_file("sub/nested", (2, 3))
@@ -234,8 +261,9 @@ def test_import_dsm_cli_records_bad_files_never_runs_them_and_verifies(tmp_path,
     marker = tmp_path / "PWNED"
     torch.save({"eigenvalues": Payload(marker), "eigenvectors": torch.zeros(3, 16)}, eigs / "evil.pth")
     out = tmp_path / "imp.zarr"
-    rc = store_cli.main(["import-dsm", str(eigs), "--dataset", "folder", "--data", str(imgs), "--out", str(out),
-                         "--no-progress"])  # fmt: skip
+    rc = store_cli.main(
+        ["import-dsm", str(eigs), "--dataset", "folder", "--data", str(imgs), "--out", str(out), "--no-progress"]
+    )
     assert rc == 0, capsys.readouterr().err
     assert not marker.exists()  # the payload never ran
     store = open_store(out)
@@ -262,8 +290,12 @@ def test_import_dsm_fingerprint_follows_the_files(tmp_path):
     eigs.mkdir()
     vecs = torch.from_numpy(np.stack([np.full(4, 0.5), [1.0, -1, 1, -1]]).astype(np.float32))
     torch.save({"eigenvalues": torch.tensor([0.0, 0.5]), "eigenvectors": vecs}, eigs / "a.pth")
-    kw = dict(ids=["a"], image_size=lambda _: (32, 32), dataset={"name": "t", "split": "v", "ids_sha256": "z"},
-              cfg=ImportConfig(progress=False))
+    kw = dict(
+        ids=["a"],
+        image_size=lambda _: (32, 32),
+        dataset={"name": "t", "split": "v", "ids_sha256": "z"},
+        cfg=ImportConfig(progress=False),
+    )
     import_dsm(eigs, tmp_path / "one.zarr", **kw)
     import_dsm(eigs, tmp_path / "one.zarr", **kw)  # resumes: same files, same fingerprint
     torch.save({"eigenvalues": torch.tensor([0.0, 0.6]), "eigenvectors": vecs}, eigs / "a.pth")

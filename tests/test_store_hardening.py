@@ -10,18 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from storecheck import toy_manifest
 
+from sazs.core.console import run_command
 from sazs.pipeline import cli as priors_cli
-from sazs.stores import cli
-from sazs.stores import integrity
-from sazs.stores.console import run_command
+from sazs.stores import cli, integrity
 from sazs.stores.integrity import CHECKSUM_FILE, finalize, is_finalized, verify
 from sazs.stores.lock import read_lock
 from sazs.stores.merge import merge
 from sazs.stores.reader import open_store
 from sazs.stores.writer import DONE, ImageResult, StoreError, StoreWriter
-
-from storecheck import toy_manifest
 
 K = 4
 IDS = [f"im{i}" for i in range(7)]  # shards of 3: [0, 1, 2], [3, 4, 5], [6]
@@ -31,10 +29,14 @@ FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--previe
 def result(i):
     rng = np.random.default_rng(i)
     h, w = 3 + i % 3, 4 + i % 2
-    return ImageResult(index=i, image_size=(h * 8, w * 8), grid=(h, w),
-                       eigvals=np.sort(rng.uniform(0, 1.5, K)).astype(np.float32),
-                       eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
-                       residuals=np.full(K, 1e-6, np.float32))
+    return ImageResult(
+        index=i,
+        image_size=(h * 8, w * 8),
+        grid=(h, w),
+        eigvals=np.sort(rng.uniform(0, 1.5, K)).astype(np.float32),
+        eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
+        residuals=np.full(K, 1e-6, np.float32),
+    )
 
 
 def make_store(path, ids=IDS):
@@ -80,7 +82,6 @@ def test_a_deleted_eigvecs_shard_of_an_unfinalised_store_is_damage(store, capsys
     assert "7 done, 0 failed, 0 pending  (DAMAGED: 3 of the done have missing data" in capsys.readouterr().out
     assert cli.main(["info", str(store), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["damaged"] == {"missing_data": 3, "bad_status": 0}
-
 
 
 def test_missing_objects_are_found_on_object_storage_too(store):
@@ -255,7 +256,8 @@ def test_a_manifest_edited_without_its_fingerprint_is_refused(store):
 def test_fingerprints_of_existing_stores_do_not_change(store):
     """Pinned: the fingerprint rule (stores/manifest.py) is what existing stores were stamped with."""
     assert toy_manifest(["a", "b", "c"])["fingerprint"] == (
-        "473cc1076d31470dc090c0bb111dbdbb17eb95d4f847f48165ed763b163ca269")
+        "473cc1076d31470dc090c0bb111dbdbb17eb95d4f847f48165ed763b163ca269"
+    )
     assert open_store(store).fingerprint == toy_manifest(IDS, num_eigs=K)["fingerprint"]
 
 
@@ -271,8 +273,11 @@ def test_disk_full_while_writing_a_shard_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(self.root) / key))
 
     monkeypatch.setattr(LocalStore, "set", full)
-    with pytest.raises(StoreError, match=r"writing shard 0: cannot write .*s.zarr/eigvecs/c/0/0/0/0: No space left "
-                                         r"on device; free space .* re-run the same command"):
+    with pytest.raises(
+        StoreError,
+        match=r"writing shard 0: cannot write .*s.zarr/eigvecs/c/0/0/0/0: No space left "
+        r"on device; free space .* re-run the same command",
+    ):
         w.write_shard(0, [result(i) for i in range(3)])
     w.close()
 
@@ -292,6 +297,7 @@ def test_console_maps_disk_errors_to_one_line(capsys):
     def ns(exc):
         def func(_):
             raise exc
+
         return argparse.Namespace(func=func, verbose=False)
 
     assert run_command("x", ns(OSError(errno.ENOSPC, "No space left on device", "/out/a.json"))) == 2

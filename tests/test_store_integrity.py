@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import zarr
+from storecheck import assert_same_arrays
 
 from sazs.pipeline import cli as priors_cli
 from sazs.stores import cli
@@ -13,8 +14,6 @@ from sazs.stores.integrity import CHECKSUM_FILE, SUMMARY_FILE, finalize, list_ob
 from sazs.stores.merge import merge
 from sazs.stores.reader import open_store
 from sazs.stores.writer import PENDING, StoreError
-
-from storecheck import assert_same_arrays
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
 
@@ -38,7 +37,7 @@ def test_finalize_then_verify_ok_and_sha256sum_format(store):
     summary = finalize(str(store))
     assert summary["done"] == 5 and summary["num_objects"] == len(list_objects(*_fs(store)))
     lines = (store / CHECKSUM_FILE).read_text().splitlines()
-    assert len(lines) == summary["num_objects"] and all(len(l.split("  ")[0]) == 64 for l in lines)
+    assert len(lines) == summary["num_objects"] and all(len(line.split("  ")[0]) == 64 for line in lines)
     assert json.loads((store / SUMMARY_FILE).read_text())["fingerprint"] == open_store(store).fingerprint
     report = verify(str(store))
     assert report.ok and report.finalized and not report.pending
@@ -203,7 +202,9 @@ def test_merge_conflicts_and_fingerprints(store, tmp_path):
         merge(tmp_path / "m.zarr", [str(a), str(b)])
     assert not (tmp_path / "m.zarr").exists() and not (tmp_path / "m.zarr.merging").exists()
     merge(tmp_path / "m.zarr", [str(a), str(b)], on_conflict="first")
-    np.testing.assert_array_equal(open_store(tmp_path / "m.zarr").get(ids[0]).eigvals, open_store(a).get(ids[0]).eigvals)
+    np.testing.assert_array_equal(
+        open_store(tmp_path / "m.zarr").get(ids[0]).eigvals, open_store(a).get(ids[0]).eigvals
+    )
     other = tmp_path / "other.zarr"
     assert priors_cli.main(["run", *FAST, "--limit", "5", "--knn", "7", "--out", str(other)]) == 0
     with pytest.raises(StoreError, match=r"different settings \(graph\.k: 10 != 7\)"):
@@ -266,7 +267,7 @@ def test_run_command_exit_codes(capsys):
     """The shared dispatcher: user errors exit 2 (traceback only with -v), own codes, Ctrl-C 130."""
     import argparse
 
-    from sazs.stores.console import run_command
+    from sazs.core.console import run_command
 
     class Boom(Exception):
         pass
@@ -274,6 +275,7 @@ def test_run_command_exit_codes(capsys):
     def ns(exc, verbose=False):
         def func(_):
             raise exc
+
         return argparse.Namespace(func=func, verbose=verbose)
 
     assert run_command("x", ns(KeyError("image id 'a' is not in store"))) == 2

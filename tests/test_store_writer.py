@@ -15,7 +15,13 @@ K = 4
 
 def make_manifest(ids, *, k=K, knn=10, shard_size=2, max_grid=(6, 7)):
     return build_manifest(
-        dataset={"name": "toy", "split": "val", "root": "/nowhere", "num_images": len(ids), "ids_sha256": str(hash(tuple(ids)))},
+        dataset={
+            "name": "toy",
+            "split": "val",
+            "root": "/nowhere",
+            "num_images": len(ids),
+            "ids_sha256": str(hash(tuple(ids))),
+        },
         extractor={"name": "color", "weights_sha256": None, "facet": "key", "device": "cpu"},
         graph={"k": knn, "threshold": 0.0},
         solver={"solver": "eigsh", "num_eigs": k},
@@ -27,10 +33,14 @@ def make_manifest(ids, *, k=K, knn=10, shard_size=2, max_grid=(6, 7)):
 def result(i, grid=(3, 5), seed=0):
     rng = np.random.default_rng(seed + i)
     h, w = grid
-    return ImageResult(index=i, image_size=(h * 8, w * 8), grid=grid,
-                       eigvals=np.sort(rng.random(K)).astype(np.float32),
-                       eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
-                       residuals=np.full(K, 1e-6, np.float32))
+    return ImageResult(
+        index=i,
+        image_size=(h * 8, w * 8),
+        grid=grid,
+        eigvals=np.sort(rng.random(K)).astype(np.float32),
+        eigvecs=rng.standard_normal((K, h, w)).astype(np.float32),
+        residuals=np.full(K, 1e-6, np.float32),
+    )
 
 
 IDS = ["a", "b", "c", "d", "e"]

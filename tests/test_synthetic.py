@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sazs.pipeline import synthetic
-from sazs.pipeline.datasets import DatasetConfig, build_dataset
+from sazs.datasets import synthetic
+from sazs.datasets.readers import DatasetConfig, build_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -97,7 +97,7 @@ def test_coco_json_structure(tmp_path):
 def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synthetic.main(["--help"])
-    assert "python -m sazs.pipeline.synthetic voc" in capsys.readouterr().out
+    assert "python -m sazs.datasets.synthetic voc" in capsys.readouterr().out
     assert synthetic.main(["voc", str(tmp_path / "v"), "--num-train", "1", "--num-val", "2", "--size", "48", "64"]) == 0
     out = capsys.readouterr().out.strip()
     assert out == str(tmp_path / "v" / "VOCdevkit" / "VOC2012")

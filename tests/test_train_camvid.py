@@ -18,9 +18,11 @@ pytest.importorskip("sentence_transformers")
 from test_train_encoders import make_sentence_model  # noqa: E402
 
 # Each unseen class of a fold and the seen neighbour the README promises for it.
-NEIGHBOURS = [{"bicyclist": "pedestrian", "pavement": "road", "fence": "pole"},
-              {"pedestrian": "bicyclist", "road": "pavement", "sign symbol": "pole"},
-              {"car": "bicyclist", "building": "fence", "pole": "sign symbol"}]  # fmt: skip
+NEIGHBOURS = [
+    {"bicyclist": "pedestrian", "pavement": "road", "fence": "pole"},
+    {"pedestrian": "bicyclist", "road": "pavement", "sign symbol": "pole"},
+    {"car": "bicyclist", "building": "fence", "pole": "sign symbol"},
+]
 
 
 def test_camvid_folds_hold_out_classes_with_seen_neighbours():
@@ -79,10 +81,10 @@ def write_camvid(root, n_train=6, n_val=4, size=(48, 64), seed=0):
         (root / f"{split}annot").mkdir()
         for i in range(n):
             lab = np.full(size, 0, np.uint8)  # sky
-            lab[size[0] // 2:] = 3  # road
-            lab[size[0] // 2:, : size[1] // 4] = 4  # pavement
+            lab[size[0] // 2 :] = 3  # road
+            lab[size[0] // 2 :, : size[1] // 4] = 4  # pavement
             y, x = rng.integers(8, size[0] - 16), rng.integers(16, size[1] - 16)
-            lab[y:y + 12, x:x + 12] = rng.choice([8, 9, 10])  # car, pedestrian or bicyclist
+            lab[y : y + 12, x : x + 12] = rng.choice([8, 9, 10])  # car, pedestrian or bicyclist
             lab[:, -2:] = 11  # unlabelled
             img = colours[lab.clip(0, 10)] + rng.integers(0, 20, size + (3,))
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / split / f"f{i:03d}.png")
@@ -95,10 +97,43 @@ def test_camvid_train_eval_predict_with_a_vit_and_a_sentence_encoder(tmp_path, c
     data = write_camvid(tmp_path / "camvid")
     st = make_sentence_model(tmp_path / "st")
     run, cache = tmp_path / "run", tmp_path / "cache"
-    args = ["run", "--dataset", "camvid", "--data", str(data), "--fold", "0", "--arch", "sazs-tiny-vit",
-            "--text-encoder", str(st), "--head-dim", "16", "--templates", "single", "--crop-size", "32",
-            "--batch-size", "3", "--steps", "4", "--workers", "0", "--spectral-weight", "0", "--no-progress",
-            "--optimizer", "adamw", "--lr", "1e-2", "--cache-features", str(cache), "--views", "2", "--out"]
+    args = [
+        "run",
+        "--dataset",
+        "camvid",
+        "--data",
+        str(data),
+        "--fold",
+        "0",
+        "--arch",
+        "sazs-tiny-vit",
+        "--text-encoder",
+        str(st),
+        "--head-dim",
+        "16",
+        "--templates",
+        "single",
+        "--crop-size",
+        "32",
+        "--batch-size",
+        "3",
+        "--steps",
+        "4",
+        "--workers",
+        "0",
+        "--spectral-weight",
+        "0",
+        "--no-progress",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-2",
+        "--cache-features",
+        str(cache),
+        "--views",
+        "2",
+        "--out",
+    ]
     assert train_cli.main([*args, str(run)]) == 0
     ckpt = load_checkpoint(run / "checkpoint.pt")
     info = ckpt["clip"]
@@ -117,16 +152,51 @@ def test_camvid_train_eval_predict_with_a_vit_and_a_sentence_encoder(tmp_path, c
     assert len({p.parent for p in cache.rglob("*.npy")}) == 2
     capsys.readouterr()
     rep = tmp_path / "rep"
-    assert eval_cli.main(["run", "--dataset", "camvid", "--data", str(data), "--folds", "0", "--ckpt",
-                          str(run / "checkpoint.pt"), "--fusion", "none", "--headline", "none", "--out", str(rep),
-                          "--no-progress", "--draw", "0"]) == 0  # fmt: skip
+    assert (
+        eval_cli.main(
+            [
+                "run",
+                "--dataset",
+                "camvid",
+                "--data",
+                str(data),
+                "--folds",
+                "0",
+                "--ckpt",
+                str(run / "checkpoint.pt"),
+                "--fusion",
+                "none",
+                "--headline",
+                "none",
+                "--out",
+                str(rep),
+                "--no-progress",
+                "--draw",
+                "0",
+            ]
+        )
+        == 0
+    )
     report = json.loads((rep / "report.json").read_text())
     gen = report["generalised"]["camvid-11"]["fusion"]["none"]["mean"]
     assert set(gen) >= {"seen_miou", "unseen_miou", "harmonic_miou", "boundary_f_unseen"}
     assert report["protocols"] == {}
     out = tmp_path / "pred"
-    assert eval_cli.main(["predict", str(data / "val" / "f000.png"), "--classes", ",".join(CAMVID_CLASSES),
-                          "--ckpt", str(run / "checkpoint.pt"), "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        eval_cli.main(
+            [
+                "predict",
+                str(data / "val" / "f000.png"),
+                "--classes",
+                ",".join(CAMVID_CLASSES),
+                "--ckpt",
+                str(run / "checkpoint.pt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "predictions.json").read_text())
     assert index["labels"]["0"] == "sky" and len(index["labels"]) == 11  # no background word for CamVid
     assert (out / "f000.overlay.png").is_file()
@@ -137,15 +207,66 @@ def test_eval_reads_a_frozen_backbones_tokens_back_across_checkpoints(tmp_path):
 
     data = write_camvid(tmp_path / "camvid", n_train=3, n_val=2)
     cache = tmp_path / "cache"
-    args = ["run", "--dataset", "camvid", "--data", str(data), "--fold", "0", "--arch", "sazs-tiny", "--head-dim",
-            "16", "--templates", "single", "--crop-size", "32", "--batch-size", "3", "--steps", "2", "--workers", "0",
-            "--spectral-weight", "0", "--no-progress", "--optimizer", "adamw", "--out"]  # fmt: skip
+    args = [
+        "run",
+        "--dataset",
+        "camvid",
+        "--data",
+        str(data),
+        "--fold",
+        "0",
+        "--arch",
+        "sazs-tiny",
+        "--head-dim",
+        "16",
+        "--templates",
+        "single",
+        "--crop-size",
+        "32",
+        "--batch-size",
+        "3",
+        "--steps",
+        "2",
+        "--workers",
+        "0",
+        "--spectral-weight",
+        "0",
+        "--no-progress",
+        "--optimizer",
+        "adamw",
+        "--out",
+    ]
     for name, lr in (("a", "1e-2"), ("b", "3e-2")):  # two heads on one frozen (seed 0) backbone
         assert train_cli.main([*args, str(tmp_path / name), "--lr", lr]) == 0
-    assert eval_cli.main(["run", "--dataset", "camvid", "--data", str(data), "--folds", "0", "--ckpt",
-                          str(tmp_path / "a" / "checkpoint.pt"), "--fusion", "none", "--headline", "none", "--out",
-                          str(tmp_path / "rep"), "--no-progress", "--draw", "0", "--cache-features", str(cache),
-                          "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        eval_cli.main(
+            [
+                "run",
+                "--dataset",
+                "camvid",
+                "--data",
+                str(data),
+                "--folds",
+                "0",
+                "--ckpt",
+                str(tmp_path / "a" / "checkpoint.pt"),
+                "--fusion",
+                "none",
+                "--headline",
+                "none",
+                "--out",
+                str(tmp_path / "rep"),
+                "--no-progress",
+                "--draw",
+                "0",
+                "--cache-features",
+                str(cache),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert len(list(cache.rglob("*.npy"))) == 2  # one per val image
     image = np.array(Image.open(data / "val" / "f001.png").convert("RGB"))
     names = list(CAMVID_CLASSES)
@@ -165,10 +286,39 @@ def test_calibration_takes_cosine_similarity_from_the_training_classes_only(tmp_
     from sazs.eval.predict import Predictor
 
     data = write_camvid(tmp_path / "camvid", n_train=3, n_val=1)
-    assert train_cli.main(["run", "--dataset", "camvid", "--data", str(data), "--fold", "0", "--arch", "sazs-tiny",
-                           "--head-dim", "16", "--templates", "single", "--crop-size", "32", "--batch-size", "3",
-                           "--steps", "1", "--workers", "0", "--spectral-weight", "0", "--no-progress",
-                           "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    assert (
+        train_cli.main(
+            [
+                "run",
+                "--dataset",
+                "camvid",
+                "--data",
+                str(data),
+                "--fold",
+                "0",
+                "--arch",
+                "sazs-tiny",
+                "--head-dim",
+                "16",
+                "--templates",
+                "single",
+                "--crop-size",
+                "32",
+                "--batch-size",
+                "3",
+                "--steps",
+                "1",
+                "--workers",
+                "0",
+                "--spectral-weight",
+                "0",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     ckpt = tmp_path / "run" / "checkpoint.pt"
     image = np.array(Image.open(data / "val" / "f000.png").convert("RGB"))
     names = list(CAMVID_CLASSES)

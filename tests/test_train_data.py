@@ -9,15 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from sazs.datasets.readers import VOC_CLASSES, Dataset, DatasetConfig
+from sazs.datasets.synthetic import make_voc
 from sazs.pipeline import cli as priors_cli
-from sazs.pipeline.datasets import VOC_CLASSES, Dataset, DatasetConfig
-from sazs.pipeline.synthetic import make_voc
 from sazs.stores.manifest import build_manifest
 from sazs.stores.writer import ImageResult, StoreWriter
 from sazs.train.data import (
-    CLIP_MEAN, CLIP_STD, AugmentConfig, DataConfig, EpochSampler, PriorSegDataset, StoreMismatchError, build_loader,
-    center_geometry, warp_sample,
-)  # fmt: skip
+    CLIP_MEAN,
+    CLIP_STD,
+    AugmentConfig,
+    DataConfig,
+    EpochSampler,
+    PriorSegDataset,
+    StoreMismatchError,
+    build_loader,
+    center_geometry,
+    warp_sample,
+)
 
 
 class ArrayDataset(Dataset):
@@ -27,8 +35,9 @@ class ArrayDataset(Dataset):
 
     def __init__(self, arrays: dict, split: str = "train"):
         paths = {k: Path(f"/nonexistent/{k}.png") for k in arrays}
-        super().__init__(DatasetConfig(name="voc"), root="/nonexistent", split=split, paths=paths,
-                         class_names=list(VOC_CLASSES))
+        super().__init__(
+            DatasetConfig(name="voc"), root="/nonexistent", split=split, paths=paths, class_names=list(VOC_CLASSES)
+        )
         self.arrays = arrays
 
     def load_image(self, id):
@@ -53,10 +62,13 @@ def ramp_arrays(n=3, seed=0):
 
 def write_store(path, dataset, vec_fn, *, k=3, failed=(), pending=(), wrong_size=(), shard_size=64, max_grid=(72, 72)):
     manifest = build_manifest(
-        dataset=dataset.describe(), extractor={"name": "test", "architecture": "none", "weights_sha256": None},
-        graph={"k": 1}, solver={"solver": "test", "residual_tol": 1.0}, num_eigs=k,
+        dataset=dataset.describe(),
+        extractor={"name": "test", "architecture": "none", "weights_sha256": None},
+        graph={"k": 1},
+        solver={"solver": "test", "residual_tol": 1.0},
+        num_eigs=k,
         layout={"shard_size": shard_size, "max_grid": list(max_grid), "eigvecs_dtype": "float16"},
-    )  # fmt: skip
+    )
     with StoreWriter.open(path, ids=dataset.ids, manifest=manifest) as w:
         for shard in range(w.num_shards):
             results = []
@@ -70,8 +82,16 @@ def write_store(path, dataset, vec_fn, *, k=3, failed=(), pending=(), wrong_size
                 img, mask = dataset.load_image(id_), dataset.load_mask(id_)
                 vecs = vec_fn(img, mask).astype(np.float16)
                 size = (img.shape[0] + 1, img.shape[1]) if id_ in wrong_size else img.shape[:2]
-                results.append(ImageResult(index=i, image_size=size, grid=vecs.shape[1:], eigvecs=vecs,
-                                           eigvals=np.arange(k, dtype=np.float32), residuals=np.zeros(k, np.float32)))
+                results.append(
+                    ImageResult(
+                        index=i,
+                        image_size=size,
+                        grid=vecs.shape[1:],
+                        eigvecs=vecs,
+                        eigvals=np.arange(k, dtype=np.float32),
+                        residuals=np.zeros(k, np.float32),
+                    )
+                )
             w.write_shard(shard, results)
     return path
 
@@ -102,7 +122,7 @@ def test_one_transform_for_image_mask_and_eigenvectors(tmp_path, stride):
         # cell's central 2x2 (or 1x1) pixels, wherever the cell is well inside the source
         r = img[0]
         if stride > 1:
-            r = torch.nn.functional.avg_pool2d(r[None, None, stride // 2 - 1:, stride // 2 - 1:], 2, stride)[0, 0]
+            r = torch.nn.functional.avg_pool2d(r[None, None, stride // 2 - 1 :, stride // 2 - 1 :], 2, stride)[0, 0]
         inner = valid & (torch.nn.functional.avg_pool2d((mask != 255).float()[None, None], stride)[0, 0] == 1)
         inner &= (vec[1] > 1) & (vec[1] < ds0.arrays[ds.ids[i]][0].shape[1] - 2)
         assert inner.sum() > 20
@@ -163,16 +183,21 @@ def test_store_of_another_split_or_id_list_is_refused(tmp_path):
     with pytest.raises(StoreMismatchError, match="no entry for 2 of the 4 training images"):
         PriorSegDataset(DataConfig(dataset="voc", fold=None, priors=str(part)), dataset=ArrayDataset(arrays))
     with pytest.raises(StoreMismatchError, match="num_eigs=5 but store"):
-        PriorSegDataset(DataConfig(dataset="voc", fold=None, priors=str(part), num_eigs=5),
-                        dataset=ArrayDataset(dict(list(arrays.items())[:2])))
+        PriorSegDataset(
+            DataConfig(dataset="voc", fold=None, priors=str(part), num_eigs=5),
+            dataset=ArrayDataset(dict(list(arrays.items())[:2])),
+        )
 
 
 def test_failed_pending_and_resized_images(tmp_path):
     ds0 = ArrayDataset(ramp_arrays(4))
     store = write_store(tmp_path / "f.zarr", ds0, ramp_vecs, failed={"img1"}, wrong_size={"img3"})
     cfg = DataConfig(dataset="voc", fold=None, priors=str(store), augment=AugmentConfig(crop_size=32))
-    with pytest.raises(StoreMismatchError, match=r"1 training image\(s\) have failed priors .*img1: synthetic "
-                                                 r"failure of img1.*--skip-failed"):
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"1 training image\(s\) have failed priors .*img1: synthetic "
+        r"failure of img1.*--skip-failed",
+    ):
         PriorSegDataset(cfg, dataset=ds0)
     ds = PriorSegDataset(replace(cfg, skip_failed=True), dataset=ds0)
     assert ds.ids == ["img0", "img2", "img3"] and ds.skipped == {"img1": "synthetic failure of img1"}
@@ -195,16 +220,35 @@ def synth_voc(tmp_path_factory):
     root = tmp_path_factory.mktemp("voc")
     voc = make_voc(root, num_train=6, num_val=2, size=(64, 80))
     store = root / "train.zarr"
-    rc = priors_cli.main(["run", "--dataset", "voc", "--data", str(voc), "--split", "train", "--extractor", "color",
-                          "--short-side", "48", "--out", str(store), "--no-progress", "--preview", "0"])  # fmt: skip
+    rc = priors_cli.main(
+        [
+            "run",
+            "--dataset",
+            "voc",
+            "--data",
+            str(voc),
+            "--split",
+            "train",
+            "--extractor",
+            "color",
+            "--short-side",
+            "48",
+            "--out",
+            str(store),
+            "--no-progress",
+            "--preview",
+            "0",
+        ]
+    )
     assert rc == 0
     return voc, store
 
 
 def test_loader_workers_open_the_store_lazily(synth_voc):
     voc, store = synth_voc
-    cfg = DataConfig(dataset="voc", root=str(voc), fold=0, priors=str(store), prior_stride=8,
-                     augment=AugmentConfig(crop_size=64))
+    cfg = DataConfig(
+        dataset="voc", root=str(voc), fold=0, priors=str(store), prior_stride=8, augment=AugmentConfig(crop_size=64)
+    )
     ds = PriorSegDataset(cfg)
     assert ds.priors._store is None and ds.num_eigs == 8  # checked in the main process, then closed
     ds[0]

@@ -22,15 +22,40 @@ def make_sentence_model(root):
 
     hf = root / "hf"
     hf.mkdir(parents=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", ".", "road", "car", "sky",
-             "pavement", "there", "is", "in", "scene"]  # fmt: skip
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "photo",
+        "of",
+        "the",
+        ".",
+        "road",
+        "car",
+        "sky",
+        "pavement",
+        "there",
+        "is",
+        "in",
+        "scene",
+    ]
     (hf / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizerFast(vocab_file=str(hf / "vocab.txt")).save_pretrained(hf)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(hf)  # fmt: skip
-    st = SentenceTransformer(modules=[Transformer(str(hf), max_seq_length=32), Pooling(16, "mean")],
-                             device="cpu")  # fmt: skip
+    BertModel(
+        BertConfig(
+            vocab_size=len(words),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(hf)
+    st = SentenceTransformer(modules=[Transformer(str(hf), max_seq_length=32), Pooling(16, "mean")], device="cpu")
     st.save(str(root / "st"))
     return root / "st"
 
@@ -90,8 +115,9 @@ def test_pipeline_vit_backbone_is_the_extractors_model(sentence_folder):
 
 
 def test_finetuned_pipeline_vit_gets_gradients(sentence_folder):
-    cfg = ModelConfig(arch="sazs-tiny-vit", head_dim=16, templates="single", text_encoder=str(sentence_folder),
-                      finetune_backbone=True)  # fmt: skip
+    cfg = ModelConfig(
+        arch="sazs-tiny-vit", head_dim=16, templates="single", text_encoder=str(sentence_folder), finetune_backbone=True
+    )
     model, text = build_model(cfg)
     model.train()
     model(torch.randn(1, 3, 32, 32), text(["car"]))["logits"].sum().backward()
@@ -103,8 +129,9 @@ def test_finetuned_pipeline_vit_gets_gradients(sentence_folder):
 
 
 def test_clip_image_tower_with_a_sentence_text_space(sentence_folder):
-    model, text = build_model(ModelConfig(arch="sazs-tiny", head_dim=16, templates="single",
-                                          text_encoder=str(sentence_folder)))  # fmt: skip
+    model, text = build_model(
+        ModelConfig(arch="sazs-tiny", head_dim=16, templates="single", text_encoder=str(sentence_folder))
+    )
     assert model.text_proj is not None and text.clip is None
     assert model(torch.randn(1, 3, 32, 32), text(["car", "sky"]))["logits"].shape == (1, 2, 8, 8)
 

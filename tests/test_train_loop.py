@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sazs.datasets.synthetic import make_voc
 from sazs.eval.metrics import SegMeter
 from sazs.pipeline import cli as priors_cli
-from sazs.pipeline.synthetic import make_voc
 from sazs.stores.manifest import code_version
 from sazs.train import cli, loop
 from sazs.train.checkpoint import load_for_inference
@@ -23,16 +23,62 @@ def synth_voc(tmp_path_factory):
     root = tmp_path_factory.mktemp("voc")
     voc = make_voc(root, num_train=8, num_val=3, size=(64, 80))
     store = root / "train.zarr"
-    rc = priors_cli.main(["run", "--dataset", "voc", "--data", str(voc), "--split", "train", "--extractor", "color",
-                          "--short-side", "48", "--out", str(store), "--no-progress", "--preview", "0"])  # fmt: skip
+    rc = priors_cli.main(
+        [
+            "run",
+            "--dataset",
+            "voc",
+            "--data",
+            str(voc),
+            "--split",
+            "train",
+            "--extractor",
+            "color",
+            "--short-side",
+            "48",
+            "--out",
+            str(store),
+            "--no-progress",
+            "--preview",
+            "0",
+        ]
+    )
     assert rc == 0
     return voc, store
 
 
 def tiny_args(voc, store, out, *extra):
-    return ["run", "--dataset", "voc", "--data", str(voc), "--priors", str(store), "--fold", "0", "--arch", "sazs-tiny",
-            "--head-dim", "32", "--templates", "single", "--crop-size", "64", "--batch-size", "2", "--steps", "4",
-            "--log-every", "1", "--workers", "0", "--no-progress", "--out", str(out), *map(str, extra)]  # fmt: skip
+    return [
+        "run",
+        "--dataset",
+        "voc",
+        "--data",
+        str(voc),
+        "--priors",
+        str(store),
+        "--fold",
+        "0",
+        "--arch",
+        "sazs-tiny",
+        "--head-dim",
+        "32",
+        "--templates",
+        "single",
+        "--crop-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps",
+        "4",
+        "--log-every",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+        *map(str, extra),
+    ]
 
 
 def read_metrics(path):
@@ -42,8 +88,11 @@ def read_metrics(path):
 def test_end_to_end_run(synth_voc, tmp_path, capsys):
     voc, store = synth_voc
     out = tmp_path / "run"
-    rc = cli.main(tiny_args(voc, store, out, "--val-split", "val", "--checkpoint-every", "2", "--tensorboard",
-                            "--segment-weight", "0.1"))  # fmt: skip
+    rc = cli.main(
+        tiny_args(
+            voc, store, out, "--val-split", "val", "--checkpoint-every", "2", "--tensorboard", "--segment-weight", "0.1"
+        )
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"checkpoint  {out / 'checkpoint.pt'}" in printed and f"metrics     {out / 'metrics.jsonl'}" in printed
@@ -146,9 +195,30 @@ def test_unseen_class_names_never_reach_the_training_loss(synth_voc, tmp_path, m
 
 def test_priors_are_required_only_by_the_spectral_loss(synth_voc, tmp_path, capsys):
     voc, _ = synth_voc
-    args = ["run", "--dataset", "voc", "--data", str(voc), "--arch", "sazs-tiny", "--crop-size", "64",
-            "--templates", "single", "--head-dim", "32", "--batch-size", "2", "--steps", "2", "--workers", "0",
-            "--no-progress", "--extractor", "nosuch"]  # fmt: skip
+    args = [
+        "run",
+        "--dataset",
+        "voc",
+        "--data",
+        str(voc),
+        "--arch",
+        "sazs-tiny",
+        "--crop-size",
+        "64",
+        "--templates",
+        "single",
+        "--head-dim",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--extractor",
+        "nosuch",
+    ]
     assert cli.main([*args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "no prior store at priors/voc-train-nosuch.zarr" in err and "make priors DATASET=voc" in err
@@ -169,8 +239,14 @@ def test_overfit_a_fixed_batch(synth_voc, request):
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.manual_seed(0)
-    cfg = DataConfig(dataset="voc", root=str(voc), fold=0, priors=str(store), prior_stride=4,
-                     augment=AugmentConfig(crop_size=64, rotate=0, scale_min=1, scale_max=1, hflip=False))
+    cfg = DataConfig(
+        dataset="voc",
+        root=str(voc),
+        fold=0,
+        priors=str(store),
+        prior_stride=4,
+        augment=AugmentConfig(crop_size=64, rotate=0, scale_min=1, scale_max=1, hflip=False),
+    )
     ds = PriorSegDataset(cfg)
     batch = torch.utils.data.default_collate([ds[(0, i)] for i in range(4)])
     model, text = build_model(ModelConfig(arch="sazs-tiny", head_dim=64, templates="single"))
@@ -201,9 +277,24 @@ def test_overfit_a_fixed_batch(synth_voc, request):
 
 
 def test_demo_runs_end_to_end_and_reruns(tmp_path, capsys):
-    argv = ["demo", "--data", str(tmp_path / "data"), "--priors", str(tmp_path / "p.zarr"),
-            "--out", str(tmp_path / "run"), "--arch", "sazs-tiny", "--steps", "3", "--crop-size", "64",
-            "--workers", "0", "--no-progress"]  # fmt: skip
+    argv = [
+        "demo",
+        "--data",
+        str(tmp_path / "data"),
+        "--priors",
+        str(tmp_path / "p.zarr"),
+        "--out",
+        str(tmp_path / "run"),
+        "--arch",
+        "sazs-tiny",
+        "--steps",
+        "3",
+        "--crop-size",
+        "64",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "store      " in printed and "checkpoint  " in printed and "validation  seen mIoU" in printed

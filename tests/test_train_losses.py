@@ -4,9 +4,15 @@ import pytest
 import torch
 
 from sazs.train.losses import (
-    LossConfig, balanced_bce, compute_losses, edge_targets, eigen_segment_loss, orthonormal_basis,
-    segmentation_ce, spectral_shape_loss,
-)  # fmt: skip
+    LossConfig,
+    balanced_bce,
+    compute_losses,
+    edge_targets,
+    eigen_segment_loss,
+    orthonormal_basis,
+    segmentation_ce,
+    spectral_shape_loss,
+)
 
 
 def _eigvecs(b=2, k=4, h=6, w=7, seed=0, dtype=torch.float64):
@@ -138,8 +144,11 @@ def test_ce_upsamples_and_handles_all_ignored():
 def test_compute_losses_terms_and_errors():
     b, c = 2, 3
     out = {"logits": torch.randn(b, c, 8, 8, requires_grad=True), "edges": torch.randn(b, 1, 8, 8)}
-    batch = {"mask": torch.randint(0, c, (b, 32, 32)), "eigvecs": torch.randn(b, 4, 8, 8),
-             "prior_valid": torch.ones(b, 8, 8, dtype=torch.bool)}
+    batch = {
+        "mask": torch.randint(0, c, (b, 32, 32)),
+        "eigvecs": torch.randn(b, 4, 8, 8),
+        "prior_valid": torch.ones(b, 8, 8, dtype=torch.bool),
+    }
     cfg = LossConfig(spectral_weight=2.0, segment_weight=0.5, edge_weight=0.3)
     terms = compute_losses(out, batch, cfg)
     assert set(terms) == {"ce", "spectral", "segment", "edge", "loss"}

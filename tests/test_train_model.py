@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from sazs.train.model import (
-    RANDOM_WEIGHTS_WARNING, TINY_ARCHS, ModelConfig, SegmentationModel, TextClassifier, build_model, create_clip,
-)  # fmt: skip
+    RANDOM_WEIGHTS_WARNING,
+    TINY_ARCHS,
+    ModelConfig,
+    SegmentationModel,
+    TextClassifier,
+    build_model,
+    create_clip,
+)
 
 TINY = ModelConfig(arch="sazs-tiny", head_dim=32, templates="single")
 
@@ -63,7 +69,8 @@ def test_frozen_backbone_gets_no_gradient_and_no_optimiser_slot(tiny):
     names = {g["name"] for g in groups}
     assert names == {"head", "head_no_decay"}
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(
-        p.numel() for n, p in model.named_parameters() if not n.startswith("visual."))
+        p.numel() for n, p in model.named_parameters() if not n.startswith("visual.")
+    )
     state = model.checkpoint_state()
     assert state and not any(k.startswith("visual.") for k in state)
 
@@ -115,8 +122,12 @@ def test_clip_weights_file_is_loaded(tmp_path):
     model, text = build_model(ModelConfig(arch="sazs-tiny", clip_weights=str(path), templates="single"))
     assert not model.random_weights and len(model.info["weights_sha256"]) == 64
     torch.testing.assert_close(model.visual.conv1.weight, ref.visual.conv1.weight)
-    torch.testing.assert_close(text(["cat"])[0], torch.nn.functional.normalize(
-        ref.encode_text(text.tokenizer(["a photo of a cat."])), dim=-1)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        text(["cat"])[0],
+        torch.nn.functional.normalize(ref.encode_text(text.tokenizer(["a photo of a cat."])), dim=-1)[0],
+        atol=1e-5,
+        rtol=1e-5,
+    )
     with pytest.raises(FileNotFoundError, match="not found"):
         create_clip(ModelConfig(arch="sazs-tiny", clip_weights=str(tmp_path / "missing.pt")))
     with pytest.raises(ValueError, match="do not fit architecture ViT-S-32"):

@@ -3,11 +3,16 @@
 import numpy as np
 import pytest
 
-from sazs.pipeline.datasets import VOC_CLASSES
-from sazs.pipeline.synthetic import COCO_CATEGORIES
+from sazs.datasets.readers import VOC_CLASSES
+from sazs.datasets.synthetic import COCO_CATEGORIES
 from sazs.train.splits import (
-    COCO_CLASSES, PASCAL_CLASSES, check_dataset_classes, coco20i_unseen, pascal5i_unseen, zero_shot_split,
-)  # fmt: skip
+    COCO_CLASSES,
+    PASCAL_CLASSES,
+    check_dataset_classes,
+    coco20i_unseen,
+    pascal5i_unseen,
+    zero_shot_split,
+)
 
 
 def test_tables_match_the_datasets():

@@ -26,8 +26,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,11 +50,17 @@ def _sha(text: str) -> str:
 def backbone_key(model) -> dict:
     """What identifies a frozen backbone's tokens: weights, architecture and input handling."""
     cfg = model.cfg
-    return {"format": CACHE_FORMAT, "digest": model.backbone_digest, "arch": cfg.arch,
-            "is_clip": bool(model.is_clip), "patch_size": int(model.patch_size),
-            "facet": "ln_post" if model.is_clip else "token",
-            "renorm": None if model.is_clip else [model.renorm_scale.flatten().tolist(),
-                                                   model.renorm_shift.flatten().tolist()]}  # fmt: skip
+    return {
+        "format": CACHE_FORMAT,
+        "digest": model.backbone_digest,
+        "arch": cfg.arch,
+        "is_clip": bool(model.is_clip),
+        "patch_size": int(model.patch_size),
+        "facet": "ln_post" if model.is_clip else "token",
+        "renorm": None
+        if model.is_clip
+        else [model.renorm_scale.flatten().tolist(), model.renorm_shift.flatten().tolist()],
+    }
 
 
 def content_view(image: np.ndarray, input_hw: Sequence[int]) -> str:

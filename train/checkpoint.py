@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections import OrderedDict
 import random
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +52,19 @@ def rng_state() -> dict:
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-    }  # fmt: skip
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -66,8 +74,7 @@ def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` captured, exactly."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))  # fmt: skip
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -96,8 +103,10 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
     """Write ``ckpt`` atomically (a crash leaves the previous checkpoint); tensors and plain values only."""
     bad = _not_plain(ckpt)
     if bad:  # a bug in the trainer, not a user error: the checkpoint could not be loaded back
-        raise TypeError(f"refusing to save a checkpoint holding a Python object at {bad}: "
-                        "checkpoints hold tensors and plain containers only")
+        raise TypeError(
+            f"refusing to save a checkpoint holding a Python object at {bad}: "
+            "checkpoints hold tensors and plain containers only"
+        )
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
@@ -127,39 +136,56 @@ def load_checkpoint(path: str | os.PathLike, *, need: tuple[str, ...] = INFERENC
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:  # not a refused object: a damaged pickle
-            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}; the file is damaged or not "
-                                  "a checkpoint: copy it again or pass the checkpoint.pt sazs-train wrote") from None
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: {_first_line(exc)}; the file is damaged or not "
+                "a checkpoint: copy it again or pass the checkpoint.pt sazs-train wrote"
+            ) from None
         raise CheckpointError(
             f"refusing checkpoint {path}: it holds a pickled Python object ({found.group(1)}) and loading it could "
             "run code; sazs reads checkpoints as tensors and plain values only. A checkpoint written by an older "
             "sazs-train (which pickled NumPy's RNG state) is refused too: train it again with this version"
         ) from None
     except (RuntimeError, EOFError, KeyError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a torch checkpoint "
-                              f"({_first_line(exc) or 'empty'}); copy it again or pass the checkpoint.pt "
-                              "sazs-train wrote") from None  # fmt: skip
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or not a torch checkpoint "
+            f"({_first_line(exc) or 'empty'}); copy it again or pass the checkpoint.pt "
+            "sazs-train wrote"
+        ) from None
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a sazs-train checkpoint (a dict with the "
-                              "weights and the run's config); pass the checkpoint.pt sazs-train wrote")
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a sazs-train checkpoint (a dict with the "
+            "weights and the run's config); pass the checkpoint.pt sazs-train wrote"
+        )
     missing = [k for k in need if k not in ckpt]
     if missing:
         if "config" in missing and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            raise CheckpointError(f"{path} is a bare state dict ({len(ckpt)} tensors) without the training config "
-                                  "needed to rebuild the model; pass the checkpoint.pt sazs-train wrote, which "
-                                  "holds both")  # fmt: skip
-        raise CheckpointError(f"{path} is not a complete sazs-train checkpoint (no {', '.join(missing)}); pass the "
-                              "checkpoint.pt sazs-train wrote")  # fmt: skip
+            raise CheckpointError(
+                f"{path} is a bare state dict ({len(ckpt)} tensors) without the training config "
+                "needed to rebuild the model; pass the checkpoint.pt sazs-train wrote, which "
+                "holds both"
+            )
+        raise CheckpointError(
+            f"{path} is not a complete sazs-train checkpoint (no {', '.join(missing)}); pass the "
+            "checkpoint.pt sazs-train wrote"
+        )
     config = ckpt.get("config")
     sections = ("data", "model", "loss", "train")
-    if "config" in need and not (isinstance(config, dict) and all(isinstance(config.get(k), dict) for k in sections)
-                                 and isinstance(config["data"].get("augment"), dict)):
-        raise CheckpointError(f"{path}: its 'config' is not a sazs-train run config (sections {', '.join(sections)}); "
-                              "pass the checkpoint.pt sazs-train wrote")  # fmt: skip
+    if "config" in need and not (
+        isinstance(config, dict)
+        and all(isinstance(config.get(k), dict) for k in sections)
+        and isinstance(config["data"].get("augment"), dict)
+    ):
+        raise CheckpointError(
+            f"{path}: its 'config' is not a sazs-train run config (sections {', '.join(sections)}); "
+            "pass the checkpoint.pt sazs-train wrote"
+        )
     weights = ckpt.get("model")
-    if "model" in need and not (isinstance(weights, dict)
-                                and all(isinstance(v, torch.Tensor) for v in weights.values())):
-        raise CheckpointError(f"{path}: its 'model' is not a state dict of tensors; pass the checkpoint.pt "
-                              "sazs-train wrote")  # fmt: skip
+    if "model" in need and not (
+        isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())
+    ):
+        raise CheckpointError(
+            f"{path}: its 'model' is not a state dict of tensors; pass the checkpoint.pt sazs-train wrote"
+        )
     return ckpt
 
 
@@ -168,8 +194,10 @@ def model_config(ckpt: dict, path: str | os.PathLike) -> ModelConfig:
     try:
         return ModelConfig(**ckpt["config"]["model"])
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its model config does not fit this version of sazs ({_first_line(exc)}); "
-                              "train it again, or evaluate it with the sazs version that wrote it") from None
+        raise CheckpointError(
+            f"{path}: its model config does not fit this version of sazs ({_first_line(exc)}); "
+            "train it again, or evaluate it with the sazs version that wrote it"
+        ) from None
 
 
 def restore_model(model, ckpt: dict, path: str | os.PathLike) -> None:
@@ -178,9 +206,11 @@ def restore_model(model, ckpt: dict, path: str | os.PathLike) -> None:
         model.load_checkpoint_state(ckpt["model"], ckpt.get("backbone_digest"))
     except (RuntimeError, ValueError) as exc:  # load_state_dict: size mismatch (RuntimeError); missing keys
         arch = ckpt["config"]["model"].get("arch")
-        raise CheckpointError(f"{path}: its weights do not fit the {arch} model its config describes "
-                              f"({_first_line(exc)}); the file was edited or mixes two runs: pass the "
-                              "checkpoint.pt sazs-train wrote") from None  # fmt: skip
+        raise CheckpointError(
+            f"{path}: its weights do not fit the {arch} model its config describes "
+            f"({_first_line(exc)}); the file was edited or mixes two runs: pass the "
+            "checkpoint.pt sazs-train wrote"
+        ) from None
 
 
 def restore_training(ckpt: dict, path: str | os.PathLike, model, optimizer, scheduler) -> int:
@@ -192,8 +222,10 @@ def restore_training(ckpt: dict, path: str | os.PathLike, model, optimizer, sche
         step = int(ckpt["step"])
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot resume {path}: its optimiser, schedule or RNG state does not fit this run "
-                              f"({_first_line(exc)}); start a new run (--out, or --overwrite)") from None
+        raise CheckpointError(
+            f"cannot resume {path}: its optimiser, schedule or RNG state does not fit this run "
+            f"({_first_line(exc)}); start a new run (--out, or --overwrite)"
+        ) from None
     return step
 
 

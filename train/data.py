@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sazs.pipeline.datasets import Dataset, DatasetConfig, build_dataset
+from sazs.datasets.readers import Dataset, DatasetConfig, build_dataset
 from sazs.stores.dataset import PriorDataset
 from sazs.stores.reader import PriorStore, open_store
 
@@ -135,8 +135,9 @@ def _inside(grid: torch.Tensor) -> torch.Tensor:
     return (grid.abs() <= 1).all(-1)[0]  # (n, n) bool
 
 
-def warp_sample(image: np.ndarray, labels: np.ndarray, eigvecs: np.ndarray | None, matrix: np.ndarray,
-                crop: int, prior_stride: int) -> dict[str, torch.Tensor]:  # fmt: skip
+def warp_sample(
+    image: np.ndarray, labels: np.ndarray, eigvecs: np.ndarray | None, matrix: np.ndarray, crop: int, prior_stride: int
+) -> dict[str, torch.Tensor]:
     """Apply one geometry to image (H, W, 3) uint8, labels (H, W) uint8 and eigvecs (K, h, w).
 
     Returns "image" (3, crop, crop) float in [0, 1] (0 outside the source), "mask" (crop, crop)
@@ -180,33 +181,39 @@ def check_store(store: PriorStore, dataset: Dataset, *, skip_failed: bool) -> tu
     training ids, pending (not yet computed) images, and failed images unless ``skip_failed``.
     """
     ds = store.manifest.get("dataset", {})
-    hint = (f"compute priors for the training set with: sazs-priors run --dataset {dataset.name} "
-            f"--data {dataset.root} --split {dataset.split} (make priors DATASET={dataset.name} "
-            f"DATA=... SPLIT={dataset.split})")  # fmt: skip
+    hint = (
+        f"compute priors for the training set with: sazs-priors run --dataset {dataset.name} "
+        f"--data {dataset.root} --split {dataset.split} (make priors DATASET={dataset.name} "
+        f"DATA=... SPLIT={dataset.split})"
+    )
     if ds.get("name") != dataset.name or ds.get("split") != dataset.split:
         raise StoreMismatchError(
             f"prior store {store.url} holds priors of {ds.get('name')}/{ds.get('split')} "
-            f"({len(store)} images) but training uses {dataset.name}/{dataset.split}; {hint}")
+            f"({len(store)} images) but training uses {dataset.name}/{dataset.split}; {hint}"
+        )
     known = set(store.ids)
     missing = [i for i in dataset.ids if i not in known]
     if missing:
         raise StoreMismatchError(
             f"prior store {store.url} has no entry for {len(missing)} of the {len(dataset)} training images "
-            f"(e.g. {missing[:3]}); it was computed on another id list of {dataset.name}/{dataset.split}; {hint}")
+            f"(e.g. {missing[:3]}); it was computed on another id list of {dataset.name}/{dataset.split}; {hint}"
+        )
     status = store.status()
     index = [store.index(i) for i in dataset.ids]
     pending = [i for i, j in zip(dataset.ids, index) if status[j] == 0]
     if pending:
         raise StoreMismatchError(
             f"prior store {store.url} is incomplete: {len(pending)} training image(s) are pending "
-            f"(e.g. {pending[:3]}); finish it by re-running the same sazs-priors command")
+            f"(e.g. {pending[:3]}); finish it by re-running the same sazs-priors command"
+        )
     failures = store.failures()
     failed = {i: failures.get(i, "") for i, j in zip(dataset.ids, index) if status[j] == 2}
     if failed and not skip_failed:
         examples = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
         raise StoreMismatchError(
             f"{len(failed)} training image(s) have failed priors in {store.url} ({examples}); "
-            "pass --skip-failed to train without them, or recompute with sazs-priors run --retry-failed")
+            "pass --skip-failed to train without them, or recompute with sazs-priors run --retry-failed"
+        )
     if failed:
         log.warning("skipping %d image(s) whose priors failed (e.g. %s)", len(failed), list(failed)[:3])
     return [i for i in dataset.ids if i not in failed], failed
@@ -226,7 +233,8 @@ class PriorSegDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.split: ZeroShotSplit = zero_shot_split(cfg.dataset, cfg.fold, cfg.unseen)
         self.dataset = dataset or build_dataset(
-            DatasetConfig(name=cfg.dataset, root=cfg.root, split=cfg.split, limit=cfg.limit))
+            DatasetConfig(name=cfg.dataset, root=cfg.root, split=cfg.split, limit=cfg.limit)
+        )
         check_dataset_classes(self.split, self.dataset.class_names)
         self.lut = self.split.label_map()
         self.with_priors = bool(with_priors and cfg.priors)
@@ -266,7 +274,8 @@ class PriorSegDataset(torch.utils.data.Dataset):
                 raise StoreMismatchError(
                     f"priors of {id_!r} in {self.cfg.priors} were computed on a {prior.image_size[0]}x"
                     f"{prior.image_size[1]} image but the dataset's image is {image.shape[0]}x{image.shape[1]}; "
-                    "the store belongs to another copy of the dataset")
+                    "the store belongs to another copy of the dataset"
+                )
             vecs = prior.eigvecs
         return image, self.lut[mask], vecs
 
@@ -283,8 +292,16 @@ class PriorSegDataset(torch.utils.data.Dataset):
         out["image"] = normalize(out["image"])
         out["index"] = i
         # What identifies this view's pixels: the feature cache's key (with the backbone's).
-        out["view"] = json.dumps([self.dataset.name, str(self.dataset.root), self.ids[i], list(image.shape[:2]),
-                                  np.round(matrix, 6).tolist(), crop])  # fmt: skip
+        out["view"] = json.dumps(
+            [
+                self.dataset.name,
+                str(self.dataset.root),
+                self.ids[i],
+                list(image.shape[:2]),
+                np.round(matrix, 6).tolist(),
+                crop,
+            ]
+        )
         return out
 
 
@@ -314,13 +331,18 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and warp; BLAS threads would only contend
 
 
-def build_loader(ds: PriorSegDataset, *, batch_size: int, num_workers: int, start: int = 0,
-                 pin_memory: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:  # fmt: skip
+def build_loader(
+    ds: PriorSegDataset, *, batch_size: int, num_workers: int, start: int = 0, pin_memory: bool = False, seed: int = 0
+) -> torch.utils.data.DataLoader:
     """Endless DataLoader over ``ds`` starting after ``start`` consumed samples."""
     sampler = EpochSampler(len(ds), seed=seed, start=start)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers else None, persistent_workers=False,
+        ds,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers else None,
+        persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
     )

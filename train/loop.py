@@ -34,8 +34,8 @@ import torch
 from sazs.pipeline.extractors import resolve_device
 from sazs.stores.manifest import code_version
 
-from .checkpoint import RESUME_KEYS, load_checkpoint, restore_training, rng_state, save_checkpoint
 from .cache import FeatureCache, backbone_key
+from .checkpoint import RESUME_KEYS, load_checkpoint, restore_training, rng_state, save_checkpoint
 from .data import DataConfig, PriorSegDataset, build_loader
 from .losses import LossConfig, compute_losses
 from .model import RANDOM_WEIGHTS_WARNING, ModelConfig, build_model, output_stride
@@ -106,13 +106,17 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         from .data import AugmentConfig
 
         data = dict(d["data"])
         data["augment"] = AugmentConfig(**data["augment"])
-        return cls(data=DataConfig(**data), model=ModelConfig(**d["model"]), loss=LossConfig(**d["loss"]),
-                   train=TrainConfig(**d["train"]))  # fmt: skip
+        return cls(
+            data=DataConfig(**data),
+            model=ModelConfig(**d["model"]),
+            loss=LossConfig(**d["loss"]),
+            train=TrainConfig(**d["train"]),
+        )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -144,8 +148,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def forward_losses(model, batch: dict, text_emb: torch.Tensor, loss_cfg: LossConfig, autocast=None,
-                   tokens: torch.Tensor | None = None) -> dict:  # fmt: skip
+def forward_losses(
+    model, batch: dict, text_emb: torch.Tensor, loss_cfg: LossConfig, autocast=None, tokens: torch.Tensor | None = None
+) -> dict:
     """Forward pass (under ``autocast`` when given) and the loss terms, computed in float32.
 
     ``tokens``: the frozen backbone's tokens of the batch, from the feature cache.
@@ -192,10 +197,24 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 # Settings a resumed run may change (where things are, how fast, how long it runs).
-_RESUMABLE_CHANGES = ("train.out_dir", "train.resume", "train.overwrite", "train.stop_at", "train.workers",
-                      "train.progress", "train.tensorboard", "train.device", "train.log_every",
-                      "train.checkpoint_every", "train.val_every", "train.val_limit", "data.root",
-                      "data.priors", "data.storage_options", "train.feature_cache")  # fmt: skip
+_RESUMABLE_CHANGES = (
+    "train.out_dir",
+    "train.resume",
+    "train.overwrite",
+    "train.stop_at",
+    "train.workers",
+    "train.progress",
+    "train.tensorboard",
+    "train.device",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.val_limit",
+    "data.root",
+    "data.priors",
+    "data.storage_options",
+    "train.feature_cache",
+)
 
 
 # ----------------------------------------------------------------------------- training
@@ -210,8 +229,10 @@ def train(cfg: RunConfig) -> dict:
     if resume == "auto":
         resume = str(ckpt_path) if ckpt_path.is_file() else None
     if resume is None and ckpt_path.is_file() and not tc.overwrite:
-        raise FileExistsError(f"{out} already holds a training run ({ckpt_path}); pass --resume to continue it, "
-                              "--overwrite to start over, or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds a training run ({ckpt_path}); pass --resume to continue it, "
+            "--overwrite to start over, or choose another --out"
+        )
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"no checkpoint to resume at {resume}")
     # Read (and check) the checkpoint to resume before any work: a bad file fails at once.
@@ -233,8 +254,10 @@ def train(cfg: RunConfig) -> dict:
     if crop % patch:
         raise ValueError(f"crop size {crop} must be a multiple of the patch size {patch} of {cfg.model.arch}")
     if cfg.loss.needs_priors and not cfg.data.priors:
-        raise ValueError("the spectral / eigen-segment loss needs priors: pass a prior store (--priors, PRIORS=) "
-                         "or set --spectral-weight 0 --segment-weight 0")
+        raise ValueError(
+            "the spectral / eigen-segment loss needs priors: pass a prior store (--priors, PRIORS=) "
+            "or set --spectral-weight 0 --segment-weight 0"
+        )
     cfg = replace(cfg, data=replace(cfg.data, prior_stride=stride))
     dataset = PriorSegDataset(cfg.data, with_priors=cfg.loss.needs_priors)
     split = dataset.split
@@ -253,11 +276,15 @@ def train(cfg: RunConfig) -> dict:
     cache = None
     if tc.feature_cache:
         if cfg.model.finetune_backbone:
-            raise ValueError("--cache-features needs a frozen backbone (a fine-tuned one changes every step); "
-                             "drop --finetune-backbone or --cache-features")  # fmt: skip
+            raise ValueError(
+                "--cache-features needs a frozen backbone (a fine-tuned one changes every step); "
+                "drop --finetune-backbone or --cache-features"
+            )
         if not cfg.data.views:
-            raise ValueError("--cache-features needs fixed views per image (--views N): a fresh random view "
-                             "every epoch is never seen twice")  # fmt: skip
+            raise ValueError(
+                "--cache-features needs fixed views per image (--views N): a fresh random view "
+                "every epoch is never seen twice"
+            )
         cache = FeatureCache(None if tc.feature_cache == "auto" else tc.feature_cache, backbone_key(model))
         log.info("feature cache %s (%d fixed views per image)", cache.dir, cfg.data.views)
 
@@ -267,8 +294,14 @@ def train(cfg: RunConfig) -> dict:
     if leaked:  # cannot happen with the tables in splits.py; guards hand-made splits
         raise ValueError(f"unseen class names in the training classifier: {sorted(leaked)}")
     text_emb = text(train_names).to(device)
-    log.info("%s fold %s: training on %d classes %s; held out %s", split.benchmark, split.fold, len(train_names),
-             list(train_names), list(split.unseen_names()))  # fmt: skip
+    log.info(
+        "%s fold %s: training on %d classes %s; held out %s",
+        split.benchmark,
+        split.fold,
+        len(train_names),
+        list(train_names),
+        list(split.unseen_names()),
+    )
 
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(tc.steps, tc.poly_power, tc.warmup_steps))
@@ -276,13 +309,18 @@ def train(cfg: RunConfig) -> dict:
     if ckpt is not None:
         changes = [d for d in _diff(ckpt["config"], cfg.to_dict()) if not d.startswith(_RESUMABLE_CHANGES)]
         if changes:
-            raise ResumeMismatchError(f"cannot resume {resume} with a different setting "
-                                      f"({'; '.join(changes[:6])}); use the same flags or start a new run (--out)")
+            raise ResumeMismatchError(
+                f"cannot resume {resume} with a different setting "
+                f"({'; '.join(changes[:6])}); use the same flags or start a new run (--out)"
+            )
         step = restore_training(ckpt, resume, model, optimizer, scheduler)
         del ckpt
         log.info("resumed %s at step %d/%d", resume, step, tc.steps)
-    (out / CONFIG).write_text(json.dumps({"config": cfg.to_dict(), "code_version": version,
-                                          "clip": model.info, "split": split.describe()}, indent=1))
+    (out / CONFIG).write_text(
+        json.dumps(
+            {"config": cfg.to_dict(), "code_version": version, "clip": model.info, "split": split.describe()}, indent=1
+        )
+    )
 
     header = {"random_weights": model.random_weights}
     metrics_path = out / METRICS
@@ -305,29 +343,32 @@ def train(cfg: RunConfig) -> dict:
                     tb.add_scalar(k, v, rec.get("step", step))
 
     def save() -> None:
-        save_checkpoint({
-            "step": step,
-            "model": model.checkpoint_state(include_backbone=tc.save_backbone or None),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-            "code_version": version,
-            "clip": model.info,
-            "random_weights": model.random_weights,
-            "warning": RANDOM_WEIGHTS_WARNING if model.random_weights else None,
-            "backbone_digest": model.backbone_digest,
-            "split": split.describe(),
-            "train_names": list(train_names),
-            "text_embeddings": text_emb.cpu(),
-            "store_fingerprint": getattr(dataset, "store_fingerprint", None),
-            "skipped_images": dataset.skipped,
-            "torch_version": str(torch.__version__),
-        }, ckpt_path)  # fmt: skip
+        save_checkpoint(
+            {
+                "step": step,
+                "model": model.checkpoint_state(include_backbone=tc.save_backbone or None),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "config": cfg.to_dict(),
+                "code_version": version,
+                "clip": model.info,
+                "random_weights": model.random_weights,
+                "warning": RANDOM_WEIGHTS_WARNING if model.random_weights else None,
+                "backbone_digest": model.backbone_digest,
+                "split": split.describe(),
+                "train_names": list(train_names),
+                "text_embeddings": text_emb.cpu(),
+                "store_fingerprint": getattr(dataset, "store_fingerprint", None),
+                "skipped_images": dataset.skipped,
+                "torch_version": str(torch.__version__),
+            },
+            ckpt_path,
+        )
 
     val_dataset = None
     if tc.val_split:
-        from sazs.pipeline.datasets import DatasetConfig, build_dataset
+        from sazs.datasets.readers import DatasetConfig, build_dataset
 
         val_dataset = build_dataset(DatasetConfig(name=cfg.data.dataset, root=cfg.data.root, split=tc.val_split))
 
@@ -335,32 +376,61 @@ def train(cfg: RunConfig) -> dict:
         from .validate import validate
 
         t0 = time.perf_counter()
-        res = validate(model, text, val_dataset, split, short_side=crop, device=device, limit=tc.val_limit,
-                       autocast=autocast)  # fmt: skip
-        log.info("validation %s (%d images, %.1fs): seen mIoU %.3f  unseen mIoU %.3f  hIoU %.3f  FB-IoU %.3f",
-                 tc.val_split, res["images"], time.perf_counter() - t0, res["seen_miou"], res["unseen_miou"],
-                 res["harmonic_miou"], res["fb_iou"])  # fmt: skip
+        res = validate(
+            model, text, val_dataset, split, short_side=crop, device=device, limit=tc.val_limit, autocast=autocast
+        )
+        log.info(
+            "validation %s (%d images, %.1fs): seen mIoU %.3f  unseen mIoU %.3f  hIoU %.3f  FB-IoU %.3f",
+            tc.val_split,
+            res["images"],
+            time.perf_counter() - t0,
+            res["seen_miou"],
+            res["unseen_miou"],
+            res["harmonic_miou"],
+            res["fb_iou"],
+        )
         record({"step": step, "val": res})
         return res
 
-    record({"event": "resume" if resume else "start", "step": step, "code_version": version, "clip": model.info,
+    record(
+        {
+            "event": "resume" if resume else "start",
+            "step": step,
+            "code_version": version,
+            "clip": model.info,
             "random_weights": model.random_weights,
-            "warning": RANDOM_WEIGHTS_WARNING if model.random_weights else None}, extra={})
+            "warning": RANDOM_WEIGHTS_WARNING if model.random_weights else None,
+        },
+        extra={},
+    )
     per_step = tc.batch_size * tc.accum_steps
-    loader = build_loader(dataset, batch_size=tc.batch_size, num_workers=tc.workers, start=step * per_step,
-                          pin_memory=device.type == "cuda", seed=tc.seed)  # fmt: skip
+    loader = build_loader(
+        dataset,
+        batch_size=tc.batch_size,
+        num_workers=tc.workers,
+        start=step * per_step,
+        pin_memory=device.type == "cuda",
+        seed=tc.seed,
+    )
     stop = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
     windows = {k: Window() for k in ("loss", "iter", "data")}
-    summary: dict = {"out_dir": str(out), "checkpoint": str(ckpt_path), "metrics": str(out / METRICS),
-                     "random_weights": model.random_weights, "steps": tc.steps, "start_step": step}  # fmt: skip
+    summary: dict = {
+        "out_dir": str(out),
+        "checkpoint": str(ckpt_path),
+        "metrics": str(out / METRICS),
+        "random_weights": model.random_weights,
+        "steps": tc.steps,
+        "start_step": step,
+    }
     last_terms: dict = {}
     val_res = None
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     # disable=None: no bar when stderr is not a terminal (CI logs keep the log lines only)
-    bar = tqdm(total=stop, initial=step, disable=None if tc.progress else True, desc="train", unit="step",
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=stop, initial=step, disable=None if tc.progress else True, desc="train", unit="step", dynamic_ncols=True
+    )
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -384,11 +454,13 @@ def train(cfg: RunConfig) -> dict:
                     terms = forward_losses(model, batch, text_emb, cfg.loss, autocast, tokens)
                     values = {k: float(v.detach()) for k, v in terms.items()}
                     if not all(math.isfinite(v) for v in values.values()):
-                        msg = (f"non-finite loss at step {step + 1}: "
-                               + ", ".join(f"{k}={v}" for k, v in values.items())
-                               + f"; lr {scheduler.get_last_lr()[0]:.3g}. Stopping. The last checkpoint "
-                               f"({ckpt_path if ckpt_path.is_file() else 'none yet'}) is untouched; lower --lr, "
-                               "set --clip-grad, or check the data")  # fmt: skip
+                        msg = (
+                            f"non-finite loss at step {step + 1}: "
+                            + ", ".join(f"{k}={v}" for k, v in values.items())
+                            + f"; lr {scheduler.get_last_lr()[0]:.3g}. Stopping. The last checkpoint "
+                            f"({ckpt_path if ckpt_path.is_file() else 'none yet'}) is untouched; lower --lr, "
+                            "set --clip-grad, or check the data"
+                        )
                         record({"step": step + 1, "event": "non_finite_loss", **{k: str(v) for k, v in values.items()}})
                         raise NonFiniteLossError(msg)
                     (terms["loss"] / tc.accum_steps).backward()
@@ -410,19 +482,39 @@ def train(cfg: RunConfig) -> dict:
                 eta = windows["iter"].avg * (stop - step)  # global average, as DINO: robust to one slow window
                 if step % tc.log_every == 0 or step == stop:
                     mem = peak_memory_mb(device)
-                    rec = {"step": step, "epoch": step * per_step / len(dataset), "lr": lr, **sums,
-                           "iter_time": iter_time, "data_time": data_time, "images_per_s": per_step / iter_time,
-                           "peak_mem_mb": mem, "eta_s": eta}  # fmt: skip
+                    rec = {
+                        "step": step,
+                        "epoch": step * per_step / len(dataset),
+                        "lr": lr,
+                        **sums,
+                        "iter_time": iter_time,
+                        "data_time": data_time,
+                        "images_per_s": per_step / iter_time,
+                        "peak_mem_mb": mem,
+                        "eta_s": eta,
+                    }
                     record(rec)
                     terms_txt = "  ".join(f"{k} {v:.4f}" for k, v in sums.items() if k != "loss")
-                    log.info("step %d/%d  eta %s  loss %.4f (%.4f)  %s  lr %.2e  iter %.3fs (avg %.3fs)  "
-                             "data %.3fs (%.0f%%)  %.1f img/s  max mem %.0f MB", step, stop, _fmt_eta(eta),
-                             sums["loss"], windows["loss"].avg, terms_txt, lr, windows["iter"].median, windows["iter"].avg,
-                             windows["data"].median,
-                             100 * windows["data"].median / max(windows["iter"].median, 1e-9),
-                             per_step / max(windows["iter"].median, 1e-9), mem)  # fmt: skip
-                    bar.set_postfix(loss=f"{windows['loss'].median:.3f}", data=f"{windows['data'].median:.3f}s",
-                                    mem=f"{mem:.0f}MB")  # fmt: skip
+                    log.info(
+                        "step %d/%d  eta %s  loss %.4f (%.4f)  %s  lr %.2e  iter %.3fs (avg %.3fs)  "
+                        "data %.3fs (%.0f%%)  %.1f img/s  max mem %.0f MB",
+                        step,
+                        stop,
+                        _fmt_eta(eta),
+                        sums["loss"],
+                        windows["loss"].avg,
+                        terms_txt,
+                        lr,
+                        windows["iter"].median,
+                        windows["iter"].avg,
+                        windows["data"].median,
+                        100 * windows["data"].median / max(windows["iter"].median, 1e-9),
+                        per_step / max(windows["iter"].median, 1e-9),
+                        mem,
+                    )
+                    bar.set_postfix(
+                        loss=f"{windows['loss'].median:.3f}", data=f"{windows['data'].median:.3f}s", mem=f"{mem:.0f}MB"
+                    )
                 if step % tc.checkpoint_every == 0 or step == stop:
                     save()
                 if val_dataset is not None and tc.val_every and step % tc.val_every == 0 and step != stop:
@@ -433,16 +525,19 @@ def train(cfg: RunConfig) -> dict:
             tb.flush()
         if step > start_step:
             elapsed = time.perf_counter() - run_start
-            log.info("%d steps in %s (%.3fs/step)", step - start_step, _fmt_eta(elapsed),
-                     elapsed / (step - start_step))  # fmt: skip
+            log.info("%d steps in %s (%.3fs/step)", step - start_step, _fmt_eta(elapsed), elapsed / (step - start_step))
     if val_dataset is not None and step == tc.steps:
         val_res = run_validation()
     if tb is not None:
         tb.close()
     if model.random_weights:
         log.warning(RANDOM_WEIGHTS_WARNING)
-    summary.update(step=step, finished=step >= tc.steps, last=last_terms, val=val_res,
-                   peak_mem_mb=peak_memory_mb(device),
-                   feature_cache=None if cache is None else {"dir": str(cache.dir), "hits": cache.hits,
-                                                             "misses": cache.misses})  # fmt: skip
+    summary.update(
+        step=step,
+        finished=step >= tc.steps,
+        last=last_terms,
+        val=val_res,
+        peak_mem_mb=peak_memory_mb(device),
+        feature_cache=None if cache is None else {"dir": str(cache.dir), "hits": cache.hits, "misses": cache.misses},
+    )
     return summary

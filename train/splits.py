@@ -22,6 +22,17 @@ from sazs.eval.protocols import (
 )
 
 __all__ = [
-    "BENCHMARKS", "COCO_CLASSES", "IGNORE_INDEX", "NUM_FOLDS", "PASCAL_CLASSES", "PROMPT_NAMES", "UNSEEN_MODES",
-    "ZeroShotSplit", "check_dataset_classes", "coco20i_unseen", "pascal5i_unseen", "prompt_name", "zero_shot_split",
-]  # fmt: skip
+    "BENCHMARKS",
+    "COCO_CLASSES",
+    "IGNORE_INDEX",
+    "NUM_FOLDS",
+    "PASCAL_CLASSES",
+    "PROMPT_NAMES",
+    "UNSEEN_MODES",
+    "ZeroShotSplit",
+    "check_dataset_classes",
+    "coco20i_unseen",
+    "pascal5i_unseen",
+    "prompt_name",
+    "zero_shot_split",
+]

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sazs.datasets.readers import Dataset
 from sazs.eval.metrics import SegMeter
-from sazs.pipeline.datasets import Dataset
 
 from .data import normalize
 from .model import SegmentationModel, TextClassifier
@@ -35,8 +35,17 @@ def _resize_for_model(image: np.ndarray, short_side: int, multiple: int) -> torc
 
 
 @torch.no_grad()
-def validate(model: SegmentationModel, text: TextClassifier, dataset: Dataset, split: ZeroShotSplit, *,
-             short_side: int, device: torch.device, limit: int | None = None, autocast=None) -> dict:  # fmt: skip
+def validate(
+    model: SegmentationModel,
+    text: TextClassifier,
+    dataset: Dataset,
+    split: ZeroShotSplit,
+    *,
+    short_side: int,
+    device: torch.device,
+    limit: int | None = None,
+    autocast=None,
+) -> dict:
     """Seen / unseen / harmonic mIoU and FB-IoU over (the first ``limit``) images of ``dataset``."""
     names = split.all_names()
     emb = text(names).to(device)
@@ -64,8 +73,11 @@ def validate(model: SegmentationModel, text: TextClassifier, dataset: Dataset, s
     seen = list(split.seen_scored())
     seen_miou = meter.miou(seen)
     unseen_miou = meter.miou(split.unseen) if split.unseen else float("nan")
-    h = (2 * seen_miou * unseen_miou / (seen_miou + unseen_miou)
-         if split.unseen and seen_miou + unseen_miou > 0 else float("nan"))  # fmt: skip
+    h = (
+        2 * seen_miou * unseen_miou / (seen_miou + unseen_miou)
+        if split.unseen and seen_miou + unseen_miou > 0
+        else float("nan")
+    )
     iou = meter.iou()
     return {
         "images": len(ids),

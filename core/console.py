@@ -2,14 +2,14 @@
 
 All four console scripts (`sazs-priors`, `sazs-store`, `sazs-train`, `sazs-eval`) dispatch
 their subcommand through :func:`run_command`, so they agree on exit codes and on when a
-traceback is shown (only with ``-v``). It lives in ``stores`` because that is the package
-every other one already depends on.
+traceback is shown (only with ``-v``), and set up logging the same way (:func:`setup_logging`).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 
 # Errors that mean "the input is wrong": their messages name the input and the fix.
@@ -23,15 +23,26 @@ _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 def disk_error_message(exc: OSError, path=None) -> str | None:
     """One line naming the path and the fix for a full or read-only disk; None for other errors."""
     if exc.errno in _DISK_FULL:
-        fix = ("free space there or write to another disk, then re-run the same command "
-               "(finished work is kept and resumed)")
+        fix = (
+            "free space there or write to another disk, then re-run the same command "
+            "(finished work is kept and resumed)"
+        )
     elif exc.errno in _NOT_WRITABLE:
-        fix = ("it is read-only or not writable by you: choose a writable output path (--out / OUT=) "
-               "or fix its permissions")
+        fix = (
+            "it is read-only or not writable by you: choose a writable output path (--out / OUT=) "
+            "or fix its permissions"
+        )
     else:
         return None
     where = exc.filename or path or "the output"
     return f"cannot write {where}: {exc.strerror or exc}; {fix}"
+
+
+def setup_logging(verbose: bool, *, level: int = logging.INFO) -> None:
+    """Timestamped log lines on stderr at ``level`` for other libraries; ``sazs`` at INFO, DEBUG with -v."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+    logging.getLogger("sazs").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def run_command(

@@ -27,10 +27,28 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -131,18 +149,25 @@ def _check_path(path: Path, root: str | os.PathLike | None) -> None:
     if root is not None:
         base = os.path.normpath(os.path.abspath(root))
         if os.path.commonpath([base, os.path.normpath(os.path.abspath(path))]) != base:
-            raise ImageError(f"path leaves the dataset root: {path} is outside {base}; "
-                             "fix the entry in the split list or annotation file", path)
+            raise ImageError(
+                f"path leaves the dataset root: {path} is outside {base}; "
+                "fix the entry in the split list or annotation file",
+                path,
+            )
 
 
 def _check_pixels(path: Path, h: int, w: int, max_pixels: int) -> None:
     if h * w > max_pixels:
-        raise ImageError(f"image too large: {path} is {h}x{w} = {h * w / 1e6:.1f} megapixels > the limit of "
-                         f"{max_pixels / 1e6:g}; downscale it or raise --max-megapixels", path)
+        raise ImageError(
+            f"image too large: {path} is {h}x{w} = {h * w / 1e6:.1f} megapixels > the limit of "
+            f"{max_pixels / 1e6:g}; downscale it or raise --max-megapixels",
+            path,
+        )
 
 
-def read_image(path: str | os.PathLike, min_side: int = 16, max_pixels: int = MAX_PIXELS, *,
-               root: str | os.PathLike | None = None) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike, min_side: int = 16, max_pixels: int = MAX_PIXELS, *, root: str | os.PathLike | None = None
+) -> np.ndarray:
     """Decode ``path`` fully into an (H, W, 3) uint8 RGB array, upright per EXIF.
 
     Raises ImageError (with a reason naming the file) for a missing, empty,
@@ -176,8 +201,9 @@ def read_image(path: str | os.PathLike, min_side: int = 16, max_pixels: int = MA
     return arr
 
 
-def image_size(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, *,
-               root: str | os.PathLike | None = None) -> tuple[int, int]:
+def image_size(
+    path: str | os.PathLike, max_pixels: int = MAX_PIXELS, *, root: str | os.PathLike | None = None
+) -> tuple[int, int]:
     """(H, W) as :func:`read_image` would return it, from the header only (no decode);
     the same ImageError as read_image for a bad name or path or too many pixels."""
     path = Path(path)
@@ -225,8 +251,16 @@ class Dataset:
 
     name = ""
 
-    def __init__(self, cfg: DatasetConfig, *, root: str, split: str, paths: dict[str, Path],
-                 class_names: list[str], image_root: str | os.PathLike | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: DatasetConfig,
+        *,
+        root: str,
+        split: str,
+        paths: dict[str, Path],
+        class_names: list[str],
+        image_root: str | os.PathLike | None = None,
+    ):
         ids = list(paths)[: cfg.limit]
         self.root, self.split, self.min_side, self.max_pixels = root, split, cfg.min_side, cfg.max_pixels
         # Readers whose image paths come from text (split lists, annotation files) name the
@@ -290,8 +324,10 @@ def _read_list(path: Path) -> list[str]:
     """The first field of every non-blank line of a split list file (one image id a line)."""
     size = path.stat().st_size
     if size > MAX_LIST_BYTES:
-        raise ValueError(f"split list {path} is {size} bytes, over the {MAX_LIST_BYTES >> 20} MiB a list of "
-                         "image ids needs; is it the right file?")
+        raise ValueError(
+            f"split list {path} is {size} bytes, over the {MAX_LIST_BYTES >> 20} MiB a list of "
+            "image ids needs; is it the right file?"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -313,8 +349,10 @@ def _require_root(name: str, root: str | None, hint: str) -> Path:
     try:
         str(path.resolve()).encode("utf-8")  # the manifest records it
     except UnicodeEncodeError:
-        raise ValueError(f"dataset root {os.fsencode(path.resolve())!r} is not valid UTF-8; "
-                         "rename it or pass a symlink with a UTF-8 name") from None
+        raise ValueError(
+            f"dataset root {os.fsencode(path.resolve())!r} is not valid UTF-8; "
+            "rename it or pass a symlink with a UTF-8 name"
+        ) from None
     return path
 
 
@@ -390,8 +428,11 @@ class FolderDataset(Dataset):
         files: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden dirs
-            files += [Path(dirpath, f) for f in filenames
-                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
+            files += [
+                Path(dirpath, f)
+                for f in filenames
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            ]
         if not files:
             raise FileNotFoundError(f"no images under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
         ids = folder_ids([f.relative_to(root).as_posix() for f in files])
@@ -404,8 +445,10 @@ class VOCDataset(Dataset):
     """PASCAL VOC 2012 segmentation (optionally SBD-augmented: SegmentationClassAug/)."""
 
     name = "voc"
-    LAYOUT = ("expected the PASCAL VOC 2012 layout (VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, "
-              "ImageSets/Segmentation}), pass DATA=path/to/VOC2012")  # fmt: skip
+    LAYOUT = (
+        "expected the PASCAL VOC 2012 layout (VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, "
+        "ImageSets/Segmentation}), pass DATA=path/to/VOC2012"
+    )
 
     def __init__(self, cfg: DatasetConfig):
         given = _require_root(self.name, cfg.root, self.LAYOUT)
@@ -421,8 +464,9 @@ class VOCDataset(Dataset):
         _check_split(self.name, split, available)
         ids = _read_list(sets / f"{split}.txt")
         paths = {i: root / "JPEGImages" / f"{i}.jpg" for i in ids}
-        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=list(VOC_CLASSES),
-                         image_root=root / "JPEGImages")
+        super().__init__(
+            cfg, root=str(root), split=split, paths=paths, class_names=list(VOC_CLASSES), image_root=root / "JPEGImages"
+        )
 
     def mask_path(self, id: str) -> Path | None:
         """SegmentationClassAug (SBD, grayscale) if present for the id, else SegmentationClass."""
@@ -444,8 +488,11 @@ def _coco_problem(data) -> str | None:
     pycocotools' index and this module read, with the index of the first bad record."""
     if not isinstance(data, dict):
         return f"the top level is a JSON {type(data).__name__}, not an object"
-    required = {"images": {"id": int, "file_name": str}, "categories": {"id": int, "name": str},
-                "annotations": {"id": int, "image_id": int, "category_id": int}}
+    required = {
+        "images": {"id": int, "file_name": str},
+        "categories": {"id": int, "name": str},
+        "annotations": {"id": int, "image_id": int, "category_id": int},
+    }
     for key, fields in required.items():
         records = data.get(key, [])
         if not isinstance(records, list):
@@ -468,8 +515,10 @@ def _load_coco(path: Path):
         with open(path, "rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"annotation file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
-                         f"{err.msg}); re-download or regenerate it") from None
+        raise ValueError(
+            f"annotation file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+            f"{err.msg}); re-download or regenerate it"
+        ) from None
     except UnicodeDecodeError as err:
         raise ValueError(f"annotation file {path} is not UTF-8 JSON (byte {err.start}: {err.reason})") from None
     problem = _coco_problem(data)
@@ -493,8 +542,10 @@ class COCODataset(Dataset):
     """
 
     name = "coco"
-    LAYOUT = ("expected the COCO layout (val2017/, train2017/ or *2014/, annotations/instances_<split>.json), "
-              "pass DATA=path/to/coco")  # fmt: skip
+    LAYOUT = (
+        "expected the COCO layout (val2017/, train2017/ or *2014/, annotations/instances_<split>.json), "
+        "pass DATA=path/to/coco"
+    )
 
     def __init__(self, cfg: DatasetConfig):
         root = _require_root(self.name, cfg.root, self.LAYOUT)
@@ -515,8 +566,7 @@ class COCODataset(Dataset):
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         names = ["background"] + [self.coco.cats[c]["name"] for c in cat_ids]
         paths = {str(i): root / split / self.coco.imgs[i]["file_name"] for i in sorted(self.coco.imgs)}
-        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names,
-                         image_root=root / split)
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names, image_root=root / split)
 
     def load_mask(self, id: str) -> np.ndarray:
         self.image_path(id)
@@ -563,15 +613,19 @@ def _read_mask(path: Path, image_path: Path, *, labels: bool) -> np.ndarray:
         raise ImageError(f"mask {path} has shape {a.shape}; expected a single-channel (H, W) image", path)
     hw = image_size(image_path)
     if a.shape != hw:
-        raise ImageError(f"mask {path} is {a.shape[0]}x{a.shape[1]} but its image {image_path} is "
-                         f"{hw[0]}x{hw[1]}", path)  # fmt: skip
+        raise ImageError(
+            f"mask {path} is {a.shape[0]}x{a.shape[1]} but its image {image_path} is {hw[0]}x{hw[1]}", path
+        )
     return a
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
     """Image files directly in ``folder`` by id: the stem, or the file name where two files share a stem."""
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     clash = {s for s, n in Counter(p.stem for p in files).items() if n > 1}
     return {(p.name if p.stem in clash else p.stem): p for p in files}
 
@@ -590,8 +644,10 @@ class DAVISDataset(Dataset):
     """
 
     name = "davis"
-    LAYOUT = ("expected the DAVIS layout (JPEGImages/480p/<seq>/<frame>.jpg, Annotations/480p/<seq>/<frame>.png), "
-              "pass DATA=path/to/DAVIS")  # fmt: skip
+    LAYOUT = (
+        "expected the DAVIS layout (JPEGImages/480p/<seq>/<frame>.jpg, Annotations/480p/<seq>/<frame>.png), "
+        "pass DATA=path/to/DAVIS"
+    )
 
     def __init__(self, cfg: DatasetConfig):
         root = _require_root(self.name, cfg.root, self.LAYOUT)
@@ -612,10 +668,16 @@ class DAVISDataset(Dataset):
             sequences = list(dict.fromkeys(ln.strip("/").split("/")[-2] if "/" in ln else ln for ln in lines))
             missing = [s for s in sequences if s not in present]
             if missing:
-                raise FileNotFoundError(f"split {split} of {root} lists sequence(s) {missing[:5]} with no folder "
-                                        f"under {frames_dir}; download the whole split or pass --split all")
-        paths = {f"{seq}/{p.stem}": p for seq in sequences
-                 for p in sorted((frames_dir / seq).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}  # fmt: skip
+                raise FileNotFoundError(
+                    f"split {split} of {root} lists sequence(s) {missing[:5]} with no folder "
+                    f"under {frames_dir}; download the whole split or pass --split all"
+                )
+        paths = {
+            f"{seq}/{p.stem}": p
+            for seq in sequences
+            for p in sorted((frames_dir / seq).iterdir())
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        }
         if not paths:
             raise FileNotFoundError(f"no frames under {frames_dir}: {self.LAYOUT}")
         self.masks_dir = root / "Annotations" / res
@@ -633,10 +695,32 @@ class DAVISDataset(Dataset):
         return (_read_mask(self.mask_path(id), self.image_path(id), labels=False) != 0).astype(np.uint8)
 
 
-IMAGE_DIR_NAMES = ("images", "image", "imgs", "img", "im", "jpegimages", "duts-te-image", "duts-tr-image",
-                   "dut-omron-image", "ecssd-image")  # fmt: skip
-MASK_DIR_NAMES = ("masks", "mask", "gt", "gts", "ground_truth", "ground_truth_mask", "groundtruth", "annotations",
-                  "duts-te-mask", "duts-tr-mask", "pixelwisegt-new-png", "ecssd-mask")  # fmt: skip
+IMAGE_DIR_NAMES = (
+    "images",
+    "image",
+    "imgs",
+    "img",
+    "im",
+    "jpegimages",
+    "duts-te-image",
+    "duts-tr-image",
+    "dut-omron-image",
+    "ecssd-image",
+)
+MASK_DIR_NAMES = (
+    "masks",
+    "mask",
+    "gt",
+    "gts",
+    "ground_truth",
+    "ground_truth_mask",
+    "groundtruth",
+    "annotations",
+    "duts-te-mask",
+    "duts-tr-mask",
+    "pixelwisegt-new-png",
+    "ecssd-mask",
+)
 
 
 def _find_dir(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...], what: str, flag: str) -> Path:
@@ -645,8 +729,9 @@ def _find_dir(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...], wha
     found = found or [d for d in subdirs if d.name.lower().endswith(suffixes)]
     if len(found) != 1:
         why = "no" if not found else f"{len(found)} candidate ({', '.join(d.name for d in found)})"
-        raise FileNotFoundError(f"{why} {what} folder under {root} (looked for {', '.join(names[:6])}, ...); "
-                                f"name it with {flag}")
+        raise FileNotFoundError(
+            f"{why} {what} folder under {root} (looked for {', '.join(names[:6])}, ...); name it with {flag}"
+        )
     return found[0]
 
 
@@ -668,10 +753,18 @@ class MasksDataset(Dataset):
     def __init__(self, cfg: DatasetConfig, *, images_dir: str | None = None, masks_dir: str | None = None):
         root = _require_root(self.name, cfg.root, self.LAYOUT)
         pick = lambda given: given if Path(given).is_absolute() else root / given  # noqa: E731
-        images = Path(pick(images_dir)) if images_dir else _find_dir(
-            root, IMAGE_DIR_NAMES, ("-image", "_image", "-images", "_images"), "image", "--images-dir")
-        masks = Path(pick(masks_dir)) if masks_dir else _find_dir(
-            root, MASK_DIR_NAMES, ("-mask", "_mask", "-masks", "_masks", "-gt", "_gt"), "mask", "--masks-dir")
+        images = (
+            Path(pick(images_dir))
+            if images_dir
+            else _find_dir(root, IMAGE_DIR_NAMES, ("-image", "_image", "-images", "_images"), "image", "--images-dir")
+        )
+        masks = (
+            Path(pick(masks_dir))
+            if masks_dir
+            else _find_dir(
+                root, MASK_DIR_NAMES, ("-mask", "_mask", "-masks", "_masks", "-gt", "_gt"), "mask", "--masks-dir"
+            )
+        )
         for d, flag in ((images, "--images-dir"), (masks, "--masks-dir")):
             if not d.is_dir():
                 raise FileNotFoundError(f"{d} is not a directory; fix {flag}")
@@ -697,8 +790,19 @@ class MasksDataset(Dataset):
         return (a > 0 if a.max() <= 1 else a >= 128).astype(np.uint8)
 
 
-CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car",
-                  "pedestrian", "bicyclist"]  # fmt: skip
+CAMVID_CLASSES = [
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "sign symbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+]
 
 
 @_register
@@ -746,6 +850,9 @@ class CamVidDataset(Dataset):
         out = np.where(a == self.unlabelled, 255, a).astype(np.uint8)
         bad = np.unique(out[(out >= len(self.class_names)) & (out != 255)])
         if bad.size:
-            raise ImageError(f"mask {path} has label values {bad.tolist()[:5]} outside 0..{len(self.class_names) - 1} "
-                             f"and {self.unlabelled} (unlabelled)", path)
+            raise ImageError(
+                f"mask {path} has label values {bad.tolist()[:5]} outside 0..{len(self.class_names) - 1} "
+                f"and {self.unlabelled} (unlabelled)",
+                path,
+            )
         return out

@@ -8,8 +8,8 @@ image, so they match pixel for pixel. Output is byte-identical for a seed.
 
 Example::
 
-    python -m sazs.pipeline.synthetic voc /tmp/voc --num-val 20
-    python -m sazs.pipeline.synthetic coco /tmp/coco --year 2014
+    python -m sazs.datasets.synthetic voc /tmp/voc --num-val 20
+    python -m sazs.datasets.synthetic coco /tmp/coco --year 2014
 """
 
 from __future__ import annotations
@@ -25,38 +25,93 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from .datasets import VOC_CLASSES
+from .readers import VOC_CLASSES
 
 JPEG_QUALITY = 92  # fixed (with 4:4:4 chroma) so bytes are reproducible and colours survive
 
 # The 80 COCO "thing" categories: (id, name, supercategory); ids are sparse in 1..90.
 COCO_CATEGORIES = [
-    (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"),
-    (4, "motorcycle", "vehicle"), (5, "airplane", "vehicle"), (6, "bus", "vehicle"),
-    (7, "train", "vehicle"), (8, "truck", "vehicle"), (9, "boat", "vehicle"),
-    (10, "traffic light", "outdoor"), (11, "fire hydrant", "outdoor"), (13, "stop sign", "outdoor"),
-    (14, "parking meter", "outdoor"), (15, "bench", "outdoor"), (16, "bird", "animal"),
-    (17, "cat", "animal"), (18, "dog", "animal"), (19, "horse", "animal"), (20, "sheep", "animal"),
-    (21, "cow", "animal"), (22, "elephant", "animal"), (23, "bear", "animal"), (24, "zebra", "animal"),
-    (25, "giraffe", "animal"), (27, "backpack", "accessory"), (28, "umbrella", "accessory"),
-    (31, "handbag", "accessory"), (32, "tie", "accessory"), (33, "suitcase", "accessory"),
-    (34, "frisbee", "sports"), (35, "skis", "sports"), (36, "snowboard", "sports"),
-    (37, "sports ball", "sports"), (38, "kite", "sports"), (39, "baseball bat", "sports"),
-    (40, "baseball glove", "sports"), (41, "skateboard", "sports"), (42, "surfboard", "sports"),
-    (43, "tennis racket", "sports"), (44, "bottle", "kitchen"), (46, "wine glass", "kitchen"),
-    (47, "cup", "kitchen"), (48, "fork", "kitchen"), (49, "knife", "kitchen"), (50, "spoon", "kitchen"),
-    (51, "bowl", "kitchen"), (52, "banana", "food"), (53, "apple", "food"), (54, "sandwich", "food"),
-    (55, "orange", "food"), (56, "broccoli", "food"), (57, "carrot", "food"), (58, "hot dog", "food"),
-    (59, "pizza", "food"), (60, "donut", "food"), (61, "cake", "food"), (62, "chair", "furniture"),
-    (63, "couch", "furniture"), (64, "potted plant", "furniture"), (65, "bed", "furniture"),
-    (67, "dining table", "furniture"), (70, "toilet", "furniture"), (72, "tv", "electronic"),
-    (73, "laptop", "electronic"), (74, "mouse", "electronic"), (75, "remote", "electronic"),
-    (76, "keyboard", "electronic"), (77, "cell phone", "electronic"), (78, "microwave", "appliance"),
-    (79, "oven", "appliance"), (80, "toaster", "appliance"), (81, "sink", "appliance"),
-    (82, "refrigerator", "appliance"), (84, "book", "indoor"), (85, "clock", "indoor"),
-    (86, "vase", "indoor"), (87, "scissors", "indoor"), (88, "teddy bear", "indoor"),
-    (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
-]  # fmt: skip
+    (1, "person", "person"),
+    (2, "bicycle", "vehicle"),
+    (3, "car", "vehicle"),
+    (4, "motorcycle", "vehicle"),
+    (5, "airplane", "vehicle"),
+    (6, "bus", "vehicle"),
+    (7, "train", "vehicle"),
+    (8, "truck", "vehicle"),
+    (9, "boat", "vehicle"),
+    (10, "traffic light", "outdoor"),
+    (11, "fire hydrant", "outdoor"),
+    (13, "stop sign", "outdoor"),
+    (14, "parking meter", "outdoor"),
+    (15, "bench", "outdoor"),
+    (16, "bird", "animal"),
+    (17, "cat", "animal"),
+    (18, "dog", "animal"),
+    (19, "horse", "animal"),
+    (20, "sheep", "animal"),
+    (21, "cow", "animal"),
+    (22, "elephant", "animal"),
+    (23, "bear", "animal"),
+    (24, "zebra", "animal"),
+    (25, "giraffe", "animal"),
+    (27, "backpack", "accessory"),
+    (28, "umbrella", "accessory"),
+    (31, "handbag", "accessory"),
+    (32, "tie", "accessory"),
+    (33, "suitcase", "accessory"),
+    (34, "frisbee", "sports"),
+    (35, "skis", "sports"),
+    (36, "snowboard", "sports"),
+    (37, "sports ball", "sports"),
+    (38, "kite", "sports"),
+    (39, "baseball bat", "sports"),
+    (40, "baseball glove", "sports"),
+    (41, "skateboard", "sports"),
+    (42, "surfboard", "sports"),
+    (43, "tennis racket", "sports"),
+    (44, "bottle", "kitchen"),
+    (46, "wine glass", "kitchen"),
+    (47, "cup", "kitchen"),
+    (48, "fork", "kitchen"),
+    (49, "knife", "kitchen"),
+    (50, "spoon", "kitchen"),
+    (51, "bowl", "kitchen"),
+    (52, "banana", "food"),
+    (53, "apple", "food"),
+    (54, "sandwich", "food"),
+    (55, "orange", "food"),
+    (56, "broccoli", "food"),
+    (57, "carrot", "food"),
+    (58, "hot dog", "food"),
+    (59, "pizza", "food"),
+    (60, "donut", "food"),
+    (61, "cake", "food"),
+    (62, "chair", "furniture"),
+    (63, "couch", "furniture"),
+    (64, "potted plant", "furniture"),
+    (65, "bed", "furniture"),
+    (67, "dining table", "furniture"),
+    (70, "toilet", "furniture"),
+    (72, "tv", "electronic"),
+    (73, "laptop", "electronic"),
+    (74, "mouse", "electronic"),
+    (75, "remote", "electronic"),
+    (76, "keyboard", "electronic"),
+    (77, "cell phone", "electronic"),
+    (78, "microwave", "appliance"),
+    (79, "oven", "appliance"),
+    (80, "toaster", "appliance"),
+    (81, "sink", "appliance"),
+    (82, "refrigerator", "appliance"),
+    (84, "book", "indoor"),
+    (85, "clock", "indoor"),
+    (86, "vase", "indoor"),
+    (87, "scissors", "indoor"),
+    (88, "teddy bear", "indoor"),
+    (89, "hair drier", "indoor"),
+    (90, "toothbrush", "indoor"),
+]
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
@@ -223,7 +278,7 @@ def make_voc(root, *, num_train: int = 8, num_val: int = 8, size: tuple[int, int
     perm = rng.permutation(len(ids))
     splits = {"train": sorted(ids[i] for i in perm[num_val:]), "val": sorted(ids[i] for i in perm[:num_val])}
     palette = voc_colormap().ravel().tolist()
-    for split, split_ids in splits.items():
+    for split_ids in splits.values():
         for id_, labels in zip(split_ids, _class_plan(rng, len(split_ids), len(VOC_CLASSES) - 1)):
             rgb, lab, _, _ = _scene(rng, size, labels)
             lab[ndimage.maximum_filter(lab, 3) != ndimage.minimum_filter(lab, 3)] = 255
@@ -237,8 +292,9 @@ def make_voc(root, *, num_train: int = 8, num_val: int = 8, size: tuple[int, int
     return voc
 
 
-def make_coco(root, *, year: int = 2017, num_train: int = 8, num_val: int = 8, size: tuple[int, int] = (160, 224),
-              seed: int = 0) -> Path:  # fmt: skip
+def make_coco(
+    root, *, year: int = 2017, num_train: int = 8, num_val: int = 8, size: tuple[int, int] = (160, 224), seed: int = 0
+) -> Path:
     """Write ``root/{train,val}<year>/`` and ``root/annotations/instances_*.json``; return root.
 
     Instances are polygons (one per shape); the first image of each split also
@@ -262,25 +318,49 @@ def make_coco(root, *, year: int = 2017, num_train: int = 8, num_val: int = 8, s
             h, w = rgb.shape[:2]
             file_name = f"{image_id:012d}.jpg" if year == 2017 else f"COCO_{split}_{image_id:012d}.jpg"
             _save_jpeg(rgb, root / split / file_name)
-            images.append({"license": 1, "file_name": file_name, "coco_url": "", "height": h, "width": w,
-                           "date_captured": "2013-11-14 11:18:45", "flickr_url": "", "id": image_id})  # fmt: skip
+            images.append(
+                {
+                    "license": 1,
+                    "file_name": file_name,
+                    "coco_url": "",
+                    "height": h,
+                    "width": w,
+                    "date_captured": "2013-11-14 11:18:45",
+                    "flickr_url": "",
+                    "id": image_id,
+                }
+            )
             regions = [(inst["label"], [inst["poly"]], inst["rle"], 0) for inst in instances]
             if crowd is not None:
                 rle = _uncompressed_rle(crowd)
                 regions.append((labels[0], rle, mask_utils.frPyObjects(rle, h, w), 1))
             for label, segmentation, rle, iscrowd in regions:
-                anns.append({"id": ann_id, "image_id": image_id, "category_id": label_to_cat[label],
-                             "segmentation": segmentation, "area": float(mask_utils.area(rle)),
-                             "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": iscrowd})  # fmt: skip
+                anns.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": label_to_cat[label],
+                        "segmentation": segmentation,
+                        "area": float(mask_utils.area(rle)),
+                        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                        "iscrowd": iscrowd,
+                    }
+                )
                 ann_id += 1
         doc = {
-            "info": {"description": "sazs synthetic COCO", "url": "", "version": "1.0", "year": year,
-                     "contributor": "sazs.pipeline.synthetic", "date_created": f"{year}/01/01"},
+            "info": {
+                "description": "sazs synthetic COCO",
+                "url": "",
+                "version": "1.0",
+                "year": year,
+                "contributor": "sazs.datasets.synthetic",
+                "date_created": f"{year}/01/01",
+            },
             "licenses": [{"url": "https://creativecommons.org/licenses/by/4.0/", "id": 1, "name": "CC BY 4.0"}],
             "images": images,
             "annotations": anns,
             "categories": categories,
-        }  # fmt: skip
+        }
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
     return root
 
@@ -344,11 +424,13 @@ def quadrant_image(h: int, w: int) -> np.ndarray:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        "sazs.pipeline.synthetic", add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "sazs.datasets.synthetic",
+        add_help=add_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a small synthetic dataset in the real VOC 2012 or COCO layout.",
-        epilog="example:\n  python -m sazs.pipeline.synthetic voc /tmp/sazs-voc --num-val 20\n"
-               "  then pass the printed path as DATA= (dataset 'voc' or 'coco')",
-    )  # fmt: skip
+        epilog="example:\n  python -m sazs.datasets.synthetic voc /tmp/sazs-voc --num-val 20\n"
+        "  then pass the printed path as DATA= (dataset 'voc' or 'coco')",
+    )
     p.add_argument("kind", choices=["voc", "coco"])
     p.add_argument("out", type=Path, help="output directory (created)")
     p.add_argument("--num-train", type=int, default=8)

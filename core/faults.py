@@ -3,7 +3,9 @@
 The store writer and the priors job call ``fault_point(name)`` at the moments where a
 crash matters (between the data of a shard and its status, after a shard, ...). With the
 environment variable ``SAZS_FAULT`` unset this is one truth test of an empty dict, so
-the hooks cost nothing in production. Tests set it in a subprocess's environment:
+the hooks cost nothing in production. Nothing is armed at import: each console script's
+``main`` and each Ray worker call :func:`arm_from_environment`, which reads the variable.
+Tests set it in a subprocess's environment:
 
     SAZS_FAULT=write_shard.after_data:2 sazs-priors run ...   # SIGKILL at the 2nd time
 
@@ -43,10 +45,17 @@ from dataclasses import dataclass
 
 ENV_VAR = "SAZS_FAULT"
 WAIT_TIMEOUT_S = 300.0
-POINTS = frozenset({
-    "write_shard.start", "write_shard.after_eigvecs", "write_shard.after_data", "write_shard.after_status",
-    "job.after_shard", "ray.actor_shard", "zarr.before_rename",
-})
+POINTS = frozenset(
+    {
+        "write_shard.start",
+        "write_shard.after_eigvecs",
+        "write_shard.after_data",
+        "write_shard.after_status",
+        "job.after_shard",
+        "ray.actor_shard",
+        "zarr.before_rename",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,7 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV_VAR}: occurrence of {point!r} must be a number >= 1 or '*', got {nth!r}")
         name, _, arg = (action or "kill").partition("=")
         if name not in ("kill", "sleep", "wait") or (name != "kill") != bool(arg):
-            raise ValueError(f"{ENV_VAR}: action of {point!r} must be kill, sleep=SECONDS or wait=PATH, "
-                             f"got {action!r}")
+            raise ValueError(f"{ENV_VAR}: action of {point!r} must be kill, sleep=SECONDS or wait=PATH, got {action!r}")
         if name == "sleep":
             float(arg)  # ValueError now rather than at the fault point
         faults.append(Fault(point, None if nth == "*" else int(nth), name, arg))
@@ -117,8 +125,10 @@ def _act(fault: Fault, n: int) -> None:
         deadline = time.monotonic() + WAIT_TIMEOUT_S
         while not os.path.exists(fault.arg):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{ENV_VAR}: held at {fault.point} (time {n}) for {WAIT_TIMEOUT_S:.0f}s and "
-                                   f"{fault.arg} was never created")
+                raise TimeoutError(
+                    f"{ENV_VAR}: held at {fault.point} (time {n}) for {WAIT_TIMEOUT_S:.0f}s and "
+                    f"{fault.arg} was never created"
+                )
             time.sleep(0.02)
 
 
@@ -126,7 +136,7 @@ def held_pids(path) -> list[int]:
     """The processes that reached a ``wait=PATH`` fault (held there until PATH exists)."""
     prefix = f"{os.path.basename(path)}.held-"
     folder = os.path.dirname(os.path.abspath(path))
-    return sorted(int(name[len(prefix):]) for name in os.listdir(folder) if name.startswith(prefix))
+    return sorted(int(name[len(prefix) :]) for name in os.listdir(folder) if name.startswith(prefix))
 
 
 def _patch_zarr() -> None:
@@ -135,8 +145,10 @@ def _patch_zarr() -> None:
 
     original = getattr(_local, "_atomic_write", None)
     if original is None:
-        raise ValueError(f"{ENV_VAR}: zarr.before_rename needs zarr.storage._local._atomic_write, which this "
-                         "Zarr version does not have")
+        raise ValueError(
+            f"{ENV_VAR}: zarr.before_rename needs zarr.storage._local._atomic_write, which this "
+            "Zarr version does not have"
+        )
     if getattr(original, "_sazs_fault", False):
         return
 
@@ -151,4 +163,6 @@ def _patch_zarr() -> None:
     _local._atomic_write = atomic_write
 
 
-configure(os.environ.get(ENV_VAR))
+def arm_from_environment() -> None:
+    """Arm the faults named by ``$SAZS_FAULT`` (an explicit opt-in; unset disarms them)."""
+    configure(os.environ.get(ENV_VAR))
