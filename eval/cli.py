@@ -233,9 +233,8 @@ def checkpoint_paths(args: argparse.Namespace, folds) -> dict[int, Path]:
 def check_checkpoints(ckpts: dict[int, Path], dataset: str) -> None:
     """Refuse, before any work, a checkpoint whose training saw its fold's unseen classes
     (trained for another fold, or with no class held out)."""
+    from sazs.datasets.zeroshot import BENCHMARKS
     from sazs.train.checkpoint import load_checkpoint
-
-    from .protocols import BENCHMARKS
 
     bench = BENCHMARKS[dataset][0]
     for fold, path in ckpts.items():
@@ -252,23 +251,14 @@ def check_checkpoints(ckpts: dict[int, Path], dataset: str) -> None:
 def run_eval(args: argparse.Namespace) -> dict:
     """Evaluate the requested folds; write the report; return it (JSON-able)."""
     from sazs.datasets.readers import DatasetConfig, build_dataset
+    from sazs.datasets.zeroshot import BENCHMARKS, check_dataset_classes, num_folds, parse_folds, zero_shot_split
     from sazs.stores.manifest import code_version
     from sazs.stores.reader import open_store
 
     from .evaluate import StorePriors, evaluate_episodes, evaluate_generalised
     from .fusion import NEEDS_PRIORS, fusion_key
     from .predict import Predictor
-    from .protocols import (
-        BENCHMARKS,
-        HSNET_NAMES,
-        check_dataset_classes,
-        fold_episodes,
-        num_folds,
-        parse_folds,
-        scan_labels,
-        write_split_list,
-        zero_shot_split,
-    )
+    from .protocols import HSNET_NAMES, fold_episodes, scan_labels, write_split_list
     from .report import build_report, draw_episode_grid, format_text, write_report
 
     protocol, cfg = build_eval_config(args)
@@ -545,8 +535,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from sazs.datasets.zeroshot import BENCHMARKS, num_folds, zero_shot_split
+
     from .fusion import FUSIONS, GT_FREE, fusion_label
-    from .protocols import BENCHMARKS, DEFAULT_SAMPLING, num_folds, zero_shot_split
+    from .protocols import DEFAULT_SAMPLING
 
     print("fusion modes: " + ", ".join(fusion_label(m) for m in FUSIONS) + f" (headline: one of {', '.join(GT_FREE)})")
     for name, (bench, _) in BENCHMARKS.items():

@@ -26,6 +26,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sazs.core.metrics import (
+    IGNORE_INDEX,
+    BoundaryMeter,
+    EpisodeMeter,
+    SegMeter,
+    boundary_counts,
+    harmonic_mean,
+    intersection_union,
+)
+from sazs.datasets.zeroshot import ZeroShotSplit
 from sazs.stores.reader import PriorStore
 from sazs.stores.writer import DONE
 
@@ -41,16 +51,7 @@ from .fusion import (
     fuse_semantic,
     upsample_eigvecs,
 )
-from .metrics import (
-    IGNORE_INDEX,
-    BoundaryMeter,
-    EpisodeMeter,
-    SegMeter,
-    boundary_counts,
-    harmonic_mean,
-    intersection_union,
-)
-from .protocols import Episode, FoldEpisodes, ZeroShotSplit
+from .protocols import Episode, FoldEpisodes
 
 log = logging.getLogger(__name__)
 

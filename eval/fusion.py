@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .refine import check_refine, refine_eigvecs
+from sazs.core.linalg import orthonormal_basis
+from sazs.core.metrics import IGNORE_INDEX
 
-IGNORE_INDEX = 255
+from .refine import check_refine, refine_eigvecs
 
 FUSIONS = ("none", "project", "select", "oracle")
 GT_FREE = ("none", "project", "select")
@@ -124,28 +125,12 @@ def upsample_eigvecs(eigvecs, size: tuple[int, int], *, image=None, refine: str 
     return torch.from_numpy(refine_eigvecs(v.numpy(), image, grid=grid))
 
 
-def orthonormal_basis(eigvecs: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
-    """(N, r) orthonormal basis of the span of (K, N) vectors; dependent directions dropped.
-
-    Upsampling can make eigenvectors (numerically) dependent; QR would then return columns
-    outside their span, so a rank-deficient set is redone by SVD and only the directions
-    with singular value > rtol * largest are kept.
-    """
-    v = eigvecs.reshape(eigvecs.shape[0], -1).T.double()
-    q, r = torch.linalg.qr(v, mode="reduced")
-    d = r.diagonal().abs()
-    if d.numel() and bool((d > rtol * d.max().clamp_min(1e-300)).all()):
-        return q.float()
-    u, s, _ = torch.linalg.svd(v, full_matrices=False)
-    return u[:, s > rtol * s[0].clamp_min(1e-300)].float()
-
-
 def project_probs(probs: torch.Tensor, eigvecs: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
     """(C, H, W) probabilities projected onto span(eigvecs (K, H, W)): Q Q^T P per class."""
     c, h, w = probs.shape
     if tuple(eigvecs.shape[-2:]) != (h, w):
         raise ValueError(f"eigvecs {tuple(eigvecs.shape[-2:])} and probabilities {(h, w)} differ in size")
-    q = orthonormal_basis(eigvecs.to(probs.device), rtol)
+    q = orthonormal_basis(eigvecs.reshape(eigvecs.shape[0], -1).to(probs.device).double(), rtol=rtol).float()
     p = probs.reshape(c, -1).T.float()
     return (q @ (q.T @ p)).T.reshape(c, h, w)
 

@@ -24,7 +24,7 @@ any other value = object, 255 = not evaluated (VOC's outline band; DAVIS has non
 - ``best_of_n_iou_upper_bound`` (and ``best_of_n_index``, 1-based): the best IoU among the
   eigen-segments {v_k > 0}, k = 1..n_best. It picks with the mask: an upper bound, not a method.
 - ``span_iou``: span-K capture. The 0/1 mask projected on span(v0..v_{K-1}) at pixel
-  resolution (the orthogonal projector of :func:`eval.fusion.orthonormal_basis`), thresholded
+  resolution (the orthogonal projector of :func:`sazs.core.linalg.orthonormal_basis`), thresholded
   at 0.5, IoU with the mask: how much of the object the K vectors can express at all, what
   the spectral loss and the ``project`` fusion rely on.
 
@@ -63,8 +63,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from sazs.core.metrics import boundary_tolerance_px
+
 from .fusion import upsample_eigvecs
-from .metrics import boundary_tolerance_px
 from .refine import RefineConfig, check_refine, refine_eigvecs
 
 IGNORE = 255
@@ -133,7 +134,7 @@ def max_fbeta(
 def span_projection(vecs, targets: np.ndarray, rtol: float = 1e-4) -> np.ndarray:
     """(C, H, W) target maps projected on span(vecs (K, H, W)) -> (C, H, W) float32.
 
-    The same orthogonal projector as a QR basis (:func:`eval.fusion.orthonormal_basis`), from
+    The same orthogonal projector as a QR basis (:func:`sazs.core.linalg.orthonormal_basis`), from
     the K x K Gram matrix in float64: V (VᵀV)⁺ Vᵀ t, directions with singular value below
     ``rtol`` x the largest dropped. A tall QR of 400 k pixels x K costs a second; this, 20 ms.
     """

@@ -1,19 +1,7 @@
-"""Zero-shot protocols: PASCAL-5i and COCO-20i class tables, folds, split lists and episodes.
+"""Zero-shot evaluation protocols: split lists and the episodes drawn from them.
 
-Class tables are written out here (not read from a dataset's files) so that a fold always
-means the same classes, whatever annotation file a user has:
-
-- PASCAL-5i (Shaban et al. 2017): the 20 VOC classes in VOC label order (label = index + 1);
-  fold i holds out labels 5i+1 .. 5i+5.
-- COCO-20i (Nguyen & Todorovic 2019, as split by HSNet / LSeg / SAZS): the 80 COCO classes in
-  ascending category-id order; 0-based id = index, mask label = id + 1 (what
-  ``pipeline.datasets.COCODataset`` writes); fold i holds out ids {i, i+4, ..., i+76}.
-
-Training sees seen classes only. :meth:`ZeroShotSplit.label_map` turns a dataset mask
-(0 background, 1..C classes, 255 ignore) into training labels 0..S (0 = background, then the
-seen classes in table order) with every unseen pixel set to 255 (``unseen="ignore"``, the
-default) or folded into class 0, which is then called "others" (``unseen="others"``: the
-released SAZS code trains "others vs class").
+The class tables, folds and :class:`~sazs.datasets.zeroshot.ZeroShotSplit` are in
+:mod:`sazs.datasets.zeroshot`.
 
 **Episodes.** A test episode is one (validation image, unseen class) pair; it is scored as
 a binary mask (the class vs everything else, 255 stays ignored). The episodes of a fold come
@@ -44,18 +32,8 @@ the benchmark's rule, deterministically:
 The generalised setting (all classes scored at once on whole validation masks) needs no
 list: every validation image with a mask is used.
 
-**CamVid-11** (this project's zero-shot split of SegNet's 11-class CamVid; ``camvid``): CamVid
-has no background class, so its labels 0..10 *are* the classes (``background=False``: no
-background word in any classifier, seen mIoU over the seen classes only) and it is scored in
-the generalised setting only (an episode needs a background word). Three folds of three
-unseen classes; every unseen class has a semantic neighbour among the fold's seen classes, so
-the text space has something to transfer from:
-
-- fold 0: bicyclist (seen: pedestrian), pavement (road), fence (pole);
-- fold 1: pedestrian (bicyclist), road (pavement), sign symbol (pole);
-- fold 2: car (bicyclist), building (fence), pole (sign symbol).
-
-Sky and tree are always seen.
+CamVid-11 has no background class and is scored in the generalised setting only (an episode
+needs a background word).
 """
 
 from __future__ import annotations
@@ -66,304 +44,26 @@ import pickle
 import pickletools
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from sazs.core.metrics import IGNORE_INDEX
+from sazs.datasets.zeroshot import COCO_CLASSES, ZeroShotSplit, check_fold, zero_shot_split
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
-NUM_FOLDS = 4
 DEFAULT_EPISODES = 1000
 # HSNet's largest list (COCO-20i training) is a few MB with some 10^5 entries.
 MAX_SPLIT_LIST_BYTES = 16 * 2**20
 MAX_SPLIT_LIST_ENTRIES = 2_000_000
 MAX_IMAGE_NAME = 1024  # characters of one image name in a list
-
-PASCAL_CLASSES = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
-
-COCO_CLASSES = (
-    "person",
-    "bicycle",
-    "car",
-    "motorcycle",
-    "airplane",
-    "bus",
-    "train",
-    "truck",
-    "boat",
-    "traffic light",
-    "fire hydrant",
-    "stop sign",
-    "parking meter",
-    "bench",
-    "bird",
-    "cat",
-    "dog",
-    "horse",
-    "sheep",
-    "cow",
-    "elephant",
-    "bear",
-    "zebra",
-    "giraffe",
-    "backpack",
-    "umbrella",
-    "handbag",
-    "tie",
-    "suitcase",
-    "frisbee",
-    "skis",
-    "snowboard",
-    "sports ball",
-    "kite",
-    "baseball bat",
-    "baseball glove",
-    "skateboard",
-    "surfboard",
-    "tennis racket",
-    "bottle",
-    "wine glass",
-    "cup",
-    "fork",
-    "knife",
-    "spoon",
-    "bowl",
-    "banana",
-    "apple",
-    "sandwich",
-    "orange",
-    "broccoli",
-    "carrot",
-    "hot dog",
-    "pizza",
-    "donut",
-    "cake",
-    "chair",
-    "couch",
-    "potted plant",
-    "bed",
-    "dining table",
-    "toilet",
-    "tv",
-    "laptop",
-    "mouse",
-    "remote",
-    "keyboard",
-    "cell phone",
-    "microwave",
-    "oven",
-    "toaster",
-    "sink",
-    "refrigerator",
-    "book",
-    "clock",
-    "vase",
-    "scissors",
-    "teddy bear",
-    "hair drier",
-    "toothbrush",
-)
-
-CAMVID_CLASSES = (
-    "sky",
-    "building",
-    "pole",
-    "road",
-    "pavement",
-    "tree",
-    "sign symbol",
-    "fence",
-    "car",
-    "pedestrian",
-    "bicyclist",
-)
-# CamVid-11 folds (mask labels = index in CAMVID_CLASSES); see the module docstring for the neighbours.
-CAMVID_FOLDS = ((10, 4, 7), (9, 3, 6), (8, 1, 2))
-
-# Dataset name -> (benchmark, class table). Keys are pipeline dataset names.
-BENCHMARKS = {
-    "voc": ("pascal-5i", PASCAL_CLASSES),
-    "coco": ("coco-20i", COCO_CLASSES),
-    "camvid": ("camvid-11", CAMVID_CLASSES),
-}
-# Benchmarks whose masks have no background class (label 0 is a class) and their fold counts.
-NO_BACKGROUND = {"camvid-11"}
-BENCHMARK_FOLDS = {"pascal-5i": NUM_FOLDS, "coco-20i": NUM_FOLDS, "camvid-11": len(CAMVID_FOLDS)}
 # Benchmark -> folder name in HSNet's data/splits, and the episode rule HSNet uses.
 HSNET_NAMES = {"pascal-5i": "pascal", "coco-20i": "coco"}
 SAMPLING_RULES = ("cycle", "class-uniform")
 DEFAULT_SAMPLING = {"pascal-5i": "cycle", "coco-20i": "class-uniform"}
-BENCHMARK_TITLES = {"pascal-5i": "PASCAL-5i", "coco-20i": "COCO-20i", "camvid-11": "CamVid-11"}
-
-# VOC's run-together names read badly in a prompt; the tables above keep the official names.
-PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
-
-UNSEEN_MODES = ("ignore", "others")
-
-
-def prompt_name(name: str) -> str:
-    return PROMPT_NAMES.get(name, name)
-
-
-def pascal5i_unseen(fold: int) -> tuple[int, ...]:
-    """Mask labels (1-based VOC ids) held out by PASCAL-5i fold ``fold``: 5i+1 .. 5i+5."""
-    _check_fold(fold)
-    return tuple(range(5 * fold + 1, 5 * fold + 6))
-
-
-def coco20i_unseen(fold: int) -> tuple[int, ...]:
-    """Mask labels held out by COCO-20i fold ``fold``: 0-based ids i, i+4, ..., i+76, plus one."""
-    _check_fold(fold)
-    return tuple(fold + 4 * k + 1 for k in range(20))
-
-
-def camvid11_unseen(fold: int) -> tuple[int, ...]:
-    """Mask labels (0-based CamVid classes) held out by CamVid-11 fold ``fold``."""
-    _check_fold(fold, len(CAMVID_FOLDS))
-    return tuple(sorted(CAMVID_FOLDS[fold]))
-
-
-def _check_fold(fold: int, num_folds: int = NUM_FOLDS) -> None:
-    if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < num_folds:
-        raise ValueError(f"fold must be one of 0..{num_folds - 1}, got {fold!r}")
-
-
-@dataclass(frozen=True)
-class ZeroShotSplit:
-    """Seen / unseen classes of one fold; labels are the dataset's mask values.
-
-    With ``background`` (PASCAL, COCO) label 0 is background and the classes are 1..C; without
-    (CamVid) the classes are 0..C-1 and no classifier holds a background word (except
-    "others" when unseen pixels are folded into one, ``unseen="others"``).
-    """
-
-    benchmark: str
-    fold: int | None  # None: no class held out (fully supervised; smoke runs)
-    class_names: tuple[str, ...]  # every class, index = label - 1 (label with no background)
-    seen: tuple[int, ...]
-    unseen: tuple[int, ...]
-    unseen_mode: str = "ignore"
-    background: bool = True  # label 0 is background, not a class
-
-    @property
-    def background_name(self) -> str | None:
-        """The word of the training classifier's class 0: background / others, or None (no such class)."""
-        if self.unseen_mode == "others":
-            return "others"
-        return "background" if self.background else None
-
-    def name(self, label: int) -> str:
-        return self.class_names[label - 1 if self.background else label]
-
-    def label(self, name: str) -> int:
-        """Mask label of a class name (inverse of :meth:`name`)."""
-        return self.class_names.index(name) + (1 if self.background else 0)
-
-    def train_names(self) -> tuple[str, ...]:
-        """Names of the training classes: background (or "others") if any, then the seen classes."""
-        head = () if self.background_name is None else (self.background_name,)
-        return (*head, *(self.name(c) for c in self.seen))
-
-    def unseen_names(self) -> tuple[str, ...]:
-        return tuple(self.name(c) for c in self.unseen)
-
-    def all_names(self) -> tuple[str, ...]:
-        """Names of every class in dataset label order (evaluation, never the training loss)."""
-        return ("background", *self.class_names) if self.background else tuple(self.class_names)
-
-    def seen_scored(self) -> tuple[int, ...]:
-        """Labels averaged into seen mIoU: background counts as seen (GZS3Net), when there is one."""
-        return (0, *self.seen) if self.background else tuple(self.seen)
-
-    def label_map(self) -> np.ndarray:
-        """(256,) uint8 lookup table: dataset mask value -> training label (index in train_names, or 255)."""
-        lut = np.full(256, IGNORE_INDEX, np.uint8)
-        offset = 0 if self.background_name is None else 1
-        if self.background:
-            lut[0] = 0
-        for j, c in enumerate(self.seen):
-            lut[c] = j + offset
-        if self.unseen_mode == "others":
-            lut[list(self.unseen)] = 0
-        return lut
-
-    def describe(self) -> dict:
-        return {
-            "benchmark": self.benchmark,
-            "fold": self.fold,
-            "unseen_mode": self.unseen_mode,
-            "background": self.background,
-            "seen": list(self.seen),
-            "unseen": list(self.unseen),
-            "train_names": list(self.train_names()),
-            "unseen_names": list(self.unseen_names()),
-        }
-
-
-def num_folds(dataset: str) -> int:
-    """Number of zero-shot folds of a pipeline dataset's benchmark."""
-    if dataset not in BENCHMARKS:
-        raise ValueError(f"no zero-shot benchmark for dataset {dataset!r}; choose from {sorted(BENCHMARKS)}")
-    return BENCHMARK_FOLDS[BENCHMARKS[dataset][0]]
-
-
-def zero_shot_split(dataset: str, fold: int | None, unseen: str = "ignore") -> ZeroShotSplit:
-    """The split of ``fold`` for a pipeline dataset name ('voc' -> PASCAL-5i, 'coco' -> COCO-20i,
-    'camvid' -> CamVid-11)."""
-    if dataset not in BENCHMARKS:
-        raise ValueError(f"no zero-shot benchmark for dataset {dataset!r}; choose from {sorted(BENCHMARKS)}")
-    if unseen not in UNSEEN_MODES:
-        raise ValueError(f"unseen must be one of {UNSEEN_MODES}, got {unseen!r}")
-    benchmark, names = BENCHMARKS[dataset]
-    background = benchmark not in NO_BACKGROUND
-    labels = tuple(range(1, len(names) + 1)) if background else tuple(range(len(names)))
-    rules = {"voc": pascal5i_unseen, "coco": coco20i_unseen, "camvid": camvid11_unseen}
-    held_out: tuple[int, ...] = () if fold is None else rules[dataset](fold)
-    seen = tuple(c for c in labels if c not in held_out)
-    return ZeroShotSplit(benchmark, fold, names, seen, held_out, unseen, background)
-
-
-def check_dataset_classes(split: ZeroShotSplit, dataset_class_names: list[str]) -> None:
-    """Refuse a dataset whose class list (index = mask label) differs from the split's table."""
-    got = tuple(dataset_class_names[1:] if split.background else dataset_class_names)
-    if got != split.class_names:
-        diff = [f"label {i + 1}: {a!r} != {b!r}" for i, (a, b) in enumerate(zip(got, split.class_names)) if a != b]
-        if len(got) != len(split.class_names):
-            diff.insert(0, f"{len(got)} classes != {len(split.class_names)}")
-        raise ValueError(
-            f"the dataset's classes do not match the {split.benchmark} table "
-            f"({'; '.join(diff[:5])}); fold numbers would select the wrong classes"
-        )
-
-
-def benchmark_folds(dataset: str) -> tuple[int, ...]:
-    """Every fold of a dataset's benchmark (what ``--folds all`` means)."""
-    return tuple(range(num_folds(dataset)))
-
 
 # ----------------------------------------------------------------------------- split lists
 
@@ -376,24 +76,6 @@ class Episode:
     label: int
 
 
-def parse_folds(text: str | Iterable[int], num_folds: int = NUM_FOLDS) -> tuple[int, ...]:
-    """'0', '0,2', '0 1', 'all' (= 0..num_folds-1) or an iterable of ints -> sorted unique folds."""
-    if not isinstance(text, str):
-        folds = list(text)
-    elif text.strip() == "all":
-        folds = list(range(num_folds))
-    else:
-        try:
-            folds = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
-        except ValueError:
-            raise ValueError(f"folds must be 0..{num_folds - 1}, a list such as 0,2, or 'all'; got {text!r}") from None
-    for f in folds:
-        _check_fold(f, num_folds)
-    if not folds:
-        raise ValueError("no fold given")
-    return tuple(sorted(set(folds)))
-
-
 def coco_image_id(name: str) -> str:
     """COCO file name (``val2014/COCO_val2014_000000000139.jpg``, ``000000000139.jpg``) or id -> '139'."""
     m = re.search(r"(\d+)(?:\.\w+)?$", Path(name).name)
@@ -404,7 +86,7 @@ def coco_image_id(name: str) -> str:
 
 def hsnet_list_path(splits_dir: str | Path, benchmark: str, fold: int) -> Path:
     """The split list of ``fold`` under an HSNet ``data/splits`` directory (.txt first, then .pkl)."""
-    _check_fold(fold)
+    check_fold(fold)
     if benchmark not in HSNET_NAMES:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose from {sorted(HSNET_NAMES)}")
     base = Path(splits_dir) / HSNET_NAMES[benchmark] / "val"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sazs.datasets.zeroshot import BENCHMARK_TITLES
+
 from .fusion import UPPER_BOUND_TAG, UPPER_BOUNDS, check_headline, fusion_key, fusion_label
-from .protocols import BENCHMARK_TITLES
 
 log = logging.getLogger(__name__)
 

@@ -265,9 +265,9 @@ def test_project_denoises_a_noisy_truth_with_real_priors(trained):
     """Eigenvectors from the store line up with the masks: projecting a noisy ground truth onto them recovers it."""
     import torch
 
+    from sazs.core.metrics import intersection_union
     from sazs.datasets.readers import DatasetConfig, build_dataset
     from sazs.eval.fusion import fuse_binary, upsample_eigvecs
-    from sazs.eval.metrics import intersection_union
     from sazs.stores.reader import open_store
 
     voc, store_path, _ = trained

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sazs.core.linalg import orthonormal_basis
 from sazs.eval.fusion import (
     FUSIONS,
     GT_FREE,
@@ -14,7 +15,6 @@ from sazs.eval.fusion import (
     fuse_semantic,
     fusion_key,
     fusion_label,
-    orthonormal_basis,
     project_probs,
     upsample_eigvecs,
 )
@@ -50,8 +50,9 @@ def test_project_keeps_what_lies_in_the_span_and_removes_the_rest():
 def test_orthonormal_basis_drops_dependent_vectors():
     v = vectors()
     dup = torch.cat([v, v[1:2] * 2.0, v[0:1] + v[2:3]])  # 5 vectors, rank 3
-    q = orthonormal_basis(dup)
-    assert q.shape == (H * W, 3)
+    q = orthonormal_basis(dup.reshape(5, -1))
+    assert q.shape == (H * W, 5) and int((q.norm(dim=0) > 0.5).sum()) == 3  # two zero columns
+    q = q[:, q.norm(dim=0) > 0.5]
     assert torch.allclose(q.T @ q, torch.eye(3), atol=1e-5)
     x = (0.3 * v[1] - 0.7 * v[2]).reshape(-1)
     assert torch.allclose(q @ (q.T @ x), x, atol=1e-5)

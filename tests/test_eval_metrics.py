@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sazs.eval.metrics import (
+from sazs.core.metrics import (
     BoundaryMeter,
     EpisodeMeter,
     SegMeter,
@@ -105,7 +105,7 @@ def test_weighted_add_equals_repeated_updates():
     a, b = EpisodeMeter(2), EpisodeMeter(2)
     for _ in range(3):
         a.update(p, t, [1])
-    from sazs.eval.metrics import intersection_union
+    from sazs.core.metrics import intersection_union
 
     inter, union = intersection_union(p, t, 2)
     b.add(1, inter, union, 3)

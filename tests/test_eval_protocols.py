@@ -8,23 +8,21 @@ import pytest
 
 from sazs.datasets.readers import DatasetConfig, build_dataset
 from sazs.datasets.synthetic import make_coco, make_voc
+from sazs.datasets.zeroshot import coco20i_unseen, parse_folds, zero_shot_split
 from sazs.eval import protocols
 from sazs.eval.protocols import (
     Episode,
     ProtocolConfig,
-    coco20i_unseen,
     coco_image_id,
     fold_episodes,
     generate_split_list,
     hsnet_list_path,
-    parse_folds,
     parse_split_lines,
     read_coco_pickle,
     read_split_list,
     sample_episodes,
     scan_labels,
     write_split_list,
-    zero_shot_split,
 )
 
 
@@ -46,13 +44,6 @@ def brute_force_pairs(dataset):
         mask = dataset.load_mask(id_)
         pairs += [(id_, int(c)) for c in sorted(set(np.unique(mask).tolist()) - {0, 255})]
     return pairs
-
-
-def test_train_splits_reexports_the_protocol_tables():
-    from sazs.train import splits
-
-    assert splits.zero_shot_split is protocols.zero_shot_split and splits.COCO_CLASSES is protocols.COCO_CLASSES
-    assert splits.prompt_name("diningtable") == "dining table"
 
 
 @pytest.mark.parametrize("name", ["voc_val", "coco_val"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sazs.eval.metrics import EpisodeMeter, SegMeter, confusion_matrix, intersection_union
+from sazs.core.metrics import EpisodeMeter, SegMeter, confusion_matrix, intersection_union
 
 
 def test_confusion_and_iou_by_hand():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sazs.core.linalg import orthonormal_basis
 from sazs.eval import prior_quality as pq
 
 
@@ -43,13 +44,11 @@ def test_span_projection_by_hand():
 
 
 def test_span_projection_is_the_qr_projector():
-    from sazs.eval.fusion import orthonormal_basis
-
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((5, 9, 11)).astype(np.float32)
     vecs[4] = vecs[0] + vecs[1]  # a dependent direction is dropped, not amplified
     targets = rng.random((2, 9, 11)).astype(np.float32)
-    q = orthonormal_basis(torch.from_numpy(vecs)).double().numpy()
+    q = orthonormal_basis(torch.from_numpy(vecs).reshape(5, -1).double()).numpy()
     want = (q @ (q.T @ targets.reshape(2, -1).T)).T.reshape(targets.shape)
     np.testing.assert_allclose(pq.span_projection(vecs, targets), want, atol=1e-5)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sazs.datasets.zeroshot import CAMVID_CLASSES, num_folds, parse_folds, zero_shot_split
 from sazs.eval import cli as eval_cli
-from sazs.eval.protocols import CAMVID_CLASSES, num_folds, parse_folds, zero_shot_split
 from sazs.train import cli as train_cli
 from sazs.train.cache import FeatureCache, backbone_key
 from sazs.train.checkpoint import load_checkpoint

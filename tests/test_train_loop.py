@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sazs.core.metrics import SegMeter
 from sazs.datasets.synthetic import make_voc
-from sazs.eval.metrics import SegMeter
+from sazs.datasets.zeroshot import zero_shot_split
 from sazs.pipeline import cli as priors_cli
 from sazs.stores.manifest import code_version
 from sazs.train import cli, loop
@@ -15,7 +16,6 @@ from sazs.train.checkpoint import load_for_inference
 from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset
 from sazs.train.losses import LossConfig, compute_losses
 from sazs.train.model import RANDOM_WEIGHTS_WARNING, ModelConfig, TextClassifier, build_model
-from sazs.train.splits import zero_shot_split
 
 
 @pytest.fixture(scope="module")

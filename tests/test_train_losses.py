@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from sazs.core.linalg import orthonormal_basis
 from sazs.train.losses import (
     LossConfig,
     balanced_bce,
     compute_losses,
     edge_targets,
     eigen_segment_loss,
-    orthonormal_basis,
     segmentation_ce,
     spectral_shape_loss,
 )

@@ -5,7 +5,7 @@ import pytest
 
 from sazs.datasets.readers import VOC_CLASSES
 from sazs.datasets.synthetic import COCO_CATEGORIES
-from sazs.train.splits import (
+from sazs.datasets.zeroshot import (
     COCO_CLASSES,
     PASCAL_CLASSES,
     check_dataset_classes,

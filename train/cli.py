@@ -439,11 +439,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sazs.eval.protocols import num_folds
+    from sazs.datasets.zeroshot import BENCHMARKS, num_folds, zero_shot_split
 
     from .encoders import TINY_VITS, pretrained_stack_installed
     from .model import TEMPLATES, TINY_ARCHS
-    from .splits import BENCHMARKS, zero_shot_split
 
     print(
         "architectures: any open_clip ViT (open_clip.list_models(), e.g. ViT-B-16, ViT-B-16-quickgelu, ViT-L-14), "

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sazs.core.metrics import IGNORE_INDEX
 from sazs.datasets.readers import Dataset, DatasetConfig, build_dataset
+from sazs.datasets.zeroshot import ZeroShotSplit, check_dataset_classes, zero_shot_split
 from sazs.stores.dataset import PriorDataset
 from sazs.stores.reader import PriorStore, open_store
-
-from .splits import IGNORE_INDEX, ZeroShotSplit, check_dataset_classes, zero_shot_split
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from sazs.core.linalg import orthonormal_basis
+from sazs.core.metrics import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -65,31 +66,6 @@ def segmentation_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
 
 
 # ----------------------------------------------------------------------------- spectral
-
-
-def orthonormal_basis(eigvecs: torch.Tensor, valid: torch.Tensor | None = None, rtol: float = 1e-4) -> torch.Tensor:
-    """Orthonormal basis (B, N, K) of the span of each image's eigenvectors (B, K, N).
-
-    Rows outside ``valid`` (B, N) are zeroed first (padding of a crop). QR does the work;
-    an image whose vectors are (numerically) dependent, e.g. after a small crop, is redone
-    by SVD and its surplus directions are zero columns, so the basis never contains
-    directions that are not in span(V).
-    """
-    v = eigvecs.transpose(1, 2)
-    v = v if v.dtype == torch.float64 else v.float()
-    if valid is not None:
-        v = v * valid.unsqueeze(-1).to(v.dtype)
-    q, r = torch.linalg.qr(v, mode="reduced")
-    d = r.diagonal(dim1=-2, dim2=-1).abs()
-    scale = v.norm(dim=1).amax(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-    deficient = (d < rtol * scale).any(-1)
-    if deficient.any():
-        q = q.clone()
-        for b in torch.nonzero(deficient).flatten().tolist():
-            u, s, _ = torch.linalg.svd(v[b], full_matrices=False)
-            keep = s > rtol * s[0].clamp_min(torch.finfo(v.dtype).tiny)
-            q[b] = u * keep.to(u.dtype)
-    return q
 
 
 def spectral_shape_loss(probs: torch.Tensor, basis: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sazs.datasets.zeroshot import prompt_name
 from sazs.pipeline.extractors import IMAGENET_MEAN, IMAGENET_STD, vit_patch_features
 
 from .data import CLIP_MEAN, CLIP_STD
@@ -48,7 +49,6 @@ from .encoders import (
     pipeline_vit_patch,
     sentence_dim,
 )
-from .splits import prompt_name
 
 log = logging.getLogger(__name__)
 

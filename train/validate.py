@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sazs.core.metrics import SegMeter
 from sazs.datasets.readers import Dataset
-from sazs.eval.metrics import SegMeter
+from sazs.datasets.zeroshot import ZeroShotSplit
 
 from .data import normalize
 from .model import SegmentationModel, TextClassifier
-from .splits import ZeroShotSplit
 
 log = logging.getLogger(__name__)
 
