@@ -12,7 +12,7 @@
 #               missing) on the synthetic VOC val split, 50 episodes
 #   make eval-priors STORE='a.zarr [b.zarr ...]' DATASET=davis|masks|camvid|voc DATA=path [SPLIT= LIMIT=N]
 #               [REFINE=guided] [REPORT=dir (default runs/priors-<dataset>)] [ARGS=...]
-#   make test   make bench (solvers)   make bench-store   make bench-ray   make bench-train   make bench-gpu (CUDA)
+#   make test   make lint (ruff)   make format   make bench (solvers)   make bench-store   make bench-ray   make bench-train   make bench-gpu (CUDA)
 #   make bench-cpu-path ARGS="--base REV"   make synth-voc   make synth-coco   make clean
 #   make ablation DATA=../shared/data/camvid [ARGS="--folds 0 --seeds 0,1,2 --tune"]   (CamVid shape-loss table)
 
@@ -96,7 +96,7 @@ REFINE ?=
 EVAL_PRIORS_ARGS = $(STORE) --dataset $(DATASET) $(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(LIMIT),--limit $(LIMIT)) $(if $(REFINE),--refine $(REFINE)) --out $(or $(REPORT),runs/priors-$(DATASET)) $(ARGS)
 
-.PHONY: venv priors train eval eval-priors ablation test bench bench-store bench-ray bench-train bench-gpu bench-cpu-path bench-quality synth-voc synth-coco clean
+.PHONY: venv priors train eval eval-priors ablation test lint format bench bench-store bench-ray bench-train bench-gpu bench-cpu-path bench-quality synth-voc synth-coco clean
 
 venv: $(STAMP)
 
@@ -139,6 +139,15 @@ eval-priors: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff (configured in pyproject.toml): the linter and the formatter's check; `make format` rewrites
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
 	$(PY) bench/solvers.py $(ARGS)
