@@ -1,10 +1,9 @@
 """Small synthetic datasets in the exact PASCAL VOC 2012 and COCO on-disk layouts.
 
 Tests, and the training / evaluation smoke runs, need real-looking datasets with
-no network. Images are textured backgrounds with 1-3 shapes whose colour and
-texture depend only on the class, so both colour features and a ViT can tell
-the classes apart; masks are rasterised from the same polygons that paint the
-image, so they match pixel for pixel. Output is byte-identical for a seed.
+no network. The images and label maps are painted by :mod:`sazs.datasets.scenes`;
+this module writes them as the real files (JPEGs, VOC palette PNGs and split lists,
+COCO instances JSON with polygons and a crowd RLE). Output is byte-identical for a seed.
 
 Example::
 
@@ -15,9 +14,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from .readers import VOC_CLASSES
+from .scenes import class_plan, scene
+from .voc import VOC_CLASSES
 
 JPEG_QUALITY = 92  # fixed (with 4:4:4 chroma) so bytes are reproducible and colours survive
 
@@ -127,137 +125,12 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return cmap
 
 
-def class_color(label: int) -> np.ndarray:
-    """Mean RGB colour (3,) uint8 of class ``label`` (1-based) in generated images.
-
-    Hues step by a low-discrepancy constant and saturation/value alternate, chosen so
-    the 20 VOC classes are >= 59 apart in L1; values stay in [40, 215] so the
-    zero-mean texture never clips and the region mean stays at this colour.
-    """
-    hue = (label * 0.569840291) % 1.0
-    sat = (0.95, 0.6)[label % 2]
-    val = (0.95, 0.6, 0.8)[label % 3]
-    rgb = np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 175 + 40
-    return np.round(rgb).astype(np.uint8)
-
-
-def _texture(label: int, h: int, w: int) -> np.ndarray:
-    """Zero-mean (h, w) pattern in [-1, 1] whose kind, period and angle depend on the class."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    period = 5 + label % 7
-    angle = math.radians((label * 37) % 180)
-    t = (xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period
-    kind = label % 3
-    if kind == 0:  # stripes
-        return np.sin(t)
-    if kind == 1:  # checker
-        return np.sign(np.sin(t) * np.sin((-xx * math.sin(angle) + yy * math.cos(angle)) * 2 * math.pi / period))
-    return np.sin(t) * np.cos(yy * 2 * math.pi / (period + 3))  # weave
-
-
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Low-saturation colour with smooth blotches and fine grain, unlike any class colour."""
-    base = np.array(colorsys.hsv_to_rgb(rng.random(), 0.15 * rng.random(), 0.35 + 0.4 * rng.random())) * 255
-    coarse = rng.normal(size=(4, 5, 3))
-    smooth = ndimage.zoom(coarse, (h / 4, w / 5, 1), order=1)[:h, :w]
-    return base + 18 * smooth + rng.normal(0, 6, size=(h, w, 3))
-
-
-def _shape_polygon(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float) -> list[float]:
-    """Ellipse, rotated rectangle, triangle or irregular polygon as flat [x0, y0, x1, ...]."""
-    kind = rng.integers(4)
-    rot = rng.uniform(0, 2 * math.pi) if kind else rng.uniform(-0.3, 0.3)
-    if kind == 0:  # rectangle (near axis-aligned)
-        angles = np.array([0.25, 0.75, 1.25, 1.75]) * math.pi
-        radius = np.full(4, math.sqrt(2) * 0.75)
-    elif kind == 1:  # ellipse
-        angles, radius = np.linspace(0, 2 * math.pi, 48, endpoint=False), np.ones(48)
-    elif kind == 2:  # triangle
-        angles, radius = np.array([0, 2, 4]) * math.pi / 3 + rng.uniform(-0.3, 0.3, 3), np.ones(3)
-    else:  # irregular polygon
-        n = int(rng.integers(5, 8))
-        angles = np.sort(rng.uniform(0, 2 * math.pi, n))
-        radius = rng.uniform(0.65, 1.0, n)
-    x = radius * np.cos(angles) * rx
-    y = radius * np.sin(angles) * ry
-    px = cx + x * math.cos(rot) - y * math.sin(rot)
-    py = cy + x * math.sin(rot) + y * math.cos(rot)
-    return np.round(np.stack([px, py], 1).ravel(), 2).tolist()
-
-
-def _rasterize(poly: list[float], h: int, w: int) -> dict:
-    """COCO RLE of a polygon: the same rasteriser that ``COCO.annToMask`` uses."""
-    return mask_utils.frPyObjects([poly], h, w)[0]
-
-
 def _uncompressed_rle(m: np.ndarray) -> dict:
     """Column-major run lengths starting with a zero run, as in real COCO crowd annotations."""
     flat = m.ravel(order="F").astype(np.int8)
     change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
     counts = np.diff(np.concatenate([[0], change])).tolist()
     return {"counts": counts, "size": [int(m.shape[0]), int(m.shape[1])]}
-
-
-def _image_size(rng: np.random.Generator, size: tuple[int, int]) -> tuple[int, int]:
-    h, w = size
-    h += int(rng.integers(-(h // 8), h // 8 + 1))
-    w += int(rng.integers(-(w // 8), w // 8 + 1))
-    return (w, h) if rng.random() < 1 / 3 else (h, w)  # a third are the other orientation
-
-
-def _class_plan(rng: np.random.Generator, n_images: int, num_classes: int) -> list[list[int]]:
-    """1-3 distinct labels per image, round-robin over a shuffled class order.
-
-    Images take extra shapes while classes remain uncovered, so every class
-    appears at least once whenever 3 * n_images >= num_classes.
-    """
-    order = rng.permutation(num_classes) + 1
-    plan, k = [], 0
-    for i in range(n_images):
-        need = math.ceil(max(num_classes - k, 0) / (n_images - i))
-        n = min(3, max(int(rng.integers(1, 4)), need))
-        plan.append([int(order[(k + j) % num_classes]) for j in range(n)])
-        k += n
-    return plan
-
-
-def _scene(rng: np.random.Generator, size: tuple[int, int], labels: list[int], crowd_label: int | None = None):
-    """Paint one image; returns (rgb uint8, label map, instances, crowd mask or None).
-
-    Shapes sit in separate cells along the long side (so none is hidden) and are
-    painted in decreasing area, the order the COCO reader uses for overlaps.
-    """
-    h, w = _image_size(rng, size)
-    img = _background(rng, h, w)
-    lab = np.zeros((h, w), np.uint8)
-    n = len(labels)
-    crowd = None
-    if crowd_label is not None:  # a cluster of blobs in the bottom-left corner
-        yy, xx = np.mgrid[0:h, 0:w]
-        crowd = np.zeros((h, w), bool)
-        for _ in range(5):
-            cy, cx, r = h * rng.uniform(0.75, 0.95), w * rng.uniform(0.02, 0.3), min(h, w) * rng.uniform(0.05, 0.1)
-            crowd |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        img[crowd] = (class_color(crowd_label) + 30 * _texture(crowd_label, h, w)[..., None])[crowd]
-    instances = []
-    for j, label in enumerate(labels):
-        if w >= h:
-            cw, ch, cx, cy = w / n, h, (j + 0.5) * w / n, h / 2
-        else:
-            cw, ch, cx, cy = w, h / n, w / 2, (j + 0.5) * h / n
-        cx += rng.uniform(-0.05, 0.05) * cw
-        cy += rng.uniform(-0.05, 0.05) * ch
-        rx, ry = cw * rng.uniform(0.25, 0.5), ch * rng.uniform(0.25, 0.42)
-        poly = _shape_polygon(rng, cx, cy, rx, ry)
-        poly = np.clip(np.reshape(poly, (-1, 2)), 0, [w - 1, h - 1]).ravel().tolist()
-        rle = _rasterize(poly, h, w)
-        instances.append({"label": label, "poly": poly, "rle": rle, "area": int(mask_utils.area(rle))})
-    instances.sort(key=lambda d: -d["area"])  # stable: equal areas keep generation order
-    for inst in instances:
-        m = mask_utils.decode(inst["rle"]).astype(bool)
-        img[m] = (class_color(inst["label"]) + 30 * _texture(inst["label"], h, w)[..., None])[m]
-        lab[m] = inst["label"]
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), lab, instances, crowd
 
 
 def _save_jpeg(arr: np.ndarray, path: Path) -> None:
@@ -279,8 +152,8 @@ def make_voc(root, *, num_train: int = 8, num_val: int = 8, size: tuple[int, int
     splits = {"train": sorted(ids[i] for i in perm[num_val:]), "val": sorted(ids[i] for i in perm[:num_val])}
     palette = voc_colormap().ravel().tolist()
     for split_ids in splits.values():
-        for id_, labels in zip(split_ids, _class_plan(rng, len(split_ids), len(VOC_CLASSES) - 1)):
-            rgb, lab, _, _ = _scene(rng, size, labels)
+        for id_, labels in zip(split_ids, class_plan(rng, len(split_ids), len(VOC_CLASSES) - 1)):
+            rgb, lab, _, _ = scene(rng, size, labels)
             lab[ndimage.maximum_filter(lab, 3) != ndimage.minimum_filter(lab, 3)] = 255
             _save_jpeg(rgb, voc / "JPEGImages" / f"{id_}.jpg")
             png = Image.frombytes("P", (lab.shape[1], lab.shape[0]), lab.tobytes())
@@ -313,8 +186,8 @@ def make_coco(
     for split, ids in ((f"train{year}", image_ids[:num_train]), (f"val{year}", image_ids[num_train:])):
         (root / split).mkdir(exist_ok=True)
         images, anns = [], []
-        for k, (image_id, labels) in enumerate(zip(ids, _class_plan(rng, len(ids), len(COCO_CATEGORIES)))):
-            rgb, _, instances, crowd = _scene(rng, size, labels, crowd_label=labels[0] if k == 0 else None)
+        for k, (image_id, labels) in enumerate(zip(ids, class_plan(rng, len(ids), len(COCO_CATEGORIES)))):
+            rgb, _, instances, crowd = scene(rng, size, labels, crowd_label=labels[0] if k == 0 else None)
             h, w = rgb.shape[:2]
             file_name = f"{image_id:012d}.jpg" if year == 2017 else f"COCO_{split}_{image_id:012d}.jpg"
             _save_jpeg(rgb, root / split / file_name)
@@ -363,60 +236,6 @@ def make_coco(
         }
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
     return root
-
-
-# ----------------------------------------------------------------------------- bad files
-
-
-def write_bad_images(directory) -> dict[str, str]:
-    """Write one file per awkward case; return {id: "ok" | "failed"} (id = file stem).
-
-    Good ones decode to known content: ``quadrants`` colours are TL red, TR green,
-    BL blue, BR yellow. ``exif_rot6`` stores a 32x48 quadrant image with EXIF
-    orientation 6 (display = rotate 90 degrees clockwise -> 48x32); ``cmyk`` is
-    the 48x64 quadrant image in CMYK; ``gray`` a horizontal ramp; ``rgba`` three
-    vertical bands (opaque red, transparent with green underneath, half-transparent
-    blue); ``gray16`` a 16-bit horizontal ramp 0..65535; ``palette`` a P-mode
-    quadrant image. ``truncated``, ``empty``, ``text`` and ``tiny`` (4x4) fail.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    quads = quadrant_image(48, 64)
-    rng = np.random.default_rng(0)
-    buf = d / "truncated.jpg"
-    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, quality=95)
-    data = buf.read_bytes()
-    buf.write_bytes(data[: len(data) // 2])
-    (d / "empty.jpg").write_bytes(b"")
-    (d / "text.jpg").write_text("this is not an image\n")
-    Image.fromarray(quadrant_image(4, 4)).save(d / "tiny.png")
-    Image.fromarray(quads).convert("CMYK").save(d / "cmyk.jpg", quality=95)
-    Image.fromarray(np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (48, 1))).save(d / "gray.png")
-    rgba = np.zeros((48, 60, 4), np.uint8)
-    rgba[:, :20] = (255, 0, 0, 255)
-    rgba[:, 20:40] = (0, 255, 0, 0)
-    rgba[:, 40:] = (0, 0, 255, 128)
-    Image.fromarray(rgba).save(d / "rgba.png")
-    ramp16 = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (48, 1))
-    Image.fromarray(ramp16).save(d / "gray16.png")
-    Image.fromarray(quads).quantize(8).save(d / "palette.png")
-    rot = Image.fromarray(quadrant_image(32, 48))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
-    rot.save(d / "exif_rot6.jpg", quality=95, exif=exif.tobytes())
-    failed = ("truncated", "empty", "text", "tiny")
-    ok = ("cmyk", "gray", "rgba", "gray16", "palette", "exif_rot6")
-    return {**{k: "failed" for k in failed}, **{k: "ok" for k in ok}}
-
-
-QUADRANT_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))  # TL, TR, BL, BR
-
-
-def quadrant_image(h: int, w: int) -> np.ndarray:
-    out = np.zeros((h, w, 3), np.uint8)
-    out[: h // 2, : w // 2], out[: h // 2, w // 2 :] = QUADRANT_COLORS[:2]
-    out[h // 2 :, : w // 2], out[h // 2 :, w // 2 :] = QUADRANT_COLORS[2:]
-    return out
 
 
 # ----------------------------------------------------------------------------- CLI

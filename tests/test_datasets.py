@@ -3,29 +3,24 @@ import socket
 
 import numpy as np
 import pytest
+from images import QUADRANT_COLORS, quadrant_image, write_bad_images
 from PIL import Image
 from scipy import ndimage
 
-from sazs.datasets import synthetic
-from sazs.datasets.readers import (
-    DATASETS,
-    VOC_CLASSES,
-    DatasetConfig,
-    ImageError,
-    build_dataset,
-    image_size,
-    list_datasets,
-    read_image,
-)
+from sazs.datasets import scenes, synthetic
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.images import ImageError, image_size, read_image
+from sazs.datasets.registry import DATASETS, build_dataset, list_datasets
+from sazs.datasets.voc import VOC_CLASSES
 
-RED, GREEN, BLUE, YELLOW = synthetic.QUADRANT_COLORS
+RED, GREEN, BLUE, YELLOW = QUADRANT_COLORS
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
 
 @pytest.fixture(scope="module")
 def bad_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
-    return d, synthetic.write_bad_images(d)
+    return d, write_bad_images(d)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def _check_mask_matches_image(ds, id_):
     for label in set(np.unique(mask).tolist()) - {0, 255}:
         region = ndimage.binary_erosion(mask == label)  # skip JPEG-blurred edges
         assert region.sum() > 0
-        assert np.abs(img[region].mean(0) - synthetic.class_color(label)).max() < 20, (id_, label)
+        assert np.abs(img[region].mean(0) - scenes.class_color(label)).max() < 20, (id_, label)
     return mask
 
 
@@ -73,7 +68,7 @@ def test_read_image_good_cases(bad_dir):
 
     cmyk = read_image(d / "cmyk.jpg")
     assert cmyk.shape == (48, 64, 3)
-    assert np.abs(cmyk.astype(int) - synthetic.quadrant_image(48, 64)).mean() < 6
+    assert np.abs(cmyk.astype(int) - quadrant_image(48, 64)).mean() < 6
 
     gray = read_image(d / "gray.png")
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 0] == gray[..., 2]).all()
@@ -89,7 +84,7 @@ def test_read_image_good_cases(bad_dir):
     assert np.array_equal(g16[0, :, 0], np.round(ramp / 257).astype(np.uint8))
 
     pal = read_image(d / "palette.png")
-    assert np.array_equal(pal, synthetic.quadrant_image(48, 64))
+    assert np.array_equal(pal, quadrant_image(48, 64))
 
 
 @pytest.mark.parametrize(
@@ -176,7 +171,7 @@ def test_sample_offline(monkeypatch):
 
 
 def test_folder_recursion_order_filtering(tmp_path):
-    img = Image.fromarray(synthetic.quadrant_image(20, 24))
+    img = Image.fromarray(quadrant_image(20, 24))
     for rel in ["a/b/x.png", "a/y.jpg", "Z.JPG", "c.webp", "dup.jpg", "dup.png", ".hidden.png", ".git/h.png"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         img.save(tmp_path / rel, format="WEBP" if rel.endswith("webp") else None)

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sazs.datasets.readers import DATASETS, DatasetConfig, ImageError, MasksDataset, build_dataset
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.folders import MasksDataset
+from sazs.datasets.images import ImageError
+from sazs.datasets.registry import DATASETS, build_dataset
 
 
 def _image(path, h=20, w=30, value=100):

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sazs.datasets import synthetic
-from sazs.datasets.readers import DatasetConfig, build_dataset
+from sazs.datasets import scenes, synthetic
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.registry import build_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -22,7 +23,7 @@ def test_voc_colormap():
 
 
 def test_class_colors_distinct():
-    colours = np.array([synthetic.class_color(i) for i in range(1, 21)], int)
+    colours = np.array([scenes.class_color(i) for i in range(1, 21)], int)
     dist = np.abs(colours[:, None] - colours[None]).sum(-1) + np.eye(20, dtype=int) * 999
     assert dist.min() > 50
     assert colours.min() >= 40 and colours.max() <= 215

@@ -1,0 +1,108 @@
+"""The COCO 2014/2017 instances reader: instance annotations painted into semantic masks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .base import Dataset, DatasetConfig, check_split, require_root
+
+
+def _coco_problem(data) -> str | None:
+    """What makes ``data`` unusable as COCO instances (None if nothing): the fields that
+    pycocotools' index and this module read, with the index of the first bad record."""
+    if not isinstance(data, dict):
+        return f"the top level is a JSON {type(data).__name__}, not an object"
+    required = {
+        "images": {"id": int, "file_name": str},
+        "categories": {"id": int, "name": str},
+        "annotations": {"id": int, "image_id": int, "category_id": int},
+    }
+    for key, fields in required.items():
+        records = data.get(key, [])
+        if not isinstance(records, list):
+            return f"'{key}' is a JSON {type(records).__name__}, not a list"
+        for j, record in enumerate(records):
+            if not isinstance(record, dict):
+                return f"{key}[{j}] is a JSON {type(record).__name__}, not an object"
+            for name, kind in fields.items():
+                value = record.get(name)
+                if not isinstance(value, kind) or isinstance(value, bool) or value == "":
+                    return f"{key}[{j}] has no {kind.__name__} '{name}' (got {value!r:.40})"
+    return None
+
+
+def _load_coco(path: Path):
+    """pycocotools' index of an instances JSON; a malformed file is a one-line ValueError."""
+    from pycocotools.coco import COCO
+
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"annotation file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+            f"{err.msg}); re-download or regenerate it"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"annotation file {path} is not UTF-8 JSON (byte {err.start}: {err.reason})") from None
+    problem = _coco_problem(data)
+    if problem:
+        raise ValueError(f"annotation file {path}: {problem}; expected COCO instances JSON")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+class COCODataset(Dataset):
+    """COCO 2014/2017 instances turned into semantic masks (labels 1..80, crowd = 255).
+
+    Overlap rule: crowd regions are painted first as 255 (ignore), then the
+    non-crowd instances in order of decreasing annotated area (ties: annotation
+    id), so a smaller object lying on a larger one stays visible and a real
+    instance inside a crowd region keeps its label.
+    """
+
+    name = "coco"
+    LAYOUT = (
+        "expected the COCO layout (val2017/, train2017/ or *2014/, annotations/instances_<split>.json), "
+        "pass DATA=path/to/coco"
+    )
+
+    def __init__(self, cfg: DatasetConfig):
+        root = require_root(self.name, cfg.root, self.LAYOUT)
+        ann_dir = root / "annotations"
+        available = sorted(p.stem.removeprefix("instances_") for p in ann_dir.glob("instances_*.json"))
+        if not available:
+            raise FileNotFoundError(f"no annotations/instances_*.json under {root}: {self.LAYOUT}")
+        split = cfg.split or "val"
+        if split in ("train", "val"):  # year-less name -> the year present, 2017 first
+            split = next((f"{split}{y}" for y in (2017, 2014) if f"{split}{y}" in available), split)
+        check_split(self.name, split, available)
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"no {split}/ image directory under {root}: {self.LAYOUT}")
+        self.coco = _load_coco(ann_dir / f"instances_{split}.json")
+        cat_ids = sorted(self.coco.getCatIds())
+        if len(cat_ids) > 254:
+            raise ValueError(f"{len(cat_ids)} categories do not fit uint8 labels 1..254")
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
+        names = ["background"] + [self.coco.cats[c]["name"] for c in cat_ids]
+        paths = {str(i): root / split / self.coco.imgs[i]["file_name"] for i in sorted(self.coco.imgs)}
+        super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names, image_root=root / split)
+
+    def load_mask(self, id: str) -> np.ndarray:
+        self.image_path(id)
+        info = self.coco.imgs[int(id)]
+        mask = np.zeros((info["height"], info["width"]), np.uint8)
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[int(id)], iscrowd=None))
+        for a in [a for a in anns if a.get("iscrowd", 0)]:
+            mask[self.coco.annToMask(a) > 0] = 255
+        for a in sorted((a for a in anns if not a.get("iscrowd", 0)), key=lambda a: (-a["area"], a["id"])):
+            mask[self.coco.annToMask(a) > 0] = self.cat_to_label[a["category_id"]]
+        return mask
