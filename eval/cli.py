@@ -50,8 +50,8 @@ DEFAULT_ARCH = "ViT-B-16"
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     """Options of `run`, reusable by launchers through ``parents=[...]``."""
+    from .episodes import DEFAULT_EPISODES, SAMPLING_RULES
     from .fusion import DEFAULT_HEADLINE, FUSIONS, GT_FREE
-    from .protocols import DEFAULT_EPISODES, SAMPLING_RULES
 
     p = argparse.ArgumentParser(add_help=add_help)
     g = p.add_argument_group("data")
@@ -180,9 +180,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
 def build_eval_config(args: argparse.Namespace):
     """Parsed arguments -> (ProtocolConfig, EvalConfig), once, at the edge."""
+    from .episodes import ProtocolConfig
     from .evaluate import EvalConfig
     from .fusion import FusionConfig
-    from .protocols import ProtocolConfig
 
     fusions = tuple(dict.fromkeys(m.strip() for m in args.fusion.split(",") if m.strip()))
     protocol = ProtocolConfig(
@@ -250,16 +250,18 @@ def check_checkpoints(ckpts: dict[int, Path], dataset: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> dict:
     """Evaluate the requested folds; write the report; return it (JSON-able)."""
-    from sazs.datasets.readers import DatasetConfig, build_dataset
+    from sazs.datasets.base import DatasetConfig
+    from sazs.datasets.registry import build_dataset
     from sazs.datasets.zeroshot import BENCHMARKS, check_dataset_classes, num_folds, parse_folds, zero_shot_split
     from sazs.stores.manifest import code_version
     from sazs.stores.reader import open_store
 
+    from .episodes import fold_episodes
     from .evaluate import StorePriors, evaluate_episodes, evaluate_generalised
     from .fusion import NEEDS_PRIORS, fusion_key
     from .predict import Predictor
-    from .protocols import HSNET_NAMES, fold_episodes, scan_labels, write_split_list
     from .report import build_report, draw_episode_grid, format_text, write_report
+    from .splits import HSNET_NAMES, scan_labels, write_split_list
 
     protocol, cfg = build_eval_config(args)
     folds = parse_folds(args.folds, num_folds(args.dataset))
@@ -537,8 +539,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from sazs.datasets.zeroshot import BENCHMARKS, num_folds, zero_shot_split
 
+    from .episodes import DEFAULT_SAMPLING
     from .fusion import FUSIONS, GT_FREE, fusion_label
-    from .protocols import DEFAULT_SAMPLING
 
     print("fusion modes: " + ", ".join(fusion_label(m) for m in FUSIONS) + f" (headline: one of {', '.join(GT_FREE)})")
     for name, (bench, _) in BENCHMARKS.items():
@@ -624,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     # open_clip logs its every step at INFO on the root logger: keep the root at WARNING.
     setup_logging(args.verbose, level=logging.WARNING)
     arm_from_environment()
-    from sazs.datasets.readers import ImageError
+    from sazs.datasets.images import ImageError
     from sazs.stores.writer import StoreError
 
     return run_command("sazs-eval", args, user_errors=(StoreError, ImageError, DemoError))

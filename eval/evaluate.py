@@ -39,6 +39,7 @@ from sazs.datasets.zeroshot import ZeroShotSplit
 from sazs.stores.reader import PriorStore
 from sazs.stores.writer import DONE
 
+from .episodes import FoldEpisodes
 from .fusion import (
     DEFAULT_HEADLINE,
     FUSIONS,
@@ -51,7 +52,7 @@ from .fusion import (
     fuse_semantic,
     upsample_eigvecs,
 )
-from .protocols import Episode, FoldEpisodes
+from .splits import Episode
 
 log = logging.getLogger(__name__)
 

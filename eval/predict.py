@@ -291,7 +291,7 @@ def predict_image(
     ``priors``: None, a callable image -> eigvecs (K, h, w), or an open prior store.
     ``refine``: None, or "guided" to refine the upsampled eigenvectors with the image.
     """
-    from sazs.datasets.readers import read_image
+    from sazs.datasets.images import read_image
 
     from .fusion import FusionConfig, fuse_semantic, upsample_eigvecs
 

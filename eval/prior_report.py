@@ -67,7 +67,7 @@ def score_store(
     Returns {"rows": {variant: [{"id", "group", **scores}]}, "failures": {id: reason},
     "refine_ms": [...]}; variants: "bilinear", and "guided" when ``refine`` is given.
     """
-    from sazs.datasets.readers import ImageError  # an edge: the pipeline only inside functions
+    from sazs.datasets.images import ImageError  # an edge: the pipeline only inside functions
 
     ids = list(dataset.ids if ids is None else ids)
     in_store = set(store.ids)
@@ -442,7 +442,9 @@ def add_priors_parser(sub) -> None:
 
 
 def _build_dataset(args):
-    from sazs.datasets.readers import DatasetConfig, MasksDataset, build_dataset
+    from sazs.datasets.base import DatasetConfig
+    from sazs.datasets.folders import MasksDataset
+    from sazs.datasets.registry import build_dataset
 
     cfg = DatasetConfig(name=args.dataset, root=args.data, split=args.split, limit=args.limit)
     if args.dataset == "masks":

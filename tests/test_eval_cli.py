@@ -266,7 +266,8 @@ def test_project_denoises_a_noisy_truth_with_real_priors(trained):
     import torch
 
     from sazs.core.metrics import intersection_union
-    from sazs.datasets.readers import DatasetConfig, build_dataset
+    from sazs.datasets.base import DatasetConfig
+    from sazs.datasets.registry import build_dataset
     from sazs.eval.fusion import fuse_binary, upsample_eigvecs
     from sazs.stores.reader import open_store
 
@@ -288,7 +289,7 @@ def test_project_denoises_a_noisy_truth_with_real_priors(trained):
     assert np.mean(iou["project"]) > np.mean(iou["none"]) + 0.2, {k: np.mean(v) for k, v in iou.items()}
 
 
-PURE = ("protocols", "metrics", "fusion", "evaluate", "report", "prior_quality", "refine")
+PURE = ("splits", "episodes", "metrics", "fusion", "evaluate", "report", "prior_quality", "refine")
 
 
 def test_dependency_rule():
@@ -315,7 +316,7 @@ def test_dependency_rule():
             assert not [m for m in names(every) if m.startswith(forbidden)], path.name
         assert not [m for m in names(top) if m.startswith(forbidden)], f"{path.name}: top-level import of {forbidden}"
     code = (
-        "import sys, sazs.eval.protocols, sazs.eval.metrics, sazs.eval.fusion, sazs.eval.evaluate, "
+        "import sys, sazs.eval.splits, sazs.eval.episodes, sazs.eval.metrics, sazs.eval.fusion, sazs.eval.evaluate, "
         "sazs.eval.report, sazs.eval.predict, sazs.eval.cli; "
         "print(sorted(m for m in sys.modules if m.startswith(('sazs.train', 'sazs.pipeline'))))"
     )

@@ -6,21 +6,20 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from sazs.datasets.readers import DatasetConfig, build_dataset
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.registry import build_dataset
 from sazs.datasets.synthetic import make_coco, make_voc
 from sazs.datasets.zeroshot import coco20i_unseen, parse_folds, zero_shot_split
-from sazs.eval import protocols
-from sazs.eval.protocols import (
+from sazs.eval import splits
+from sazs.eval.episodes import ProtocolConfig, fold_episodes, sample_episodes
+from sazs.eval.splits import (
     Episode,
-    ProtocolConfig,
     coco_image_id,
-    fold_episodes,
     generate_split_list,
     hsnet_list_path,
     parse_split_lines,
     read_coco_pickle,
     read_split_list,
-    sample_episodes,
     scan_labels,
     write_split_list,
 )
@@ -167,11 +166,11 @@ def test_split_list_size_and_entry_bounds(tmp_path, monkeypatch):
     # a file larger than any split list is refused before it is read (sparse: no disk used)
     for name in ("big.pkl", "big.txt"):
         with open(tmp_path / name, "wb") as f:
-            f.truncate(protocols.MAX_SPLIT_LIST_BYTES + 1)
+            f.truncate(splits.MAX_SPLIT_LIST_BYTES + 1)
         with pytest.raises(ValueError, match=f"{tmp_path / name} is 16 MiB, larger than any HSNet split list"):
             read_split_list(tmp_path / name, "coco-20i")
     # the text format is bounded too (checked while parsing), and a long line is not echoed whole
-    monkeypatch.setattr(protocols, "MAX_SPLIT_LIST_ENTRIES", 3)
+    monkeypatch.setattr(splits, "MAX_SPLIT_LIST_ENTRIES", 3)
     with pytest.raises(ValueError, match="more than 3 entries"):
         parse_split_lines("a__01\nb__01\nc__01\nd__01\n", benchmark="pascal-5i", source="fold0.txt")
     with pytest.raises(ValueError) as info:

@@ -226,7 +226,8 @@ def test_eval_priors_end_to_end_on_a_synthetic_davis(tmp_path):
     assert mean["num_images"] == 3 and mean["span_iou"] > 0.5
     assert mean["best_of_n_iou_upper_bound"] >= mean["fiedler_iou"] - 1e-9
     # the report holds exactly what score_image gives on the store's priors and the dataset's masks
-    from sazs.datasets.readers import DatasetConfig, build_dataset
+    from sazs.datasets.base import DatasetConfig
+    from sazs.datasets.registry import build_dataset
     from sazs.stores.reader import open_store
 
     ds, priors = build_dataset(DatasetConfig(name="davis", root=str(root))), open_store(store)
