@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-IGNORE_INDEX = 255
+from .labels import IGNORE_INDEX
 
 
 def _as_tensor(x) -> torch.Tensor:

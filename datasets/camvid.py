@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sazs.core.labels import IGNORE_INDEX
+
 from .base import Dataset, DatasetConfig, check_split, files_by_stem, require_root
 from .images import ImageError, read_mask
 
@@ -64,8 +66,8 @@ class CamVidDataset(Dataset):
     def load_mask(self, id: str) -> np.ndarray:
         path = self.mask_path(id)
         a = read_mask(path, self.image_path(id), labels=True)
-        out = np.where(a == self.unlabelled, 255, a).astype(np.uint8)
-        bad = np.unique(out[(out >= len(self.class_names)) & (out != 255)])
+        out = np.where(a == self.unlabelled, IGNORE_INDEX, a).astype(np.uint8)
+        bad = np.unique(out[(out >= len(self.class_names)) & (out != IGNORE_INDEX)])
         if bad.size:
             raise ImageError(
                 f"mask {path} has label values {bad.tolist()[:5]} outside 0..{len(self.class_names) - 1} "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sazs.core.labels import IGNORE_INDEX
+
 from .base import Dataset, DatasetConfig, check_split, require_root
 
 
@@ -102,7 +104,7 @@ class COCODataset(Dataset):
         mask = np.zeros((info["height"], info["width"]), np.uint8)
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[int(id)], iscrowd=None))
         for a in [a for a in anns if a.get("iscrowd", 0)]:
-            mask[self.coco.annToMask(a) > 0] = 255
+            mask[self.coco.annToMask(a) > 0] = IGNORE_INDEX
         for a in sorted((a for a in anns if not a.get("iscrowd", 0)), key=lambda a: (-a["area"], a["id"])):
             mask[self.coco.annToMask(a) > 0] = self.cat_to_label[a["category_id"]]
         return mask

@@ -46,7 +46,7 @@ def _one_line(err: BaseException) -> str:
 def _gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     """High-bit-depth grayscale to 8 bits by scaling, never by clipping.
 
-    PIL's own ``convert('L')`` has historically clipped 16-bit data at 255, which
+    PIL's own ``convert('L')`` clips 16-bit data at 255, which
     turns most of a 16-bit image white. 16-bit data (``I;16*``, and ``I`` whose
     values fit in 16 bits, which is how PIL opens many 16-bit PNG/TIFF files) is
     scaled by 255/65535; float data in [0, 1] by 255; anything else is min-max

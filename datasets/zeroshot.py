@@ -7,7 +7,7 @@ means the same classes, whatever annotation file a user has:
   fold i holds out labels 5i+1 .. 5i+5.
 - COCO-20i (Nguyen & Todorovic 2019, as split by HSNet / LSeg / SAZS): the 80 COCO classes in
   ascending category-id order; 0-based id = index, mask label = id + 1 (what
-  ``sazs.datasets.readers.COCODataset`` writes); fold i holds out ids {i, i+4, ..., i+76}.
+  ``sazs.datasets.coco.COCODataset`` writes); fold i holds out ids {i, i+4, ..., i+76}.
 - CamVid-11 (this project's zero-shot split of SegNet's 11-class CamVid; ``camvid``): CamVid
   has no background class, so its labels 0..10 *are* the classes (``background=False``: no
   background word in any classifier, seen mIoU over the seen classes only). Three folds of
@@ -35,7 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sazs.core.metrics import IGNORE_INDEX
+from sazs.core.labels import IGNORE_INDEX
+
+from .camvid import CAMVID_CLASSES
 
 NUM_FOLDS = 4
 
@@ -145,19 +147,6 @@ COCO_CLASSES = (
     "toothbrush",
 )
 
-CAMVID_CLASSES = (
-    "sky",
-    "building",
-    "pole",
-    "road",
-    "pavement",
-    "tree",
-    "sign symbol",
-    "fence",
-    "car",
-    "pedestrian",
-    "bicyclist",
-)
 # CamVid-11 folds (mask labels = index in CAMVID_CLASSES); see the module docstring for the neighbours.
 CAMVID_FOLDS = ((10, 4, 7), (9, 3, 6), (8, 1, 2))
 
