@@ -135,8 +135,8 @@ def project_probs(probs: torch.Tensor, eigvecs: torch.Tensor, rtol: float = 1e-4
     return (q @ (q.T @ p)).T.reshape(c, h, w)
 
 
-def eigen_segments(eigvecs: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """(n, H, W) bool: {v_k > 0} for k = 1..n (vector 0 is the trivial one)."""
+def segment_masks(eigvecs: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(n, H, W) bool: the eigen-segments {v_k > 0} for k = 1..n (vector 0 is the trivial one)."""
     if eigvecs.shape[0] < 2:
         raise ValueError("eigen-segments need at least 2 eigenvectors (the first one is trivial)")
     return eigvecs[1 : 1 + num_segments] > 0
@@ -188,7 +188,7 @@ def fuse_binary(
     if mode == "project":
         vecs = eigvecs[: cfg.num_eigs] if cfg.num_eigs else eigvecs
         return Fused(project_probs(probs, vecs, cfg.rank_rtol).argmax(0) == 1)
-    segments = eigen_segments(eigvecs, cfg.num_segments)
+    segments = segment_masks(eigvecs, cfg.num_segments)
     if mode == "select":
         agreement = mask_iou(segments, pred[None].expand_as(segments))
         k = int(agreement.argmax())

@@ -10,12 +10,12 @@ from sazs.eval.fusion import (
     GT_FREE,
     FusionConfig,
     check_headline,
-    eigen_segments,
     fuse_binary,
     fuse_semantic,
     fusion_key,
     fusion_label,
     project_probs,
+    segment_masks,
     upsample_eigvecs,
 )
 
@@ -72,7 +72,7 @@ def test_upsample_eigvecs_covers_the_whole_image():
 
 def test_select_keeps_an_agreeing_segment_and_only_then():
     v = vectors()
-    segments = eigen_segments(v, 2)
+    segments = segment_masks(v, 2)
     assert segments.shape == (2, H, W) and torch.equal(segments[0], v[1] > 0)
     left = v[1] > 0
     rough = left.clone()
