@@ -1,10 +1,9 @@
 """Inference with a training checkpoint: class probabilities for any image and class names.
 
-This is one of eval's two edge modules (with ``cli.py``): it rebuilds the model from a
-checkpoint through :func:`sazs.train.checkpoint.load_for_inference` (which runs nothing a
-checkpoint holds) and computes priors for a new image through the pipeline's stage
-functions, both imported lazily inside the functions that need them, so the pure modules
-(protocols, metrics, fusion, report, evaluate) never import the trainer or the pipeline.
+An edge of eval: it rebuilds the model from a checkpoint through
+:func:`sazs.train.checkpoint.load_for_inference` (which runs nothing a checkpoint holds) and
+computes priors for a new image through the pipeline's stage functions; eval's pure modules
+(splits, episodes, fusion, evaluate, report) import neither the trainer nor the pipeline.
 
 :class:`Predictor` resizes an image (any size) so its short side is ``short_side`` (default:
 the checkpoint's training crop), both sides multiples of the patch size and the long side at
@@ -32,6 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from sazs.core.devices import resolve_precision
+from sazs.datasets.images import read_image
+from sazs.pipeline.compute import compute_priors
+from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+from sazs.pipeline.graph import GraphConfig
+from sazs.pipeline.spectral import SpectralConfig
+from sazs.train.cache import FeatureCache, backbone_key, content_view
+from sazs.train.checkpoint import load_for_inference
+from sazs.train.data import normalize
+
+from .fusion import FusionConfig, fuse_semantic, upsample_eigvecs
+from .pictures import palette
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +63,6 @@ class Predictor:
         feature_cache: str | None = None,
         calibration: float = 0.0,
     ):
-        from sazs.train.checkpoint import load_for_inference
-
         path = Path(checkpoint)
         self.model, self.text, self.ckpt = load_for_inference(path, device)
         self.path = str(path)
@@ -60,8 +71,7 @@ class Predictor:
         self.short_side = int(short_side or cfg["data"]["augment"]["crop_size"])
         self.max_long_side = int(max_long_side or 2 * self.short_side)
         self.patch = int(self.model.patch_size)
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        precision = resolve_precision(precision, self.device)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.precision = precision
@@ -81,8 +91,6 @@ class Predictor:
         self.trained_names = set(self.ckpt.get("train_names", []))
         self.cache = None
         if feature_cache and not cfg["model"].get("finetune_backbone") and precision == "fp32":
-            from sazs.train.cache import FeatureCache, backbone_key
-
             self.cache = FeatureCache(None if feature_cache == "auto" else feature_cache, backbone_key(self.model))
 
     def describe(self) -> dict:
@@ -116,8 +124,6 @@ class Predictor:
     @torch.no_grad()
     def logits(self, image: np.ndarray, names: Sequence[str]) -> torch.Tensor:
         """(C, H, W) float32 logits at the image's size (on the model's device)."""
-        from sazs.train.data import normalize
-
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
         if not names:
@@ -131,8 +137,6 @@ class Predictor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = self.model(x, emb)["logits"]
         elif self.cache is not None:
-            from sazs.train.cache import content_view
-
             tokens = self.cache.tokens(self.model, x, [content_view(image, x.shape[-2:])])
             out = self.model(x, emb, tokens=tokens)["logits"]
         else:
@@ -186,10 +190,6 @@ class OnTheFlyPriors:
         device: str = "auto",
         num_eigs: int = 8,
     ):
-        from sazs.pipeline.extractors import ExtractorConfig, build_extractor
-        from sazs.pipeline.graph import GraphConfig
-        from sazs.pipeline.spectral import SpectralConfig
-
         self.extractor = build_extractor(
             ExtractorConfig(name=extractor, weights=weights, short_side=short_side, device=device)
         )
@@ -197,8 +197,6 @@ class OnTheFlyPriors:
         self.spectral_cfg = SpectralConfig(num_eigs=num_eigs)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        from sazs.pipeline.job import compute_priors
-
         out = compute_priors([image], self.extractor, self.graph_cfg, self.spectral_cfg)[0]
         if isinstance(out, Exception):
             raise ValueError(f"computing priors failed: {type(out).__name__}: {out}")
@@ -224,10 +222,6 @@ def parse_classes(text: str) -> list[str]:
 
 def write_label_png(labels: np.ndarray, path: Path) -> Path:
     """Palette PNG whose pixel values are the class indices (reads back with np.array(Image.open))."""
-    from PIL import Image
-
-    from .report import palette
-
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     img.putpalette(palette(256).ravel().tolist())
     img.save(path)
@@ -250,8 +244,6 @@ def draw_overlay(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-
-    from .report import palette
 
     colours = palette(len(names))
     blend = image.astype(np.float32).copy()
@@ -291,10 +283,6 @@ def predict_image(
     ``priors``: None, a callable image -> eigvecs (K, h, w), or an open prior store.
     ``refine``: None, or "guided" to refine the upsampled eigenvectors with the image.
     """
-    from sazs.datasets.images import read_image
-
-    from .fusion import FusionConfig, fuse_semantic, upsample_eigvecs
-
     image_path = Path(image_path)
     image = read_image(image_path, min_side=1)
     names = predictor.label_names(classes)

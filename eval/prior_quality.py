@@ -37,14 +37,14 @@ means, counted by ``fiedler_iou`` being NaN).
 
 Label maps (``label_map=True``; CamVid, VOC): ``mask`` holds class indices, 255 = ignore.
 Ground-truth segment = the pixels of one class. Eigen-segments = the cells of the sign
-partition of v1..v_n (``stores.preview.eigen_segments``: label = sum_k [v_k > 0]·2^(k-1), up
+partition of v1..v_n (:func:`sazs.stores.preview.eigen_segments`: label = sum_k [v_k > 0]·2^(k-1), up
 to 2^n cells), so they partition the image. Keys:
 
 - ``class_best_iou/<c>``: for class c present in the image, the best IoU of its pixels with
   any one eigen-segment (its covering IoU); ``covering``: those IoUs weighted by the classes'
   pixel counts (Arbelaez et al.'s segmentation covering); ``mean_best_iou``: their plain mean.
 - ``boundary_recall`` / ``boundary_precision``: ground-truth class edges with an eigen-segment
-  edge within the tolerance band, and vice versa (band: :func:`eval.metrics.boundary_tolerance_px`,
+  edge within the tolerance band, and vice versa (band: :func:`sazs.core.metrics.boundary_tolerance_px`,
   0.8 % of the diagonal by default; edges touching ignored pixels are not counted).
 - ``span_miou``: the classes' one-hot maps projected on span(v0..v_{K-1}), argmax per pixel,
   mean IoU over the present classes (the ``project`` fusion given a perfect prediction).
@@ -63,17 +63,16 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from sazs.core.metrics import boundary_tolerance_px
+from sazs.core.metrics import IGNORE_INDEX, boundary_tolerance_px
+from sazs.stores.preview import eigen_segments
 
 from .fusion import upsample_eigvecs
 from .refine import RefineConfig, check_refine, refine_eigvecs
 
-IGNORE = 255
 BETA2 = 0.3
 NUM_LEVELS = 256
 
 SINGLE_KEYS = ("fiedler_iou", "fiedler_accuracy", "fiedler_max_fbeta", "best_of_n_iou_upper_bound", "span_iou")
-LABEL_KEYS = ("covering", "mean_best_iou", "boundary_recall", "boundary_precision", "span_miou")
 
 
 # ----------------------------------------------------------------------------- binary pieces
@@ -181,14 +180,6 @@ def boundary_match(pred_edges: np.ndarray, gt_edges: np.ndarray, radius: float) 
     return recall, precision
 
 
-def sign_partition(vecs: np.ndarray, n: int) -> np.ndarray:
-    """Cells of the sign pattern of v1..vn: label = sum_k [v_k > 0] 2^(k-1) (stores.preview.eigen_segments)."""
-    labels = np.zeros(vecs.shape[1:], np.int64)
-    for bit, vec in enumerate(vecs[1 : 1 + n]):
-        labels |= (vec > 0).astype(np.int64) << bit
-    return labels
-
-
 def covering_scores(segments: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> dict[int, tuple[float, int]]:
     """For every class c in ``gt`` (valid pixels): (best IoU with one segment, pixel count)."""
     seg = segments[valid].astype(np.int64)
@@ -245,7 +236,7 @@ def score_image(
     n = min(n_best, eigvecs.shape[0] - 1)
     vecs = _vectors_at_pixels(eigvecs, mask.shape, image, refine, refine_cfg or RefineConfig())
     v = vecs.numpy()
-    valid = mask != IGNORE
+    valid = mask != IGNORE_INDEX
     if not label_map:
         truth = (mask != 0) & valid
         fiedler = v[1] > 0
@@ -260,7 +251,7 @@ def score_image(
             "best_of_n_index": float(best + 1),
             "span_iou": iou(projected > 0.5, truth, valid),
         }
-    segments = sign_partition(v, n)
+    segments = eigen_segments(v, n)
     cover = covering_scores(segments, mask, valid)
     row: dict[str, float] = {}
     if cover:

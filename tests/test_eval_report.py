@@ -1,4 +1,4 @@
-"""The report never presents the oracle as the headline (tables, Markdown, JSON, picture titles) (eval/report.py)."""
+"""The report and its pictures never present the oracle as the headline (tables, Markdown, JSON, picture titles)."""
 
 import json
 
@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 
 from sazs.eval.evaluate import EvalConfig
-from sazs.eval.report import (
-    build_report,
-    draw_episode_grid,
-    format_markdown,
-    format_text,
-    grid_titles,
-    headline_line,
-    write_report,
-)
+from sazs.eval.pictures import draw_episode_grid, grid_titles
+from sazs.eval.report import build_report, format_markdown, format_text, headline_line, write_report
 
 MODES = {"none": 0.30, "project": 0.25, "select": 0.35, "oracle": 0.60}  # the oracle is by far the best
 

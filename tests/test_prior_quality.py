@@ -105,14 +105,6 @@ def test_covering_by_hand():
     assert row["class_best_iou/0"] == pytest.approx(2 / 3) and row["class_best_iou/1"] == pytest.approx(0.5)
 
 
-def test_sign_partition_matches_preview():
-    from sazs.stores.preview import eigen_segments
-
-    rng = np.random.default_rng(0)
-    vecs = rng.standard_normal((5, 6, 7))
-    np.testing.assert_array_equal(pq.sign_partition(vecs, 3), eigen_segments(vecs, 3))
-
-
 def test_boundary_recall_by_hand():
     gt = np.zeros((6, 6), np.uint8)
     gt[:, 3:] = 1  # edge pixels: column 2

@@ -1,0 +1,191 @@
+"""The options of `sazs-eval run` and the :class:`~sazs.eval.run.RunConfig` built from them, once.
+
+:func:`get_args_parser` is reusable by launchers through ``parents=[...]``; :func:`run_config`
+turns the parsed arguments into the typed, frozen configuration that :func:`sazs.eval.run.run_eval`
+takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sazs.datasets.zeroshot import num_folds, parse_folds
+
+from .episodes import DEFAULT_EPISODES, SAMPLING_RULES, ProtocolConfig
+from .evaluate import EvalConfig
+from .fusion import DEFAULT_HEADLINE, FUSIONS, GT_FREE, FusionConfig
+from .run import DEFAULT_ARCH, RunConfig
+
+
+def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    """Options of `run`, reusable by launchers through ``parents=[...]``."""
+    p = argparse.ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default="voc",
+        choices=["voc", "coco", "camvid"],
+        help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11: generalised setting only)",
+    )
+    g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")
+    g.add_argument("--split", default="val", help="validation split (default val; coco: val -> val2017/val2014)")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N validation images")
+    g.add_argument("--folds", default="0", help="folds: 0..3 (camvid 0..2), a list such as 0,2, or 'all' (default 0)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument(
+        "--ckpt",
+        default=None,
+        metavar="PATH",
+        help="checkpoint; '{fold}' in it is replaced by each fold "
+        "(default runs/<dataset>-fold{fold}-<arch>/checkpoint.pt, the sazs-train default)",
+    )
+    g.add_argument(
+        "--arch",
+        default="auto",
+        help="architecture in the default --ckpt path (auto: sazs-train's default, imgfocus-vits14 when "
+        f"the pretrained stack is installed, else {DEFAULT_ARCH})",
+    )
+    g.add_argument(
+        "--short-side",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="model input short side (default: the checkpoint's training crop)",
+    )
+    g.add_argument("--max-long-side", type=int, default=None, metavar="PX", help="cap (default 2x short side)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    g.add_argument(
+        "--cache-features",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="DIR",
+        help="frozen backbone, fp32: reuse its tokens of an image across checkpoints (sazs-train's "
+        "feature cache, default ~/.cache/sazs/features)",
+    )
+    g.add_argument(
+        "--calibration",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="calibrated stacking: subtract G of cosine similarity from the classes the checkpoint was "
+        "trained on (SPNet-C; choose G on val; default 0)",
+    )
+    g = p.add_argument_group("priors")
+    g.add_argument(
+        "--priors",
+        default=None,
+        metavar="PATH|URL",
+        help="prior store of the validation split (default priors/<dataset>-<split>-<extractor>.zarr)",
+    )
+    g.add_argument("--extractor", default="imgfocus-vits14", help="extractor name in the default --priors path")
+    g.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for an object-store URL")
+    g.add_argument(
+        "--allow-missing-priors",
+        action="store_true",
+        help="images without priors keep the prediction in prior-based modes (counted in the report)",
+    )
+    g = p.add_argument_group("protocol")
+    g.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help=f"episodes per fold ({DEFAULT_EPISODES})")
+    g.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
+    g.add_argument(
+        "--splits",
+        default=None,
+        metavar="DIR",
+        help="HSNet data/splits directory (pascal/val/fold<i>.txt, coco/val/fold<i>.pkl); "
+        "default: lists generated from the annotations",
+    )
+    g.add_argument("--min-pixels", type=int, default=1, help="generated lists: pixels a class needs in an image")
+    g.add_argument(
+        "--sampling",
+        default=None,
+        choices=list(SAMPLING_RULES),
+        help="episode rule (default: cycle for PASCAL-5i, class-uniform for COCO-20i, as HSNet)",
+    )
+    g.add_argument("--no-generalised", action="store_true", help="skip the generalised (all classes) setting")
+    g.add_argument(
+        "--generalised-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generalised setting on the first N validation images only (default all)",
+    )
+    g = p.add_argument_group("fusion")
+    g.add_argument(
+        "--fusion",
+        default=",".join(FUSIONS),
+        help=f"comma-separated modes to evaluate (default {','.join(FUSIONS)}; oracle = upper bound)",
+    )
+    g.add_argument(
+        "--headline",
+        default=DEFAULT_HEADLINE,
+        choices=list(GT_FREE),
+        help=f"ground-truth-free mode reported as the headline (default {DEFAULT_HEADLINE})",
+    )
+    g.add_argument("--num-segments", type=int, default=4, help="eigen-segments v1..vN > 0 for select / oracle (4)")
+    g.add_argument("--num-eigs", type=int, default=None, help="eigenvectors spanning the projection (default all)")
+    g.add_argument(
+        "--select-threshold",
+        type=float,
+        default=0.5,
+        help="select: IoU with the predicted mask a segment needs to replace it (0.5)",
+    )
+    g.add_argument(
+        "--boundary-tolerance",
+        type=float,
+        default=0.008,
+        help="boundary F band: >= 1 pixels, < 1 fraction of the image diagonal (default 0.008, DAVIS)",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="DIR", help="report directory (default runs/eval-<dataset>-<split>)")
+    g.add_argument("--draw", type=int, default=6, help="episodes drawn per fold in the PNG grid (0 = none)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Parsed `run` arguments -> the run's configuration (protocol and scoring checked first, then the folds)."""
+    fusions = tuple(dict.fromkeys(m.strip() for m in args.fusion.split(",") if m.strip()))
+    protocol = ProtocolConfig(
+        episodes=args.episodes,
+        seed=args.seed,
+        splits_dir=args.splits,
+        min_pixels=args.min_pixels,
+        sampling=args.sampling,
+    )
+    fusion = FusionConfig(
+        num_segments=args.num_segments, num_eigs=args.num_eigs, select_threshold=args.select_threshold
+    )
+    scoring = EvalConfig(
+        fusions=fusions,
+        headline=args.headline,
+        fusion=fusion,
+        boundary_tolerance=args.boundary_tolerance,
+        allow_missing_priors=args.allow_missing_priors,
+        draw=args.draw,
+        progress=not args.no_progress,
+    )
+    return RunConfig(
+        folds=tuple(parse_folds(args.folds, num_folds(args.dataset))),
+        dataset=args.dataset,
+        data=args.data,
+        split=args.split,
+        limit=args.limit,
+        ckpt=args.ckpt,
+        arch=args.arch,
+        device=args.device,
+        precision=args.precision,
+        short_side=args.short_side,
+        max_long_side=args.max_long_side,
+        cache_features=args.cache_features,
+        calibration=args.calibration,
+        priors=args.priors,
+        extractor=args.extractor,
+        storage_options=args.storage_options,
+        generalised=not args.no_generalised,
+        generalised_limit=args.generalised_limit,
+        out=args.out,
+        protocol=protocol,
+        scoring=scoring,
+    )
