@@ -35,8 +35,8 @@ from sazs.core.console import run_command, setup_logging
 from sazs.core.faults import arm_from_environment
 from sazs.datasets.images import ImageError
 from sazs.datasets.zeroshot import BENCHMARKS, num_folds, zero_shot_split
+from sazs.stores.format import StoreError
 from sazs.stores.reader import open_store
-from sazs.stores.writer import StoreError
 from sazs.train.cli import DEMO_OUT
 from sazs.train.model import RANDOM_WEIGHTS_WARNING
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sazs.core.labels import IGNORE_INDEX
 from sazs.core.metrics import (
-    IGNORE_INDEX,
     BoundaryMeter,
     EpisodeMeter,
     SegMeter,
@@ -36,8 +36,8 @@ from sazs.core.metrics import (
     intersection_union,
 )
 from sazs.datasets.zeroshot import ZeroShotSplit
+from sazs.stores.format import DONE
 from sazs.stores.reader import PriorStore
-from sazs.stores.writer import DONE
 
 from .episodes import FoldEpisodes
 from .fusion import (

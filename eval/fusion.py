@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sazs.core.labels import IGNORE_INDEX
 from sazs.core.linalg import orthonormal_basis
-from sazs.core.metrics import IGNORE_INDEX
 
 from .refine import check_refine, refine_eigvecs
 

@@ -63,7 +63,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from sazs.core.metrics import IGNORE_INDEX, boundary_tolerance_px
+from sazs.core.labels import IGNORE_INDEX
+from sazs.core.metrics import boundary_tolerance_px
 from sazs.stores.preview import eigen_segments
 
 from .fusion import upsample_eigvecs

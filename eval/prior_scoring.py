@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sazs.datasets.images import ImageError
-from sazs.stores.writer import StoreError
+from sazs.stores.format import StoreError
 
 from .prior_quality import score_image, summarise
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sazs.core.metrics import IGNORE_INDEX
+from sazs.core.labels import IGNORE_INDEX
 from sazs.datasets.zeroshot import COCO_CLASSES, check_fold
 
 # HSNet's largest list (COCO-20i training) is a few MB with some 10^5 entries.
