@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sazs.stores.preview import eigen_segments
+from sazs.stores.preview import segment_labels
 
 from .fusion import UPPER_BOUNDS, check_headline, fusion_label
 
@@ -96,7 +96,7 @@ def draw_episode_grid(
             ax.set_xlabel(label, fontsize=8)
         ax = axes[r, cols - 1]
         if s.get("eigvecs") is not None and s["eigvecs"].shape[0] > 1:
-            seg = eigen_segments(s["eigvecs"], num_vectors)
+            seg = segment_labels(s["eigvecs"], num_vectors)
             h, w = image.shape[:2]
             ax.imshow(seg, cmap="tab10", vmin=0, vmax=9, interpolation="nearest", extent=(0, w, h, 0))
         else:

@@ -37,7 +37,7 @@ means, counted by ``fiedler_iou`` being NaN).
 
 Label maps (``label_map=True``; CamVid, VOC): ``mask`` holds class indices, 255 = ignore.
 Ground-truth segment = the pixels of one class. Eigen-segments = the cells of the sign
-partition of v1..v_n (:func:`sazs.stores.preview.eigen_segments`: label = sum_k [v_k > 0]·2^(k-1), up
+partition of v1..v_n (:func:`sazs.stores.preview.segment_labels`: label = sum_k [v_k > 0]·2^(k-1), up
 to 2^n cells), so they partition the image. Keys:
 
 - ``class_best_iou/<c>``: for class c present in the image, the best IoU of its pixels with
@@ -65,7 +65,7 @@ from scipy import ndimage
 
 from sazs.core.labels import IGNORE_INDEX
 from sazs.core.metrics import boundary_tolerance_px
-from sazs.stores.preview import eigen_segments
+from sazs.stores.preview import segment_labels
 
 from .fusion import upsample_eigvecs
 from .refine import RefineConfig, check_refine, refine_eigvecs
@@ -252,7 +252,7 @@ def score_image(
             "best_of_n_index": float(best + 1),
             "span_iou": iou(projected > 0.5, truth, valid),
         }
-    segments = eigen_segments(v, n)
+    segments = segment_labels(v, n)
     cover = covering_scores(segments, mask, valid)
     row: dict[str, float] = {}
     if cover:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sazs.stores.preview import eigen_segments
+from sazs.stores.preview import segment_labels
 
 from .fusion import upsample_eigvecs
 from .prior_quality import span_projection
@@ -196,7 +196,7 @@ def draw_grid(
             ax[1].imshow(np.ma.masked_equal(mask, 255), cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         else:
             ax[1].imshow(np.where(valid, mask != 0, 0.5), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax[2].imshow(eigen_segments(v, min(n_best, v.shape[0] - 1)), cmap="tab20", interpolation="nearest")
+        ax[2].imshow(segment_labels(v, min(n_best, v.shape[0] - 1)), cmap="tab20", interpolation="nearest")
         c = 3
         fiedlers = [v[1]]
         if refine:
