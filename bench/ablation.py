@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from sazs.eval import cli as eval_cli
+from sazs.train import cli as train_cli
+
 VARIANTS = {  # name -> flags; {w} is the variant's loss weight
     "ce": ["--spectral-weight", "0"],
     "ce+edge": ["--spectral-weight", "0", "--edge-weight", "{w}"],
@@ -84,9 +87,6 @@ def _flags(variant: str, w: float, w2: float) -> list[str]:
 
 
 def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float, cal: float) -> dict:
-    from sazs.eval import cli as eval_cli
-    from sazs.train import cli as train_cli
-
     run = Path(args.out) / f"{variant}-w{w:g}-fold{fold}-seed{seed}"
     report = run / f"eval-c{cal:g}" / "report.json"
     if not (run / "checkpoint.pt").is_file():

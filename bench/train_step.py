@@ -41,8 +41,12 @@ from pathlib import Path
 
 import torch
 
+from sazs.core.devices import resolve_device
+from sazs.datasets.synthetic import make_voc
+from sazs.pipeline import cli as priors_cli
+from sazs.train.config import TrainConfig
 from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset, build_loader
-from sazs.train.loop import TrainConfig, build_optimizer, forward_losses, to_device
+from sazs.train.loop import build_optimizer, forward_losses, to_device
 from sazs.train.losses import LossConfig
 from sazs.train.model import ModelConfig, build_model
 
@@ -68,9 +72,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def prepare(workdir: Path, num_images: int) -> tuple[str, str]:
-    from sazs.datasets.synthetic import make_voc
-    from sazs.pipeline import cli as priors_cli
-
     voc = workdir / "voc" / "VOCdevkit" / "VOC2012"
     if not (voc / "ImageSets" / "Segmentation" / "train.txt").is_file():
         make_voc(workdir / "voc", num_train=num_images, num_val=2, size=(375, 500), seed=0)
@@ -102,8 +103,6 @@ def prepare(workdir: Path, num_images: int) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from sazs.pipeline.extractors import resolve_device
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sazs.datasets.readers import VOC_CLASSES, Dataset, DatasetConfig
+from sazs.datasets.base import Dataset, DatasetConfig
 from sazs.datasets.synthetic import make_voc
+from sazs.datasets.voc import VOC_CLASSES
 from sazs.pipeline import cli as priors_cli
 from sazs.stores.manifest import build_manifest
 from sazs.stores.writer import ImageResult, StoreWriter

@@ -9,7 +9,8 @@ import torch
 from sazs.pipeline.extractors import IMAGENET_MEAN, IMAGENET_STD, ExtractorConfig, ViTExtractor
 from sazs.train import encoders
 from sazs.train.data import normalize
-from sazs.train.model import ModelConfig, TextClassifier, build_model, output_stride
+from sazs.train.model import ModelConfig, build_model, output_stride
+from sazs.train.text import TextClassifier
 
 pytest.importorskip("sentence_transformers")
 

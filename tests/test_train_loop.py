@@ -14,8 +14,10 @@ from sazs.stores.manifest import code_version
 from sazs.train import cli, loop
 from sazs.train.checkpoint import load_for_inference
 from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset
+from sazs.train.encoders import RANDOM_WEIGHTS_WARNING
 from sazs.train.losses import LossConfig, compute_losses
-from sazs.train.model import RANDOM_WEIGHTS_WARNING, ModelConfig, TextClassifier, build_model
+from sazs.train.model import ModelConfig, build_model
+from sazs.train.text import TextClassifier
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sazs.datasets.readers import VOC_CLASSES
 from sazs.datasets.synthetic import COCO_CATEGORIES
+from sazs.datasets.voc import VOC_CLASSES
 from sazs.datasets.zeroshot import (
     COCO_CLASSES,
     PASCAL_CLASSES,

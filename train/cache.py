@@ -25,13 +25,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sazs.core.files import atomic_file
 from sazs.pipeline.extractors import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,8 @@ class FeatureCache:
             return None
 
     def put(self, view: str, tokens: np.ndarray) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(tokens, dtype=np.float16), allow_pickle=False)
-            os.replace(tmp, self.path(view))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.path(view)) as f:
+            np.save(f, np.ascontiguousarray(tokens, dtype=np.float16), allow_pickle=False)
 
     @torch.no_grad()
     def tokens(self, model, images: torch.Tensor, views: Sequence[str]) -> torch.Tensor:

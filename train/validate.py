@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from sazs.core.metrics import SegMeter
-from sazs.datasets.readers import Dataset
+from sazs.datasets.base import Dataset
 from sazs.datasets.zeroshot import ZeroShotSplit
 
 from .data import normalize
-from .model import SegmentationModel, TextClassifier
+from .model import SegmentationModel
+from .text import TextClassifier
 
 log = logging.getLogger(__name__)
 
