@@ -37,8 +37,8 @@ from sazs.datasets.images import ImageError
 from sazs.datasets.zeroshot import BENCHMARKS, num_folds, zero_shot_split
 from sazs.stores.format import StoreError
 from sazs.stores.reader import open_store
-from sazs.train.cli import DEMO_OUT
-from sazs.train.model import RANDOM_WEIGHTS_WARNING
+from sazs.train.demo import DEMO_OUT
+from sazs.train.encoders import RANDOM_WEIGHTS_WARNING
 
 from .demo import DEMO_EPISODES, DEMO_VAL_PRIORS, DemoConfig, DemoError, run_demo
 from .episodes import DEFAULT_SAMPLING

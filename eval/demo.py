@@ -14,6 +14,7 @@ from pathlib import Path
 from sazs.pipeline import cli as priors_cli
 from sazs.train import cli as train_cli
 from sazs.train.checkpoint import load_checkpoint
+from sazs.train.demo import DEMO_DATA, DEMO_OUT, prepare_demo_data
 
 from .options import get_args_parser, run_config
 from .run import run_eval
@@ -30,7 +31,7 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    run: str = train_cli.DEMO_OUT  # demo run directory (trained if its checkpoint is missing)
+    run: str = DEMO_OUT  # demo run directory (trained if its checkpoint is missing)
     priors: str = DEMO_VAL_PRIORS  # validation prior store
     episodes: int = DEMO_EPISODES
     out: str | None = None  # report directory; None: <run>/eval
@@ -55,9 +56,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         rc = train_cli.main(argv)
         if rc != 0:
             raise DemoError(f"the training demo failed (sazs-train exit code {rc})")
-    voc = Path(train_cli.DEMO_DATA) / "VOCdevkit" / "VOC2012"
+    voc = Path(DEMO_DATA) / "VOCdevkit" / "VOC2012"
     if not (voc / "ImageSets" / "Segmentation" / "val.txt").is_file():
-        train_cli.prepare_demo_data(progress=cfg.progress)
+        prepare_demo_data(progress=cfg.progress)
     # Validation priors with the training demo's settings (colour features, short side 128).
     rc = priors_cli.main(
         [
