@@ -52,8 +52,8 @@ import numpy as np
 
 from sazs.stores.integrity import finalize
 from sazs.stores.manifest import build_manifest
+from sazs.stores.publish import publish
 from sazs.stores.reader import open_store
-from sazs.stores.remote import publish
 from sazs.stores.writer import ImageResult, StoreWriter
 
 K = 8

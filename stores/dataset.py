@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .format import FAILED, PENDING, StoreError
 from .reader import Prior, PriorStore, open_store
-from .schema import FAILED, PENDING, StoreError
 
 log = logging.getLogger(__name__)
 

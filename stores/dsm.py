@@ -46,8 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .format import StoreError
 from .manifest import build_manifest
-from .schema import MAX_CHUNK_BYTES, MAX_EIGS, MAX_GRID_SIDE, StoreError
+from .schema import MAX_CHUNK_BYTES, MAX_EIGS, MAX_GRID_SIDE
 from .writer import ImageResult, StoreWriter
 
 log = logging.getLogger(__name__)

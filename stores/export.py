@@ -31,15 +31,16 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from sazs.core.files import write_atomic
+
 from .dsm import dsm_record, holds_generalised, id_path, to_generalised
+from .format import DONE, FAILED, StoreError
 from .reader import Prior, PriorStore, open_store
-from .schema import DONE, FAILED, StoreError
 from .writer import disk_errors
 
 log = logging.getLogger(__name__)
@@ -143,17 +144,6 @@ def _npz_bytes(prior: Prior, k: int, vectors: str, fingerprint: str) -> bytes:
         fingerprint=np.str_(fingerprint),
     )
     return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (a temporary name in the same folder, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the run ----------------------------------------------------------------------------------------

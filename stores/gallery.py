@@ -26,7 +26,6 @@ import html
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -34,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .preview import eigen_segments, heatmap_rgb, segments_rgb
+from sazs.core.files import write_atomic
+
+from .format import StoreError
+from .preview import heatmap_rgb, segment_labels, segments_rgb
 from .reader import Prior, PriorStore
-from .schema import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _thumbnails(prior: Prior, image: np.ndarray | None, index: int, thumbs: Path
     for v in range(1, num + 1):
         _save_png(heatmap_rgb(prior.eigvecs[v], size), thumbs / f"{stem}-vec{v}.png")
         files["vectors"].append(f"thumbs/{stem}-vec{v}.png")
-    _save_png(segments_rgb(eigen_segments(prior.eigvecs, num), size, small), thumbs / f"{stem}-seg.png")
+    _save_png(segments_rgb(segment_labels(prior.eigvecs, num), size, small), thumbs / f"{stem}-seg.png")
     files["segments"] = f"thumbs/{stem}-seg.png"
     return files
 
@@ -173,9 +174,7 @@ def build_gallery(
             bar.update()
     page = render_page(store, cards, total_done=len(done), images_note=images_note, cfg=cfg)
     index = out / "index.html"
-    tmp = out / f".index.html.{os.getpid()}.partial"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(index)  # last: a gallery folder with an index.html is complete
+    write_atomic(index, page.encode("utf-8"))  # last: a gallery folder with an index.html is complete
     log.info("gallery of %s: %d image(s) in %s", store.url, len(cards), index)
     return index
 

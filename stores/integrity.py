@@ -23,29 +23,41 @@ checksum file that would make the store look finalised.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
-import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+import dask
 import numpy as np
+from dask.diagnostics import ProgressBar
 
 from sazs.core.console import disk_error_message
+from sazs.core.files import TEMP_SUFFIX, sha256_stream, write_atomic
 
+from .format import (
+    ARRAYS,
+    CHECKSUM_FILE,
+    DONE,
+    FAILED,
+    LOCK_FILE,
+    PENDING,
+    SIDE_FILES,
+    STATUS_NAMES,
+    SUMMARY_FILE,
+    StoreError,
+    is_http,
+    is_local,
+    split_url,
+)
 from .manifest import code_version
-from .reader import PriorStore, is_http, open_store, split_url
-from .schema import ARRAYS, DONE, FAILED, PENDING, STATUS_NAMES, StoreError
+from .reader import PriorStore, open_store
 
 log = logging.getLogger(__name__)
-
-CHECKSUM_FILE = "sazs-checksums.sha256"
-SUMMARY_FILE = "sazs-summary.json"
-LOCK_FILE = ".sazs-lock"
-SIDE_FILES = frozenset({CHECKSUM_FILE, SUMMARY_FILE, LOCK_FILE})
-TEMP_SUFFIX = ".partial"  # what Zarr's local store leaves behind when a write is killed
 # Eigenvalues of the normalised Laplacian lie in [0, 2]; a Ritz value of any unit vector does
 # too, so anything further out than rounding is damage, converged or not.
 EIGVAL_RANGE = (-1e-3, 2 + 1e-3)
@@ -75,8 +87,6 @@ def list_objects(fs, root: str) -> dict[str, int]:
 
 
 def _served_objects(fs, root: str) -> dict[str, int]:
-    from concurrent.futures import ThreadPoolExecutor
-
     expected = read_checksums(fs, root)
     if expected is None:
         raise StoreError(
@@ -97,30 +107,16 @@ def _served_objects(fs, root: str) -> dict[str, int]:
 
 
 def sha256_of(fs, path: str) -> str:
-    h = hashlib.sha256()
+    """SHA-256 of the object at ``path`` of ``fs``."""
     with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f)
 
 
 def _hash_all(fs, root: str, keys: list[str], progress: bool) -> dict[str, str]:
-    import dask
-    from dask.diagnostics import ProgressBar
-
     tasks = [dask.delayed(sha256_of)(fs, f"{root.rstrip('/')}/{k}") for k in keys]
-    ctx = ProgressBar() if progress else _nullcontext()
-    with ctx:
+    with ProgressBar() if progress else contextlib.nullcontext():
         digests = dask.compute(*tasks, scheduler="threads")
     return dict(zip(keys, digests))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def read_checksums(fs, root: str) -> dict[str, str] | None:
@@ -141,21 +137,11 @@ def read_checksums(fs, root: str) -> dict[str, str] | None:
 
 def _write_side_file(fs, path: str, data: bytes) -> None:
     """Write a side file whole or not at all: temp file + fsync + rename locally, one PUT elsewhere."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     try:
-        if "file" not in protocols and "local" not in protocols:
+        if is_local(fs):
+            write_atomic(path, data, fsync=True)
+        else:
             fs.pipe_file(path, data)  # an object store writes each object atomically
-            return
-        tmp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     except OSError as exc:
         msg = disk_error_message(exc, path)
         if msg is None:
@@ -373,8 +359,6 @@ def verify(url: str, *, storage_options: dict | None = None, progress: bool = Fa
     The checksum pass needs no working metadata, so damage anywhere (a ``zarr.json``
     included) is reported as a corrupted object rather than as a failure to open.
     """
-    import dask
-
     fs, root = split_url(url, storage_options)
     report = VerifyReport(url=str(url))
     if not fs.exists(f"{root.rstrip('/')}/zarr.json"):

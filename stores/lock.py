@@ -18,7 +18,6 @@ stop, and keeps it from deleting the new owner's lock when it closes.
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import os
@@ -31,22 +30,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sazs.core.console import disk_error_message
+from sazs.core.files import write_atomic
+from sazs.core.host import user_name
 
-from .integrity import LOCK_FILE
-from .schema import MAX_JSON_BYTES, StoreError, parse_json
+from .format import LOCK_FILE, StoreError
+from .schema import MAX_JSON_BYTES, parse_json
 
 log = logging.getLogger(__name__)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers) and no USER variable
-        return str(os.getuid())
 
 
 def _command_line() -> str:
@@ -168,10 +162,7 @@ class StoreLock:
                 )
             self.info = {**self.info, "heartbeat": _now()}
             # A whole new file renamed over the old one: readers never see half a lock.
-            # (".partial", like Zarr's temporary files: finalize removes one a crash left behind.)
-            tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{threading.get_ident()}.partial")
-            tmp.write_text(json.dumps(self.info, indent=1))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(self.info, indent=1).encode())
 
     def release(self) -> None:
         if self.owned():
@@ -197,7 +188,7 @@ def acquire_lock(store: str | Path, *, take_over: bool = False, command: str | N
         raise _disk_error(exc, store) from None
     host = socket.gethostname()
     info = {
-        "owner": f"{_user()}@{host}",
+        "owner": f"{user_name()}@{host}",
         "host": host,
         "pid": os.getpid(),
         "started": _now(),

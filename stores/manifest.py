@@ -11,7 +11,6 @@ size, device, batch size, weights *path*) are recorded but left out of it.
 from __future__ import annotations
 
 import copy
-import getpass
 import hashlib
 import json
 import platform
@@ -20,6 +19,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from sazs.core.host import user_name
 
 FORMAT_NAME = "sazs-prior-store"
 FORMAT_VERSION = "1.0"
@@ -105,7 +106,7 @@ def build_manifest(
         "layout": layout,
         "code_version": code_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "created_by": f"{_user()}@{platform.node()}",
+        "created_by": f"{user_name()}@{platform.node()}",
         **(extra or {}),
     }
     # Round-trip through JSON so the manifest holds only JSON types (what Zarr stores)
@@ -128,10 +129,3 @@ def fingerprint_diff(a: dict, b: dict) -> list[str]:
         elif va != vb:
             diffs.append(f"{section}: {va!r} != {vb!r}")
     return diffs
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .format import DONE, FAILED, StoreError
 from .manifest import fingerprint_diff
 from .reader import PriorStore, open_store
-from .writer import DONE, FAILED, ImageResult, StoreError, StoreWriter
+from .writer import ImageResult, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +135,12 @@ def merge(
             )
         counts = writer.counts()
     except BaseException:
-        _close(writer)
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _close(writer)
+    writer.close()
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     log.info("merged %d stores into %s: %s", len(stores), out, counts)
     return counts
-
-
-def _close(writer: StoreWriter) -> None:
-    close = getattr(writer, "close", None)
-    if close is not None:
-        close()

@@ -13,7 +13,7 @@ from .reader import Prior
 log = logging.getLogger(__name__)
 
 
-def eigen_segments(eigvecs: np.ndarray, num_vectors: int = 3) -> np.ndarray:
+def segment_labels(eigvecs: np.ndarray, num_vectors: int = 3) -> np.ndarray:
     """Label map (h, w) from the signs of the first ``num_vectors`` non-trivial eigenvectors.
 
     By the store's sign convention the positive part of each vector is the minority of
@@ -45,7 +45,7 @@ def heatmap_rgb(vec: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def segments_rgb(labels: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None) -> np.ndarray:
-    """A label map (h, w) (:func:`eigen_segments`) as RGB uint8 of ``size``, nearest-neighbour,
+    """A label map (h, w) (:func:`segment_labels`) as RGB uint8 of ``size``, nearest-neighbour,
     blended half and half with ``image`` (already of ``size``) when there is one."""
     import matplotlib
     from PIL import Image
@@ -99,7 +99,7 @@ def draw_priors(
         ax.imshow(np.ma.masked_equal(fiedler, 0), cmap="autumn", alpha=0.55, extent=extent, interpolation="nearest")
         ax = axes[r, 2 + num_vectors]
         ax.imshow(
-            eigen_segments(prior.eigvecs, num_vectors),
+            segment_labels(prior.eigvecs, num_vectors),
             cmap=SEGMENT_CMAP,
             vmin=0,
             vmax=9,

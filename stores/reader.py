@@ -26,24 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.storage import FsspecStore, LocalStore
 
-from .schema import (
-    ALLOWED_CODECS,
-    ARRAYS,
-    DONE,
-    FAILED,
-    PENDING,
-    StoreError,
-    array_spec,
-    validate_store,
-)
+from .format import ARRAYS, DONE, FAILED, PENDING, StoreError, is_http, is_local, split_url
+from .schema import validate_store
 
 log = logging.getLogger(__name__)
 
 # Reads of an http(s):// store, each retried this many times in all when the connection fails.
 HTTP_ATTEMPTS = 3
-
-__all__ = ["ALLOWED_CODECS", "Prior", "PriorStore", "array_spec", "is_http", "open_store", "split_url"]
 
 
 @dataclass
@@ -56,19 +47,6 @@ class Prior:
     residuals: np.ndarray  # (K,) float32
     grid: tuple[int, int]
     image_size: tuple[int, int]
-
-
-def split_url(url: str | Path, storage_options: dict | None = None):
-    """(fsspec filesystem, path inside it) for a local path or a URL such as s3://b/x.zarr."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-
-
-def is_http(fs) -> bool:
-    """True for fsspec's HTTP filesystem: plain web hosting, where objects cannot be listed."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "http" in protocols or "https" in protocols
 
 
 def http_errors(fs) -> tuple[type[BaseException], ...]:
@@ -140,10 +118,7 @@ class PriorStore:
         self._index = {id_: i for i, id_ in enumerate(self.ids)}
 
     def _zarr_store(self):
-        from zarr.storage import FsspecStore, LocalStore
-
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        if "file" in protocols:
+        if is_local(self.fs):
             return LocalStore(self.root, read_only=True)
         if not getattr(self.fs, "async_impl", False):
             from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
@@ -196,9 +171,6 @@ class PriorStore:
 
     def done_ids(self) -> list[str]:
         return [self.ids[i] for i in np.flatnonzero(self.status() == DONE)]
-
-    def pending_ids(self) -> list[str]:
-        return [self.ids[i] for i in np.flatnonzero(self.status() == PENDING)]
 
     def failures(self) -> dict[str, str]:
         failed = np.flatnonzero(self.status() == FAILED)

@@ -1,4 +1,4 @@
-"""What a format-v1 prior store is, and the checks of its raw metadata.
+"""The checks of a prior store's raw metadata, made before Zarr decodes any of it.
 
 Everything a store says about itself (``zarr.json`` files, the manifest, side files) is
 untrusted input: this module bounds its size and nesting depth before any JSON is
@@ -17,15 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .format import StoreError, array_spec
 from .manifest import FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS, fingerprint
-
-
-class StoreError(Exception):
-    """A store cannot be created, opened or written as asked."""
-
-
-PENDING, DONE, FAILED = 0, 1, 2
-STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 
 # Codecs a v1 store may use. Anything else is refused before Zarr sees it.
 ALLOWED_CODECS = frozenset(
@@ -61,24 +54,6 @@ _ITEMSIZE = {"string": 8, "int32": 4, "int16": 2, "float32": 4, "float16": 2, "u
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 
 
-def array_spec(num_images: int, num_eigs: int, max_grid: tuple[int, int]) -> dict[str, tuple[tuple, str]]:
-    """Expected (shape, data type) of every array of a format-v1 store."""
-    n, k = num_images, num_eigs
-    return {
-        "ids": ((n,), "string"),
-        "image_size": ((n, 2), "int32"),
-        "grid": ((n, 2), "int16"),
-        "eigvals": ((n, k), "float32"),
-        "eigvecs": ((n, k, *max_grid), "float16"),
-        "residual": ((n, k), "float32"),
-        "status": ((n,), "uint8"),
-        "errors": ((n,), "string"),
-    }
-
-
-ARRAYS = tuple(array_spec(0, 1, (1, 1)))
-
-
 # -- bounded JSON ----------------------------------------------------------------------------
 
 
@@ -107,14 +82,19 @@ def parse_json(data: bytes, where: str, hint: str = "") -> Any:
         raise StoreError(f"{where} is not valid JSON ({exc}){hint}") from None
 
 
-def read_json_object(fs, path: str, where: str, hint: str = "") -> dict:
-    """The JSON object stored at ``path`` of ``fs``, reading at most MAX_JSON_BYTES + 1 bytes."""
-    with fs.open(path, "rb") as f:
-        data = f.read(MAX_JSON_BYTES + 1)
+def parse_json_object(data: bytes, where: str, hint: str = "") -> dict:
+    """``data`` parsed as a JSON object (size and depth bounded first); StoreError naming ``where`` otherwise."""
     out = parse_json(data, where, hint)
     if not isinstance(out, dict):
         raise StoreError(f"{where} is not a JSON object{hint}")
     return out
+
+
+def read_json_object(fs, path: str, where: str, hint: str = "") -> dict:
+    """The JSON object stored at ``path`` of ``fs``, reading at most MAX_JSON_BYTES + 1 bytes."""
+    with fs.open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    return parse_json_object(data, where, hint)
 
 
 # -- the manifest ----------------------------------------------------------------------------

@@ -29,22 +29,23 @@ import zarr
 
 from sazs.core.console import disk_error_message
 from sazs.core.faults import fault_point
+from sazs.core.files import TEMP_SUFFIX
 
-from .integrity import CHECKSUM_FILE, LOCK_FILE, SIDE_FILES, TEMP_SUFFIX
-from .lock import acquire_lock
-from .manifest import FORMAT_NAME, REQUIRED_KEYS, fingerprint_diff
-from .schema import (
+from .format import (
     ARRAYS,
+    CHECKSUM_FILE,
     DONE,
     FAILED,
-    MAX_IMAGES,
+    LOCK_FILE,
     PENDING,
+    SIDE_FILES,
     STATUS_NAMES,
     StoreError,
-    check_layout,
-    read_json_object,
-    validate_store,
+    local_fs,
 )
+from .lock import acquire_lock
+from .manifest import FORMAT_NAME, REQUIRED_KEYS, fingerprint_diff
+from .schema import MAX_IMAGES, check_layout, read_json_object, validate_store
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,6 @@ class ImageResult:
         return self.error is None
 
 
-def _local_fs():
-    import fsspec
-
-    return fsspec.filesystem("file")
-
-
 def inspect_dir(path: str | Path) -> tuple[str, str]:
     """(kind, reason) of what ``path`` holds, reading nothing but a bounded root ``zarr.json``.
 
@@ -93,7 +88,7 @@ def inspect_dir(path: str | Path) -> tuple[str, str]:
     reason = "it has no zarr.json"
     if "zarr.json" in names:
         try:
-            meta = read_json_object(_local_fs(), str(path / "zarr.json"), f"{path}/zarr.json")
+            meta = read_json_object(local_fs(), str(path / "zarr.json"), f"{path}/zarr.json")
             attributes = meta.get("attributes") if isinstance(meta.get("attributes"), dict) else {}
             manifest = attributes.get("manifest")
             if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
@@ -106,11 +101,6 @@ def inspect_dir(path: str | Path) -> tuple[str, str]:
         return "leftover", reason
     shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
     return "foreign", f"it holds {shown}"
-
-
-def is_store(path: str | Path) -> bool:
-    """True when ``path`` is a Zarr group with a sazs manifest (not whether it is intact)."""
-    return inspect_dir(path)[0] == "store"
 
 
 @contextlib.contextmanager
@@ -217,7 +207,7 @@ class StoreWriter:
                 )
             # Every check the reader makes (codecs allow-listed, sizes bounded, fingerprint
             # recomputed from the settings) before Zarr decodes anything of it.
-            existing, _ = validate_store(_local_fs(), str(path), str(path))
+            existing, _ = validate_store(local_fs(), str(path), str(path))
             if existing["fingerprint"] == manifest["fingerprint"]:
                 log.info("resuming store %s", path)
                 return cls(zarr.open_group(str(path), mode="r+", zarr_format=3))

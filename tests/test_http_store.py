@@ -14,11 +14,14 @@ import torch
 from httpserver import http_server  # noqa: F401  (pytest fixture)
 from storecheck import assert_same_arrays, toy_manifest
 
-from sazs.stores import cli, remote
-from sazs.stores.integrity import CHECKSUM_FILE, SUMMARY_FILE, finalize, verify
+from sazs.stores import cli, commands
+from sazs.stores import pull as pull_module
+from sazs.stores.format import CHECKSUM_FILE, SUMMARY_FILE, StoreError
+from sazs.stores.integrity import finalize, verify
+from sazs.stores.publish import publish
+from sazs.stores.pull import pull
 from sazs.stores.reader import open_store
-from sazs.stores.remote import publish, pull
-from sazs.stores.writer import ImageResult, StoreError, StoreWriter
+from sazs.stores.writer import ImageResult, StoreWriter
 
 K = 4
 IDS = [f"img{i:02d}" for i in range(7)]
@@ -62,7 +65,7 @@ def served(tmp_path, http_server):
 
 @pytest.fixture(autouse=True)
 def _no_retry_wait(monkeypatch):
-    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(pull_module, "RETRY_WAIT_S", 0.0)
 
 
 def test_a_store_served_over_http_reads_identically(served, http_server):
@@ -83,7 +86,7 @@ def test_a_store_served_over_http_reads_identically(served, http_server):
     report = verify(url)
     num_objects = len((local / CHECKSUM_FILE).read_text().splitlines())
     assert report.ok and report.finalized and report.num_objects == num_objects
-    info = cli.store_info(url)
+    info = commands.store_info(url)
     assert info["finalized"] and info["counts"] == {"done": 6, "failed": 1, "pending": 0}
     assert info["objects"] == report.num_objects and info["damaged"] == {"missing_data": 0, "bad_status": 0}
     # every request was for a file: the server would have answered a directory with 404
@@ -106,7 +109,7 @@ def test_pull_over_http_round_trip(served, tmp_path, capsys):
 def test_pull_retries_a_dropped_connection(served, tmp_path, http_server, caplog):
     local, url = served
     http_server.drop[http_server.path_of(url) + SHARD] = 1  # half the shard, then the connection closes
-    with caplog.at_level(logging.WARNING, logger="sazs.stores.remote"):
+    with caplog.at_level(logging.WARNING, logger="sazs.stores.pull"):
         report = pull(url, tmp_path / "x.zarr", progress=False)
     assert report.ok
     assert "downloading eigvecs/c/1/0/0/0" in caplog.text and "retrying" in caplog.text

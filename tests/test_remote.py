@@ -11,10 +11,12 @@ import zarr
 from s3server import bucket, s3_server  # noqa: F401  (pytest fixtures)
 from storecheck import ARRAYS, toy_manifest
 
-from sazs.stores.integrity import CHECKSUM_FILE, LOCK_FILE, SUMMARY_FILE, finalize, verify
+from sazs.stores.format import CHECKSUM_FILE, LOCK_FILE, SUMMARY_FILE, StoreError
+from sazs.stores.integrity import finalize, verify
+from sazs.stores.publish import publish
+from sazs.stores.pull import pull
 from sazs.stores.reader import open_store
-from sazs.stores.remote import publish, pull
-from sazs.stores.writer import ImageResult, StoreError, StoreWriter
+from sazs.stores.writer import ImageResult, StoreWriter
 
 K = 4
 IDS = [f"img{i:02d}" for i in range(7)]
@@ -100,7 +102,7 @@ def test_publish_is_immutable_and_idempotent(store, tmp_path, s3_server, bucket,
     publish(store, url, storage_options=opts, progress=False)
     fs = s3_server.filesystem()
     before = {p: i["LastModified"] for p, i in fs.find(f"{bucket}/x.zarr", detail=True).items()}
-    with caplog.at_level(logging.INFO, logger="sazs.stores.remote"):
+    with caplog.at_level(logging.INFO, logger="sazs.stores.publish"):
         assert publish(store, url, storage_options=opts, progress=False) == url
     assert "already published" in caplog.text
     after = {p: i["LastModified"] for p, i in fs.find(f"{bucket}/x.zarr", detail=True).items()}
@@ -197,7 +199,7 @@ def test_pull_round_trip(store, tmp_path, s3_server, bucket, caplog):
     assert (dest / SUMMARY_FILE).read_bytes() == (store / SUMMARY_FILE).read_bytes()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["x.zarr"]  # no temporary left
 
-    with caplog.at_level(logging.INFO, logger="sazs.stores.remote"):
+    with caplog.at_level(logging.INFO, logger="sazs.stores.pull"):
         assert pull(url, dest, storage_options=opts, progress=False).ok  # same store: no-op
     assert "nothing to do" in caplog.text
 

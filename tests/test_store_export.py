@@ -13,10 +13,10 @@ from PIL import Image
 from sazs.stores import cli as store_cli
 from sazs.stores.dsm import DSM_LAPLACIAN, ImportConfig, dsm_signs, import_dsm
 from sazs.stores.export import ExportConfig, export_store
+from sazs.stores.format import StoreError
 from sazs.stores.integrity import verify
 from sazs.stores.manifest import build_manifest
 from sazs.stores.reader import open_store
-from sazs.stores.schema import StoreError
 from sazs.stores.writer import ImageResult, StoreWriter
 
 

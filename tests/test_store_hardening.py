@@ -4,6 +4,7 @@ recomputed from the manifest, and one-line errors for full or read-only disks.""
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,13 @@ from storecheck import toy_manifest
 
 from sazs.core.console import run_command
 from sazs.pipeline import cli as priors_cli
-from sazs.stores import cli, integrity
-from sazs.stores.integrity import CHECKSUM_FILE, finalize, is_finalized, verify
+from sazs.stores import cli
+from sazs.stores.format import CHECKSUM_FILE, DONE, StoreError
+from sazs.stores.integrity import finalize, is_finalized, verify
 from sazs.stores.lock import read_lock
 from sazs.stores.merge import merge
 from sazs.stores.reader import open_store
-from sazs.stores.writer import DONE, ImageResult, StoreError, StoreWriter
+from sazs.stores.writer import ImageResult, StoreWriter
 
 K = 4
 IDS = [f"im{i}" for i in range(7)]  # shards of 3: [0, 1, 2], [3, 4, 5], [6]
@@ -186,7 +188,7 @@ def test_finalize_on_a_full_disk_leaves_no_partial_checksum_file(store, monkeypa
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(integrity.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(StoreError, match=r"No space left on device.*re-run `sazs-store finalize`"):
         finalize(str(store))
     assert not is_finalized(str(store)) and not list(store.glob("*.partial"))

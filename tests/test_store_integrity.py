@@ -10,10 +10,10 @@ from storecheck import assert_same_arrays
 
 from sazs.pipeline import cli as priors_cli
 from sazs.stores import cli
-from sazs.stores.integrity import CHECKSUM_FILE, SUMMARY_FILE, finalize, list_objects, verify
+from sazs.stores.format import CHECKSUM_FILE, PENDING, SUMMARY_FILE, StoreError
+from sazs.stores.integrity import finalize, list_objects, verify
 from sazs.stores.merge import merge
 from sazs.stores.reader import open_store
-from sazs.stores.writer import PENDING, StoreError
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
 

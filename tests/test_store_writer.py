@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import zarr
 
+from sazs.stores.format import DONE, FAILED, PENDING, StoreError
 from sazs.stores.manifest import build_manifest, fingerprint
 from sazs.stores.reader import open_store
-from sazs.stores.writer import DONE, FAILED, PENDING, ImageResult, StoreError, StoreWriter
+from sazs.stores.writer import ImageResult, StoreWriter
 
 K = 4
 
