@@ -14,9 +14,10 @@ from storecheck import toy_manifest
 
 from sazs.core import faults
 from sazs.pipeline import cli, job
-from sazs.stores.integrity import LOCK_FILE, finalize
+from sazs.stores.format import LOCK_FILE, StoreError
+from sazs.stores.integrity import finalize
 from sazs.stores.lock import break_lock, is_stale, read_lock
-from sazs.stores.writer import ImageResult, StoreError, StoreWriter
+from sazs.stores.writer import ImageResult, StoreWriter
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
 IDS = ["a", "b", "c", "d", "e"]
