@@ -14,7 +14,7 @@ from sazs.datasets.base import DatasetConfig
 from sazs.datasets.images import ImageError, image_size
 from sazs.datasets.registry import build_dataset
 
-from .dsm import ImportConfig, import_dsm
+from .dsm_import import ImportConfig, import_dsm
 from .export import ExportConfig, export_store
 from .gallery import GalleryConfig, build_gallery
 from .integrity import finalize, is_finalized, list_objects, missing_objects, verify

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from sazs.stores import cli as store_cli
-from sazs.stores.dsm import DSM_LAPLACIAN, ImportConfig, dsm_signs, import_dsm
+from sazs.stores.dsm import DSM_LAPLACIAN, dsm_signs
+from sazs.stores.dsm_import import ImportConfig, import_dsm
 from sazs.stores.export import ExportConfig, export_store
 from sazs.stores.format import StoreError
 from sazs.stores.integrity import verify
