@@ -41,11 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sazs.pipeline import batched as batched_mod
-from sazs.pipeline import spectral
-from sazs.pipeline.batched import batched_eigs, batched_knn, ell_graph, ell_to_csr
-from sazs.pipeline.graph import Graph
-from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs, normalized_adjacency
+from sazs.pipeline import ell_operator, spectral
+from sazs.pipeline.batched_solver import batched_eigs
+from sazs.pipeline.ell import ell_graph, ell_to_csr
+from sazs.pipeline.knn_batched import batched_knn
+from sazs.pipeline.laplacian import normalized_adjacency
+from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
+from sazs.pipeline.types import Graph
 
 COCO_TRAIN = 118_287
 FEATS = Path(__file__).resolve().parent / "results" / "feats_imgfocus-vits14_672_astronaut.npy"
@@ -189,7 +191,8 @@ def stage_end_to_end(args, device: str) -> list[dict]:
     writes, once per shard size in --e2e-shard-sizes (the shard is the batched-solve batch)."""
     import tempfile
 
-    from sazs.datasets.readers import DatasetConfig, build_dataset
+    from sazs.datasets.base import DatasetConfig
+    from sazs.datasets.registry import build_dataset
     from sazs.pipeline.extractors import ExtractorConfig, build_extractor
     from sazs.pipeline.graph import GraphConfig
     from sazs.pipeline.job import JobConfig, run_local
@@ -330,9 +333,9 @@ def main(argv=None) -> int:
 
     variants = [("fused", True), ("gather", False)] if cuda else [("gather", False)]
     for name, fused in variants:
-        batched_mod._FUSED_STATE.pop("ok", None)
+        ell_operator._FUSED_STATE.pop("ok", None)
         if not fused:
-            batched_mod._FUSED_STATE["ok"] = False  # forces the plain gather product
+            ell_operator._FUSED_STATE["ok"] = False  # forces the plain gather product
         sec, out = timer(lambda: batched_eigs(ell, K, xp=xp, tol=args.tol), args.repeats)
         its = [s.iterations for s in out]
         rows.append(
@@ -346,12 +349,12 @@ def main(argv=None) -> int:
                 "iterations_max": int(max(its)),
                 "converged": int(sum(s.converged for s in out)),
                 "max_residual": float(max(s.residuals.max() for s in out)),
-                "fused_self_check": batched_mod._FUSED_STATE.get("ok") if fused else None,
+                "fused_self_check": ell_operator._FUSED_STATE.get("ok") if fused else None,
             }
         )
         if name == variants[0][0]:
             spectra = out
-    batched_mod._FUSED_STATE.pop("ok", None)
+    ell_operator._FUSED_STATE.pop("ok", None)
 
     # accuracy vs float64 eigsh on a few graphs
     errs, coss, ress = [], [], []

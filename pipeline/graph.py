@@ -10,7 +10,7 @@ Methods' own dense affinity max(c, 0) (s = 0 unless some pair has c < 0, see
 `global_factor`); sharper, better on max F-beta and span-K, not on every metric
 (docs/BENCHMARKS.md, "Quality of the priors"). The global term is never formed: it is the
 low-rank factor `Graph.lowrank` (N x (r + 1)), applied in O(N r) inside the solvers' products
-(`spectral.NormalizedAffinity`, `batched`). Why it is there: a kNN graph only links
+(`laplacian.NormalizedAffinity`, `ell_operator`). Why it is there: a kNN graph only links
 near-duplicates (cos ~ 0.99), so its cheapest cut separates two large background
 regions that share few kNN links (water above, bank below) and the object goes with
 one of them; the global
@@ -21,10 +21,10 @@ The dense N x N affinity of the original code is formed only for kind "dense" (t
 Deep Spectral Methods baseline, `build_dense_graph`). The kNN search never keeps it in
 float32: FAISS searches exactly without keeping it, the torch backend computes it in
 row blocks, and the default "certified" backend searches a bfloat16 product and proves
-its answer exact (see `knn_certified`).
+its answer exact (`knn`, `knn_certified`; many images at once: `knn_batched`).
 
 Isolated nodes (every similarity <= threshold) keep degree 0. The Laplacian in
-`spectral.py` sets D^-1/2 = 0 for them, so their rows of L = I - D^-1/2 W D^-1/2 are
+`laplacian.py` sets D^-1/2 = 0 for them, so their rows of L = I - D^-1/2 W D^-1/2 are
 rows of the identity: they contribute eigenvalue 1, never one of the smallest, and
 their entries in the low eigenvectors are 0. `Graph.num_isolated` records the count.
 """
@@ -36,10 +36,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import torch
+
+from sazs.core.devices import resolve_device
+
+from .ell import Ell, ell_graph
+from .knn import BACKENDS, knn
+from .knn_batched import batched_knn
+from .types import Graph
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("certified", "faiss", "torch", "batched")
 KINDS = ("knn", "dense")
 # Settings that did not exist in stores written before the global term: a manifest
 # leaves them out at these values (the old behaviour), so old fingerprints still match.
@@ -101,7 +108,7 @@ class GraphConfig:
             raise ValueError(
                 f"global_weight and global_rank must be >= 0 (got {self.global_weight}, {self.global_rank})"
             )
-        if self.backend not in (*BACKENDS, "auto"):  # "auto": resolved by the job (job.resolve_auto)
+        if self.backend not in (*BACKENDS, "auto"):  # "auto": resolved by the job (compute.resolve_auto)
             raise ValueError(f"unknown graph backend {self.backend!r}; choose from {[*BACKENDS, 'auto']}")
         if self.k < 1 or self.color_k < 1:
             raise ValueError(f"k and color_k must be >= 1 (got k={self.k}, color_k={self.color_k})")
@@ -130,452 +137,6 @@ class GraphConfig:
             if out.get(key) == legacy:
                 out.pop(key)
         return out
-
-
-@dataclass
-class Graph:
-    """Symmetric non-negative affinity over the h*w patches (row-major): W + the global term.
-
-    W: sparse part, zero diagonal (kind "knn"; the dense baseline keeps DSM's diagonal).
-    lowrank: None, or G (N, r) with the global affinity g (G G^T - diag(G G^T)):
-    G = [sqrt(s), P] for the kernel "cosine", [1, P] / sqrt(2) for "affine"
-    (`global_factor`). G G^T >= 0 entrywise either way, so the whole affinity stays
-    non-negative.
-    """
-
-    W: sp.csr_matrix
-    grid: tuple[int, int]
-    lowrank: np.ndarray | None = None
-    global_weight: float = 0.0
-
-    @property
-    def num_nodes(self) -> int:
-        return self.W.shape[0]
-
-    @property
-    def degrees(self) -> np.ndarray:
-        """Row sums of the whole affinity; the global part's in O(N r): g (G (G^T 1) - |G_i|^2)."""
-        d = np.asarray(self.W.sum(axis=1), dtype=np.float64).ravel()
-        if self.lowrank is not None and self.global_weight > 0:
-            G = self.lowrank.astype(np.float64)
-            d = d + self.global_weight * (G @ G.sum(axis=0) - np.einsum("ij,ij->i", G, G))
-        return d
-
-    def toarray(self) -> np.ndarray:
-        """The whole affinity as a dense (N, N) float64 array (tests and small references only)."""
-        W = self.W.toarray().astype(np.float64)
-        if self.lowrank is not None and self.global_weight > 0:
-            G = self.lowrank.astype(np.float64)
-            Wg = G @ G.T
-            np.fill_diagonal(Wg, 0.0)
-            W += self.global_weight * Wg
-        return W
-
-    @property
-    def num_isolated(self) -> int:
-        return int(np.count_nonzero(self.degrees == 0))
-
-
-def _torch_device(device: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("device %r requested but CUDA is not available; using cpu", device)
-        device = "cpu"
-    return torch.device(device)
-
-
-def _drop_self(scores: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep k of the k+1 results per row, removing the query itself.
-
-    With duplicate points the query need not come first (ties), so it is removed
-    wherever it is; a row where it is absent loses its last (worst) result instead.
-    """
-    n = idx.shape[0]
-    keep = idx != np.arange(n)[:, None]
-    full = keep.all(axis=1)
-    keep[full, -1] = False
-    return scores[keep].reshape(n, k), idx[keep].reshape(n, k)
-
-
-def _knn_faiss(x: np.ndarray, k: int, metric: str, device: str) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    index = faiss.IndexFlatIP(x.shape[1]) if metric == "ip" else faiss.IndexFlatL2(x.shape[1])
-    if device.startswith("cuda") or device == "auto":
-        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            gpu = int(device.split(":")[1]) if ":" in device else 0
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
-        elif device != "auto":
-            logger.warning("faiss has no GPU support here (pip install faiss-gpu-cu12); using the CPU index")
-    index.add(x)
-    scores, idx = index.search(x, k + 1)
-    return _drop_self(scores, idx, k)
-
-
-def _knn_torch(x: np.ndarray, k: int, metric: str, device: str) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    dev = _torch_device(device)
-    xt = torch.from_numpy(x).to(dev)
-    n = xt.shape[0]
-    sq = (xt * xt).sum(1)
-    # Rows per block so that one block of scores stays ~64 MB: memory O(N * chunk).
-    chunk = max(1, min(n, (1 << 24) // n))
-    out_s, out_i = [], []
-    for start in range(0, n, chunk):
-        q = xt[start : start + chunk]
-        s = q @ xt.T
-        if metric == "l2":
-            # Same expansion as faiss (|q|^2 + |x|^2 - 2 q.x); negated so topk is "largest".
-            s = 2 * s - sq[start : start + chunk, None] - sq[None, :]
-        rows = torch.arange(q.shape[0], device=dev)
-        s[rows, rows + start] = -torch.inf  # exclude self
-        vals, ids = torch.topk(s, k, dim=1, largest=True, sorted=True)
-        out_s.append(vals if metric == "ip" else -vals)
-        out_i.append(ids)
-    return torch.cat(out_s).cpu().numpy(), torch.cat(out_i).cpu().numpy().astype(np.int64)
-
-
-# --- certified bfloat16 search --------------------------------------------------------
-#
-# The exact search is one N x N x d product plus a top-k; at N ~ 3,500, d = 384 the
-# float32 product alone takes ~50-60 ms on one core. A bfloat16 product runs ~3x faster
-# on CPUs with native bf16 dot products (AVX512_BF16 / AMX), but bfloat16 keeps only 8
-# significant bits, while ViT patch features are so alike (cos ~ 0.995 to the 10th
-# neighbour) that the k-th and (k+5)-th similarities often differ by only 1e-4. So the
-# product is arranged to be accurate where it matters, every error source is bounded per
-# row, and only rows whose margin proves the answer skip the exact float32 product:
-#
-# 1. Centre (w = x - mean: distances unchanged) and split w = V p + u with V the top
-#    principal directions. p carries most of the energy and goes in as hi + lo bf16 pairs
-#    (~2^-16 relative error); the small tail u goes in as plain bf16.
-# 2. One bf16 GEMM (float32 accumulation, bf16 output) gives D~_ij ~ ||x_i - x_j||^2
-#    directly (the norms ride along as extra columns), so the output is small near the
-#    top and its own rounding (2^-8 relative) is tiny where the neighbours are.
-# 3. The k + _EXTRA smallest D~ per row are re-ranked with exact float32 dot products.
-# 4. A row is certified when every row j outside its candidates has, by the bound,
-#    ||x_i - x_j||^2 >= lowD_i with lowD_i beyond the exact k-th candidate. Rows that
-#    are not certified (near-ties, duplicates) are recomputed with the float32 product.
-#
-# The bound assumes a GEMM that rounds bf16 inputs exactly as given and accumulates in
-# float32 (any order); candidate pairs are checked against it on every call, and any
-# violation switches that call to the exact float32 search with a warning.
-
-CERTIFIED_MIN_DIM = 64  # below this the float32 product is cheap; use it directly
-CERTIFIED_MIN_ROWS = 512
-CERTIFIED_MAX_ROWS = 16384  # the bf16 N x N product is kept whole (2 bytes per entry: 512 MiB here)
-_RANK = 16  # principal directions carried in hi + lo bf16
-_EXTRA = 6  # candidates re-ranked exactly beyond the k wanted
-_GROUP = 16  # selection works on per-row minima over groups of 16 columns
-_BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand, round to nearest even)
-_F32_U = 2.0**-24
-_SLACK = 1e-12  # float64 rounding in the bookkeeping below (values are O(1), d < 10^4)
-
-
-@dataclass
-class KnnStats:
-    """How `knn_certified` answered one call."""
-
-    path: str  # "bf16": certified bf16 search; "exact": float32 product for every row (see reason)
-    rows: int
-    uncertain_rows: int = 0  # bf16 path: rows the bound could not certify, recomputed exactly
-    max_bound: float = 0.0  # largest per-row bound on |D~ - ||x_i - x_j||^2|| (excl. output rounding)
-    reason: str = ""  # why the exact path was taken
-
-
-def _gamma(n: int, u: float = _F32_U) -> float:
-    """Rounding-error factor of an n-term float32 sum in any order (Higham's gamma_n)."""
-    return n * u / (1 - n * u)
-
-
-def _native_bf16() -> bool:
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
-def _bf16(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).bfloat16()
-
-
-def _f64(t) -> np.ndarray:
-    return t.double().numpy()
-
-
-def _split_bf16(a: np.ndarray):
-    """hi + lo bf16 pair with hi + lo = a to ~2^-16 relative."""
-    hi = _bf16(a)
-    return hi, _bf16(a - _f64(hi))
-
-
-def _norms(a: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.einsum("ij,ij->i", a, a))
-
-
-def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 product through torch: the bf16 search then runs in one thread pool.
-
-    Alternating numpy (OpenBLAS threads) and torch (OpenMP threads) calls makes each
-    pool's idle, spinning workers steal the cores the other needs: with 2 threads the
-    search took 2-3x longer than with torch alone.
-    """
-    import torch
-
-    return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
-
-
-def _principal_basis(w: np.ndarray, r: int, seed: int = 0) -> np.ndarray:
-    """(d, r) orthonormal basis of w's top principal directions, from <= 512 sampled rows.
-
-    Any basis is correct (the bound uses the actual tail norms); a good one only makes
-    the tail small, so fewer rows need the exact fallback.
-    """
-    import torch
-
-    step = max(1, w.shape[0] // 512)
-    ws = w[::step]
-    z = _mm(ws.T, _mm(ws, np.random.default_rng(seed).standard_normal((w.shape[1], min(w.shape[1], r + 8)))))
-    q = torch.linalg.qr(torch.from_numpy(z)).Q.numpy()
-    q = torch.linalg.qr(torch.from_numpy(_mm(ws.T, _mm(ws, q)))).Q.numpy()  # one power iteration
-    return np.ascontiguousarray(q[:, :r])
-
-
-def _bf16_operands(x64: np.ndarray):
-    """bf16 A, B and a per-row bound b_i on |A_i . B_j - ||x_i - x_j||^2| (before output rounding).
-
-    The bound is the maximum over j of a pair bound that is symmetric in (i, j), so b_i
-    also bounds the error of A_j . B_i: the transposed product may stand in for row i.
-    """
-    import torch
-
-    n, d = x64.shape
-    w = x64 - x64.mean(axis=0)
-    V = _principal_basis(w, min(_RANK, d // 4))
-    p = _mm(w, V)
-    ph, pl = _split_bf16(p)
-    ph64, pl64 = _f64(ph), _f64(pl)
-    P = ph64 + pl64
-    u = w - _mm(P, V.T)  # w = V P + u exactly (up to _SLACK)
-    Q = _bf16(u)
-    Q64 = _f64(Q)
-    eta = u - Q64  # bf16 rounding of the tail
-    nu = np.einsum("ij,ij->i", w, w)
-    nh, nl = _split_bf16(nu[:, None])
-    nh64, nl64 = _f64(nh)[:, 0], _f64(nl)[:, 0]
-    nu_err = np.abs(nu - (nh64 + nl64))
-    one = torch.ones((n, 1), dtype=torch.bfloat16)
-    # A_i . B_j = nu_i + nu_j - 2 (ph.ph + ph.pl + pl.ph + Q.Q) ~ ||w_i - w_j||^2
-    A = torch.cat([-2 * ph, -2 * ph, -2 * pl, -2 * Q, nh, nl, one, one], dim=1)
-    B = torch.cat([ph, pl, ph, Q, one, one, nh, nl], dim=1)
-
-    # ||w_i - w_j||^2 - (exact value of A_i . B_j), with g_i = V^T u_i = (p_i - P_i) - E P_i:
-    #   (nu_i - nu^_i) + (nu_j - nu^_j) - 2 [P_i^T E P_j + P_i.g_j + g_i.P_j
-    #                                        + eta_i.Q_j + Q_i.eta_j + eta_i.eta_j + pl_i.pl_j]
-    # each term bounded by Cauchy-Schwarz with the largest norm over j.
-    E = np.linalg.norm(_mm(V.T, V) - np.eye(V.shape[1]))  # Frobenius >= spectral norm
-    Pn, Qn, en = _norms(P), _norms(Q64), _norms(eta)
-    phn, pln = _norms(ph64), _norms(pl64)
-    gn = _norms(p - P) + E * Pn
-    eps = (
-        nu_err
-        + nu_err.max()
-        + _SLACK
-        + 2
-        * (
-            E * Pn * Pn.max()
-            + Pn * gn.max()
-            + gn * Pn.max()
-            + en * Qn.max()
-            + Qn * en.max()
-            + en * en.max()
-            + pln * pln.max()
-        )
-    )
-    # float32 accumulation of the K products (each exact in float32): gamma_K sum |A_ik B_jk|.
-    nhl = np.abs(nh64) + np.abs(nl64)
-    acc = _gamma(A.shape[1]) * (2 * (phn * (phn.max() + pln.max()) + pln * phn.max() + Qn * Qn.max()) + nhl + nhl.max())
-    return A, B, eps + acc
-
-
-def _dots_of(x: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """float32 x_i . x_cand[i, c] for all i, c (gathered in row blocks that stay in cache;
-    einsum, not BLAS, for the reason given in `_mm`)."""
-    out = np.empty(cand.shape, dtype=np.float32)
-    for s in range(0, len(x), 128):
-        out[s : s + 128] = np.einsum("bkd,bd->bk", x[cand[s : s + 128]], x[s : s + 128])
-    return out
-
-
-def _l2_from_dots(dots: np.ndarray, sq_i: np.ndarray, sq_j: np.ndarray) -> np.ndarray:
-    """Squared distances ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j in float32, as FAISS computes them."""
-    return (sq_i[:, None] + sq_j) - 2 * dots
-
-
-def _exact_rows(x: np.ndarray, rows: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float32 search for the query rows `rows` (each excluding itself), best first."""
-    import torch
-
-    n = x.shape[0]
-    sq = np.einsum("ij,ij->i", x, x)
-    out_s, out_i = np.empty((len(rows), k), np.float32), np.empty((len(rows), k), np.int64)
-    block = max(1, min(len(rows), (1 << 22) // n))  # 16 MB of float32 scores per block
-    for start in range(0, len(rows), block):
-        r = rows[start : start + block]
-        s = x[r] @ x.T
-        if metric == "l2":
-            s = -_l2_from_dots(s, sq[r], sq)  # negated so that larger is nearer
-        s[np.arange(len(r)), r] = -np.inf
-        vals, ids = torch.topk(torch.from_numpy(s), k, dim=1, largest=True, sorted=True)
-        out_s[start : start + len(r)] = vals.numpy() if metric == "ip" else -vals.numpy()
-        out_i[start : start + len(r)] = ids.numpy()
-    return out_s, out_i
-
-
-def _smallest(D, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """c smallest entries per row of a bf16 block (R, G * _GROUP), and a bound on the others.
-
-    Returns (cols, values, rest, ok). Non-negative bf16 values order like their int16 bit
-    patterns, so the selection runs on int16 keys: per-row minima over _GROUP strided
-    column groups, the c best groups, then the c best of their members (int16 key and
-    position packed into one int32, so a plain sort also carries the argument). Every
-    entry left out is >= rest = min((c+1)-th group minimum, (c+1)-th member); ok is False
-    where rest < 0 (its row has negative values, whose bit patterns order backwards).
-    """
-    import torch
-
-    keys = D.view(torch.int16).numpy()
-    R, npad = keys.shape
-    groups = npad // _GROUP
-    gmin = keys.reshape(R, _GROUP, groups).min(axis=1)
-    g = np.sort((gmin.astype(np.int32) << 16) | np.arange(groups, dtype=np.int32), axis=1)[:, : c + 1]
-    cols = ((g[:, :c] & 0xFFFF)[:, :, None] + groups * np.arange(_GROUP)).reshape(R, c * _GROUP)
-    member = keys.ravel().take(cols + (np.arange(R) * npad)[:, None])
-    m = np.sort((member.astype(np.int32) << 16) | np.arange(c * _GROUP, dtype=np.int32), axis=1)[:, : c + 1]
-    top = np.take_along_axis(cols, m[:, :c] & 0xFFFF, axis=1)
-    rest = np.minimum(m[:, c] >> 16, g[:, c] >> 16).astype(np.int16)
-    return top, _bf16_values(m[:, :c] >> 16), _bf16_values(rest), rest >= 0
-
-
-def _bf16_values(keys: np.ndarray) -> np.ndarray:
-    """float64 values of bf16 bit patterns given as integers."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int16)).view(torch.bfloat16).double().numpy()
-
-
-def knn_certified(x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray, KnnStats]:
-    """Exact kNN (same answer as a float32 brute force, up to exact ties) via a certified bf16 search.
-
-    Returns (scores, idx, stats) like `knn`. Falls back to the exact float32 product when
-    the bf16 path cannot pay off or cannot be trusted: small d or N, no native bf16 on
-    this CPU, rows of unequal norm for "ip" (ranking by distance then differs from ranking
-    by inner product), or a product outside its error bound.
-    """
-    import torch
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    x64 = x.astype(np.float64)
-    n, d = x.shape
-    c = k + _EXTRA
-    sq64 = np.einsum("ij,ij->i", x64, x64)
-    reason = ""
-    if d < CERTIFIED_MIN_DIM or n < max(CERTIFIED_MIN_ROWS, 2 * _GROUP * (c + 1)):
-        reason = f"N={n}, d={d} too small to gain"
-    elif n > CERTIFIED_MAX_ROWS:
-        reason = f"N={n} > {CERTIFIED_MAX_ROWS}: the bf16 N x N block would take {2 * n * n / 2**30:.1f} GiB"
-    elif metric == "ip" and sq64.max() - sq64.min() > 1e-3 * sq64.max():
-        reason = "rows of unequal norm"
-    elif not _native_bf16():
-        reason = "no native bf16 on this CPU"
-    if reason:
-        s, i = _exact_rows(x, np.arange(n), k, metric)
-        return s, i, KnnStats(path="exact", rows=n, reason=reason)
-
-    A, B, bound = _bf16_operands(x64)
-    groups = -(-n // _GROUP)
-    D = torch.empty((n, groups * _GROUP), dtype=torch.bfloat16)
-    D[:, n:] = torch.inf  # padding columns
-    # D~ approximates a symmetric matrix and each row's bound also covers its column
-    # (see _bf16_operands): compute the block upper triangle, mirror the rest.
-    step = -(-n // 8)
-    for a in range(0, n, step):
-        torch.mm(A[a : a + step], B[a:].T, out=D[a : a + step, a:n])
-    keys = D.view(torch.int16)
-    for a in range(step, n, step):
-        b = min(n, a + step)
-        keys[a:b, :a].copy_(keys[:a, a:b].T)
-    D.diagonal().fill_(torch.inf)  # self
-    cand, approx, rest, ok = _smallest(D, c)
-
-    dots = _dots_of(x, cand)
-    xn = np.sqrt(sq64)
-    delta = _gamma(d) * xn * xn.max()  # float32 dot-product error, any summation order
-    # Sanity check of the bound on the candidates: exact distance vs bf16 value.
-    d_exact = sq64[:, None] + sq64[cand] - 2 * dots.astype(np.float64)
-    slack = (bound + 2 * delta)[:, None] + _BF16_U / (1 - _BF16_U) * np.abs(approx)
-    if not (np.abs(approx - d_exact) <= slack).all():
-        worst = float((np.abs(approx - d_exact) - slack).max())
-        logger.warning("bf16 product exceeds its error bound by %.3g; using the exact float32 search", worst)
-        s, i = _exact_rows(x, np.arange(n), k, metric)
-        return s, i, KnnStats(path="exact", rows=n, reason="bf16 product outside its bound")
-
-    # Every j outside the candidates has D~_ij >= rest_i >= 0, so (bf16 output rounding
-    # <= 2^-8 relative) its exact squared distance is >= low_i:
-    low = rest / (1 + _BF16_U) - bound
-    if metric == "ip":
-        scores, order = dots, np.argsort(-dots, axis=1, kind="stable")
-        scores = np.take_along_axis(scores, order, 1)
-        # x_i.x_j = (|x_i|^2 + |x_j|^2 - ||x_i - x_j||^2) / 2 <= (sq_i + max sq - low_i) / 2
-        ok &= 0.5 * (sq64 + sq64.max() - low) < scores[:, k - 1] - delta
-    else:
-        sq = sq64.astype(np.float32)
-        scores = _l2_from_dots(dots, sq, sq[cand])
-        order = np.argsort(scores, axis=1, kind="stable")
-        scores = np.take_along_axis(scores, order, 1)
-        # float32 evaluation of |x_i|^2 + |x_j|^2 - 2 x_i.x_j: 2 delta plus 4 roundings
-        err = 2 * delta + 4 * _F32_U * (sq64 + sq64.max() + 2 * xn * xn.max())
-        ok &= low > scores[:, k - 1] + err
-    idx = np.take_along_axis(cand, order, 1)[:, :k]
-    scores = np.ascontiguousarray(scores[:, :k])
-    uncertain = np.flatnonzero(~ok)
-    if len(uncertain):
-        scores[uncertain], idx[uncertain] = _exact_rows(x, uncertain, k, metric)
-    stats = KnnStats(path="bf16", rows=n, uncertain_rows=len(uncertain), max_bound=float(bound.max()))
-    logger.debug("certified kNN: N=%d d=%d, %d uncertain rows recomputed exactly", n, d, len(uncertain))
-    return scores, idx, stats
-
-
-def _knn_certified(x: np.ndarray, k: int, metric: str, device: str) -> tuple[np.ndarray, np.ndarray]:
-    if device != "cpu" and _torch_device(device).type != "cpu":
-        # A GPU runs the exact float32 product fast; the bf16 certificate is for CPUs.
-        return _knn_torch(x, k, metric, device)
-    scores, idx, _ = knn_certified(x, k, metric)
-    return scores, idx
-
-
-def knn(x: np.ndarray, k: int, *, metric: str, backend: str, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest other rows of x: (scores, idx), each (N, k), best first.
-
-    metric "ip" scores are inner products (descending); "l2" scores are squared
-    Euclidean distances (ascending, clipped at 0). Every backend returns the neighbours
-    of a float32 brute force (up to exact ties) with its float32 scores; "certified"
-    gets there fastest on CPUs with native bf16 (see `knn_certified`).
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kNN backend {backend!r}; choose from {list(BACKENDS)}")
-    fn = {"certified": _knn_certified, "faiss": _knn_faiss, "torch": _knn_torch, "batched": _knn_torch}[backend]
-    scores, idx = fn(x, k, metric, device)
-    if metric == "l2":
-        scores = np.maximum(scores, 0.0)
-    return scores, idx
 
 
 def _sparse_from_knn(weights: np.ndarray, idx: np.ndarray, n: int) -> sp.csr_matrix:
@@ -637,8 +198,6 @@ def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
     spaced rows: O(N d r), not the O(N d^2) of an exact SVD. Any orthonormal basis keeps
     |p_i| <= 1, i.e. the global affinity in [0, 1]. rank 0 or >= d keeps x whole.
     """
-    import torch
-
     is_numpy = not isinstance(x, torch.Tensor)
     t = torch.from_numpy(np.asarray(x)) if is_numpy else x
     t = t.double()
@@ -752,22 +311,20 @@ def build_knn_graph(
     return graph
 
 
-def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, int]], precision: str | None = None):
-    """The kNN graphs of B images at once, as one padded ELL batch (`batched.Ell`).
+def build_knn_graphs(
+    feats: list, cfg: GraphConfig, *, grids: list[tuple[int, int]], precision: str | None = None
+) -> Ell:
+    """The kNN graphs of B images at once, as one padded ELL batch (`ell.Ell`).
 
     feats: per image (h*w, d) arrays or torch tensors; tensors stay on their device (a
     GPU extractor's output never visits the host), arrays go to cfg.device. Same graph
     as `build_knn_graph` per image, up to exact ties, with float64 weights. The search
-    (`batched.batched_knn`) runs in `precision`: by default the certified fp16 search on
+    (`knn_batched.batched_knn`) runs in `precision`: by default the certified fp16 search on
     a GPU (tensor cores; rows it cannot certify are searched again in float32) and one
     float32 product on a CPU. The global term (cfg.global_weight > 0) rides along as
     `Ell.lowrank`. No colour term: that one is built per image (`build_knn_graph`, then
-    `batched.ell_from_graphs`).
+    `ell.ell_from_graphs`).
     """
-    import torch
-
-    from .batched import batched_knn, ell_graph
-
     if cfg.kind != "knn":
         raise ValueError(f"build_knn_graphs builds kind 'knn', not {cfg.kind!r}; build it per image (build_graph)")
     if cfg.color_weight > 0:
@@ -778,7 +335,7 @@ def build_knn_graphs(feats: list, cfg: GraphConfig, *, grids: list[tuple[int, in
     for t, (h, w) in zip(tensors, grids):
         if t.ndim != 2 or t.shape[0] != h * w or t.shape[0] < 2:
             raise ValueError(f"features of shape {tuple(t.shape)} do not fit grid {(h, w)} (need >= 2 patches)")
-    device = tensors[0].device if isinstance(feats[0], torch.Tensor) else _torch_device(cfg.device)
+    device = tensors[0].device if isinstance(feats[0], torch.Tensor) else resolve_device(cfg.device)
     n_valid = [t.shape[0] for t in tensors]
     n, d = max(n_valid), tensors[0].shape[1]
     padded = torch.zeros((len(tensors), n, d), dtype=torch.float32, device=device)

@@ -1,16 +1,14 @@
-"""K smallest eigenpairs of the normalised graph Laplacian L = I - D^-1/2 W D^-1/2.
+"""K smallest eigenpairs of the normalised graph Laplacian L = I - D^-1/2 W D^-1/2, by solver.
 
-W is the graph's sparse affinity plus its global low-rank term (`graph.Graph`): the
-solvers then see A = D^-1/2 W D^-1/2 as a `NormalizedAffinity`, a sparse matrix plus
-a rank-r product applied in O(N r), never as an N x N array.
+Every solver (`SOLVERS`: ARPACK, LOBPCG on CPU or GPU, dense LAPACK, Deep Spectral
+Methods' generalised problem, the batched solver on one graph) sees the normalised
+adjacency A = D^-1/2 W D^-1/2 (`laplacian.normalized_operator`) and returns eigenvectors
+u of L (orthonormal); the generalised form of Deep Spectral Methods, (D - W) v = lambda D v,
+has v = D^-1/2 u. The common post-processing (`laplacian_eigs`) sorts, fixes signs,
+renormalises, and measures the residual ||L u - lambda u|| of what it returns, so solvers
+are compared on one footing. `laplacian_eigs_batch` solves many graphs at once
+(`batched_solver`).
 
-Every solver returns eigenvectors u of L (orthonormal); the generalised form of Deep
-Spectral Methods, (D - W) v = lambda D v, has v = D^-1/2 u. The common
-post-processing (`laplacian_eigs`) sorts, fixes signs, renormalises, and measures the
-residual ||L u - lambda u|| of what it returns, so solvers are compared on one footing.
-
-Isolated nodes (degree 0) get D^-1/2 = 0: their rows of A = D^-1/2 W D^-1/2 are zero
-and their rows of L are rows of the identity (eigenvalue 1, never among the smallest).
 A graph with c connected components has eigenvalue 0 with multiplicity c; vectors of
 a degenerate eigenspace are not unique, only the subspace is.
 """
@@ -25,16 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
-from .graph import Graph
+from .batched_solver import array_module, batched_eigs, solve_batched
+from .ell import Ell
+from .laplacian import NormalizedAffinity, fix_signs, normalized_operator
+from .types import Graph, Spectrum
 
 logger = logging.getLogger(__name__)
 
 DENSE_MAX_NODES = 6000
 _GENERALIZED_SHIFT = -1e-6  # solver "generalized": shift-invert just below the trivial eigenvalue 0
-PRECISIONS = ("float32", "float64")
+SOLVER_PRECISIONS = ("float32", "float64")
 
 
 class SolverError(RuntimeError):
@@ -68,19 +70,8 @@ class SpectralConfig:
         # Checked here, so that a typo fails the job at once instead of every image in it.
         if self.solver != "auto" and self.solver not in SOLVERS:  # "auto": resolved by the job
             raise ValueError(f"unknown solver {self.solver!r}; choose from {['auto', *list_solvers()]}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
-
-
-@dataclass
-class Spectrum:
-    eigvals: np.ndarray  # (K,) float64 ascending
-    eigvecs: np.ndarray  # (N, K) float32, orthonormal columns
-    residuals: np.ndarray  # (K,) float64, ||L u - lambda u||_2 of the returned vectors
-    converged: bool  # all residuals <= residual_tol
-    iterations: int | None  # eigsh: operator applications (mat-vecs); LOBPCG: iterations
-    solver: str
-    info: dict = field(default_factory=dict)  # solve seconds, solver warnings, ...
+        if self.precision not in SOLVER_PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {list(SOLVER_PRECISIONS)}")
 
 
 @dataclass
@@ -91,67 +82,6 @@ class _Raw:
     eigvecs: np.ndarray
     iterations: int | None = None
     info: dict = field(default_factory=dict)
-
-
-def _inv_sqrt_degrees(W: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
-    d = np.asarray(W.sum(axis=1), dtype=np.float64).ravel()
-    inv = np.zeros_like(d)
-    inv[d > 0] = 1.0 / np.sqrt(d[d > 0])
-    return d, inv
-
-
-def normalized_adjacency(W: sp.spmatrix) -> sp.csr_matrix:
-    """A = D^-1/2 W D^-1/2 in float64 (D^-1/2 = 0 for isolated nodes)."""
-    W = sp.csr_matrix(W, dtype=np.float64)
-    _, inv = _inv_sqrt_degrees(W)
-    coo = W.tocoo()
-    # (inv_i * inv_j) first: the product commutes exactly, so A stays bitwise symmetric.
-    data = coo.data * (inv[coo.row] * inv[coo.col])
-    return sp.csr_matrix((data, (coo.row, coo.col)), shape=W.shape)
-
-
-class NormalizedAffinity:
-    """A = D^-1/2 (W_s + g (G G^T - diag(G G^T))) D^-1/2, applied without forming it.
-
-    sparse: D^-1/2 W_s D^-1/2 (CSR); H = D^-1/2 G (N, r); diag = g |H_i|^2. The product
-    A X = sparse X + g H (H^T X) - diag X costs O(nnz + N r) per column. D counts the
-    global term too (`Graph.degrees`). Supports what the solvers use: `@`, `astype`,
-    `shape`, `toarray` (dense references only).
-    """
-
-    def __init__(self, sparse: sp.csr_matrix, H: np.ndarray, weight: float):
-        self.sparse, self.H, self.weight = sparse, H, float(weight)
-        self.diag = self.weight * np.einsum("ij,ij->i", H, H)
-        self.shape, self.dtype = sparse.shape, sparse.dtype
-
-    def astype(self, dtype) -> NormalizedAffinity:
-        out = NormalizedAffinity(self.sparse.astype(dtype), self.H.astype(dtype), self.weight)
-        out.diag = self.diag.astype(dtype)
-        return out
-
-    def __matmul__(self, X: np.ndarray) -> np.ndarray:
-        diag = self.diag if X.ndim == 1 else self.diag[:, None]
-        return self.sparse @ X + self.weight * (self.H @ (self.H.T @ X)) - diag * X
-
-    def toarray(self) -> np.ndarray:
-        return self.sparse.toarray() + self.weight * (self.H @ self.H.T) - np.diag(self.diag)
-
-
-def normalized_operator(graph: Graph):
-    """A = D^-1/2 W D^-1/2 of a graph: a CSR matrix, or a `NormalizedAffinity` with its global term."""
-    if graph.lowrank is None or graph.global_weight == 0:
-        return normalized_adjacency(graph.W)
-    d = graph.degrees
-    inv = np.zeros_like(d)
-    inv[d > 0] = 1.0 / np.sqrt(d[d > 0])
-    coo = sp.csr_matrix(graph.W, dtype=np.float64).tocoo()
-    sparse = sp.csr_matrix((coo.data * (inv[coo.row] * inv[coo.col]), (coo.row, coo.col)), shape=coo.shape)
-    return NormalizedAffinity(sparse, inv[:, None] * graph.lowrank.astype(np.float64), graph.global_weight)
-
-
-def normalized_laplacian(W: sp.spmatrix) -> sp.csr_matrix:
-    """L = I - D^-1/2 W D^-1/2 in float64."""
-    return (sp.identity(W.shape[0], dtype=np.float64, format="csr") - normalized_adjacency(W)).tocsr()
 
 
 # --- solvers: (A, sqrt_d, cfg) -> _Raw, with A the normalised adjacency --------------
@@ -265,8 +195,6 @@ def _solve_cupy_lobpcg(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig
 
 def _solve_dense(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     """Float64 LAPACK reference on the dense L (only the K wanted eigenpairs)."""
-    import scipy.linalg
-
     n = A.shape[0]
     if n > DENSE_MAX_NODES:
         raise ValueError(f"dense solver refuses N={n} > {DENSE_MAX_NODES} nodes (O(N^2) memory, O(N^3) time)")
@@ -304,11 +232,18 @@ def _solve_generalized(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     return _Raw(vals, u / np.linalg.norm(u, axis=0, keepdims=True))
 
 
-def _solve_batched(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+def _solve_batched(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     """The batched solver on one graph (a batch of one); see `laplacian_eigs_batch` for many."""
-    from .batched import solve_batched
-
-    return solve_batched(A, sqrt_d, cfg)
+    s = solve_batched(
+        A,
+        sqrt_d,
+        cfg.num_eigs,
+        tol=cfg.tol,
+        residual_tol=cfg.residual_tol,
+        max_iter=cfg.max_iter or 100,
+        seed=cfg.seed,
+    )
+    return _Raw(s.eigvals, s.eigvecs.astype(np.float64), iterations=s.iterations, info=dict(s.info))
 
 
 SOLVERS: dict[str, Callable[[sp.csr_matrix, np.ndarray, SpectralConfig], _Raw]] = {
@@ -325,39 +260,12 @@ def list_solvers() -> list[str]:
     return sorted(SOLVERS)
 
 
-# --- common post-processing ----------------------------------------------------------
-
-
-def fix_signs(vecs: np.ndarray) -> np.ndarray:
-    """Flip each column so that its positive part is the minority of entries.
-
-    Entries with |u| <= 1e-6 max|u| count as zero (solver noise on isolated nodes).
-    A column of one sign (the trivial sqrt(d) vector) is made non-negative instead, as
-    in Deep Spectral Methods, rather than all-negative. Equal counts: the entry of
-    largest |u| (first such) is made positive.
-    """
-    out = vecs.copy()
-    for j in range(out.shape[1]):
-        u = out[:, j]
-        eps = 1e-6 * np.abs(u).max()
-        pos, neg = int((u > eps).sum()), int((u < -eps).sum())
-        if pos == 0 or neg == 0:
-            flip = pos == 0
-        elif pos != neg:
-            flip = pos > neg
-        else:
-            flip = u[np.argmax(np.abs(u))] < 0
-        if flip:
-            out[:, j] = -u
-    return out
-
-
 def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
     """K smallest eigenpairs of the normalised Laplacian of `graph` with solver `cfg.solver`."""
     if cfg.solver not in SOLVERS:
         raise ValueError(f"unknown solver {cfg.solver!r}; choose from {list_solvers()}")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {cfg.precision!r}; choose from {list(PRECISIONS)}")
+    if cfg.precision not in SOLVER_PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose from {list(SOLVER_PRECISIONS)}")
     W = graph.W
     n, K = W.shape[0], cfg.num_eigs
     if not 1 <= K < n:
@@ -404,17 +312,15 @@ def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
     )
 
 
-def laplacian_eigs_batch(ell, cfg: SpectralConfig) -> list[Spectrum]:
+def laplacian_eigs_batch(ell: Ell, cfg: SpectralConfig) -> list[Spectrum]:
     """K smallest eigenpairs of many graphs at once (solver "batched"), one `Spectrum` each.
 
-    ell: a `batched.Ell` of affinities W (`graph.build_knn_graphs`, `batched.ell_from_csr`).
+    ell: an `ell.Ell` of affinities W (`graph.build_knn_graphs`, `ell.ell_from_graphs`).
     Runs with cupy on a GPU (cfg.device cuda[:N], or auto with the graphs already on a
     GPU) and numpy otherwise: the same code, so the CPU tests check the GPU solver. The
     Spectra follow `laplacian_eigs`' conventions (ascending, `fix_signs`, float32 vectors,
     float64 residuals of what is returned, converged = residuals <= residual_tol).
     """
-    from .batched import array_module, batched_eigs
-
     if cfg.solver != "batched":
         raise ValueError(f"laplacian_eigs_batch runs the 'batched' solver, not {cfg.solver!r}")
     xp, device = array_module(cfg.device, ell)

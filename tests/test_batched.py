@@ -19,9 +19,13 @@ from test_graph import (
 )
 from test_spectral import assert_matches_reference, assert_well_formed
 
-from sazs.pipeline import spectral
-from sazs.pipeline.batched import batched_eigs, batched_knn, ell_from_csr, ell_graph, ell_to_csr, solve_batched
-from sazs.pipeline.graph import GraphConfig, build_knn_graph, knn, patch_colors
+from sazs.pipeline import ell_operator
+from sazs.pipeline.batched_solver import _orthonormalise, batched_eigs
+from sazs.pipeline.ell import ell_from_csr, ell_from_graphs, ell_graph, ell_to_csr
+from sazs.pipeline.graph import GraphConfig, build_knn_graph, build_knn_graphs, patch_colors
+from sazs.pipeline.knn import knn
+from sazs.pipeline.knn_batched import batched_knn
+from sazs.pipeline.laplacian import fix_signs
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
 
 K = 8
@@ -203,9 +207,8 @@ def test_deterministic_and_float64():
     np.testing.assert_allclose(a.eigvals, c.eigvals, atol=1e-7)
 
 
-def test_as_a_spectral_solver(monkeypatch, image_graphs):
-    """`solve_batched` has the SOLVERS signature: one graph as a batch of one."""
-    monkeypatch.setitem(spectral.SOLVERS, "batched", solve_batched)
+def test_as_a_spectral_solver(image_graphs):
+    """The solver "batched" of `laplacian_eigs`: one graph as a batch of one (`solve_batched`)."""
     graphs, refs = image_graphs
     cfg = SpectralConfig(num_eigs=K, solver="batched", tol=1e-4)
     s = laplacian_eigs(graphs[0], cfg)
@@ -223,8 +226,6 @@ def test_rejects_bad_input():
 
 
 def test_cholesky_qr_falls_back_to_qr_per_image():
-    from sazs.pipeline.batched import _orthonormalise
-
     X = np.random.default_rng(0).standard_normal((3, 100, 6)).astype(np.float32)
     X[1, :, 5] = X[1, :, 4]  # rank deficient: Cholesky of its Gram fails
     stats: dict = {}
@@ -295,7 +296,7 @@ def test_bench_gpu_script_runs_on_cpu(tmp_path):
 
 
 def _emulated_kernel(grid, block, args):
-    """The fused CUDA kernel's index arithmetic (`batched._ELL_SOURCE`), one numpy lane per thread."""
+    """The fused CUDA kernel's index arithmetic (`ell_operator._ELL_SOURCE`), one numpy lane per thread."""
     idx, a, X, Y, rows, N, m, p = args
     t = np.arange(grid[0] * block[0])
     t = t[t < rows * p]
@@ -311,33 +312,29 @@ def _emulated_kernel(grid, block, args):
 def test_fused_product_launch_and_its_self_check(monkeypatch, caplog, kernel):
     """The launch glue of the fused ELL kernel (on a GPU: cupy.RawKernel), with the kernel
     emulated on numpy; a kernel that disagrees with the gather product is switched off."""
-    from sazs.pipeline import batched
-
-    assert not batched._fused_available(np)  # numpy never takes the fused path by itself
+    assert not ell_operator.fused_available(np)  # numpy never takes the fused path by itself
     W = build_knn_graph(random_features(n=300, d=8, seed=2), GraphConfig(global_weight=0), grid=(15, 20)).W
     ell = ell_from_csr([W, W[:200, :200]])
     X = np.random.default_rng(0).standard_normal((2, 300, 16)).astype(np.float32)
     X[1, 200:] = 0
     fake = _emulated_kernel if kernel == "emulated" else (lambda grid, block, args: args[3].fill(1.0))
-    monkeypatch.setattr(batched, "_FUSED_STATE", {})
-    monkeypatch.setattr(batched, "_ell_kernel", lambda xp, dtype: fake)
-    op = batched._Operator(ell.idx, ell.w.astype(np.float32), np, fused=True)
+    monkeypatch.setattr(ell_operator, "_FUSED_STATE", {})
+    monkeypatch.setattr(ell_operator, "_ell_kernel", lambda xp, dtype: fake)
+    op = ell_operator.EllOperator(ell.idx, ell.w.astype(np.float32), np, fused=True)
     with caplog.at_level(logging.WARNING):
         Y = op(X)
     ref = op.gathered(X)
     np.testing.assert_allclose(Y, ref, rtol=1e-5, atol=1e-6)
     if kernel == "emulated":
-        assert batched._FUSED_STATE["ok"] and op.fused and not caplog.text
+        assert ell_operator._FUSED_STATE["ok"] and op.fused and not caplog.text
     else:
-        assert batched._FUSED_STATE["ok"] is False and not op.fused
+        assert ell_operator._FUSED_STATE["ok"] is False and not op.fused
         assert "fused ELL kernel disagrees" in caplog.text
 
 
 def test_a_silently_failed_cholesky_is_caught(monkeypatch):
     """CuPy's batched Cholesky does not raise: a partial factor of one image must be
     recognised (L L^T != G) and that image orthonormalised by QR."""
-    from sazs.pipeline import batched
-
     X = np.random.default_rng(1).standard_normal((3, 120, 6)).astype(np.float32)
     real = np.linalg.cholesky
 
@@ -348,17 +345,32 @@ def test_a_silently_failed_cholesky_is_caught(monkeypatch):
 
     monkeypatch.setattr(np.linalg, "cholesky", partial_on_image_1)
     stats: dict = {}
-    Q = batched._orthonormalise(X.copy(), np, stats)
+    Q = _orthonormalise(X.copy(), np, stats)
     assert stats["qr_fallbacks"] >= 1
     for b in range(3):
         np.testing.assert_allclose(Q[b].T.astype(np.float64) @ Q[b], np.eye(6), atol=1e-5)
         assert np.linalg.svd(Q[b].T @ np.linalg.qr(X[b])[0], compute_uv=False).min() > 1 - 1e-5
 
 
-def test_fix_signs_batched_is_spectrals_convention():
-    from sazs.pipeline.batched import fix_signs_batched
-    from sazs.pipeline.spectral import fix_signs
+def fix_signs_reference(vecs: np.ndarray) -> np.ndarray:
+    """The sign convention column by column, as the docstring of `fix_signs` states it."""
+    out = vecs.copy()
+    for j in range(out.shape[1]):
+        u = out[:, j]
+        eps = 1e-6 * np.abs(u).max()
+        pos, neg = int((u > eps).sum()), int((u < -eps).sum())
+        if pos == 0 or neg == 0:
+            flip = pos == 0
+        elif pos != neg:
+            flip = pos > neg
+        else:
+            flip = u[np.argmax(np.abs(u))] < 0
+        if flip:
+            out[:, j] = -u
+    return out
 
+
+def test_fix_signs_of_a_batch_is_the_per_column_convention():
     rng = np.random.default_rng(4)
     u = rng.standard_normal((5, 40, 6))
     u[0, :, 1] = np.abs(u[0, :, 1])  # one-signed, positive
@@ -367,9 +379,9 @@ def test_fix_signs_batched_is_spectrals_convention():
     u[3, :, 4] = np.repeat([-1.0, 1.0], 20) * np.linspace(1, 2, 40)
     u[4, :3, 0] = 1e-9  # below 1e-6 max|u|: counts as zero
     u[4, 30:, :] = 0  # padded rows
-    out = fix_signs_batched(u, np)
+    out = fix_signs(u, np)
     for b in range(5):
-        np.testing.assert_array_equal(out[b], fix_signs(u[b]))
+        assert out[b].tobytes() == fix_signs(u[b]).tobytes() == fix_signs_reference(u[b]).tobytes()
 
 
 def test_low_precision_product_runs_with_full_precision_reductions(monkeypatch):
@@ -394,9 +406,6 @@ def test_low_precision_product_runs_with_full_precision_reductions(monkeypatch):
 @pytest.mark.parametrize("kernel,positive", [("cosine", True), ("cosine", False), ("affine", False)])
 def test_batched_global_term_matches_per_image_eigsh(kernel, positive):
     """The low-rank term in the ELL products: padded batch of two == eigsh per image (numpy)."""
-    from sazs.pipeline.batched import ell_from_graphs
-    from sazs.pipeline.graph import build_knn_graphs
-
     cfg = GraphConfig(k=8, global_weight=0.3, global_rank=6, global_kernel=kernel)
     feats = [normalise(random_features(n=n, d=16, seed=s, positive=positive)) for n, s in ((400, 8), (300, 9))]
     grids = [(20, 20), (15, 20)]

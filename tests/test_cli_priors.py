@@ -4,12 +4,16 @@ import json
 
 import numpy as np
 import pytest
+from images import write_bad_images
 from PIL import Image
 from storecheck import assert_same_arrays
 
-from sazs.datasets.synthetic import make_coco, make_voc, write_bad_images
-from sazs.pipeline import cli, job
+from sazs.datasets.synthetic import make_coco, make_voc
+from sazs.pipeline import cli, compute
+from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+from sazs.pipeline.graph import GraphConfig
 from sazs.pipeline.job import side_paths
+from sazs.pipeline.spectral import SpectralConfig
 from sazs.stores.reader import open_store
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress"]
@@ -95,7 +99,7 @@ def test_interrupt_then_resume_gives_identical_results(tmp_path, monkeypatch):
     assert run(*FAST, "--limit", 4, "--out", ref, "--shard-size", 2, "--preview", 0) == 0
 
     out = tmp_path / "int.zarr"
-    real = job.compute_priors
+    real = compute.compute_priors
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -104,11 +108,11 @@ def test_interrupt_then_resume_gives_identical_results(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(job, "compute_priors", flaky)
+    monkeypatch.setattr(compute, "compute_priors", flaky)
     args = [*FAST, "--limit", 4, "--out", out, "--shard-size", 2, "--batch-size", 2, "--preview", 0]
     assert run(*args) == 130
     assert list(open_store(out).status()) == [1, 1, 0, 0]
-    monkeypatch.setattr(job, "compute_priors", real)
+    monkeypatch.setattr(compute, "compute_priors", real)
     assert run(*args) == 0
     assert_same_arrays(ref, out)
 
@@ -168,10 +172,6 @@ def test_parts_merge_into_the_whole(tmp_path):
 
 def test_an_image_the_extractor_rejects_fails_alone():
     """A batch whose extraction raises is retried image by image: only the bad one fails."""
-    from sazs.pipeline.extractors import ExtractorConfig, build_extractor
-    from sazs.pipeline.graph import GraphConfig
-    from sazs.pipeline.spectral import SpectralConfig
-
     real = build_extractor(ExtractorConfig(name="color", short_side=64))
 
     class Picky:
@@ -185,6 +185,6 @@ def test_an_image_the_extractor_rejects_fails_alone():
     rng = np.random.default_rng(0)
     good = rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)
     black = np.zeros((80, 96, 3), np.uint8)
-    out = job.compute_priors([good, black, good], Picky(), GraphConfig(), SpectralConfig())
+    out = compute.compute_priors([good, black, good], Picky(), GraphConfig(), SpectralConfig())
     assert isinstance(out[1], ValueError) and "all-black" in str(out[1])
     assert out[0][0] == out[2][0] and not isinstance(out[0], Exception)

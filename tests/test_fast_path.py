@@ -8,17 +8,26 @@ import logging
 
 import numpy as np
 import pytest
+from images import write_bad_images
 from skimage import data
 from storecheck import assert_same_arrays
 
-from sazs.datasets.readers import DatasetConfig, build_dataset
-from sazs.datasets.synthetic import write_bad_images
-from sazs.pipeline import cli
-from sazs.pipeline.extractors import ExtractorConfig, Features, build_extractor
-from sazs.pipeline.graph import GraphConfig
-from sazs.pipeline.job import make_manifest, resolve_auto, solve_batch, solve_features
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.registry import build_dataset
+from sazs.pipeline import cli, compute, knn_batched
+from sazs.pipeline import graph as graph_mod
+from sazs.pipeline.batched_solver import array_module
+from sazs.pipeline.compute import resolve_auto, solve_features
+from sazs.pipeline.ell import ell_from_csr
+from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+from sazs.pipeline.graph import GraphConfig, build_knn_graph, build_knn_graphs
+from sazs.pipeline.job import make_manifest
+from sazs.pipeline.knn import knn
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs_batch
+from sazs.pipeline.types import Features
+from sazs.stores.lock import read_lock
 from sazs.stores.reader import open_store
+from sazs.stores.writer import StoreWriter
 
 K = 8
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
@@ -112,10 +121,10 @@ def test_one_bad_graph_fails_alone_and_batch_mates_match_their_solo_solve():
     broken[5] = np.nan
     items = [(images[0], feats[0]), (images[1], Features(broken, feats[1].grid)), (images[2], feats[2])]
     graph_cfg, spectral_cfg = GraphConfig(backend="batched"), SpectralConfig(solver="batched")
-    out = solve_batch(items, graph_cfg, spectral_cfg)
+    out = solve_features(items, graph_cfg, spectral_cfg)
     assert isinstance(out[1], ValueError) and "NaN" in str(out[1])
     for j in (0, 2):
-        (solo,) = solve_batch([items[j]], graph_cfg, spectral_cfg)
+        (solo,) = solve_features([items[j]], graph_cfg, spectral_cfg)
         grid, spec = out[j]
         assert grid == feats[j].grid and spec.converged
         np.testing.assert_allclose(spec.eigvals, solo[1].eigvals, atol=1e-7)
@@ -133,9 +142,6 @@ def test_solve_features_orders_results_like_its_input():
 
 
 def test_laplacian_eigs_batch_picks_numpy_on_cpu_and_asks_for_cupy_on_cuda():
-    from sazs.pipeline.batched import array_module, ell_from_csr
-    from sazs.pipeline.graph import build_knn_graph
-
     _, feats = color_features(["coffee"])
     g = build_knn_graph(feats[0].feats, GraphConfig(), grid=feats[0].grid)
     ell = ell_from_csr([g.W])
@@ -166,12 +172,10 @@ def test_decode_and_write_threads_give_the_same_store(tmp_path):
 
 
 def test_ctrl_c_with_threads_keeps_every_computed_shard(tmp_path, monkeypatch):
-    from sazs.pipeline import job
-
     ref = tmp_path / "ref.zarr"
     args = [*FAST, "--limit", 6, "--shard-size", 2, "--batch-size", 2, "--decode-workers", 2]
     assert run(*args, "--out", ref) == 0
-    real, calls = job.compute_priors, {"n": 0}
+    real, calls = compute.compute_priors, {"n": 0}
 
     def interrupted_at_third(*a, **kw):
         calls["n"] += 1
@@ -180,18 +184,15 @@ def test_ctrl_c_with_threads_keeps_every_computed_shard(tmp_path, monkeypatch):
         return real(*a, **kw)
 
     out = tmp_path / "int.zarr"
-    monkeypatch.setattr(job, "compute_priors", interrupted_at_third)
+    monkeypatch.setattr(compute, "compute_priors", interrupted_at_third)
     assert run(*args, "--out", out) == 130
     assert list(open_store(out).status()) == [1, 1, 1, 1, 0, 0]
-    monkeypatch.setattr(job, "compute_priors", real)
+    monkeypatch.setattr(compute, "compute_priors", real)
     assert run(*args, "--out", out) == 0
     assert_same_arrays(ref, out)
 
 
 def test_a_failed_write_in_the_writer_thread_stops_the_job(tmp_path, monkeypatch, capsys):
-    from sazs.stores.lock import read_lock
-    from sazs.stores.writer import StoreWriter
-
     def disk_full(self, shard, results):
         raise OSError(28, "No space left on device")
 
@@ -204,13 +205,11 @@ def test_a_failed_write_in_the_writer_thread_stops_the_job(tmp_path, monkeypatch
 
 
 def test_out_of_memory_splits_the_batch_until_it_fits(monkeypatch, caplog):
-    from sazs.pipeline import job
-
     images, feats = color_features(["coffee", "astronaut", "chelsea", "rocket"])
     items = list(zip(images, feats))
     cfgs = GraphConfig(backend="batched"), SpectralConfig(solver="batched")
-    expected = solve_batch(items, *cfgs)
-    real, sizes = job.laplacian_eigs_batch, []
+    expected = solve_features(items, *cfgs)
+    real, sizes = compute.laplacian_eigs_batch, []
 
     def small_memory(ell, cfg):
         sizes.append(ell.shape[0])
@@ -218,9 +217,9 @@ def test_out_of_memory_splits_the_batch_until_it_fits(monkeypatch, caplog):
             raise MemoryError("out of memory allocating 8 GiB")  # what cupy raises
         return real(ell, cfg)
 
-    monkeypatch.setattr(job, "laplacian_eigs_batch", small_memory)
+    monkeypatch.setattr(compute, "laplacian_eigs_batch", small_memory)
     with caplog.at_level(logging.WARNING):
-        out = solve_batch(items, *cfgs)
+        out = solve_features(items, *cfgs)
     assert sizes == [4, 2, 1, 1, 2, 1, 1] and "splitting the batch in two" in caplog.text
     for (grid, spec), (grid0, spec0) in zip(out, expected):
         assert grid == grid0
@@ -229,9 +228,9 @@ def test_out_of_memory_splits_the_batch_until_it_fits(monkeypatch, caplog):
     def broken(ell, cfg):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")  # not OOM: not hidden
 
-    monkeypatch.setattr(job, "laplacian_eigs_batch", broken)
+    monkeypatch.setattr(compute, "laplacian_eigs_batch", broken)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        solve_batch(items, *cfgs)
+        solve_features(items, *cfgs)
 
 
 def test_build_knn_graphs_certified_fp16_is_the_float32_graph(monkeypatch):
@@ -240,11 +239,8 @@ def test_build_knn_graphs_certified_fp16_is_the_float32_graph(monkeypatch):
     import torch
     from test_graph import assert_same_neighbours_up_to_ties
 
-    from sazs.pipeline import batched
-    from sazs.pipeline.graph import build_knn_graphs, knn
-
     _, feats = color_features(["coffee", "astronaut"], short_side=96)
-    seen, real = [], batched.batched_knn
+    seen, real = [], knn_batched.batched_knn
 
     def spy(*args, **kwargs):
         seen.append(kwargs["precision"])
@@ -258,7 +254,7 @@ def test_build_knn_graphs_certified_fp16_is_the_float32_graph(monkeypatch):
             assert_same_neighbours_up_to_ties(f.feats, idx[b, :n].numpy(), ref, lambda i, j: cos[i, j], atol=1e-6)
         return idx, sims
 
-    monkeypatch.setattr(batched, "batched_knn", spy)
+    monkeypatch.setattr(graph_mod, "batched_knn", spy)
     grids = [f.grid for f in feats]
     build_knn_graphs([torch.from_numpy(f.feats) for f in feats], GraphConfig(k=10), grids=grids, precision="fp16")
     build_knn_graphs([f.feats for f in feats], GraphConfig(k=10), grids=grids)

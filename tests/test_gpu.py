@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from test_graph import random_features
 
-from sazs.pipeline import batched
-from sazs.pipeline.batched import batched_eigs, ell_from_csr, ell_to_csr
+from sazs.pipeline import ell_operator
+from sazs.pipeline.batched_solver import batched_eigs
+from sazs.pipeline.ell import ell_from_csr, ell_to_csr
 from sazs.pipeline.graph import GraphConfig, build_knn_graph, build_knn_graphs
 
 pytestmark = pytest.mark.gpu
@@ -33,11 +34,11 @@ def test_fused_kernel_matches_the_gather_product(cupy, graphs):
     ell = ell_from_csr(Ws)
     idx, a = cupy.asarray(ell.idx), cupy.asarray(ell.w.astype(np.float32))
     X = cupy.random.default_rng(0).standard_normal((len(Ws), ell.shape[1], 16), dtype=cupy.float32)
-    batched._FUSED_STATE.clear()
-    op = batched._Operator(idx, a, cupy)
+    ell_operator._FUSED_STATE.clear()
+    op = ell_operator.EllOperator(idx, a, cupy)
     assert op.fused
     Y = op(X)
-    assert batched._FUSED_STATE["ok"] is True
+    assert ell_operator._FUSED_STATE["ok"] is True
     np.testing.assert_allclose(cupy.asnumpy(Y), cupy.asnumpy(op.gathered(X)), rtol=1e-5, atol=1e-6)
 
 

@@ -9,8 +9,21 @@ import pytest
 import scipy.sparse as sp
 from skimage import data
 
-from sazs.pipeline import graph as graph_mod
-from sazs.pipeline.graph import BACKENDS, Graph, GraphConfig, build_knn_graph, knn, knn_certified, patch_colors
+from sazs.pipeline import knn_certified as certified_mod
+from sazs.pipeline.cli import build_configs
+from sazs.pipeline.cli_options import get_args_parser
+from sazs.pipeline.graph import (
+    GraphConfig,
+    build_dense_graph,
+    build_graph,
+    build_knn_graph,
+    global_factor,
+    patch_colors,
+)
+from sazs.pipeline.knn import BACKENDS, knn
+from sazs.pipeline.knn_certified import knn_certified
+from sazs.pipeline.laplacian import NormalizedAffinity, normalized_operator
+from sazs.pipeline.types import Graph
 
 GRID = (30, 40)
 FEATS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -213,7 +226,7 @@ def test_patch_colors():
 @pytest.fixture
 def bf16_path(monkeypatch):
     """Take the bf16 path even on CPUs without native bf16 (slower there, same answer)."""
-    monkeypatch.setattr(graph_mod, "_native_bf16", lambda: True)
+    monkeypatch.setattr(certified_mod, "_native_bf16", lambda: True)
 
 
 def vit_like_features(n=1500, d=384, seed=0) -> np.ndarray:
@@ -271,7 +284,8 @@ def real_vit_features(name: str) -> np.ndarray:
     bench/solvers.py uses them; computed once and cached where the bench caches them."""
     path = FEATS_DIR / f"feats_imgfocus-vits14_672_{name}.npy"
     if not path.exists():
-        from sazs.datasets.readers import DatasetConfig, build_dataset
+        from sazs.datasets.base import DatasetConfig
+        from sazs.datasets.registry import build_dataset
         from sazs.pipeline.extractors import ExtractorConfig, build_extractor
 
         image = build_dataset(DatasetConfig(name="sample")).load_image(name)
@@ -302,11 +316,11 @@ def test_certified_error_bound_holds_for_every_pair(features):
 
     x = random_features(n=900, d=96, seed=11) if features == "random" else vit_like_features(n=900)
     x64 = x.astype(np.float64)
-    A, B, bound = graph_mod._bf16_operands(x64)
+    A, B, bound = certified_mod._bf16_operands(x64)
     approx = (A @ B.T).double().numpy()  # bf16 output, as in the search
     sq = (x64**2).sum(1)
     exact = sq[:, None] + sq[None, :] - 2 * x64 @ x64.T
-    err = np.abs(approx - exact) - graph_mod._BF16_U / (1 - graph_mod._BF16_U) * np.abs(approx)
+    err = np.abs(approx - exact) - certified_mod._BF16_U / (1 - certified_mod._BF16_U) * np.abs(approx)
     assert (err <= bound[:, None] + 1e-12).all()
     assert (err.T <= bound[:, None] + 1e-12).all()
     # Tight where it matters: a 1e-4 bound on distances ~0.01 (cosines ~0.995) for
@@ -327,7 +341,7 @@ def test_certified_near_ties_fall_back_to_exact_rows(bf16_path):
     scores, idx, stats = assert_exact(x, 10, "ip", path="bf16")
     assert stats.uncertain_rows >= 40 * 24
     rows = np.arange(40 * 24)
-    ref_s, ref_i = graph_mod._exact_rows(np.ascontiguousarray(x, np.float32), rows, 10, "ip")
+    ref_s, ref_i = certified_mod._exact_rows(np.ascontiguousarray(x, np.float32), rows, 10, "ip")
     np.testing.assert_array_equal(scores[rows], ref_s)
     np.testing.assert_array_equal(np.sort(idx[rows], 1), np.sort(ref_i, 1))
 
@@ -354,10 +368,10 @@ def test_certified_small_or_unequal_inputs_use_exact_product(bf16_path):
 
 
 def test_certified_detects_a_product_outside_its_bound(bf16_path, monkeypatch, caplog):
-    real = graph_mod._bf16_operands
-    monkeypatch.setattr(graph_mod, "_bf16_operands", lambda x: (*real(x)[:2], np.full(len(x), -1.0)))
+    real = certified_mod._bf16_operands
+    monkeypatch.setattr(certified_mod, "_bf16_operands", lambda x: (*real(x)[:2], np.full(len(x), -1.0)))
     x = random_features(n=1100, d=96, seed=2)
-    with caplog.at_level(logging.WARNING, logger="sazs.pipeline.graph"):
+    with caplog.at_level(logging.WARNING, logger="sazs.pipeline.knn_certified"):
         _, idx, stats = knn_certified(x, 10, "ip")
     assert "error bound" in caplog.text and stats.path == "exact"
     assert_same_neighbours_up_to_ties(x, brute_force(x, 10, "ip"), idx, score_fn(x, "ip"), atol=1e-6)
@@ -370,8 +384,6 @@ def test_certified_detects_a_product_outside_its_bound(bf16_path, monkeypatch, c
 @pytest.mark.parametrize("positive", [True, False])
 def test_global_term_is_the_rank_d_affinity_never_formed(kernel, positive):
     """Graph.toarray / degrees / the solver's operator agree with the dense reference of each kernel."""
-    from sazs.pipeline.spectral import NormalizedAffinity, normalized_operator
-
     x = normalise(random_features(n=60, d=8, seed=3, positive=positive))
     g = build_knn_graph(x, GraphConfig(k=5, global_weight=0.7, global_rank=0, global_kernel=kernel), grid=(6, 10))
     assert g.W.nnz < 60 * 60 / 2 and g.lowrank.shape == (60, 9)  # sparse part + factor only
@@ -392,8 +404,6 @@ def test_global_term_is_the_rank_d_affinity_never_formed(kernel, positive):
 
 
 def test_cosine_kernel_shifts_only_when_a_pair_is_negative():
-    from sazs.pipeline.graph import global_factor
-
     positive = normalise(random_features(n=80, d=6, seed=11, positive=True))
     G = global_factor(positive, 0, kernel="cosine")
     assert np.all(G[:, 0] == 0)  # no shift: G G^T is exactly x x^T, DSM's max(x x^T, 0) on these features
@@ -437,8 +447,6 @@ def test_describe_leaves_old_settings_out_so_old_fingerprints_hold():
 
 
 def test_dense_baseline_graph():
-    from sazs.pipeline.graph import build_dense_graph, build_graph
-
     x = normalise(random_features(n=40, d=6, seed=5))
     g = build_graph(x, GraphConfig(kind="dense"), grid=(5, 8))
     ref = np.maximum(x @ x.T, 0)
@@ -450,8 +458,6 @@ def test_dense_baseline_graph():
 
 
 def test_cli_graph_flags():
-    from sazs.pipeline.cli import build_configs, get_args_parser
-
     parse = get_args_parser().parse_args
     _, _, graph, spectral = build_configs(parse([]))
     assert (graph.kind, graph.global_weight, graph.global_rank, spectral.solver) == ("knn", 1.0, 32, "auto")

@@ -13,7 +13,7 @@ import pytest
 from storecheck import toy_manifest
 
 from sazs.core import faults
-from sazs.pipeline import cli, job
+from sazs.pipeline import cli, compute
 from sazs.stores.format import LOCK_FILE, StoreError
 from sazs.stores.integrity import finalize
 from sazs.stores.lock import break_lock, is_stale, read_lock
@@ -196,14 +196,14 @@ def test_job_releases_the_lock_on_interrupt_and_error(tmp_path, monkeypatch, cap
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(job, "compute_priors", interrupted)
+    monkeypatch.setattr(compute, "compute_priors", interrupted)
     assert cli.main(args) == 130
     assert read_lock(out) is None
 
     def broken(*a, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(job, "compute_priors", broken)
+    monkeypatch.setattr(compute, "compute_priors", broken)
     with pytest.raises(RuntimeError, match="boom"):
         cli.main(args)
     assert read_lock(out) is None

@@ -17,10 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sazs.datasets.readers import DatasetConfig, ImageError, build_dataset, folder_ids, image_size, read_image
+from sazs.datasets import base as datasets
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.folders import folder_ids
+from sazs.datasets.images import ImageError, image_size, read_image
+from sazs.datasets.registry import build_dataset
 from sazs.datasets.synthetic import make_coco, make_voc
-from sazs.pipeline import cli, datasets, job
-from sazs.pipeline.executors import ShardSource
+from sazs.pipeline import cli, job
+from sazs.pipeline.ray_worker import ShardSource
 from sazs.stores.reader import open_store
 
 FAST = ["--extractor", "color", "--short-side", "64", "--no-progress", "--preview", "0"]
@@ -351,7 +355,7 @@ def test_symlinks_inside_the_root_are_followed(tmp_path):
 
 def test_readers_that_list_folders_have_no_root_check(tmp_path):
     """Only paths read from text are checked: a masks dataset's --images-dir may lie outside DATA."""
-    from sazs.datasets.readers import MasksDataset
+    from sazs.datasets.folders import MasksDataset
 
     save(tmp_path / "elsewhere" / "a.png")
     root = tmp_path / "data"

@@ -9,15 +9,10 @@ from skimage import data
 from test_graph import GRID, image_features, normalise, random_features
 
 from sazs.pipeline import spectral
-from sazs.pipeline.graph import Graph, GraphConfig, build_knn_graph, patch_colors
-from sazs.pipeline.spectral import (
-    SolverError,
-    SpectralConfig,
-    fix_signs,
-    laplacian_eigs,
-    list_solvers,
-    normalized_laplacian,
-)
+from sazs.pipeline.graph import GraphConfig, build_dense_graph, build_knn_graph, patch_colors
+from sazs.pipeline.laplacian import fix_signs, normalized_laplacian
+from sazs.pipeline.spectral import SolverError, SpectralConfig, laplacian_eigs, list_solvers
+from sazs.pipeline.types import Graph
 
 K = 8
 GAP = 1e-3  # eigenvalue groups separated by less than this are compared as one subspace
@@ -262,8 +257,6 @@ def test_global_term_spectrum_matches_dense_reference(solver, kernel):
 def test_generalized_solver_is_dsm_on_the_dense_graph():
     """eigsh(D - W, M = D, sigma ~ 0) on DSM's affinity, returned as u = D^1/2 v (unit, minority positive)."""
     import scipy.linalg
-
-    from sazs.pipeline.graph import build_dense_graph
 
     x = normalise(random_features(n=120, d=8, seed=7))
     g = build_dense_graph(x, grid=(10, 12))

@@ -24,7 +24,7 @@ How the work is spread (``run_ray``):
   failed). A killed driver leaves a stale lock: re-run with ``--take-over-lock``.
 
 Every image is computed with the local executor's functions in the same batches
-(``job.load_images``, ``job.priors_of_shard``, ``job.solve_features``), so a store written
+(``compute.load_images``, ``compute.priors_of_shard``, ``compute.solve_features``), so a store written
 through Ray is bitwise identical to one written by ``run_local`` with as many threads as
 an actor has (Ray sets OMP_NUM_THREADS to the actor's CPUs, 1, unless it is set).
 
@@ -35,182 +35,31 @@ dataset at the same path; the store only needs to be on the driver.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import os
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
-
-from sazs.core.faults import arm_from_environment, fault_point
-from sazs.datasets.readers import Dataset, read_image
+from sazs.datasets.base import Dataset
 from sazs.stores.writer import ImageResult
 
-from .extractors import ExtractorConfig, Features, build_extractor
+from .compute import resolve_auto
+from .extractors import ExtractorConfig
 from .graph import GraphConfig
-from .job import (
-    JobConfig,
-    JobRun,
-    JobSummary,
-    batches,
-    extract_features,
-    load_images,
-    make_manifest,
-    priors_of_shard,
-    resolve_auto,
-    solve_features,
-    to_result,
-)
+from .job import JobConfig, JobRun, JobSummary, make_manifest
+from .ray_plan import RayConfig, connect, plan
+from .ray_worker import ShardSource, ShardWorker, decode_shard, solve_shard
 from .spectral import SpectralConfig
 
 log = logging.getLogger(__name__)
 
-SOLVE_ON = ("actor", "cpu-tasks")
-# Environment variables that workers on other nodes need from the driver (a local
-# instance's workers inherit them anyway): weights cache, fault injection, offline hub.
-FORWARDED_ENV_PREFIXES = ("SAZS_", "HF_")
 WAIT_LOG_S = 60.0  # how often a stalled driver says what it waits for
 
 
 class RayJobError(RuntimeError):
     """The job cannot go on on Ray (no actor can start, all were lost, nodes disagree)."""
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    address: str | None = None  # None: $RAY_ADDRESS, else start a local instance
-    num_cpus: int | None = None  # size of a local instance (None: all); ignored on a cluster
-    num_gpus: int | None = None
-    actors: int | None = None  # None: one per GPU; without GPUs one per CPU (cpu-tasks: half the CPUs)
-    solve_on: str = "actor"  # "actor": graph + eigen-solve in the actor; "cpu-tasks": in CPU tasks
-    max_in_flight: int | None = None  # shards outstanding at once (None: 2 x actors)
-    max_retries: int = 3  # resubmissions of a shard after lost workers, then its images are recorded failed
-
-    def __post_init__(self) -> None:
-        if self.solve_on not in SOLVE_ON:
-            raise ValueError(f"unknown --ray-solve-on {self.solve_on!r}; choose from {list(SOLVE_ON)}")
-        for name in ("num_cpus", "num_gpus", "actors", "max_in_flight"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name in ("num_cpus", "num_gpus") else 1):
-                raise ValueError(f"ray {name} must be {'>= 0' if name.startswith('num') else '>= 1'}, got {value}")
-        if self.max_retries < 0:
-            raise ValueError(f"ray max_retries must be >= 0, got {self.max_retries}")
-
-
-# ----------------------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class ShardSource:
-    """What a worker needs to decode a shard's images: absolute paths (workers do not share
-    the driver's working directory) and the dataset's size check. Shipping the paths, not
-    the Dataset, keeps big annotation indexes (COCO) off the workers. ``load`` is what
-    ``Dataset.load_image`` does: ``read_image(path, min_side, max_pixels, root=image_root)``."""
-
-    paths: dict[int, str]
-    min_side: int
-    max_pixels: int
-    root: str | None  # the dataset's image_root (absolute), which no path may leave; None: no check
-
-    @classmethod
-    def of(cls, dataset: Dataset, indices: list[int]) -> ShardSource:
-        return cls(
-            {i: os.path.abspath(dataset.image_path(dataset.ids[i])) for i in indices},
-            dataset.min_side,
-            dataset.max_pixels,
-            dataset.image_root,
-        )
-
-    def load(self, i: int) -> np.ndarray:
-        return read_image(self.paths[i], self.min_side, self.max_pixels, root=self.root)
-
-
-def decode_shard(source: ShardSource, indices: list[int]) -> dict[int, np.ndarray | ImageResult]:
-    """A shard's decoded images (or the failures of unusable ones)."""
-    return load_images(source.load, indices)
-
-
-class Extracted(NamedTuple):
-    """One image's features on their way from an actor to a solve task (solve_on="cpu-tasks")."""
-
-    index: int
-    image_size: tuple[int, int]
-    features: Features
-    image: np.ndarray | None  # only when the graph's colour term needs it
-
-
-def solve_shard(items: list, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig) -> list[ImageResult]:
-    """Graph + spectrum of every image of a shard from ``ShardWorker.extract``'s output."""
-    ready = [x for x in items if isinstance(x, Extracted)]
-    solved = dict(
-        zip((x.index for x in ready), solve_features([(x.image, x.features) for x in ready], graph_cfg, spectral_cfg))
-    )
-    return [to_result(x.index, x.image_size, solved[x.index]) if isinstance(x, Extracted) else x for x in items]
-
-
-class ShardWorker:
-    """A long-lived worker (a Ray actor): builds the extractor once, then computes shards."""
-
-    def __init__(self, extractor_cfg: ExtractorConfig, graph_cfg: GraphConfig, spectral_cfg: SpectralConfig):
-        arm_from_environment()  # a worker process: the driver's $SAZS_FAULT reaches it through the runtime env
-        t0 = time.perf_counter()
-        self.extractor = build_extractor(extractor_cfg)
-        self.graph_cfg, self.spectral_cfg = graph_cfg, spectral_cfg
-        self.batch = max(1, extractor_cfg.batch_size)
-        self.startup_s = time.perf_counter() - t0
-
-    def info(self) -> dict:
-        import ray
-        import torch
-
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "device": str(self.extractor.device),
-            "threads": torch.get_num_threads(),
-            "startup_s": round(self.startup_s, 3),
-            "provenance": self.extractor.provenance(),
-            "max_grid": list(self.extractor.max_grid),
-        }
-
-    def _loaded(self, indices: list[int], images) -> dict:
-        # A decode task's output (resolved by Ray), or the paths: then decode here.
-        if not isinstance(images, dict):
-            return decode_shard(images, indices)
-        # Arrays from the object store are read-only views; torch warns on those.
-        return {i: np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v for i, v in images.items()}
-
-    def compute(self, indices: list[int], images) -> list[ImageResult]:
-        """Features, graphs and spectra of a shard's images, batch by batch as ``run_local`` does."""
-        fault_point("ray.actor_shard")
-        return priors_of_shard(
-            self._loaded(indices, images), indices, self.extractor, self.graph_cfg, self.spectral_cfg, batch=self.batch
-        )
-
-    def extract(self, indices: list[int], images) -> list[Extracted | ImageResult]:
-        """Features only (solve_on="cpu-tasks"), in the same batches; failed loads pass through."""
-        fault_point("ray.actor_shard")
-        loaded = self._loaded(indices, images)
-        keep_image = self.graph_cfg.color_weight > 0
-        out: list[Extracted | ImageResult] = []
-        for chunk in batches(indices, self.batch):
-            ok = [i for i in chunk if isinstance(loaded[i], np.ndarray)]
-            feats = dict(zip(ok, extract_features([loaded[i] for i in ok], self.extractor))) if ok else {}
-            for i in chunk:
-                if i not in feats:
-                    out.append(loaded[i])
-                elif isinstance(feats[i], Exception):
-                    out.append(to_result(i, tuple(loaded[i].shape[:2]), feats[i]))
-                else:
-                    out.append(Extracted(i, tuple(loaded[i].shape[:2]), feats[i], loaded[i] if keep_image else None))
-        return out
-
-
-# ----------------------------------------------------------------------------- driver side
 
 
 def _import_ray():
@@ -234,85 +83,6 @@ def _system_errors(ray) -> tuple[type[BaseException], ...]:
         e.OutOfMemoryError,
         e.TaskUnschedulableError,
         e.ActorUnschedulableError,
-    )
-
-
-def connect(ray, cfg: RayConfig) -> tuple[str, bool]:
-    """Join the cluster at ``cfg.address`` / $RAY_ADDRESS, or start a local instance.
-
-    Returns (mode, owned): mode is "cluster", "local" or "existing" (Ray was already
-    initialised in this process, e.g. by a notebook); owned says whether to shut down.
-    """
-    if ray.is_initialized():
-        log.info("ray: using the Ray instance already initialised in this process")
-        return "existing", False
-    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    runtime_env = {"env_vars": env} if env else None
-    if address:
-        log.info("ray: joining the cluster at %s", address)
-        ray.init(address=address, include_dashboard=False, runtime_env=runtime_env)
-        return "cluster", True
-    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, runtime_env=runtime_env)
-    log.info("ray: started a local Ray instance (set RAY_ADDRESS or --ray-address to join a cluster)")
-    return "local", True
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a job is laid out on the cluster (decided once from its resources)."""
-
-    use_gpus: bool
-    actors: int
-    actor_options: dict
-    decode_tasks: bool  # decode in CPU tasks (else inside the actor)
-    max_in_flight: int
-    device: str  # the extractor's device inside an actor
-
-    def describe(self) -> dict:
-        return {
-            "actors": self.actors,
-            "actor_kind": "gpu" if self.use_gpus else "cpu",
-            "decode": "tasks" if self.decode_tasks else "actor",
-            "max_in_flight": self.max_in_flight,
-        }
-
-
-def plan(resources: dict, cfg: RayConfig, extractor_cfg: ExtractorConfig, num_shards: int) -> Plan:
-    """Actors, their resources and where images are decoded, from the cluster's resources."""
-    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
-    device = extractor_cfg.device
-    use_gpus = gpus > 0 and (device == "auto" or device.startswith("cuda"))
-    if device.startswith("cuda") and not use_gpus:
-        log.warning("--device %s requested but the Ray cluster has no GPUs; using CPU actors", device)
-    if use_gpus:
-        n = cfg.actors or gpus
-        options = {"num_gpus": 1, "num_cpus": 1}
-    else:
-        n = cfg.actors or (max(1, cpus) if cfg.solve_on == "actor" else max(1, cpus // 2))
-        options = {"num_cpus": 1}
-    if n > num_shards:
-        log.info(
-            "ray: %d shard(s) for %d actor(s): starting %d (a smaller --shard-size spreads a small dataset "
-            "over more actors)",
-            num_shards,
-            n,
-            max(1, num_shards),
-        )
-    n = max(1, min(n, num_shards))
-    free_cpus = cpus - n * options["num_cpus"]
-    if cfg.solve_on == "cpu-tasks" and free_cpus < 1:
-        raise ValueError(
-            f"--ray-solve-on cpu-tasks needs CPUs beside the {n} actor(s) ({cpus} CPUs in the "
-            "cluster): use fewer --ray-actors"
-        )
-    return Plan(
-        use_gpus=use_gpus,
-        actors=n,
-        actor_options=options,
-        decode_tasks=free_cpus >= 1,
-        max_in_flight=cfg.max_in_flight or 2 * n,
-        device="cuda" if use_gpus else "cpu",
     )
 
 
@@ -587,8 +357,6 @@ class _Driver:
 
 
 def _cupy_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("cupy") is not None
 
 
