@@ -73,11 +73,6 @@ def normalized_operator(graph: Graph):
     return NormalizedAffinity(sparse, inv[:, None] * graph.lowrank.astype(np.float64), graph.global_weight)
 
 
-def normalized_laplacian(W: sp.spmatrix) -> sp.csr_matrix:
-    """L = I - D^-1/2 W D^-1/2 in float64."""
-    return (sp.identity(W.shape[0], dtype=np.float64, format="csr") - normalized_adjacency(W)).tocsr()
-
-
 def fix_signs(u, xp=np):
     """Flip each column of u (N, K), or of every image of a batch (B, N, K), so that its
     positive part is the minority of entries; on any array module (numpy, cupy).
