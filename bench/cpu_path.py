@@ -1,6 +1,6 @@
 """The CPU path before and after a change: `sazs-priors run` of two code versions, side by side.
 
-Example (the issue 7 check that the CPU path is no slower than before the GPU fast path):
+Example (is the CPU path of the working tree as fast as, and bitwise equal to, a base revision's?):
     python bench/cpu_path.py --base 2d21ea2
     make bench-cpu-path ARGS="--base 2d21ea2 --images 32 --repeats 3"
 

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("knn", "dense")
 # Settings that did not exist in stores written before the global term: a manifest
-# leaves them out at these values (the old behaviour), so old fingerprints still match.
+# leaves them out at these values (what those stores computed), so their fingerprints still match.
 _LEGACY_DEFAULTS = {"kind": "knn", "global_weight": 0.0, "global_kernel": "affine"}
 GLOBAL_KERNELS = ("cosine", "affine")
 DENSE_MAX_NODES = 8192  # the dense baseline keeps N x N float64 (512 MiB here)
