@@ -131,7 +131,7 @@ def load_dsm_bytes(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray, tupl
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     # A malformed or hostile pickle can fail in any way inside the unpickler; each is a
     # recorded failure of that one file, never a crash of the import.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DsmFileError(
             f"{name} is not a plain-tensor torch file (weights_only load refused it: {reason[:300]})"

@@ -174,7 +174,7 @@ def meanwhile(action):
     def target():
         try:
             action()
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
+        except BaseException as exc:  # re-raised in the test's thread
             errors.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)

@@ -15,7 +15,7 @@ from sazs.train.checkpoint import load_checkpoint
 from sazs.train.model import ModelConfig, build_model
 
 pytest.importorskip("sentence_transformers")
-from test_train_encoders import make_sentence_model  # noqa: E402
+from test_train_encoders import make_sentence_model
 
 # Each unseen class of a fold and the seen neighbour the README promises for it.
 NEIGHBOURS = [
