@@ -38,31 +38,11 @@ import numpy as np
 from sazs.core.labels import IGNORE_INDEX
 
 from .camvid import CAMVID_CLASSES
+from .voc import VOC_CLASSES
 
 NUM_FOLDS = 4
 
-PASCAL_CLASSES = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+PASCAL_CLASSES = tuple(VOC_CLASSES[1:])  # the 20 VOC classes in label order, without background
 
 COCO_CLASSES = (
     "person",
