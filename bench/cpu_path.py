@@ -10,7 +10,7 @@ the same command (the `make priors` defaults on this machine: `--solver` and
 `--graph-backend` left at their defaults) in fresh processes on one synthetic COCO
 layout, alternating which goes first, per extractor. The table gives median images/s of
 the job itself (the summary's `seconds`, so process start-up and model loading are left
-out), their ratio, and whether the two stores hold bitwise identical arrays.
+out), their ratio, and whether the two stores hold bitwise identical arrays and the same fingerprint.
 """
 
 from __future__ import annotations
@@ -81,6 +81,12 @@ def _arrays(path: Path) -> dict:
     return {name: np.asarray(group[name][:]) for name in ARRAYS}
 
 
+def _fingerprint(path: Path) -> str:
+    import zarr
+
+    return zarr.open_group(str(path), mode="r").attrs["manifest"]["fingerprint"]
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     from sazs.datasets.synthetic import make_coco
@@ -117,6 +123,7 @@ def main(argv=None) -> int:
                     np.array_equal(a, b)
                     for a, b in zip(_arrays(tmp / "base.zarr").values(), _arrays(tmp / "head.zarr").values())
                 )
+                same_fingerprint = _fingerprint(tmp / "base.zarr") == _fingerprint(tmp / "head.zarr")
                 base, head = statistics.median(rates["base"]), statistics.median(rates["head"])
                 rows.append(
                     {
@@ -125,6 +132,7 @@ def main(argv=None) -> int:
                         "head_img_s": head,
                         "ratio": head / base,
                         "identical_arrays": same,
+                        "same_fingerprint": same_fingerprint,
                         "base_runs": rates["base"],
                         "head_runs": rates["head"],
                     }
@@ -136,11 +144,14 @@ def main(argv=None) -> int:
         f"\nCPU path, {args.images} synthetic COCO images, short side {args.short_side}, "
         f"{os.cpu_count()} CPUs; base {base_rev} vs head {head_rev} (working tree)"
     )
-    print(f"{'extractor':18s} {'base img/s':>11s} {'head img/s':>11s} {'head/base':>10s}  identical arrays")
+    print(
+        f"{'extractor':18s} {'base img/s':>11s} {'head img/s':>11s} {'head/base':>10s}  "
+        "identical arrays  same fingerprint"
+    )
     for r in rows:
         print(
             f"{r['extractor']:18s} {r['base_img_s']:11.2f} {r['head_img_s']:11.2f} {r['ratio']:10.2f}  "
-            f"{'yes' if r['identical_arrays'] else 'NO'}"
+            f"{'yes' if r['identical_arrays'] else 'NO':16s}  {'yes' if r['same_fingerprint'] else 'NO'}"
         )
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
