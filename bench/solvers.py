@@ -58,7 +58,7 @@ from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs  # noqa: E402
 IMAGES = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field"]
 GAP = 1e-3
 PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}  # unless set already
-TARGET = 20.0  # issue target: ours >= 20x the original's throughput at the same eigenvector quality
+TARGET = 20.0  # the target: ours >= 20x the original's throughput at the same eigenvector quality
 OURS = "eigsh"  # our default path: default graph backend + default solver
 
 

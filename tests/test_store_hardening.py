@@ -1,4 +1,4 @@
-"""Hardening of the store side (issue 11): damage in unfinalised stores, bounded JSON and
+"""Hardening of the store side: damage in unfinalised stores, bounded JSON and
 sizes, atomic finalize and stuck states, codecs checked before decoding, the fingerprint
 recomputed from the manifest, and one-line errors for full or read-only disks."""
 
