@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from sazs.datasets.zeroshot import num_folds, parse_folds
+from sazs.datasets.zeroshot import BENCHMARKS, num_folds, parse_folds
 
 from .episodes import DEFAULT_EPISODES, SAMPLING_RULES, ProtocolConfig
 from .evaluate import EvalConfig
@@ -24,7 +24,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--dataset",
         default="voc",
-        choices=["voc", "coco", "camvid"],
+        choices=list(BENCHMARKS),
         help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11: generalised setting only)",
     )
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")

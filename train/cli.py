@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sazs.core.console import run_command, setup_logging
 from sazs.core.faults import arm_from_environment
+from sazs.datasets.zeroshot import BENCHMARKS
 from sazs.stores.format import StoreError
 
 from .config import RunConfig, TrainConfig
@@ -58,7 +59,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--dataset",
         default="voc",
-        choices=["voc", "coco", "camvid"],
+        choices=list(BENCHMARKS),
         help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11, 3 folds)",
     )
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")
