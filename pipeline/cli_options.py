@@ -112,10 +112,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--global-weight",
         type=number(0),
-        default=1.0,
+        default=0.3,
         help="weight g of the global term g k(p_i.p_j) added to the kNN graph (p: unit features "
-        "on their top --global-rank directions; applied in O(N r), never formed), >= 0 (default 1; "
-        "0 = the kNN graph alone, the default before the global term)",
+        "on their top --global-rank directions; applied in O(N r), never formed), >= 0 (default 0.3; "
+        "0 = the kNN graph alone, the default before the global term; the previous default was "
+        "--global-weight 1 --global-kernel affine)",
     )
     g.add_argument(
         "--global-rank",
@@ -126,11 +127,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--global-kernel",
-        default="affine",
-        choices=["affine", "cosine"],
-        help="k of the global term: affine (default) (1 + p_i.p_j) / 2; cosine p_i.p_j, the "
-        "low-rank form of the original max(cos, 0), sharper (shifted only if some pair is "
-        "negative)",
+        default="cosine",
+        choices=["cosine", "affine"],
+        help="k of the global term: cosine (default) p_i.p_j, the low-rank form of the original "
+        "max(cos, 0) (shifted only if some pair is negative); affine (1 + p_i.p_j) / 2, flatter, "
+        "the previous default (with --global-weight 1)",
     )
     g.add_argument(
         "--graph",

@@ -4,11 +4,11 @@ W_ij = max(cos(f_i, f_j), 0) for j among the k nearest neighbours of i (by cosin
 symmetrised, plus an optional colour/position term (the image-matting kNN affinity of
 Deep Spectral Methods), plus the *global term* g k(p_i . p_j) between every pair
 (i != j), with p_i the unit feature f_i projected on the image's top `global_rank`
-principal directions and k the kernel `global_kernel`: "affine" (default)
-k(c) = (1 + c) / 2, or "cosine" k(c) = c + s, the rank-r approximation of Deep Spectral
-Methods' own dense affinity max(c, 0) (s = 0 unless some pair has c < 0, see
-`global_factor`); sharper, better on max F-beta and span-K, not on every metric
-(docs/BENCHMARKS.md, "Quality of the priors"). The global term is never formed: it is the
+principal directions and k the kernel `global_kernel`: "cosine" (default)
+k(c) = c + s, the rank-r approximation of Deep Spectral Methods' own dense affinity
+max(c, 0) (s = 0 unless some pair has c < 0, see `global_factor`), at g = 0.3; or
+"affine" k(c) = (1 + c) / 2, the first global term (g = 1 before the cosine default;
+docs/BENCHMARKS.md, "Quality of the priors"). The global term is never formed: it is the
 low-rank factor `Graph.lowrank` (N x (r + 1)), applied in O(N r) inside the solvers' products
 (`laplacian.NormalizedAffinity`, `ell_operator`). Why it is there: a kNN graph only links
 near-duplicates (cos ~ 0.99), so its cheapest cut separates two large background
@@ -69,15 +69,15 @@ class GraphConfig:
     original Deep Spectral Methods affinity max(F F^T, 0) / max over all pairs (the
     baseline, `build_dense_graph`; k, threshold, colour and global settings unused).
 
-    global_weight g (default 1; 0 = the kNN graph alone, the setting before the global
+    global_weight g (default 0.3; 0 = the kNN graph alone, the setting before the global
     term) weighs the global affinity k(p_i . p_j) against the kNN cosines;
     global_rank r (default 32; 0 = all d dimensions) is the number of principal
     directions of the unit features kept in p: 32 carry > 99% of their energy on ViT
-    features, and the solver's products cost O(N r). global_kernel k: "affine"
-    (default) (1 + p_i . p_j) / 2, the first global term (manifests leave the key out
-    at this value, so stores written before the field existed keep their fingerprint);
-    "cosine" p_i . p_j (+ a shift only where some pair is negative, `global_factor`),
-    the low-rank form of DSM's max(cos, 0).
+    features, and the solver's products cost O(N r). global_kernel k: "cosine" (default)
+    p_i . p_j (+ a shift only where some pair is negative, `global_factor`), the low-rank
+    form of DSM's max(cos, 0); "affine" (1 + p_i . p_j) / 2, the first global term and
+    default until g = 0.3 cosine replaced it (manifests leave the key out at "affine", so
+    stores written before the field existed keep their fingerprint).
 
     backend: "certified" (default; exact, fastest on CPUs with native bfloat16, see
     `knn_certified`), "faiss" (exact float32 flat index), "torch" (exact float32
@@ -95,9 +95,9 @@ class GraphConfig:
     xy_weight: float = 2.0
     device: str = "cpu"
     kind: str = "knn"
-    global_weight: float = 1.0
+    global_weight: float = 0.3
     global_rank: int = 32
-    global_kernel: str = "affine"
+    global_kernel: str = "cosine"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -433,10 +433,13 @@ def test_describe_leaves_old_settings_out_so_old_fingerprints_hold():
     old_keys = {"k", "backend", "threshold", "color_weight", "color_k", "xy_weight", "device"}
     assert set(GraphConfig(global_weight=0).describe()) == old_keys
     assert set(GraphConfig(global_weight=0, global_kernel="affine").describe()) == old_keys
-    # the default kernel (1 + c) / 2 is what stores had before global_kernel existed: same fingerprint
-    assert set(GraphConfig().describe()) == old_keys | {"global_weight", "global_rank"}
-    assert GraphConfig().describe()["global_weight"] == 1.0 and GraphConfig().describe()["global_rank"] == 32
-    assert GraphConfig(global_kernel="cosine").describe()["global_kernel"] == "cosine"
+    # the affine kernel (1 + c) / 2 is what stores had before global_kernel existed: the previous
+    # default (g = 1, affine) keeps the fingerprint of stores written then
+    previous = GraphConfig(global_weight=1.0, global_kernel="affine").describe()
+    assert set(previous) == old_keys | {"global_weight", "global_rank"} and previous["global_weight"] == 1.0
+    # the default (g = 0.3, cosine) names its kernel: a new fingerprint
+    assert GraphConfig().describe()["global_kernel"] == "cosine"
+    assert GraphConfig().describe()["global_weight"] == 0.3 and GraphConfig().describe()["global_rank"] == 32
     assert GraphConfig(kind="dense").describe()["kind"] == "dense"
     with pytest.raises(ValueError, match="unknown graph kind"):
         GraphConfig(kind="full")
@@ -460,10 +463,11 @@ def test_dense_baseline_graph():
 def test_cli_graph_flags():
     parse = get_args_parser().parse_args
     _, _, graph, spectral = build_configs(parse([]))
-    assert (graph.kind, graph.global_weight, graph.global_rank, spectral.solver) == ("knn", 1.0, 32, "auto")
-    assert graph.global_kernel == "affine"
-    _, _, graph, _ = build_configs(parse(["--global-kernel", "cosine"]))
+    assert (graph.kind, graph.global_weight, graph.global_rank, spectral.solver) == ("knn", 0.3, 32, "auto")
     assert graph.global_kernel == "cosine"
+    _, _, graph, _ = build_configs(parse(["--global-kernel", "affine", "--global-weight", "1"]))
+    assert (graph.global_kernel, graph.global_weight) == ("affine", 1.0)
+    assert graph.describe() == GraphConfig(global_weight=1.0, global_kernel="affine", backend="auto").describe()
     _, _, graph, _ = build_configs(parse(["--global-weight", "0", "--knn", "20"]))
     assert graph.global_weight == 0 and graph.k == 20
     _, _, graph, spectral = build_configs(parse(["--preset", "dsm"]))
