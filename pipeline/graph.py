@@ -9,13 +9,13 @@ k(c) = c + s, the rank-r approximation of Deep Spectral Methods' own dense affin
 max(c, 0) (s = 0 unless some pair has c < 0, see `global_factor`), at g = 0.3; or
 "affine" k(c) = (1 + c) / 2, the first global term (g = 1 before the cosine default;
 docs/BENCHMARKS.md, "Quality of the priors"). The global term is never formed: it is the
-low-rank factor `Graph.lowrank` (N x (r + 1)), applied in O(N r) inside the solvers' products
-(`laplacian.NormalizedAffinity`, `ell_operator`). Why it is there: a kNN graph only links
-near-duplicates (cos ~ 0.99), so its cheapest cut separates two large background
-regions that share few kNN links (water above, bank below) and the object goes with
-one of them; the global
-term adds how similar *every* pair is, which is what separates an object from its
-background in the dense affinity of Deep Spectral Methods, at O(N r) instead of O(N^2).
+low-rank factor `Graph.lowrank` (N x r, one more column for affine or a shift), applied
+in O(N r) inside the solvers' products (`laplacian.NormalizedAffinity`, `ell_operator`).
+Why it is there: a kNN graph only links near-duplicates (cos ~ 0.99), so its cheapest
+cut separates two large background regions that share few kNN links (water above, bank
+below) and the object goes with one of them; the global term adds how similar *every*
+pair is, which is what separates an object from its background in the dense affinity of
+Deep Spectral Methods, at O(N r) instead of O(N^2).
 
 The dense N x N affinity of the original code is formed only for kind "dense" (the
 Deep Spectral Methods baseline, `build_dense_graph`). The kNN search never keeps it in
