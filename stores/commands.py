@@ -37,6 +37,22 @@ def _options(args) -> dict | None:
         raise ValueError(f"--storage-options is not valid JSON: {exc}") from None
 
 
+def graph_summary(graph: dict) -> str:
+    """One line for a manifest's "graph" section; absent keys mean the behaviour of stores
+    written before them (kind knn, no global term, affine kernel; stores/FORMAT.md)."""
+    if graph.get("kind", "knn") == "dense":
+        return "dense max(F F^T, 0) / max (the Deep Spectral Methods baseline)"
+    weight = graph.get("global_weight", 0.0)
+    term = (
+        f"global term {graph.get('global_kernel', 'affine')} g={weight:g} r={graph.get('global_rank')}"
+        if weight
+        else "no global term"
+    )
+    return (
+        f"kNN k={graph.get('k')}, threshold={graph.get('threshold')}, colour weight={graph.get('color_weight')}, {term}"
+    )
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -88,8 +104,7 @@ def cmd_info(args) -> int:
         f"dataset      {ds['name']} / {ds['split']}  ({ds['num_images']} images, root {ds['root']})",
         f"extractor    {ex['name']} ({ex['architecture']}, facet {ex['facet']})",
         f"weights      sha256 {ex['weights_sha256'] or '— (no weights)'}",
-        f"graph        k={info['graph'].get('k')}, threshold={info['graph'].get('threshold')}, "
-        f"colour weight={info['graph'].get('color_weight')}",
+        f"graph        {graph_summary(info['graph'])}",
         f"spectrum     K={info['num_eigs']}, solver {info['solver']['solver']} (tol {info['solver']['tol']})",
         f"images       {c['done']} done, {c['failed']} failed, {c['pending']} pending" + _damage_note(info["damaged"]),
         f"size         {_human_bytes(info['bytes'])} in {info['objects']} objects",

@@ -15,7 +15,9 @@ from storecheck import toy_manifest
 
 from sazs.core.console import run_command
 from sazs.pipeline import cli as priors_cli
+from sazs.pipeline.graph import GraphConfig
 from sazs.stores import cli
+from sazs.stores.commands import graph_summary
 from sazs.stores.format import CHECKSUM_FILE, DONE, StoreError
 from sazs.stores.integrity import finalize, is_finalized, verify
 from sazs.stores.lock import read_lock
@@ -327,3 +329,11 @@ def test_run_on_stuck_and_hostile_stores(tmp_path, capsys):
     assert "status/zarr.json nests 200000 levels deep" in capsys.readouterr().err
     status_meta.write_text(original)
     assert priors_cli.main(args) == 0
+
+
+def test_info_names_the_graph_and_its_global_term():
+    assert graph_summary(GraphConfig().describe()).endswith("global term cosine g=0.3 r=32")
+    previous = graph_summary(GraphConfig(global_weight=1.0, global_kernel="affine").describe())
+    assert previous.endswith("global term affine g=1 r=32")
+    assert graph_summary(GraphConfig(global_weight=0).describe()).endswith("no global term")
+    assert graph_summary(GraphConfig(kind="dense").describe()).startswith("dense")
