@@ -6,7 +6,7 @@ Example (any CUDA machine with cupy-cuda12x, < 5 minutes):
 
 Stages, each warmed up once, then timed `--repeats` times with device synchronisation,
 median reported:
-- features: `sazs.pipeline.extractors` imgfocus-vits14 (and dino-vits8 with
+- features: `sazs.features.extractors` imgfocus-vits14 (and dino-vits8 with
   --dino-weights) at short side 480 on 480x640 images, batch --feat-batch;
 - knn: `batched_knn` + `ell_graph` on B=--batch images of N=--n ViT-like features
   (resampled from the stored ViT-S/14 features of bench/results with noise, or random
@@ -139,7 +139,7 @@ def stage_features(args, device: str, timer: Timer) -> list[dict]:
     from skimage import data
     from skimage.transform import resize
 
-    from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+    from sazs.features.extractors import ExtractorConfig, build_extractor
 
     img = (resize(data.astronaut(), (480, 640), anti_aliasing=True) * 255).astype(np.uint8)
     images = [img] * args.feat_images
@@ -193,7 +193,7 @@ def stage_end_to_end(args, device: str) -> list[dict]:
 
     from sazs.datasets.base import DatasetConfig
     from sazs.datasets.registry import build_dataset
-    from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+    from sazs.features.extractors import ExtractorConfig, build_extractor
     from sazs.pipeline.graph import GraphConfig
     from sazs.pipeline.job import JobConfig, run_local
     from sazs.stores.reader import open_store

@@ -30,8 +30,8 @@ download)
     done
     .venv/bin/python - <<'PY' || exit 1
 import torch
-from sazs.pipeline.extractors import default_cache_dir
-from sazs.pipeline.imgfocus import imgfocus_onnx_path, load_imgfocus_state_dict
+from sazs.features.extractors import default_cache_dir
+from sazs.features.imgfocus import imgfocus_onnx_path, load_imgfocus_state_dict
 sd = load_imgfocus_state_dict(imgfocus_onnx_path(None), default_cache_dir())
 sd = {k: v.half() for k, v in sd.items()} | {"mask_token": torch.zeros(1, 384, dtype=torch.half)}
 torch.save(sd, ".whl/vits14-fp16.pth")

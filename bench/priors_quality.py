@@ -35,11 +35,11 @@ import numpy as np
 
 from sazs.datasets.base import DatasetConfig
 from sazs.datasets.registry import build_dataset
-from sazs.eval.prior_cli import BINARY_DATASETS
-from sazs.eval.prior_quality import score_image, summarise
-from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+from sazs.features.extractors import ExtractorConfig, build_extractor
 from sazs.pipeline.graph import GraphConfig, build_graph, patch_colors
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
+from sazs.quality.cli import BINARY_DATASETS
+from sazs.quality.quality import score_image, summarise
 
 DEFAULT_DESIGNS = (
     "knn k=10 g=0",  # the kNN graph alone, before the global term

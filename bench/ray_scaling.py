@@ -121,7 +121,7 @@ def ray_startup(actors: int, extractor: str, short_side: int) -> dict:
     """ray.init of a local instance with ``actors`` CPUs, then ``actors`` extractors built and answering."""
     import ray
 
-    from sazs.pipeline.extractors import ExtractorConfig
+    from sazs.features.extractors import ExtractorConfig
     from sazs.pipeline.graph import GraphConfig
     from sazs.pipeline.ray_worker import ShardWorker
     from sazs.pipeline.spectral import SpectralConfig
@@ -150,7 +150,7 @@ def time_stages(args) -> dict:
     import torch
 
     from sazs.datasets.images import read_image
-    from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+    from sazs.features.extractors import ExtractorConfig, build_extractor
     from sazs.pipeline.graph import GraphConfig, build_knn_graph
     from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs
 

@@ -112,7 +112,7 @@ def load_features(names: list[str], args, cache: Path) -> tuple[str, dict[str, n
 
     torch.set_num_threads(os.cpu_count() or 1)  # extraction is not timed
     try:
-        from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+        from sazs.features.extractors import ExtractorConfig, build_extractor
 
         used = args.extractor
         try:
@@ -127,7 +127,7 @@ def load_features(names: list[str], args, cache: Path) -> tuple[str, dict[str, n
             (f,) = ext.extract([img])
             feats[n] = f.feats.reshape(*f.grid, -1)
     except ImportError as e:
-        print(f"sazs.pipeline.extractors unavailable ({e}); using own colour/position features")
+        print(f"sazs.features.extractors unavailable ({e}); using own colour/position features")
         used = "own-color-xy"
         feats = {n: own_features(img, (48, 64)).reshape(48, 64, -1) for n, img in images.items()}
     if used == args.extractor:

@@ -43,12 +43,12 @@ import torch
 
 from sazs.core.devices import resolve_device
 from sazs.datasets.synthetic import make_voc
+from sazs.model.model import ModelConfig, build_model
 from sazs.pipeline import cli as priors_cli
 from sazs.train.config import TrainConfig
 from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset, build_loader
 from sazs.train.loop import build_optimizer, forward_losses, to_device
 from sazs.train.losses import LossConfig
-from sazs.train.model import ModelConfig, build_model
 
 TARGET_OVERHEAD = 0.05
 MODES = ("no priors", "priors, no loss", "priors + spectral")

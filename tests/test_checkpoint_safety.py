@@ -20,8 +20,7 @@ import torch
 
 from sazs.datasets.synthetic import make_voc
 from sazs.eval import cli as eval_cli
-from sazs.train import cli as train_cli
-from sazs.train.checkpoint import (
+from sazs.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_for_inference,
@@ -29,6 +28,7 @@ from sazs.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from sazs.train import cli as train_cli
 
 PROJECT = Path(__file__).resolve().parents[1]
 

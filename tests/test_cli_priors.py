@@ -9,8 +9,8 @@ from PIL import Image
 from storecheck import assert_same_arrays
 
 from sazs.datasets.synthetic import make_coco, make_voc
+from sazs.features.extractors import ExtractorConfig, build_extractor
 from sazs.pipeline import cli, compute
-from sazs.pipeline.extractors import ExtractorConfig, build_extractor
 from sazs.pipeline.graph import GraphConfig
 from sazs.pipeline.job import side_paths
 from sazs.pipeline.spectral import SpectralConfig

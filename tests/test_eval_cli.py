@@ -268,7 +268,8 @@ def test_project_denoises_a_noisy_truth_with_real_priors(trained):
     from sazs.core.metrics import intersection_union
     from sazs.datasets.base import DatasetConfig
     from sazs.datasets.registry import build_dataset
-    from sazs.eval.fusion import fuse_binary, upsample_eigvecs
+    from sazs.eval.fusion import fuse_binary
+    from sazs.segments.refine import upsample_eigvecs
     from sazs.stores.reader import open_store
 
     voc, store_path, _ = trained

@@ -16,8 +16,8 @@ from sazs.eval.fusion import (
     fusion_label,
     project_probs,
     segment_masks,
-    upsample_eigvecs,
 )
+from sazs.segments.refine import upsample_eigvecs
 
 H, W = 12, 16
 

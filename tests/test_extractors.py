@@ -16,8 +16,8 @@ import torch
 
 from sazs.core import devices
 from sazs.core.files import file_sha256
-from sazs.pipeline import extractors as E
-from sazs.pipeline import imgfocus
+from sazs.features import extractors as E
+from sazs.features import imgfocus
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:

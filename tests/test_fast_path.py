@@ -14,17 +14,17 @@ from storecheck import assert_same_arrays
 
 from sazs.datasets.base import DatasetConfig
 from sazs.datasets.registry import build_dataset
+from sazs.features.extractors import ExtractorConfig, build_extractor
+from sazs.features.types import Features
 from sazs.pipeline import cli, compute, knn_batched
 from sazs.pipeline import graph as graph_mod
 from sazs.pipeline.batched_solver import array_module
 from sazs.pipeline.compute import resolve_auto, solve_features
 from sazs.pipeline.ell import ell_from_csr
-from sazs.pipeline.extractors import ExtractorConfig, build_extractor
 from sazs.pipeline.graph import GraphConfig, build_knn_graph, build_knn_graphs
 from sazs.pipeline.job import make_manifest
 from sazs.pipeline.knn import knn
 from sazs.pipeline.spectral import SpectralConfig, laplacian_eigs_batch
-from sazs.pipeline.types import Features
 from sazs.stores.lock import read_lock
 from sazs.stores.reader import open_store
 from sazs.stores.writer import StoreWriter

@@ -286,7 +286,7 @@ def real_vit_features(name: str) -> np.ndarray:
     if not path.exists():
         from sazs.datasets.base import DatasetConfig
         from sazs.datasets.registry import build_dataset
-        from sazs.pipeline.extractors import ExtractorConfig, build_extractor
+        from sazs.features.extractors import ExtractorConfig, build_extractor
 
         image = build_dataset(DatasetConfig(name="sample")).load_image(name)
         (feats,) = build_extractor(ExtractorConfig(name="imgfocus-vits14", short_side=672)).extract([image])

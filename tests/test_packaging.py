@@ -1,4 +1,4 @@
-"""The four product folders install as the namespace `sazs`, editable and as a wheel."""
+"""The `src/sazs` package installs editable and as a wheel; nothing is importable from the repository root."""
 
 import subprocess
 import sys
@@ -16,10 +16,23 @@ def test_editable_install_maps_the_namespace():
     import sazs.stores.writer
     import sazs.train
 
-    assert Path(sazs.pipeline.cli.__file__).parent == ROOT / "pipeline"
-    assert Path(sazs.stores.writer.__file__).parent == ROOT / "stores"
-    assert Path(sazs.train.__file__).parent == ROOT / "train"
-    assert Path(sazs.eval.__file__).parent == ROOT / "eval"
+    src = ROOT / "src" / "sazs"
+    assert Path(sazs.pipeline.cli.__file__).parent == src / "pipeline"
+    assert Path(sazs.stores.writer.__file__).parent == src / "stores"
+    assert Path(sazs.train.__file__).parent == src / "train"
+    assert Path(sazs.eval.__file__).parent == src / "eval"
+
+
+def test_the_repository_root_shadows_no_installed_package():
+    """Run from the root (as make and pytest do), `datasets` is HuggingFace's or absent, never ours."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; s = u.find_spec('datasets'); print(s and s.origin)"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert not out.startswith(str(ROOT / "datasets")), out
 
 
 @pytest.mark.slow
@@ -44,7 +57,10 @@ def test_built_wheel_contains_and_imports_the_packages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in (
         "sazs/pipeline/cli.py",
-        "sazs/pipeline/extractors.py",
+        "sazs/features/extractors.py",
+        "sazs/model/model.py",
+        "sazs/quality/cli.py",
+        "sazs/segments/refine.py",
         "sazs/stores/writer.py",
         "sazs/train/__init__.py",
         "sazs/eval/__init__.py",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sazs.core.linalg import orthonormal_basis
-from sazs.eval import prior_quality as pq
+from sazs.quality import quality as pq
 
 
 def test_iou_and_accuracy_by_hand():

@@ -34,8 +34,8 @@ from storecheck import arrays, assert_same_arrays  # noqa: E402
 
 from sazs.core.faults import ENV_VAR, held_pids  # noqa: E402
 from sazs.datasets.synthetic import make_coco  # noqa: E402
+from sazs.features.extractors import ExtractorConfig  # noqa: E402
 from sazs.pipeline import cli  # noqa: E402
-from sazs.pipeline.extractors import ExtractorConfig  # noqa: E402
 from sazs.pipeline.job import progress_path, side_paths  # noqa: E402
 from sazs.pipeline.ray_plan import RayConfig, plan  # noqa: E402
 from sazs.stores.lock import is_stale, read_lock  # noqa: E402

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from sazs.eval.fusion import upsample_eigvecs
-from sazs.eval.prior_quality import iou, score_image
-from sazs.eval.refine import RefineConfig, box_mean, guided_filter, refine_eigvecs
+from sazs.quality.quality import iou, score_image
+from sazs.segments.refine import RefineConfig, box_mean, guided_filter, refine_eigvecs, upsample_eigvecs
 
 
 def test_box_mean_matches_a_direct_window_mean():

@@ -213,7 +213,7 @@ def test_cupy_missing_gives_install_hint():
 
 def test_with_colour_extractor():
     """The same checks on features from the pipeline's own `color` extractor, when present."""
-    extractors = pytest.importorskip("sazs.pipeline.extractors")
+    extractors = pytest.importorskip("sazs.features.extractors")
     if "color" not in getattr(extractors, "list_extractors", lambda: [])():
         pytest.skip("no 'color' extractor registered")
     ext = extractors.build_extractor(extractors.ExtractorConfig(name="color", short_side=240))

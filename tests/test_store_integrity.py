@@ -248,7 +248,7 @@ def test_format_md_describes_what_the_writer_writes(store):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "stores" / "FORMAT.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "src" / "sazs" / "stores" / "FORMAT.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| \([^)]*\) \| `(\w+)`", text, flags=re.M))
     written = {}
     for meta_path in sorted(store.glob("*/zarr.json")):

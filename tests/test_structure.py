@@ -1,23 +1,26 @@
 """The layout stays easy to see: imports run one way, no cycles, no imports hidden in functions.
 
-The packages form layers, each importing only the ones before it:
+The packages of ``src/sazs`` form layers, each importing only the ones before it:
 
-    core  <-  datasets  <-  stores  <-  pipeline  <-  train  <-  eval
+    core < datasets < features < segments < stores < pipeline < quality < model < train < eval
 
 ``core`` holds what every package shares (console, faults, devices, files, metrics, linalg),
-``datasets`` reads images and masks, ``stores`` is the prior-store format and nothing of the
-compute, ``pipeline`` computes priors, ``train`` trains the head, ``eval`` evaluates it.
+``datasets`` reads images and masks, ``features`` extracts ViT patch features (used by the
+pipeline, the model and the evaluator), ``segments`` reads ground-truth-free segments from
+eigenvectors, ``stores`` is the prior-store format and nothing of the compute, ``pipeline``
+computes priors, ``quality`` scores them against human masks, ``model`` is the zero-shot model
+(shared by train and eval), ``train`` trains it, ``eval`` evaluates it.
 """
 
 from __future__ import annotations
 
 import ast
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("core", "datasets", "stores", "pipeline", "train", "eval")
+SRC = ROOT / "src"
+LAYERS = ("core", "datasets", "features", "segments", "stores", "pipeline", "quality", "model", "train", "eval")
 MAX_LINES = 450  # "about 400": a module longer than this is doing more than one job
 
 
@@ -30,11 +33,10 @@ class Import:
 
 
 def _modules() -> dict[str, Path]:
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     mods = {}
-    for package, folder in config.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            mods[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    for path in sorted((SRC / "sazs").glob("*/*.py")):
+        package = f"sazs.{path.parent.name}"
+        mods[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return mods
 
 
@@ -152,3 +154,11 @@ def test_the_checks_see_violations():
 def test_modules_stay_small():
     long = {str(p.relative_to(ROOT)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def test_src_layout_nothing_importable_from_the_root():
+    """No top-level folder of the repository is a package (``datasets/`` would shadow HuggingFace's)."""
+    assert (SRC / "sazs" / "__init__.py").is_file()
+    shadowing = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert not shadowing, f"top-level packages importable from the repository root: {shadowing}"
+    assert not [p.name for p in (SRC / "sazs").glob("*.py") if p.stem != "__init__"]

@@ -9,10 +9,10 @@ from PIL import Image
 
 from sazs.datasets.zeroshot import CAMVID_CLASSES, num_folds, parse_folds, zero_shot_split
 from sazs.eval import cli as eval_cli
+from sazs.model.cache import FeatureCache, backbone_key
+from sazs.model.checkpoint import load_checkpoint
+from sazs.model.model import ModelConfig, build_model
 from sazs.train import cli as train_cli
-from sazs.train.cache import FeatureCache, backbone_key
-from sazs.train.checkpoint import load_checkpoint
-from sazs.train.model import ModelConfig, build_model
 
 pytest.importorskip("sentence_transformers")
 from test_train_encoders import make_sentence_model

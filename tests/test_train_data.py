@@ -12,12 +12,11 @@ import torch
 from sazs.datasets.base import Dataset, DatasetConfig
 from sazs.datasets.synthetic import make_voc
 from sazs.datasets.voc import VOC_CLASSES
+from sazs.model.model import CLIP_MEAN, CLIP_STD
 from sazs.pipeline import cli as priors_cli
 from sazs.stores.manifest import build_manifest
 from sazs.stores.writer import ImageResult, StoreWriter
 from sazs.train.data import (
-    CLIP_MEAN,
-    CLIP_STD,
     AugmentConfig,
     DataConfig,
     EpochSampler,

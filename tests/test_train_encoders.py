@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sazs.pipeline.extractors import IMAGENET_MEAN, IMAGENET_STD, ExtractorConfig, ViTExtractor
-from sazs.train import encoders
-from sazs.train.data import normalize
-from sazs.train.model import ModelConfig, build_model, output_stride
-from sazs.train.text import TextClassifier
+from sazs.features.extractors import IMAGENET_MEAN, IMAGENET_STD, ExtractorConfig, ViTExtractor
+from sazs.model.model import ModelConfig, build_model, normalize, output_stride
+from sazs.model.text import TextClassifier
+from sazs.model import encoders
 
 pytest.importorskip("sentence_transformers")
 

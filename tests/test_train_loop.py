@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from sazs.core.metrics import SegMeter
 from sazs.datasets.synthetic import make_voc
 from sazs.datasets.zeroshot import zero_shot_split
+from sazs.model.checkpoint import load_for_inference
+from sazs.model.encoders import RANDOM_WEIGHTS_WARNING
+from sazs.model.model import ModelConfig, build_model
+from sazs.model.text import TextClassifier
 from sazs.pipeline import cli as priors_cli
 from sazs.stores.manifest import code_version
 from sazs.train import cli, loop
-from sazs.train.checkpoint import load_for_inference
 from sazs.train.data import AugmentConfig, DataConfig, PriorSegDataset
-from sazs.train.encoders import RANDOM_WEIGHTS_WARNING
 from sazs.train.losses import LossConfig, compute_losses
-from sazs.train.model import ModelConfig, build_model
-from sazs.train.text import TextClassifier
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import open_clip
 import pytest
 import torch
 
-from sazs.train.encoders import RANDOM_WEIGHTS_WARNING, TINY_ARCHS, create_clip
-from sazs.train.model import ModelConfig, SegmentationModel, build_model
-from sazs.train.text import TextClassifier
+from sazs.model.encoders import RANDOM_WEIGHTS_WARNING, TINY_ARCHS, create_clip
+from sazs.model.model import ModelConfig, SegmentationModel, build_model
+from sazs.model.text import TextClassifier
 
 TINY = ModelConfig(arch="sazs-tiny", head_dim=32, templates="single")
 
@@ -101,7 +101,7 @@ def test_text_classifier_caches_per_class_list(tiny, monkeypatch):
 
 
 def test_random_weights_are_announced(caplog):
-    with caplog.at_level(logging.WARNING, logger="sazs.train.encoders"):
+    with caplog.at_level(logging.WARNING, logger="sazs.model.encoders"):
         _, info = create_clip(TINY)
     assert info["random_weights"] is True and info["weights_sha256"] is None
     assert RANDOM_WEIGHTS_WARNING in caplog.text and "MEANINGLESS" in RANDOM_WEIGHTS_WARNING

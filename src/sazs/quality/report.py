@@ -1,0 +1,229 @@
+"""The prior-quality report: report.md / report.json and the picture grid of a store.
+
+:func:`write_report` writes the report of :func:`sazs.quality.scoring.build_report`
+as report.json (strict JSON: an undefined score is null) and report.md (:func:`format_markdown`);
+:func:`draw_grid` draws the best, median and worst images of a store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from sazs.segments.refine import refine_eigvecs, upsample_eigvecs
+from sazs.stores.preview import segment_labels
+
+from .quality import span_projection
+from .scoring import HEADLINE
+
+COLUMNS = {
+    False: [
+        ("fiedler_iou", "Fiedler IoU"),
+        ("fiedler_accuracy", "Fiedler acc"),
+        ("fiedler_max_fbeta", "Fiedler max Fβ"),
+        ("best_of_n_iou_upper_bound", "best of {n} IoU (upper bound)"),
+        ("span_iou", "span-K capture IoU"),
+    ],
+    True: [
+        ("covering", "covering"),
+        ("mean_best_iou", "mean best IoU"),
+        ("boundary_recall", "boundary recall"),
+        ("boundary_precision", "boundary precision"),
+        ("span_miou", "span-K mIoU"),
+    ],
+}
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def format_markdown(report: dict) -> str:
+    label_map = report["label_map"]
+    cols = [(k, t.format(n=report["n_best"])) for k, t in COLUMNS[label_map]]
+    ds = report["dataset"]
+    lines = [f"# Prior quality on {ds.get('name')}/{ds.get('split')} ({ds.get('num_images')} images)", ""]
+    if label_map:
+        lines += [
+            "Label maps: per ground-truth class the best IoU with one eigen-segment (cells of the sign "
+            f"pattern of v1..v{report['n_best']}); covering weights them by area; boundary recall within the "
+            "tolerance band; span-K mIoU: class maps projected on span(v0..v_{K-1}), argmax.",
+            "",
+        ]
+    else:
+        lines += [
+            "Fiedler segment: v1 > 0 (the minority side, chosen without the mask), bilinear to the mask's "
+            f"pixels. Best of {report['n_best']}: the best v_k > 0 by IoU WITH the mask, an upper bound. "
+            "Span-K capture: the mask projected on span(v0..v_{K-1}), > 0.5.",
+            "",
+        ]
+    head = ["store", "upsampling"] + [t for _, t in cols] + ["scored", "failed", "priors ms/img", "refine ms/img"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in report["stores"].items():
+        for variant, v in s["variants"].items():
+            m = v["mean"]
+            ms = s["ms_per_image"] if variant == "bilinear" else None
+            rms = s["refine_ms_per_image"] if variant != "bilinear" else None
+            lines.append(
+                "| "
+                + " | ".join(
+                    [name, variant]
+                    + [_fmt(m.get(k)) for k, _ in cols]
+                    + [
+                        str(int(m.get("num_images", 0))),
+                        str(len(s["failures"])),
+                        "–" if ms is None else f"{ms:.0f}",
+                        "–" if rms is None else f"{rms:.0f}",
+                    ]
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "priors ms/img: the whole `sazs-priors run` (decode, features, graph, solve) per computed image, "
+        "from the store's summary JSON (– when it has none); refine ms/img: the refinement of the K "
+        "upsampled vectors per image (the refined scoring's time minus the plain one's).",
+        "",
+    ]
+    headline = report["headline"]
+    for name, s in report["stores"].items():
+        for variant, v in s["variants"].items():
+            if v["per_group"]:
+                lines += [
+                    f"## {name} ({variant}): per sequence",
+                    "",
+                    "| sequence | images | " + " | ".join(t for _, t in cols) + " |",
+                    "|" + "---|" * (len(cols) + 2),
+                ]
+                for g, m in sorted(v["per_group"].items(), key=lambda x: x[0]):
+                    lines.append(
+                        f"| {g} | {int(m['num_images'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in cols) + " |"
+                    )
+                lines.append("")
+            if v["per_class"]:
+                lines += [f"## {name} ({variant}): best IoU per class", "", "| class | best IoU |", "|---|---|"]
+                lines += [f"| {c} | {_fmt(x)} |" for c, x in v["per_class"].items()]
+                lines.append("")
+        if s["failures"]:
+            lines += [f"## {name}: {len(s['failures'])} image(s) not scored", ""]
+            lines += [f"- {i}: {r}" for i, r in list(s["failures"].items())[:20]]
+            lines.append("")
+    pics = report.get("pictures") or []
+    if pics:
+        lines += ["## Pictures", "", f"Best, median and worst images by {headline}:", ""]
+        lines += [f"![{Path(p).name}]({Path(p).name})" for p in pics]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    """NaN (an undefined score) as null, so report.json is strict JSON."""
+    if isinstance(x, float):
+        return None if math.isnan(x) else x
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "report.json", out / "report.md"
+    js.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
+    md.write_text(format_markdown(report) + "\n")
+    return js, md
+
+
+def pick_images(rows: list[dict], key: str, per_end: int = 2) -> list[tuple[str, dict]]:
+    """(label, row) of the ``per_end`` best, median and worst rows by ``key`` (NaN rows left out)."""
+    ranked = sorted((r for r in rows if not math.isnan(r.get(key, math.nan))), key=lambda r: -r[key])
+    if not ranked:
+        return []
+    mid = len(ranked) // 2 - per_end // 2
+    picks = [("best", r) for r in ranked[:per_end]]
+    picks += [("median", r) for r in ranked[max(mid, 0) : max(mid, 0) + per_end]]
+    picks += [("worst", r) for r in ranked[-per_end:]]
+    seen, out = set(), []
+    for label, r in picks:
+        if r["id"] not in seen:
+            seen.add(r["id"])
+            out.append((label, r))
+    return out
+
+
+def draw_grid(
+    store,
+    dataset,
+    rows: list[dict],
+    out_png: str | Path,
+    *,
+    label_map: bool,
+    n_best: int = 4,
+    refine: str | None = None,
+    title: str = "",
+) -> Path | None:
+    """One row per picked image: image, mask, eigen-segments, Fiedler segment (refined), projection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = HEADLINE[label_map]
+    picks = pick_images(rows, key)
+    if not picks:
+        return None
+    cols = ["image", "mask", f"eigen-segments (signs v1..v{n_best})", "Fiedler v1 > 0 (bilinear)"]
+    cols += [f"Fiedler v1 > 0 ({refine})"] if refine else []
+    cols += ["mask projected on span(v0..v_{K-1})"]
+    fig, axes = plt.subplots(len(picks), len(cols), figsize=(2.8 * len(cols), 2.1 * len(picks)), squeeze=False)
+    for r, (label, row) in enumerate(picks):
+        id_ = row["id"]
+        prior = store.get(id_)
+        image, mask = dataset.load_image(id_), dataset.load_mask(id_)
+        vecs = upsample_eigvecs(prior.eigvecs, mask.shape)
+        v = vecs.numpy()
+        valid = mask != 255
+        ax = axes[r]
+        ax[0].imshow(image)
+        ax[0].set_ylabel(f"{label}\n{id_}\n{key} {row[key]:.2f}", fontsize=7)
+        if label_map:
+            ax[1].imshow(np.ma.masked_equal(mask, 255), cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        else:
+            ax[1].imshow(np.where(valid, mask != 0, 0.5), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax[2].imshow(segment_labels(v, min(n_best, v.shape[0] - 1)), cmap="tab20", interpolation="nearest")
+        c = 3
+        fiedlers = [v[1]]
+        if refine:
+            fiedlers.append(refine_eigvecs(v, image, grid=prior.grid)[1])
+        for vec in fiedlers:
+            ax[c].imshow(image)
+            ax[c].imshow(
+                np.ma.masked_equal((vec > 0).astype(float), 0), cmap="autumn", alpha=0.55, interpolation="nearest"
+            )
+            c += 1
+        if label_map:
+            classes = [int(x) for x in np.unique(mask[valid])]
+            onehot = np.stack([(mask == k) & valid for k in classes]).astype(np.float32)
+            proj = np.asarray(classes)[span_projection(vecs, onehot).argmax(0)]
+            ax[c].imshow(proj, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        else:
+            proj = span_projection(vecs, ((mask != 0) & valid)[None].astype(np.float32))[0]
+            ax[c].imshow(proj, cmap="magma", vmin=0, vmax=1)
+        for a in ax:
+            a.set_xticks([])
+            a.set_yticks([])
+    for a, t in zip(axes[0], cols):
+        a.set_title(t, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=70)
+    plt.close(fig)
+    return out_png
