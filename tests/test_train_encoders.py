@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sazs.features.extractors import IMAGENET_MEAN, IMAGENET_STD, ExtractorConfig, ViTExtractor
+from sazs.model import encoders
 from sazs.model.model import ModelConfig, build_model, normalize, output_stride
 from sazs.model.text import TextClassifier
-from sazs.model import encoders
 
 pytest.importorskip("sentence_transformers")
 
