@@ -1,0 +1,81 @@
+"""Every size and time bound of sazs, in one place.
+
+Everything sazs reads may come from someone else (a store pulled from a web server, a
+checkpoint, a dataset's list files), so each read is bounded before anything is allocated
+or waited for. The bounds sit far above any real input and far below what would exhaust a
+machine (the aim: no hostile input of 20 MB makes a command use more than 1.5 GB or run
+longer than a minute).
+
+A user raises a bound with the environment variable ``SAZS_<NAME>`` (e.g.
+``SAZS_HTTP_TIMEOUT_S=120 sazs-store pull https://...``), read once at import; where a
+command-line flag exists for one (``--max-megapixels``), the flag overrides it for that
+run. Library code that a test shrinks (the HTTP timeouts) reads ``limits.NAME`` when it
+runs, not at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _env(name: str, default: int | float) -> int | float:
+    """``default``, or the positive number in ``$SAZS_<name>`` (a bad value is an error naming it)."""
+    text = os.environ.get(f"SAZS_{name}")
+    if text is None or not text.strip():
+        return default
+    try:
+        value = type(default)(float(text)) if isinstance(default, int) else float(text)
+    except ValueError:
+        raise ValueError(f"$SAZS_{name}={text!r} is not a number (default {default})") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"$SAZS_{name}={text!r} must be a positive finite number (default {default})")
+    return value
+
+
+# -- metadata and side files -------------------------------------------------------------------
+# A zarr.json or side JSON file (a real root zarr.json is a few KiB).
+MAX_JSON_BYTES = _env("MAX_JSON_BYTES", 16 << 20)
+# Nesting of JSON objects/arrays (a real manifest nests 5 deep; Python's parser recurses).
+MAX_JSON_DEPTH = _env("MAX_JSON_DEPTH", 64)
+# A split list file (VOC ImageSets); the biggest real one (SBD trainaug, 10,582 ids) is ~130 KB.
+MAX_LIST_BYTES = _env("MAX_LIST_BYTES", 16 << 20)
+# HSNet's split lists (few-shot benchmarks): the largest (COCO-20i training) is a few MB with
+# some 10^5 entries.
+MAX_SPLIT_LIST_BYTES = _env("MAX_SPLIT_LIST_BYTES", 16 << 20)
+MAX_SPLIT_LIST_ENTRIES = _env("MAX_SPLIT_LIST_ENTRIES", 2_000_000)
+MAX_IMAGE_NAME = _env("MAX_IMAGE_NAME", 1024)  # characters of one image name in a list
+
+# -- what a prior store may claim (checked on its metadata before Zarr decodes anything) ---------
+# Far above any real dataset (COCO train: 118k images, grids under 100x100, K = 8..32).
+MAX_IMAGES = _env("MAX_IMAGES", 10_000_000)
+MAX_EIGS = _env("MAX_EIGS", 1024)
+MAX_GRID_SIDE = _env("MAX_GRID_SIDE", 4096)
+# One image's eigenvectors, K * Hmax * Wmax * 2 bytes (float16): the largest inner chunk.
+MAX_CHUNK_BYTES = _env("MAX_CHUNK_BYTES", 1 << 30)
+# One stored object before compression (a shard: what a writer or verify holds at once).
+MAX_SHARD_BYTES = _env("MAX_SHARD_BYTES", 8 << 30)
+# A compressed chunk must declare (zstd frame header, blosc header) or decode to at most the
+# size its array's metadata fixes for it; these bytes of slack cover codec framing.
+CHUNK_SLACK_BYTES = 4096
+# A DSM eigenvector file (.pth, float32 on disk): twice the largest image a store holds.
+MAX_DSM_FILE_BYTES = 2 * MAX_CHUNK_BYTES
+
+# -- images ---------------------------------------------------------------------------------------
+# Largest image decoded, in pixels (H x W), checked from the header before decoding. Pillow's
+# own bomb limit (~179 MP) lets a 13000x13000 PNG through (~5 GB decoded); every extractor
+# resizes to a short side of a few hundred pixels. `sazs-priors run --max-megapixels` too.
+MAX_PIXELS = _env("MAX_PIXELS", 40_000_000)
+# Side of one gallery thumbnail in pixels (a card holds a few: 1024 draws them at 4x the
+# default 160 and keeps a 500-image gallery's memory under 1 GB).
+MAX_THUMB_SIZE = _env("MAX_THUMB_SIZE", 1024)
+
+# -- reading over HTTP(S) (a store served as static files) -------------------------------------------
+# One response body. The reader asks for byte ranges of a shard (one image's chunk); pull and
+# verify read whole objects, a shard (a real one is a few MB to a few hundred MB).
+MAX_HTTP_BYTES = _env("MAX_HTTP_BYTES", 1 << 30)
+# Seconds to open a connection, to wait for any byte (headers or body) and for a whole request.
+# A request slower than HTTP_TIMEOUT_S (a server that trickles bytes) fails; a slow link that
+# pulls big shards raises it.
+HTTP_CONNECT_TIMEOUT_S = _env("HTTP_CONNECT_TIMEOUT_S", 10.0)
+HTTP_READ_TIMEOUT_S = _env("HTTP_READ_TIMEOUT_S", 15.0)
+HTTP_TIMEOUT_S = _env("HTTP_TIMEOUT_S", 30.0)
