@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_EXTENSIONS, MAX_PIXELS, read_image
+from sazs.core.limits import MAX_LIST_BYTES, MAX_PIXELS
 
-# Split list files (VOC ImageSets) larger than this are refused: the biggest real one
-# (SBD trainaug, 10,582 ids) is ~130 KB.
-MAX_LIST_BYTES = 16 << 20
+from .images import IMAGE_EXTENSIONS, read_image
 
 
 @dataclass(frozen=True)

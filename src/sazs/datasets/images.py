@@ -17,13 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from sazs.core.limits import MAX_PIXELS  # the bound (core/limits.py); --max-megapixels per job
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
-# Largest image decoded, in pixels (H x W), checked from the header before decoding.
-# Pillow's own decompression-bomb limit (~179 MP) still lets a 13000x13000 PNG through,
-# which takes ~5 GB to decode; every extractor resizes to a short side of a few hundred
-# pixels anyway. Raise it per job with `sazs-priors run --max-megapixels`.
-MAX_PIXELS = 40_000_000
 
 # Exceptions PIL raises for a bad file during open/decode/convert. SyntaxError and
 # struct.error come from format plugins that parse broken headers and chunks.

@@ -30,12 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from sazs.core.labels import IGNORE_INDEX
+from sazs.core.limits import MAX_IMAGE_NAME, MAX_SPLIT_LIST_BYTES, MAX_SPLIT_LIST_ENTRIES
 from sazs.datasets.zeroshot import COCO_CLASSES, check_fold
 
-# HSNet's largest list (COCO-20i training) is a few MB with some 10^5 entries.
-MAX_SPLIT_LIST_BYTES = 16 * 2**20
-MAX_SPLIT_LIST_ENTRIES = 2_000_000
-MAX_IMAGE_NAME = 1024  # characters of one image name in a list
 # Benchmark -> folder name in HSNet's data/splits.
 HSNET_NAMES = {"pascal-5i": "pascal", "coco-20i": "coco"}
 

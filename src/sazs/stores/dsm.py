@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import MAX_CHUNK_BYTES
+from sazs.core.limits import MAX_DSM_FILE_BYTES
 
 DSM_LAPLACIAN = {
     "type": "random-walk (generalised)",
@@ -55,7 +55,6 @@ DSM_SIGN_CONVENTION = (
     "Deep Spectral Methods: a vector with more than half, but not all, of its entries positive is negated"
 )
 DSM_PATCH_SIZE = 16  # DSM's default model, dino_vits16
-MAX_FILE_BYTES = 2 * MAX_CHUNK_BYTES  # float32 on disk: twice the largest image a store holds
 FLOAT16_MAX = 65504.0
 
 
@@ -164,7 +163,7 @@ def load_dsm_bytes(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray, tupl
 def read_dsm_file(path: Path) -> tuple[bytes, str]:
     """(bytes, SHA-256) of a DSM file, refusing one larger than any image a store can hold."""
     size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
+    if size > MAX_DSM_FILE_BYTES:
         raise DsmFileError(f"{path} is {size} bytes, more than the eigenvectors of any image a store holds")
     data = path.read_bytes()
     return data, hashlib.sha256(data).hexdigest()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sazs.core.limits import MAX_EIGS, MAX_GRID_SIDE
+
 from .dsm import (
     DSM_LAPLACIAN,
     DSM_PATCH_SIZE,
@@ -30,7 +32,6 @@ from .dsm import (
 from .format import StoreError
 from .integrity import EIGVAL_RANGE
 from .manifest import build_manifest
-from .schema import MAX_EIGS, MAX_GRID_SIDE
 from .writer import ImageResult, StoreWriter
 
 log = logging.getLogger(__name__)

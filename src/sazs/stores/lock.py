@@ -32,9 +32,10 @@ from pathlib import Path
 from sazs.core.console import disk_error_message
 from sazs.core.files import write_atomic
 from sazs.core.host import user_name
+from sazs.core.limits import MAX_JSON_BYTES
 
 from .format import LOCK_FILE, StoreError
-from .schema import MAX_JSON_BYTES, parse_json
+from .schema import parse_json
 
 log = logging.getLogger(__name__)
 

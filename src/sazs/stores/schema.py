@@ -17,6 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from sazs.core.limits import (
+    MAX_CHUNK_BYTES,
+    MAX_EIGS,
+    MAX_GRID_SIDE,
+    MAX_IMAGES,
+    MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_SHARD_BYTES,
+)
+
 from .format import StoreError, array_spec
 from .manifest import FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS, fingerprint
 
@@ -38,17 +48,6 @@ ALLOWED_CODECS = frozenset(
         "numcodecs.crc32c",
     }
 )
-
-# Limits on what a store may claim, checked before anything is allocated. They are far
-# above any real dataset (COCO train: 118k images, grids under 100x100, K = 8..32) and far
-# below what would exhaust a machine's memory.
-MAX_JSON_BYTES = 16 << 20  # a zarr.json or side JSON file (a real root zarr.json is a few KiB)
-MAX_JSON_DEPTH = 64  # nesting of objects/arrays (a real manifest nests 5 deep)
-MAX_IMAGES = 10_000_000
-MAX_EIGS = 1024
-MAX_GRID_SIDE = 4096
-MAX_CHUNK_BYTES = 1 << 30  # one image's eigenvectors: K * Hmax * Wmax * 2 bytes
-MAX_SHARD_BYTES = 8 << 30  # one stored object before compression (what a writer or verify holds)
 
 _ITEMSIZE = {"string": 8, "int32": 4, "int16": 2, "float32": 4, "float16": 2, "uint8": 1}
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')

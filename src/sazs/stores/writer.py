@@ -30,6 +30,7 @@ import zarr
 from sazs.core.console import disk_error_message
 from sazs.core.faults import fault_point
 from sazs.core.files import TEMP_SUFFIX
+from sazs.core.limits import MAX_IMAGES
 
 from .format import (
     ARRAYS,
@@ -45,7 +46,7 @@ from .format import (
 )
 from .lock import acquire_lock
 from .manifest import FORMAT_NAME, REQUIRED_KEYS, fingerprint_diff
-from .schema import MAX_IMAGES, check_layout, read_json_object, validate_store
+from .schema import check_layout, read_json_object, validate_store
 
 log = logging.getLogger(__name__)
 
