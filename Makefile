@@ -14,7 +14,7 @@
 #               [REFINE=guided] [REPORT=dir (default runs/priors-<dataset>)] [ARGS=...]
 #   make test   make lint (ruff)   make format   make bench (solvers)   make bench-store   make bench-ray   make bench-train   make bench-gpu (CUDA)
 #   make bench-cpu-path ARGS="--base REV"   make synth-voc   make synth-coco   make clean
-#   make ablation DATA=../shared/data/camvid [ARGS="--folds 0 --seeds 0,1,2 --tune"]   (CamVid shape-loss table)
+#   make ablation [DATASET=camvid|voc] DATA=path [ARGS="--folds 0 --seeds 0,1,2 --tune"]   (shape-loss table)
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -164,10 +164,12 @@ bench-train: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu.py $(ARGS)
 
-# The shape-loss ablation on CamVid (bench/ablation.py): needs the train and val prior stores of
-# make priors DATASET=camvid DATA=... SPLIT=train|val; ARGS=... passes e.g. --folds 0 --seeds 0,1,2 --tune.
+# The shape-loss ablation (bench/ablation.py) on CamVid (default) or PASCAL-5i (DATASET=voc): needs the
+# train and val prior stores of make priors DATASET=camvid|voc DATA=... SPLIT=train|val; ARGS=... passes
+# e.g. --folds 0 --seeds 0,1,2 --tune.
 ablation: $(STAMP)
-	$(PY) bench/ablation.py --data $(or $(DATA),$(error ablation needs DATA=path/to/camvid)) $(ARGS)
+	$(PY) bench/ablation.py --data $(or $(DATA),$(error ablation needs DATA=path/to/camvid or DATA=path/to/VOC2007)) \
+		$(if $(TRAIN_DATASET),--dataset $(TRAIN_DATASET)) $(ARGS)
 
 bench-quality: $(STAMP)
 	$(PY) bench/priors_quality.py --data $(DATA) $(ARGS)

@@ -1,23 +1,33 @@
-"""The shape-loss ablation on CamVid-11: CE, CE + edge, CE + spectral, CE + spectral + segment.
+"""The shape-loss ablation: CE, CE + edge, CE + spectral (+ segment), on CamVid-11 or PASCAL-5i (VOC).
 
-Each variant is trained on CamVid train for every fold and seed through ``sazs-train run``
-(frozen pretrained backbone, feature cache: the views are shared by every run) and scored
-through ``sazs-eval run --cache-features`` (each val image's tokens computed once for all
-runs) in the generalised setting on CamVid val, with the GT-free fusion
-modes (none, project). Loss weights: with ``--tune``, each variant's weight is chosen on val
-(fold 0, seed 0, hIoU of fusion none) from ``--grid``; otherwise the given weights are used.
-There is no test split here: the numbers are val numbers, and they are what the weights were
-tuned on when ``--tune`` is given (say so when quoting them). A head trained with CE over the
-seen classes' text embeddings predicts no unseen class at all (unseen mIoU 0 on CamVid fold 0),
-so the evaluation calibrates (``--calibration``: SPNet-C's calibrated stacking, the seen classes
-lose that much cosine similarity); ``--tune-calibration GRID`` chooses it on val with the CE run
-(first fold and seed) before anything else.
+Each variant is trained for every fold and seed through ``sazs-train run`` (frozen pretrained
+backbone, feature cache: the views are shared by every run) and scored through ``sazs-eval
+run --cache-features`` (each val image's tokens computed once for all runs), with the fusion
+modes of ``--fusion`` (the oracle, when asked for, is an upper bound and printed apart):
 
-Prints and writes ``<out>/ablation.json`` and ``<out>/ablation.md``: per fold and variant,
-seen mIoU, unseen mIoU, hIoU and boundary F of the unseen classes, mean ± std over seeds.
+- ``--dataset camvid``: the generalised setting on CamVid val (CamVid has no background, so no
+  episodes); columns seen mIoU, unseen mIoU, hIoU, boundary F of the unseen classes.
+- ``--dataset voc``: PASCAL-5i on the VOC val split: the 1-way binary episodes (lists generated
+  from the annotations; per-fold mIoU over the fold's 5 unseen classes, FB-IoU, boundary F)
+  and the generalised setting (all 20 classes: seen mIoU, unseen mIoU, hIoU). The chance
+  level of the episodes (every pixel marked foreground) is printed beside the table.
 
-    make ablation DATA=../shared/data/camvid                     # the full table (3 folds x 3 seeds)
-    python bench/ablation.py --data ../shared/data/camvid --folds 0 --seeds 0 --limit 60 --val-limit 30
+Loss weights: with ``--tune``, each variant's weight is chosen on val (first fold and seed,
+``--tune-metric`` of fusion none) from ``--grid``; otherwise the given weights are used. There
+is no test split here: the numbers are val numbers, and they are what the weights were tuned
+on when ``--tune`` is given (say so when quoting them). A head trained with CE over the seen
+classes' text embeddings predicts almost no unseen class, so the evaluation calibrates
+(``--calibration``: SPNet-C's calibrated stacking, the seen classes lose that much cosine
+similarity); ``--tune-calibration GRID`` chooses it on val with the CE run (first fold and
+seed) before anything else.
+
+Prints and writes ``<out>/ablation.json`` and ``<out>/ablation.md``: per fold and variant and
+fusion mode, the metrics' mean ± std over seeds, then the mean over folds (each seed's fold
+mean first, so the ± is the spread over seeds of the fold-averaged number).
+
+    make ablation DATA=../shared/data/camvid                     # CamVid (3 folds x 3 seeds)
+    make ablation DATASET=voc DATA=path/to/VOC2007                # PASCAL-5i (4 folds x 3 seeds)
+    python bench/ablation.py --dataset voc --data path/to/VOC2007 --folds 0 --seeds 0 --limit 40
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import time
 from pathlib import Path
 
 from sazs.eval import cli as eval_cli
+from sazs.eval.fusion import UPPER_BOUNDS, fusion_key
 from sazs.train import cli as train_cli
 
 VARIANTS = {  # name -> flags; {w} is the variant's loss weight
@@ -38,27 +49,53 @@ VARIANTS = {  # name -> flags; {w} is the variant's loss weight
     "ce+spectral": ["--spectral-weight", "{w}"],
     "ce+spectral+segment": ["--spectral-weight", "{w}", "--segment-weight", "{w2}"],
 }
-METRICS = (
-    ("seen_miou", "seen mIoU"),
-    ("unseen_miou", "unseen mIoU"),
-    ("harmonic_miou", "hIoU"),
-    ("boundary_f_unseen", "BF unseen"),
+# (section of report.json, metric key, column title)
+EPISODE_METRICS = (
+    ("episodes", "miou", "mIoU"),
+    ("episodes", "fb_iou", "FB-IoU"),
+    ("episodes", "boundary_f", "BF"),
 )
+GENERALISED_METRICS = (
+    ("generalised", "seen_miou", "seen mIoU"),
+    ("generalised", "unseen_miou", "unseen mIoU"),
+    ("generalised", "harmonic_miou", "hIoU"),
+    ("generalised", "boundary_f_unseen", "BF unseen"),
+)
+DATASETS = {  # dataset -> (benchmark, folds, default fusion, metrics, tuning metric, default variants)
+    "camvid": ("camvid-11", "0,1,2", "none,project", GENERALISED_METRICS, "harmonic_miou", ",".join(VARIANTS)),
+    "voc": (
+        "pascal-5i",
+        "0,1,2,3",
+        "none,project,select,segments,oracle",
+        EPISODE_METRICS + GENERALISED_METRICS[:3],
+        "miou",
+        "ce,ce+edge,ce+spectral",
+    ),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="CamVid root (SegNet layout)")
-    p.add_argument("--train-priors", default="priors/camvid-train-imgfocus-vits14.zarr")
-    p.add_argument("--val-priors", default="priors/camvid-val-imgfocus-vits14.zarr")
-    p.add_argument("--folds", default="0,1,2")
+    p.add_argument("--dataset", default="camvid", choices=list(DATASETS))
+    p.add_argument("--data", required=True, help="dataset root (CamVid: SegNet layout; voc: a VOC2007/VOC2012 folder)")
+    p.add_argument("--train-priors", default=None, help="default priors/<dataset>-train-imgfocus-vits14.zarr")
+    p.add_argument("--val-priors", default=None, help="default priors/<dataset>-val-imgfocus-vits14.zarr")
+    p.add_argument("--folds", default=None, help="default: every fold of the benchmark")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None, help="default: camvid all four, voc ce,ce+edge,ce+spectral")
+    p.add_argument("--fusion", default=None, help="sazs-eval --fusion (default camvid none,project; voc all)")
+    p.add_argument("--eval-args", default="", help="extra sazs-eval flags (one string)")
     p.add_argument("--edge-weight", type=float, default=0.3, help="edge baseline weight (SAZS code: 0.3)")
     p.add_argument("--spectral-weight", type=float, default=1.0)
     p.add_argument("--segment-weight", type=float, default=0.3)
     p.add_argument("--tune", action="store_true", help="choose each variant's weight on val from --grid")
     p.add_argument("--grid", default="0.1,0.3,1.0")
+    p.add_argument(
+        "--tune-metric",
+        default=None,
+        help="what --tune and --tune-calibration maximise, fusion none (camvid: harmonic_miou; voc: miou, "
+        "the episodes' unseen mIoU)",
+    )
     p.add_argument(
         "--calibration",
         type=float,
@@ -69,17 +106,26 @@ def parse_args(argv=None):
         "--tune-calibration",
         default=None,
         metavar="GRID",
-        help="choose --calibration on val (CE only, first fold and seed, hIoU of fusion none) from GRID",
+        help="choose --calibration on val (CE only, first fold and seed, --tune-metric of fusion none) from GRID",
     )
     p.add_argument("--epochs", type=float, default=10)
     p.add_argument("--limit", type=int, default=None, help="first N training images")
     p.add_argument("--val-limit", type=int, default=None, help="first N val images")
     p.add_argument("--crop-size", type=int, default=None)
     p.add_argument("--views", type=int, default=4)
-    p.add_argument("--out", default="runs/ablation-camvid")
+    p.add_argument("--out", default=None, help="default runs/ablation-<dataset>")
     p.add_argument("--device", default="auto")
     p.add_argument("--train-args", default="", help="extra sazs-train flags (one string)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    bench, folds, fusion, _, metric, variants = DATASETS[args.dataset]
+    args.folds = args.folds or folds
+    args.fusion = args.fusion or fusion
+    args.tune_metric = args.tune_metric or metric
+    args.variants = args.variants or variants
+    args.out = args.out or f"runs/ablation-{args.dataset}"
+    args.train_priors = args.train_priors or f"priors/{args.dataset}-train-imgfocus-vits14.zarr"
+    args.val_priors = args.val_priors or f"priors/{args.dataset}-val-imgfocus-vits14.zarr"
+    return args
 
 
 def _flags(variant: str, w: float, w2: float) -> list[str]:
@@ -87,13 +133,14 @@ def _flags(variant: str, w: float, w2: float) -> list[str]:
 
 
 def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float, cal: float) -> dict:
+    """{fusion key: {metric: value}} of one trained run (trained and evaluated once; reused after)."""
     run = Path(args.out) / f"{variant}-w{w:g}-fold{fold}-seed{seed}"
     report = run / f"eval-c{cal:g}" / "report.json"
     if not (run / "checkpoint.pt").is_file():
         argv = [
             "run",
             "--dataset",
-            "camvid",
+            args.dataset,
             "--data",
             args.data,
             "--fold",
@@ -134,7 +181,7 @@ def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float
         argv = [
             "run",
             "--dataset",
-            "camvid",
+            args.dataset,
             "--data",
             args.data,
             "--folds",
@@ -144,9 +191,9 @@ def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float
             "--priors",
             args.val_priors,
             "--fusion",
-            "none,project",
+            args.fusion,
             "--headline",
-            "project",
+            "none",
             "--out",
             str(report.parent),
             "--device",
@@ -158,14 +205,29 @@ def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float
             "--calibration",
             str(cal),
             *(["--limit", str(args.val_limit)] if args.val_limit else []),
+            *args.eval_args.split(),
         ]
         if eval_cli.main(argv) != 0:
             raise RuntimeError(f"evaluation failed: sazs-eval {' '.join(argv)}")
-    gen = json.loads(report.read_text())["generalised"]["camvid-11"]["fusion"]
-    return {mode: entry["mean"] for mode, entry in gen.items()}
+    return read_scores(json.loads(report.read_text()), DATASETS[args.dataset][0])
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def read_scores(report: dict, bench: str) -> dict:
+    """{fusion key: {metric: value}} from a sazs-eval report: the episodes' and the generalised means
+    (a mode scored in one setting only has the other's metrics missing)."""
+    out: dict[str, dict] = {}
+    for section, key in (("episodes", "protocols"), ("generalised", "generalised")):
+        for mode, entry in report.get(key, {}).get(bench, {}).get("fusion", {}).items():
+            for metric, value in entry["mean"].items():
+                out.setdefault(mode, {})[f"{section}.{metric}"] = value
+        if section == "episodes":
+            chance = report.get(key, {}).get(bench, {}).get("chance")
+            if chance:
+                out["chance"] = {f"episodes.{m}": v for m, v in chance["mean"].items()}
+    return out
+
+
+def _mean_std(values: list) -> tuple[float, float]:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return float("nan"), float("nan")
@@ -173,11 +235,62 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, (sum((v - m) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
 
 
+def _cells(res: dict, metrics) -> str:
+    cells = []
+    for sec, k, _ in metrics:
+        m, sd = res[f"{sec}.{k}"]
+        cells.append("—" if math.isnan(m) else f"{100 * m:.1f} ± {100 * sd:.1f}")
+    return " | ".join(cells)
+
+
+def make_table(runs: dict, folds: list[int], variants: list[str], weights: dict, metrics) -> str:
+    """Markdown: per fold, variant and fusion mode the mean ± std over seeds, then the mean over folds
+    (per seed first); the oracle's rows (an upper bound, uses GT) in a second table."""
+    modes = list(next(iter(runs.values())))
+    keys = [f"{sec}.{k}" for sec, k, _ in metrics]
+
+    def stats(per_seed: list[dict]) -> dict:
+        return {k: _mean_std([r.get(k) for r in per_seed]) for k in keys}
+
+    head = ["| fold | variant | weight | fusion | " + " | ".join(t for *_, t in metrics) + " |"]
+    head.append("|---|---|---|---|" + "---|" * len(metrics))
+    tables = {False: list(head), True: list(head)}
+    seeds = sorted({s for (_, _, s) in runs})
+    for fold in [*folds, "mean"]:
+        for v in variants:
+            for mode in modes:
+                if mode == "chance":
+                    continue
+                if fold == "mean":  # each seed's mean over the folds, then mean ± std over seeds
+                    per_seed = [
+                        {k: _mean_std([runs[(f, v, s)][mode].get(k) for f in folds])[0] for k in keys} for s in seeds
+                    ]
+                else:
+                    per_seed = [runs[(fold, v, s)][mode] for s in seeds]
+                upper = mode in {fusion_key(m) for m in UPPER_BOUNDS}
+                tables[upper].append(f"| {fold} | {v} | {weights[v]:g} | {mode} | {_cells(stats(per_seed), metrics)} |")
+    text = "\n".join(tables[False])
+    if len(tables[True]) > 2:
+        text += "\n\nUpper bound (reads the ground truth; not a method):\n\n" + "\n".join(tables[True])
+    chance = [runs[k]["chance"] for k in runs if "chance" in runs[k]]
+    if chance:
+        per_fold = {f: runs[(f, variants[0], seeds[0])]["chance"] for f in folds}
+        cells = ", ".join(f"fold {f} {100 * c['episodes.miou']:.1f}" for f, c in per_fold.items())
+        mean = sum(c["episodes.miou"] for c in per_fold.values()) / len(per_fold)
+        text += (
+            f"\n\nChance (every pixel of every episode marked foreground): episode mIoU {cells}; mean {100 * mean:.1f}"
+        )
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    metrics = DATASETS[args.dataset][3]
     folds = [int(f) for f in args.folds.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
+    section = "generalised" if args.tune_metric in {k for _, k, _ in GENERALISED_METRICS} else "episodes"
+    tune_key = f"{section}.{args.tune_metric}"
     weights = {
         "ce": args.spectral_weight,
         "ce+edge": args.edge_weight,
@@ -189,35 +302,28 @@ def main(argv=None) -> int:
     if args.tune_calibration:  # one CE checkpoint, evaluated at each calibration (val)
         w = weights["ce"]
         scores = {
-            c: train_and_eval(args, "ce", folds[0], seeds[0], w, args.segment_weight, c)["none"]["harmonic_miou"]
+            c: train_and_eval(args, "ce", folds[0], seeds[0], w, args.segment_weight, c)["none"][tune_key]
             for c in (float(g) for g in args.tune_calibration.split(","))
         }
         cal = max(scores, key=lambda c: scores[c])
-        print(f"tuned calibration: {cal:g} (val hIoU of CE {scores})", flush=True)
-    if args.tune:  # on val, fold 0, seed 0, fusion none
+        print(f"tuned calibration: {cal:g} (val {tune_key} of CE {scores})", flush=True)
+    if args.tune:  # on val, first fold and seed, fusion none
         for v in variants:
             if v == "ce":
                 continue
             scores = {
-                w: train_and_eval(args, v, folds[0], seeds[0], w, args.segment_weight, cal)["none"]["harmonic_miou"]
+                w: train_and_eval(args, v, folds[0], seeds[0], w, args.segment_weight, cal)["none"][tune_key]
                 for w in (float(g) for g in args.grid.split(","))
             }
             weights[v] = max(scores, key=lambda w: scores[w])
-            print(f"tuned {v}: weight {weights[v]:g} (val hIoU {scores})", flush=True)
-    rows = {}
+            print(f"tuned {v}: weight {weights[v]:g} (val {tune_key} {scores})", flush=True)
+    runs = {}
     for fold in folds:
         for v in variants:
-            per_seed = [train_and_eval(args, v, fold, s, weights[v], args.segment_weight, cal) for s in seeds]
-            for mode in per_seed[0]:
-                rows[(fold, v, mode)] = {k: _mean_std([r[mode][k] for r in per_seed]) for k, _ in METRICS}
-    lines = [
-        "| fold | variant | weight | fusion | " + " | ".join(t for _, t in METRICS) + " |",
-        "|---|---|---|---|" + "---|" * len(METRICS),
-    ]
-    for (fold, v, mode), res in rows.items():
-        cells = " | ".join(f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in res.values())
-        lines.append(f"| {fold} | {v} | {weights[v]:g} | {mode} | {cells} |")
-    table = "\n".join(lines)
+            for s in seeds:
+                runs[(fold, v, s)] = train_and_eval(args, v, fold, s, weights[v], args.segment_weight, cal)
+                print(f"done fold {fold} {v} seed {s} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    table = make_table(runs, folds, variants, weights, metrics)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,10 +338,7 @@ def main(argv=None) -> int:
                 "weights": weights,
                 "calibration": cal,
                 "seeds": seeds,
-                "rows": [
-                    {"fold": f, "variant": v, "fusion": m, **{k: {"mean": a, "std": b} for k, (a, b) in r.items()}}
-                    for (f, v, m), r in rows.items()
-                ],
+                "runs": [{"fold": f, "variant": v, "seed": s, "scores": r} for (f, v, s), r in runs.items()],
             },
             indent=1,
         )

@@ -1,4 +1,12 @@
-"""The PASCAL VOC 2012 segmentation reader (optionally SBD-augmented) and the VOC class names."""
+"""The PASCAL VOC segmentation reader (VOC 2012, optionally SBD-augmented, or VOC 2007) and the VOC class names.
+
+VOC 2007 and VOC 2012 share the 20 classes, the palette PNG masks (0 background, 1..20 the
+classes, 255 the outline band, ignored) and the layout ``JPEGImages/``, ``SegmentationClass/``,
+``ImageSets/Segmentation/<split>.txt``; only the folder name differs. The root may be the release
+folder itself (``VOC2012/``, ``VOC2007/``) or a folder above it (``VOCdevkit/``, or the folder
+holding ``VOCdevkit/``): the first candidate with ``JPEGImages/`` is read, VOC 2012 before 2007.
+Split lists are the release's ``ImageSets/Segmentation/*.txt`` (any name there is a split).
+"""
 
 from __future__ import annotations
 
@@ -35,17 +43,18 @@ VOC_CLASSES = [
 
 
 class VOCDataset(Dataset):
-    """PASCAL VOC 2012 segmentation (optionally SBD-augmented: SegmentationClassAug/)."""
+    """PASCAL VOC 2012 (optionally SBD-augmented: SegmentationClassAug/) or VOC 2007 segmentation."""
 
     name = "voc"
+    RELEASES = ("VOC2012", "VOC2007")
     LAYOUT = (
-        "expected the PASCAL VOC 2012 layout (VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, "
-        "ImageSets/Segmentation}), pass DATA=path/to/VOC2012"
+        "expected the PASCAL VOC layout (VOCdevkit/VOC2012 or VOCdevkit/VOC2007 with {JPEGImages, "
+        "SegmentationClass, ImageSets/Segmentation}), pass DATA=path/to/VOC2012 or DATA=path/to/VOC2007"
     )
 
     def __init__(self, cfg: DatasetConfig):
         given = require_root(self.name, cfg.root, self.LAYOUT)
-        candidates = [given, given / "VOC2012", given / "VOCdevkit" / "VOC2012"]
+        candidates = [given, *(given / r for r in self.RELEASES), *(given / "VOCdevkit" / r for r in self.RELEASES)]
         root = next((c for c in candidates if (c / "JPEGImages").is_dir()), None)
         if root is None:
             raise FileNotFoundError(f"no JPEGImages/ under {given}: {self.LAYOUT}")

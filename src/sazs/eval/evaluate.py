@@ -44,6 +44,7 @@ from .episodes import FoldEpisodes
 from .fusion import (
     DEFAULT_HEADLINE,
     FUSIONS,
+    NEEDS_IMAGE,
     NEEDS_PRIORS,
     SEMANTIC,
     FusionConfig,
@@ -51,10 +52,15 @@ from .fusion import (
     check_headline,
     fuse_binary,
     fuse_semantic,
+    segment_partition,
 )
 from .splits import Episode
 
 log = logging.getLogger(__name__)
+
+
+# The chance level of an episode (every pixel marked foreground), scored beside the fusion modes.
+CHANCE = "chance"
 
 
 class PriorsMismatchError(ValueError):
@@ -227,6 +233,10 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
         logits = model.logits(image, [model.background, *(split.name(c) for c in labels)])
         eig_grid = priors(image_id, image.shape[:2]) if priors is not None and cfg.needs_priors else None
         eig = upsample_eigvecs(eig_grid, mask.shape).to(logits.device) if eig_grid is not None else None
+        # one partition of the image for all of its episodes
+        regions = (
+            segment_partition(eig, image, cfg.fusion) if eig is not None and NEEDS_IMAGE & set(cfg.fusions) else None
+        )
         for j, label in enumerate(labels):
             episode = Episode(image_id, label)
             probs = torch.softmax(logits[[0, j + 1]].float(), 0)
@@ -236,13 +246,23 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
             for mode in cfg.fusions:
                 fallback = mode in NEEDS_PRIORS and eig is None
                 fused = fuse_binary(
-                    "none" if fallback else mode, probs, eig, cfg=cfg.fusion, target=target.to(probs.device)
+                    "none" if fallback else mode,
+                    probs,
+                    eig,
+                    cfg=cfg.fusion,
+                    target=target.to(probs.device),
+                    image=image,
+                    regions=regions,
                 )
                 fg = fused.mask.cpu()
                 inter, union = intersection_union(fg.long(), target, 2)
                 edges = boundary_counts(fg, target, tolerance=cfg.boundary_tolerance)
                 per_mode[mode] = EpisodeScore(inter, union, edges, fused.choice, fallback)
                 fused_masks[mode] = fg
+            # chance level: every pixel marked foreground
+            every = torch.ones_like(target, dtype=torch.bool)
+            inter, union = intersection_union(every.long(), target, 2)
+            per_mode[CHANCE] = EpisodeScore(inter, union, np.zeros(4), 0)
             scores[episode] = per_mode
             if episode in samples_wanted:
                 samples.append(
@@ -263,6 +283,10 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
     num_classes = len(split.class_names)
     fold_classes = [c - 1 for c in split.unseen]
     modes = {}
+    chance = EpisodeMeter(num_classes)
+    for episode, n in counts.items():
+        s = scores[episode][CHANCE]
+        chance.add(episode.label - 1, s.intersection, s.union, n)
     for mode in cfg.fusions:
         meter = EpisodeMeter(num_classes)
         bmeter = BoundaryMeter(num_classes, tolerance=cfg.boundary_tolerance)
@@ -294,7 +318,14 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
         seconds,
         "  ".join(f"{m} mIoU {100 * r['miou']:.1f}" for m, r in modes.items()),
     )
-    return {"fold": split.fold, "protocol": fold_eps.describe(), "modes": modes, "seconds": seconds, "samples": samples}
+    return {
+        "fold": split.fold,
+        "protocol": fold_eps.describe(),
+        "modes": modes,
+        "chance": {"miou": chance.miou(fold_classes), "fb_iou": chance.fb_iou(fold_classes)},
+        "seconds": seconds,
+        "samples": samples,
+    }
 
 
 def _num(x: float) -> float | None:
@@ -312,7 +343,7 @@ def evaluate_generalised(
     The classifier holds the background word and every class (every class only, for a
     benchmark without background: CamVid); seen mIoU counts background as seen (the GZS3Net
     convention). Fusion modes: those of ``cfg.fusions`` defined for label maps (``none``,
-    ``project``).
+    ``project``, ``segments``).
     """
     modes_run = [m for m in cfg.fusions if m in SEMANTIC]
     names = [model.background, *split.class_names] if split.background else list(split.class_names)
@@ -328,14 +359,21 @@ def evaluate_generalised(
         target = torch.from_numpy(mask.astype(np.int64))
         target[(target > len(names) - 1) & (target != IGNORE_INDEX)] = IGNORE_INDEX
         probs = torch.softmax(model.logits(image, names).float(), 0)
-        eig = None
-        if "project" in modes_run and priors is not None:
+        eig = regions = None
+        if set(modes_run) & NEEDS_PRIORS and priors is not None:
             grid = priors(image_id, image.shape[:2])
             eig = upsample_eigvecs(grid, mask.shape) if grid is not None else None
             fallbacks += grid is None
+            if eig is not None and NEEDS_IMAGE & set(modes_run):
+                regions = segment_partition(eig, image, cfg.fusion)
         for mode in modes_run:
             pred = fuse_semantic(
-                mode if (mode == "none" or eig is not None) else "none", probs, eig, cfg=cfg.fusion
+                mode if (mode == "none" or eig is not None) else "none",
+                probs,
+                eig,
+                cfg=cfg.fusion,
+                image=image,
+                regions=regions,
             ).cpu()
             meters[mode].update(pred, target)
             bmeters[mode].update_semantic(pred.numpy(), target.numpy())

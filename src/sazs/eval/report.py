@@ -108,6 +108,11 @@ def build_report(
             "fusion": table,
             "seconds": sum(r.get("seconds", 0.0) for r in folds),
         }
+        if all("chance" in r for r in folds):  # every pixel of every episode marked foreground
+            out["protocols"][bench]["chance"] = {
+                "folds": {f"fold{r['fold']}": r["chance"] for r in folds},
+                "mean": {k: _mean([r["chance"][k] for r in folds]) for k in folds[0]["chance"]} if folds else {},
+            }
         if out["headline"] is None and headline in modes:
             out["headline"] = {
                 "protocol": bench,
@@ -227,7 +232,10 @@ def format_text(report: dict) -> str:
         lines.append("mIoU / FB-IoU / boundary F (BF) over the fold's unseen classes, %")
         groups = [_mode_title(key, e, hkey) for key, e in proto["fusion"].items()]
         _, rows = protocol_rows(proto, hkey)
-        lines += _text_table("fold", groups, [name for _, name in METRICS], rows) + [""]
+        lines += _text_table("fold", groups, [name for _, name in METRICS], rows)
+        if proto.get("chance"):
+            lines.append(_chance_line(proto))
+        lines.append("")
     for _bench, gen in report.get("generalised", {}).items():
         lines.append(f"{gen['title']} · generalised setting: background + all classes on whole validation masks")
         lines.append("seen mIoU (background counted as seen) / unseen mIoU / their harmonic mean, %")
@@ -238,6 +246,15 @@ def format_text(report: dict) -> str:
     for w in report.get("warnings", []):
         lines.append(f"WARNING   {w}")
     return "\n".join(lines)
+
+
+def _chance_line(proto: dict) -> str:
+    c = proto["chance"]
+    folds = ", ".join(f"{k.removeprefix('fold')}: {_pct(v['miou'])}" for k, v in c["folds"].items())
+    return (
+        f"chance (every pixel marked foreground): mIoU {_pct(c['mean'].get('miou'))} "
+        f"(folds {folds}); FB-IoU {_pct(c['mean'].get('fb_iou'))}"
+    )
 
 
 def headline_line(report: dict) -> str:
@@ -279,6 +296,8 @@ def format_markdown(report: dict) -> str:
             "",
         ]
         lines += _md_table(*markdown_rows(proto, hkey)) + [""]
+        if proto.get("chance"):
+            lines += [_chance_line(proto), ""]
         rates = {
             e["label"]: e["segment_rate"]
             for e in proto["fusion"].values()
