@@ -50,10 +50,14 @@ MAX_IMAGE_NAME = _env("MAX_IMAGE_NAME", 1024)  # characters of one image name in
 MAX_IMAGES = _env("MAX_IMAGES", 10_000_000)
 MAX_EIGS = _env("MAX_EIGS", 1024)
 MAX_GRID_SIDE = _env("MAX_GRID_SIDE", 4096)
-# One image's eigenvectors, K * Hmax * Wmax * 2 bytes (float16): the largest inner chunk.
-MAX_CHUNK_BYTES = _env("MAX_CHUNK_BYTES", 1 << 30)
-# One stored object before compression (a shard: what a writer or verify holds at once).
-MAX_SHARD_BYTES = _env("MAX_SHARD_BYTES", 8 << 30)
+# One image's eigenvectors, K * Hmax * Wmax * 2 bytes (float16): the largest inner chunk
+# (K = 64 on a 1400 x 1400 patch grid; a real one is about 1 MB).
+MAX_CHUNK_BYTES = _env("MAX_CHUNK_BYTES", 256 << 20)
+# One stored object before compression (a shard: what a writer, merge or verify holds at once
+# per thread; a real one is 10..100 MB). Every chunk decodes to at most this.
+MAX_SHARD_BYTES = _env("MAX_SHARD_BYTES", 1 << 30)
+# One string of the ids and errors arrays, in UTF-8 bytes (a failure reason is cut to this).
+MAX_STRING_BYTES = _env("MAX_STRING_BYTES", 64 << 10)
 # A compressed chunk must declare (zstd frame header, blosc header) or decode to at most the
 # size its array's metadata fixes for it; these bytes of slack cover codec framing.
 CHUNK_SLACK_BYTES = 4096
@@ -79,3 +83,36 @@ MAX_HTTP_BYTES = _env("MAX_HTTP_BYTES", 1 << 30)
 HTTP_CONNECT_TIMEOUT_S = _env("HTTP_CONNECT_TIMEOUT_S", 10.0)
 HTTP_READ_TIMEOUT_S = _env("HTTP_READ_TIMEOUT_S", 15.0)
 HTTP_TIMEOUT_S = _env("HTTP_TIMEOUT_S", 30.0)
+
+# -- torch files (checkpoints, DSM eigenvector files, ViT weights; core/torchfiles.py) ------------
+# torch.save writes a zip whose entries are stored, never compressed; a hand-made file may
+# deflate them, and deflated zeros expand ~1000x (a 12 MB file holding a 2 GiB tensor). The
+# sizes are read from the zip's directory before anything is decompressed: a deflated entry
+# may unpack to at most this many times its packed size (real float data deflates ~1.1x).
+MAX_UNPACK_RATIO = _env("MAX_UNPACK_RATIO", 4)
+# Unpacked total of one torch file: DINOv2 ViT-L/14 weights are 1.2 GB, a fine-tuned ViT-B
+# checkpoint with its optimiser state ~1.1 GB. (DSM files: MAX_DSM_FILE_BYTES.)
+MAX_TORCH_FILE_BYTES = _env("MAX_TORCH_FILE_BYTES", 8 << 30)
+# A torch file's pickle (data.pkl: the structure, not the tensors). A checkpoint's is ~6 KB,
+# ViT weights' ~20 KB; each byte of pickle can build up to ~64 bytes of Python objects.
+MAX_TORCH_PICKLE_BYTES = _env("MAX_TORCH_PICKLE_BYTES", 8 << 20)
+
+# -- a checkpoint's config (the model is rebuilt from it: model/checkpoint.py) ---------------------
+# Channels of the dense head (default 256; head_dim^2 weights per 3x3 conv).
+MAX_HEAD_DIM = _env("MAX_HEAD_DIM", 4096)
+# Input side in pixels: the training crop, which is also the default inference short side
+# (default 384-512; the backbone's tokens and attention grow with its square and fourth power).
+MAX_INPUT_SIDE = _env("MAX_INPUT_SIDE", 2048)
+
+# -- numbers on the command line (core/argtypes.py) -------------------------------------------------
+# Weights of the terms of a prior graph (--global-weight, --color-weight): at 100 the term
+# outweighs the kNN graph by two orders already; much larger values overflow the degrees.
+MAX_GRAPH_WEIGHT = _env("MAX_GRAPH_WEIGHT", 1000.0)
+# Learning rates (--lr): the paper's are 1e-3 / 2e-4; 10 diverges within a step anyway.
+MAX_LEARNING_RATE = _env("MAX_LEARNING_RATE", 10.0)
+
+# -- dataset annotation files (datasets/coco.py) ----------------------------------------------------
+# A COCO instances JSON: the largest real one (instances_train2017.json) is 448 MB. Decoding
+# costs ~10x the text in Python objects; nesting is bounded by the parser's recursion limit,
+# and each image's height x width by MAX_PIXELS before its mask is allocated.
+MAX_ANNOTATION_JSON_BYTES = _env("MAX_ANNOTATION_JSON_BYTES", 1 << 30)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
+from sazs.core.jsonfiles import read_json
 from sazs.core.labels import IGNORE_INDEX
+from sazs.core.limits import MAX_ANNOTATION_JSON_BYTES
 
 from .base import Dataset, DatasetConfig, check_split, require_root
+from .images import ImageError
 
 
 def _coco_problem(data) -> str | None:
@@ -20,7 +22,7 @@ def _coco_problem(data) -> str | None:
     if not isinstance(data, dict):
         return f"the top level is a JSON {type(data).__name__}, not an object"
     required = {
-        "images": {"id": int, "file_name": str},
+        "images": {"id": int, "file_name": str, "height": int, "width": int},
         "categories": {"id": int, "name": str},
         "annotations": {"id": int, "image_id": int, "category_id": int},
     }
@@ -42,16 +44,13 @@ def _load_coco(path: Path):
     """pycocotools' index of an instances JSON; a malformed file is a one-line ValueError."""
     from pycocotools.coco import COCO
 
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"annotation file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
-            f"{err.msg}); re-download or regenerate it"
-        ) from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"annotation file {path} is not UTF-8 JSON (byte {err.start}: {err.reason})") from None
+    data = read_json(
+        path,
+        max_bytes=MAX_ANNOTATION_JSON_BYTES,
+        what="annotation file",
+        fix="re-download or regenerate it",
+        raise_with="$SAZS_MAX_ANNOTATION_JSON_BYTES",
+    )
     problem = _coco_problem(data)
     if problem:
         raise ValueError(f"annotation file {path}: {problem}; expected COCO instances JSON")
@@ -99,10 +98,31 @@ class COCODataset(Dataset):
         super().__init__(cfg, root=str(root), split=split, paths=paths, class_names=names, image_root=root / split)
 
     def load_mask(self, id: str) -> np.ndarray:
-        self.image_path(id)
+        """The semantic mask of image ``id``; ImageError (a failure of that image) for sizes out of bounds.
+
+        The annotation file, not the image, gives the mask's size: it is checked against the
+        pixel bound (``max_pixels``) before the mask is allocated, and every RLE annotation
+        must be of that size (pycocotools would decode it at the size it claims).
+        """
+        path = self.image_path(id)
         info = self.coco.imgs[int(id)]
-        mask = np.zeros((info["height"], info["width"]), np.uint8)
+        h, w = info["height"], info["width"]
+        if not (h >= 1 and w >= 1 and h * w <= self.max_pixels):
+            raise ImageError(
+                f"the annotation file gives image {id} the size {h}x{w}, not 1 to {self.max_pixels / 1e6:g} "
+                "megapixels; fix its 'height'/'width' (or raise --max-megapixels)",
+                path,
+            )
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[int(id)], iscrowd=None))
+        for a in anns:
+            segm = a.get("segmentation")
+            if isinstance(segm, dict) and list(segm.get("size", ())) != [h, w]:
+                raise ImageError(
+                    f"annotation {a['id']} of image {id} is an RLE of size {str(segm.get('size'))[:40]}, not the "
+                    f"image's {h}x{w}; fix the annotation file",
+                    path,
+                )
+        mask = np.zeros((h, w), np.uint8)
         for a in [a for a in anns if a.get("iscrowd", 0)]:
             mask[self.coco.annToMask(a) > 0] = IGNORE_INDEX
         for a in sorted((a for a in anns if not a.get("iscrowd", 0)), key=lambda a: (-a["area"], a["id"])):

@@ -44,7 +44,7 @@ from sazs.train.demo import DEMO_OUT
 from .demo import DEMO_EPISODES, DEMO_VAL_PRIORS, DemoConfig, DemoError, run_demo
 from .episodes import DEFAULT_SAMPLING
 from .fusion import GT_FREE, FusionConfig, fusion_label, list_fusions
-from .options import get_args_parser, run_config
+from .options import CALIBRATION, add_weight_args, get_args_parser, run_config
 from .predict import OnTheFlyPriors, Predictor, parse_classes, predict_image
 from .run import run_eval
 
@@ -75,7 +75,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes)
-    predictor = Predictor(args.ckpt, device=args.device, short_side=args.short_side, calibration=args.calibration)
+    files = {k: getattr(args, k) for k in ("clip_weights", "backbone_weights", "text_encoder")}
+    predictor = Predictor(
+        args.ckpt, device=args.device, short_side=args.short_side, calibration=args.calibration, files=files
+    )
     priors = None
     if args.fusion != "none":
         if args.store:
@@ -193,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--short-side", type=int, default=None, help="model input short side (default: training crop)")
     pred.add_argument(
         "--calibration",
-        type=float,
+        type=CALIBRATION,
         default=0.0,
         metavar="G",
         help="subtract G of cosine similarity from the checkpoint's training classes (as sazs-eval run)",
     )
+    add_weight_args(pred)
     pred.add_argument("--out", default=None, help="output directory (default <ckpt dir>/predictions)")
     pred.add_argument("--device", default="auto")
     pred.set_defaults(func=cmd_predict)

@@ -109,5 +109,6 @@ def run_demo(cfg: DemoConfig) -> dict:
             str(cfg.draw),
         ]
         + ([] if cfg.progress else ["--no-progress"])
+        + (["--clip-weights", cfg.clip_weights] if cfg.clip_weights else [])
     )
     return run_eval(run_config(run_args))

@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import argparse
 
+from sazs.core.argtypes import number
 from sazs.datasets.zeroshot import BENCHMARKS, num_folds, parse_folds
 
 from .episodes import DEFAULT_EPISODES, SAMPLING_RULES, ProtocolConfig
 from .evaluate import EvalConfig
 from .fusion import DEFAULT_HEADLINE, FUSIONS, GT_FREE, FusionConfig
 from .run import DEFAULT_ARCH, RunConfig
+
+
+# Calibrated stacking subtracts G of cosine similarity (in [-1, 1]): |G| > 2 changes nothing more.
+CALIBRATION = number(-2, 2)
+
+
+def add_weight_args(g) -> None:
+    """The encoders' weight files of a checkpoint: given here, never taken from the checkpoint."""
+    for flag, what in (
+        ("--clip-weights", "open_clip checkpoint file the checkpoints were trained with (CLIP_WEIGHTS=)"),
+        ("--backbone-weights", "dino-*/dinov2-* backbone file the checkpoints were trained with (WEIGHTS=)"),
+        ("--text-encoder", "sentence-transformers folder the checkpoints were trained with (a package name is kept)"),
+    ):
+        g.add_argument(flag, default=None, metavar="PATH", help=f"{what}; a checkpoint never chooses a file to open")
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -55,6 +70,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--max-long-side", type=int, default=None, metavar="PX", help="cap (default 2x short side)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    add_weight_args(g)
     g.add_argument(
         "--cache-features",
         nargs="?",
@@ -66,7 +82,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--calibration",
-        type=float,
+        type=CALIBRATION,
         default=0.0,
         metavar="G",
         help="calibrated stacking: subtract G of cosine similarity from the classes the checkpoint was "
@@ -127,15 +143,15 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--num-eigs", type=int, default=None, help="eigenvectors spanning the projection (default all)")
     g.add_argument(
         "--select-threshold",
-        type=float,
+        type=number(0, 1),
         default=0.5,
         help="select: IoU with the predicted mask a segment needs to replace it (0.5)",
     )
     g.add_argument(
         "--boundary-tolerance",
-        type=float,
+        type=number(0, 100, lo_open=True),
         default=0.008,
-        help="boundary F band: >= 1 pixels, < 1 fraction of the image diagonal (default 0.008, DAVIS)",
+        help="boundary F band in (0, 100]: >= 1 pixels, < 1 fraction of the image diagonal (default 0.008, DAVIS)",
     )
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR", help="report directory (default runs/eval-<dataset>-<split>)")
@@ -180,6 +196,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         max_long_side=args.max_long_side,
         cache_features=args.cache_features,
         calibration=args.calibration,
+        clip_weights=args.clip_weights,
+        backbone_weights=args.backbone_weights,
+        text_encoder=args.text_encoder,
         priors=args.priors,
         extractor=args.extractor,
         storage_options=args.storage_options,

@@ -63,9 +63,11 @@ class Predictor:
         precision: str = "auto",
         feature_cache: str | None = None,
         calibration: float = 0.0,
+        files: dict[str, str | None] | None = None,
     ):
         path = Path(checkpoint)
-        self.model, self.text, self.ckpt = load_for_inference(path, device)
+        # files: the encoders' weight files from the command line (load_for_inference)
+        self.model, self.text, self.ckpt = load_for_inference(path, device, files)
         self.path = str(path)
         self.device = next(self.model.parameters()).device
         cfg = self.ckpt["config"]

@@ -56,6 +56,10 @@ class RunConfig:
     max_long_side: int | None = None
     cache_features: str | None = None  # feature cache directory ("auto": the default one); None: off
     calibration: float = 0.0
+    # Weight files of the checkpoints' encoders (a checkpoint never chooses a file to open).
+    clip_weights: str | None = None
+    backbone_weights: str | None = None
+    text_encoder: str | None = None
     priors: str | None = None  # prior store path or URL; None: priors/<dataset>-<split>-<extractor>.zarr
     extractor: str = "imgfocus-vits14"  # extractor name in the default priors path
     storage_options: str | None = None  # fsspec options (JSON text) for an object-store URL
@@ -159,6 +163,11 @@ def run_eval(run: RunConfig) -> dict:
             precision=run.precision,
             feature_cache=run.cache_features,
             calibration=run.calibration,
+            files={
+                "clip_weights": run.clip_weights,
+                "backbone_weights": run.backbone_weights,
+                "text_encoder": run.text_encoder,
+            },
         )
         infos[str(fold)] = predictor.describe()
         ids = list(dict.fromkeys(e.image_id for e in fold_eps.episodes)) if fold_eps else []

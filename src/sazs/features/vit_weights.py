@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sazs.core.torchfiles import load_torch_file
+
 
 @dataclass(frozen=True)
 class ViTSpec:
@@ -112,7 +114,7 @@ def load_official_vit(name: str, weights: str | None) -> tuple[torch.nn.Module, 
     spec = VIT_SPECS[name]
     path = official_checkpoint(name, weights)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_torch_file(path)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint for '{name}': {err}") from err
     sd = unwrap_checkpoint(blob, path)

@@ -69,6 +69,11 @@ def content_view(image: np.ndarray, input_hw: Sequence[int]) -> str:
     return json.dumps(["content", digest, list(image.shape), [int(n) for n in input_hw]])
 
 
+def _token_width(model) -> int:
+    """Channels of ``model.encode``'s tokens: what the dense head takes in."""
+    return int(model.head.inp[0].in_channels)
+
+
 class FeatureCache:
     """Tokens (width, h, w) of one backbone, one ``.npy`` file per view."""
 
@@ -84,11 +89,40 @@ class FeatureCache:
     def path(self, view: str) -> Path:
         return self.dir / f"{_sha(view)[:40]}.npy"
 
-    def get(self, view: str) -> np.ndarray | None:
+    def get(self, view: str, shape: tuple[int, int, int] | None = None) -> np.ndarray | None:
+        """The cached tokens of ``view``, or None (missing, unreadable, or not of ``shape``: recomputed).
+
+        The .npy header is checked before any data is read: float16, the expected shape, and
+        a file exactly that long, so a damaged or foreign file never allocates more than its size.
+        """
         path = self.path(view)
         if not path.is_file():
             return None
         try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_2_0 if version == (2, 0) else np.lib.format.read_array_header_1_0
+                )
+                found, fortran, dtype = read_header(f)
+                data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+            want = f"float16 {shape}" if shape else "float16 (width, h, w)"
+            if (
+                dtype != np.float16
+                or fortran
+                or len(found) != 3
+                or (shape is not None and tuple(found) != tuple(shape))
+                or data_bytes != 2 * int(np.prod(found, dtype=np.int64))
+            ):
+                log.warning(
+                    "cache file %s holds %s %s in %d bytes, not %s; recomputing it",
+                    path,
+                    dtype,
+                    found,
+                    data_bytes,
+                    want,
+                )
+                return None
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # truncated or not an .npy: recompute it
             log.warning("unreadable cache file %s (%s); recomputing", path, exc)
@@ -101,7 +135,9 @@ class FeatureCache:
     @torch.no_grad()
     def tokens(self, model, images: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
         """The backbone's tokens (B, width, h, w) of a batch: read back where cached, else computed and stored."""
-        found = [self.get(v) for v in views]
+        patch = int(model.patch_size)
+        shape = (_token_width(model), images.shape[-2] // patch, images.shape[-1] // patch)
+        found = [self.get(v, shape) for v in views]
         missing = [i for i, t in enumerate(found) if t is None]
         self.hits += len(views) - len(missing)
         self.misses += len(missing)

@@ -34,8 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sazs.core import limits
 from sazs.core.devices import resolve_device
 from sazs.core.files import atomic_file
+from sazs.core.torchfiles import TorchFileError, load_torch_file
 
 from .encoders import RANDOM_WEIGHTS_WARNING
 from .model import ModelConfig, build_model
@@ -204,7 +206,9 @@ def load_checkpoint(path: str | os.PathLike, *, need: tuple[str, ...] = INFERENC
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `make train` / sazs-train")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch_file(path)
+    except TorchFileError as exc:
+        raise CheckpointError(f"checkpoint {exc}") from None
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:  # not a refused object: a damaged pickle
@@ -251,6 +255,8 @@ def load_checkpoint(path: str | os.PathLike, *, need: tuple[str, ...] = INFERENC
             f"{path}: its 'config' is not a sazs-train run config (sections {', '.join(sections)}); "
             "pass the checkpoint.pt sazs-train wrote"
         )
+    if "config" in need:
+        check_config(config, path)
     weights = ckpt.get("model")
     if "model" in need and not (
         isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())
@@ -261,10 +267,82 @@ def load_checkpoint(path: str | os.PathLike, *, need: tuple[str, ...] = INFERENC
     return ckpt
 
 
-def model_config(ckpt: dict, path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig a checkpoint was trained with."""
+def _int_in(lo: int, hi: int):
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _name(v) -> bool:  # a registry or package name: never a path, never huge
+    return type(v) is str and 0 < len(v) <= 200 and not any(c in v for c in "/\\~\0") and not v.startswith(".")
+
+
+# (section, field, default, check, what it must be): the values of a checkpoint's config that
+# rebuild its model. A checkpoint is someone else's file: each is checked before it sizes
+# anything (limits in core/limits.py).
+_FIELDS = (
+    ("model", "arch", None, _name, "an architecture name"),
+    ("model", "text_encoder", "clip", lambda v: type(v) is str and 0 < len(v) <= 4096, "a text encoder"),
+    ("model", "templates", "seg", _name, "a template set name"),
+    ("model", "head_dim", 256, _int_in(1, limits.MAX_HEAD_DIM), f"an integer in 1..{limits.MAX_HEAD_DIM}"),
+    ("model", "upsample", 2, _int_in(1, 64), "an integer in 1..64"),
+    ("model", "init_temperature", 1 / 0.07, lambda v: type(v) is float and 0 < v <= 1e4, "a number in (0, 1e4]"),
+    ("model", "finetune_backbone", False, lambda v: type(v) is bool, "true or false"),
+    ("model", "boundary_head", False, lambda v: type(v) is bool, "true or false"),
+    ("model", "clip_weights", None, lambda v: v is None or type(v) is str, "a file name or None"),
+    ("model", "backbone_weights", None, lambda v: v is None or type(v) is str, "a file name or None"),
+    ("augment", "crop_size", None, _int_in(1, limits.MAX_INPUT_SIDE), f"an integer in 1..{limits.MAX_INPUT_SIDE}"),
+    ("data", "dataset", None, _name, "a dataset name"),
+    ("train", "seed", 0, _int_in(-(2**63), 2**63 - 1), "a 64-bit integer"),
+)
+# Files a checkpoint's config names, opened only when given on the command line (the flag).
+_WEIGHT_FLAGS = {"clip_weights": "--clip-weights", "backbone_weights": "--backbone-weights"}
+
+
+def check_config(config: dict, path: str | os.PathLike) -> None:
+    """CheckpointError naming the file and the field for a config value sazs-train never writes."""
+    sections = {**config, "augment": config["data"]["augment"]}
+    for section, field, default, ok, what in _FIELDS:
+        value = sections[section].get(field, default)
+        if not ok(value):
+            where = "data.augment" if section == "augment" else section
+            raise CheckpointError(
+                f"{path}: its config's {where}.{field} = {_short(value)} is not {what}; the file was edited "
+                "or damaged: pass the checkpoint.pt sazs-train wrote (bounds: $SAZS_MAX_* in core/limits.py)"
+            )
+
+
+def _short(value) -> str:
+    if type(value) is int and abs(value) > 10**12:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value) if isinstance(value, int | float | str | bool | type(None)) else f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def model_config(ckpt: dict, path: str | os.PathLike, files: dict[str, str | None] | None = None) -> ModelConfig:
+    """The ModelConfig a checkpoint was trained with, its weight files those of the command line.
+
+    ``files`` maps clip_weights / backbone_weights / text_encoder to what the command line
+    gave (None: not given). A checkpoint never chooses a local file to open: a weights file
+    or a text-encoder folder its config names must be passed again (CheckpointError otherwise).
+    """
+    cfg = dict(ckpt["config"]["model"])
+    files = files or {}
+    for key, flag in _WEIGHT_FLAGS.items():
+        if cfg.get(key) and not files.get(key):
+            raise CheckpointError(
+                f"{path} was trained with {flag} {_short(Path(cfg[key]).name)}: pass that file again with "
+                f"{flag} PATH (sazs never opens a file a checkpoint names)"
+            )
+        cfg[key] = files.get(key) or None
+    text = cfg.get("text_encoder", "clip")
+    if files.get("text_encoder"):
+        cfg["text_encoder"] = files["text_encoder"]
+    elif not _name(text) or (text != "clip" and Path(text).is_dir()):
+        raise CheckpointError(
+            f"{path} was trained with the text encoder folder {_short(text)}: pass it again with "
+            "--text-encoder DIR (sazs never opens a folder a checkpoint names)"
+        )
     try:
-        return ModelConfig(**ckpt["config"]["model"])
+        return ModelConfig(**cfg)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: its model config does not fit this version of sazs ({_first_line(exc)}); "
@@ -341,11 +419,14 @@ def restore_training(ckpt: dict, path: str | os.PathLike, model, optimizer, sche
     return step
 
 
-def load_for_inference(path: str | os.PathLike, device: str = "auto"):
-    """(model, text classifier, checkpoint dict) rebuilt from a training checkpoint."""
+def load_for_inference(path: str | os.PathLike, device: str = "auto", files: dict[str, str | None] | None = None):
+    """(model, text classifier, checkpoint dict) rebuilt from a training checkpoint.
+
+    ``files``: the weight files of the command line (see :func:`model_config`).
+    """
     dev = resolve_device(device)
     ckpt = load_checkpoint(path)
-    cfg = model_config(ckpt, path)
+    cfg = model_config(ckpt, path, files)
     seed = ckpt["config"].get("train", {}).get("seed", 0)
     torch.manual_seed(int(seed))  # a random frozen backbone is recreated from the run's seed
     try:

@@ -1,49 +1,16 @@
 """The options of `sazs-priors run` (`get_args_parser`, reusable by launchers through
 ``parents=[...]``) and the argparse types that check their values on the command line.
 
-`cli.build_configs` turns the parsed options into the stages' frozen configs.
+`cli.build_configs` turns the parsed options into the stages' frozen configs. The types
+(:func:`~sazs.core.argtypes.at_least`, :func:`~sazs.core.argtypes.number`) live in core.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
-
-def at_least(lo: int):
-    """argparse type: an integer >= lo (the error names the value and the range)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < lo:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo}")
-        return value
-
-    return parse
-
-
-def number(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
-    """argparse type: a finite float in [lo, hi] (an end open where asked)."""
-    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        ok = (
-            math.isfinite(value)
-            and (value > lo if lo_open else value >= lo)
-            and (value < hi if hi_open else value <= hi)
-        )
-        if not ok:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {span}")
-        return value
-
-    return parse
+from sazs.core.argtypes import at_least, number
+from sazs.core.limits import MAX_GRAPH_WEIGHT
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -107,14 +74,18 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="drop affinities <= this, in [0, 1) (default 0)",
     )
     g.add_argument(
-        "--color-weight", type=number(0), default=0.0, help="weight of the colour/position kNN term, >= 0 (0 = off)"
+        "--color-weight",
+        type=number(0, MAX_GRAPH_WEIGHT),
+        default=0.0,
+        help=f"weight of the colour/position kNN term, in [0, {MAX_GRAPH_WEIGHT:g}] (0 = off)",
     )
     g.add_argument(
         "--global-weight",
-        type=number(0),
+        type=number(0, MAX_GRAPH_WEIGHT),
         default=0.3,
         help="weight g of the global term g k(p_i.p_j) added to the kNN graph (p: unit features "
-        "on their top --global-rank directions; applied in O(N r), never formed), >= 0 (default 0.3; "
+        "on their top --global-rank directions; applied in O(N r), never formed), "
+        f"in [0, {MAX_GRAPH_WEIGHT:g}] (default 0.3; "
         "0 = the kNN graph alone, the default before the global term; the previous default was "
         "--global-weight 1 --global-kernel affine)",
     )

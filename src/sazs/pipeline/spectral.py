@@ -119,6 +119,8 @@ def _solve_eigsh(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _
             f"ARPACK converged {len(e.eigenvalues)} of {cfg.num_eigs} eigenpairs "
             f"(tol={cfg.tol}, max_iter={cfg.max_iter}, precision={cfg.precision}, {matvecs} mat-vecs)"
         ) from e
+    except sla.ArpackError as e:  # e.g. no Arnoldi factorisation of a graph with overflowing weights
+        raise SolverError(f"ARPACK failed after {matvecs} mat-vecs ({str(e).split('.')[0]})") from e
     if dtype == np.float32:
         vecs = vecs.astype(np.float64)
         vecs /= np.linalg.norm(vecs, axis=0, keepdims=True)

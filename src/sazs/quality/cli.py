@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from sazs.core.argtypes import number
 from sazs.datasets.base import DatasetConfig
 from sazs.datasets.folders import MasksDataset
 from sazs.datasets.registry import build_dataset
@@ -69,9 +70,9 @@ def add_priors_parser(sub) -> None:
     )
     p.add_argument(
         "--boundary-tolerance",
-        type=float,
+        type=number(0, 100, lo_open=True),
         default=0.008,
-        help="boundary band: >= 1 pixels, < 1 fraction of the diagonal (0.008)",
+        help="boundary band in (0, 100]: >= 1 pixels, < 1 fraction of the diagonal (0.008)",
     )
     p.add_argument(
         "--baseline",

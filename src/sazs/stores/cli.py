@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sazs.core.argtypes import at_least
 from sazs.core.console import run_command, setup_logging
 from sazs.core.faults import arm_from_environment
 
@@ -196,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default=None, help="split, e.g. val, train (default: the dataset's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the dataset")
     p.add_argument("--out", required=True, help="the store to write")
-    p.add_argument("--patch-size", type=int, default=16, help="DSM's patch size P (default 16, dino_vits16)")
+    p.add_argument("--patch-size", type=at_least(1), default=16, help="DSM's patch size P (default 16, dino_vits16)")
     p.add_argument("--grid", type=_grid, default=None, metavar="HxW", help="one patch grid for every image")
     p.add_argument("--num-eigs", type=int, default=None, help="keep the first K eigenvectors (default: the files' K)")
-    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--shard-size", type=at_least(1), default=64, help="images per store shard (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--retry-failed", action="store_true", help="on resume, retry the images that failed")
     p.set_defaults(func=cmd_import_dsm)

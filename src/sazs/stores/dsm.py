@@ -37,13 +37,13 @@ failure with the reason, like a file of the wrong shape. Nothing from a file is 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 
 from sazs.core.limits import MAX_DSM_FILE_BYTES
+from sazs.core.torchfiles import TorchFileError, load_torch_file
 
 DSM_LAPLACIAN = {
     "type": "random-walk (generalised)",
@@ -121,13 +121,16 @@ def dsm_record(eigvals: np.ndarray, vectors: np.ndarray, grid: tuple[int, int]) 
 def load_dsm_bytes(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
     """(eigenvalues (K,), eigenvectors (K, n), grid or None) of a DSM file's bytes; DsmFileError otherwise.
 
-    ``torch.load(weights_only=True)``: only tensors, numbers, strings and containers are
-    unpickled; a file naming any other global is refused before anything of it runs.
+    The zip's sizes are checked first (at most MAX_DSM_FILE_BYTES unpacked, no decompression
+    bomb), then ``torch.load(weights_only=True)``: only tensors, numbers, strings and
+    containers are unpickled; a file naming any other global is refused before anything of it runs.
     """
     import torch
 
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = load_torch_file(data, name, max_unpacked=MAX_DSM_FILE_BYTES)
+    except TorchFileError as exc:
+        raise DsmFileError(str(exc)) from None
     # A malformed or hostile pickle can fail in any way inside the unpickler; each is a
     # recorded failure of that one file, never a crash of the import.
     except Exception as exc:

@@ -50,6 +50,8 @@ class ImportConfig:
     def __post_init__(self) -> None:
         if self.patch_size < 1:
             raise ValueError(f"--patch-size must be >= 1, got {self.patch_size}")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.grid is not None and not all(1 <= g <= MAX_GRID_SIDE for g in self.grid):
             raise ValueError(f"--grid {self.grid} must be two sides in 1..{MAX_GRID_SIDE}")
         if self.num_eigs is not None and not 2 <= self.num_eigs <= MAX_EIGS:

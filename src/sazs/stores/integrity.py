@@ -384,7 +384,13 @@ def verify(url: str, *, storage_options: dict | None = None, progress: bool = Fa
     report.pending = [store.ids[i] for i in np.flatnonzero(status == PENDING)]
     report.failed = [store.ids[i] for i in np.flatnonzero(status == FAILED)]
     gone = missing_objects(store, objects)
-    tol = float(store.manifest["solver"].get("residual_tol", 1e-3))
+    tol = store.manifest["solver"].get("residual_tol", 1e-3)
+    if type(tol) not in (int, float) or not 0 <= tol < float("inf"):
+        report.unreadable.append(
+            f"{url}: its manifest's solver.residual_tol = {str(tol)[:40]!r} is not a number >= 0; the manifest "
+            "was edited: restore it, or compute the store again"
+        )
+        return report
     num_shards = -(-len(store) // int(store.manifest["layout"]["shard_size"]))
     results = dask.compute(
         *[dask.delayed(_check_shard)(store, s, tol, gone) for s in range(num_shards)], scheduler="threads"

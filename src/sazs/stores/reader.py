@@ -28,6 +28,7 @@ import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
+from . import codecs  # noqa: F401  (installs the bounded decoders before any store is opened)
 from .format import ARRAYS, DONE, FAILED, PENDING, StoreError, is_http, is_local, split_url
 from .schema import validate_store
 

@@ -30,23 +30,10 @@ from sazs.core.limits import (
 from .format import StoreError, array_spec
 from .manifest import FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS, fingerprint
 
-# Codecs a v1 store may use. Anything else is refused before Zarr sees it.
+# Codecs a v1 store may use. Anything else is refused before Zarr sees it. The compressors
+# among them (zstd, blosc, gzip) decode through stores/codecs.py, bounded by the metadata.
 ALLOWED_CODECS = frozenset(
-    {
-        "bytes",
-        "zstd",
-        "blosc",
-        "gzip",
-        "crc32c",
-        "transpose",
-        "sharding_indexed",
-        "vlen-utf8",
-        "numcodecs.zstd",
-        "numcodecs.blosc",
-        "numcodecs.gzip",
-        "numcodecs.zlib",
-        "numcodecs.crc32c",
-    }
+    {"bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "sharding_indexed", "vlen-utf8", "numcodecs.crc32c"}
 )
 
 _ITEMSIZE = {"string": 8, "int32": 4, "int16": 2, "float32": 4, "float16": 2, "uint8": 1}

