@@ -23,6 +23,7 @@ from sazs.datasets.registry import build_dataset
 from sazs.datasets.zeroshot import BENCHMARKS, check_dataset_classes, zero_shot_split
 from sazs.model.checkpoint import load_checkpoint
 from sazs.model.encoders import resolve_encoders
+from sazs.stores.format import default_store_path
 from sazs.stores.manifest import code_version
 from sazs.stores.reader import open_store
 
@@ -131,7 +132,7 @@ def run_eval(run: RunConfig) -> dict:
         log.info("%s has no background class: generalised setting only (no episodes)", bench)
     store = None
     if cfg.needs_priors:
-        priors_path = run.priors or f"priors/{dataset.name}-{dataset.split}-{run.extractor}.zarr"
+        priors_path = run.priors or default_store_path(dataset.name, dataset.split, run.extractor)
         if not run.priors and not Path(priors_path).exists():
             modes = sorted(set(cfg.fusions) & NEEDS_PRIORS)
             raise FileNotFoundError(

@@ -37,7 +37,7 @@ from sazs.datasets.images import ImageError
 from sazs.datasets.registry import build_dataset, list_datasets
 from sazs.datasets.synthetic import main as synth_main
 from sazs.features.extractors import ExtractorConfig, build_extractor, list_extractors
-from sazs.stores.format import StoreError
+from sazs.stores.format import StoreError, default_store_path
 from sazs.stores.manifest import code_version
 from sazs.stores.reader import open_store
 
@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dataset_cfg, extractor_cfg, graph_cfg, spectral_cfg = build_configs(args)
     log.info("sazs %s; arguments: %s", code_version(), json.dumps(vars(args), default=str, sort_keys=True))
     dataset = build_dataset(dataset_cfg)
-    out = args.out or f"priors/{dataset.name}-{dataset.split}-{extractor_cfg.name}.zarr"
+    out = args.out or default_store_path(dataset.name, dataset.split, extractor_cfg.name)
     job = JobConfig(
         out=out,
         shard_size=args.shard_size,

@@ -25,6 +25,11 @@ LOCK_FILE = ".sazs-lock"
 SIDE_FILES = frozenset({CHECKSUM_FILE, SUMMARY_FILE, LOCK_FILE})
 
 
+def default_store_path(dataset: str, split: str, extractor: str) -> str:
+    """Where `sazs-priors run` writes a dataset split's store, and where train and eval look for it."""
+    return f"priors/{dataset}-{split}-{extractor}.zarr"
+
+
 def array_spec(num_images: int, num_eigs: int, max_grid: tuple[int, int]) -> dict[str, tuple[tuple, str]]:
     """Expected (shape, data type) of every array of a format-v1 store."""
     n, k = num_images, num_eigs

@@ -28,7 +28,7 @@ from sazs.core.limits import MAX_HEAD_DIM, MAX_INPUT_SIDE, MAX_LEARNING_RATE
 from sazs.datasets.zeroshot import BENCHMARKS
 from sazs.model.encoders import resolve_encoders
 from sazs.model.model import ModelConfig, output_stride
-from sazs.stores.format import StoreError
+from sazs.stores.format import StoreError, default_store_path
 
 from .config import RunConfig, TrainConfig
 from .data import AugmentConfig, DataConfig
@@ -229,7 +229,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     arch, text_encoder = resolve_encoders(args.arch, args.text_encoder, args.clip_weights)
     priors = args.priors
     if priors is None and (args.spectral_weight > 0 or args.segment_weight > 0):
-        priors = f"priors/{args.dataset}-{split}-{args.extractor}.zarr"
+        priors = default_store_path(args.dataset, split, args.extractor)
         if not Path(priors).exists():
             raise FileNotFoundError(
                 f"no prior store at {priors}; compute it first: make priors DATASET={args.dataset} "
