@@ -4,7 +4,21 @@ import numpy as np
 import pytest
 
 from sazs.quality.quality import iou, score_image
-from sazs.segments.refine import RefineConfig, box_mean, guided_filter, refine_eigvecs, upsample_eigvecs
+from sazs.segments.bilateral import bilateral_solve
+from sazs.segments.pamr import PamrConfig, pamr
+from sazs.segments.refine import (
+    REFINERS,
+    RefineConfig,
+    box_mean,
+    check_refine,
+    guided_filter,
+    list_refiners,
+    refine_eigvecs,
+    refine_labels,
+    refine_mask,
+    refine_probs,
+    upsample_eigvecs,
+)
 
 
 def test_box_mean_matches_a_direct_window_mean():
@@ -81,3 +95,84 @@ def test_fusion_upsampling_can_refine_with_the_image():
     assert not np.allclose(refined, plain)
     with pytest.raises(ValueError, match="needs the image"):
         upsample_eigvecs(grid, (42, 84), refine="guided")
+
+
+# -- the registry of mask / label-map refiners ------------------------------------------------
+
+
+def _object_scene(h=60, w=120, edge=50, seed=0):
+    """A dark background, a bright object right of column ``edge``, mild noise; the grid's coarse
+    mask (4 x 8 cells of 15 px) puts the object from column 45: 5 px off the edge."""
+    rng = np.random.default_rng(seed)
+    image = np.full((h, w, 3), 50.0)
+    image[:, edge:] = (200, 160, 120)
+    image = np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+    coarse = np.zeros((4, 8), bool)
+    coarse[:, 3:] = True
+    truth = np.zeros((h, w), bool)
+    truth[:, edge:] = True
+    return image, coarse, truth
+
+
+@pytest.mark.parametrize("name", ["guided", "bilateral", "pamr", "crf"])
+def test_refine_mask_snaps_a_coarse_edge_onto_the_image_edge(name):
+    if name == "crf":
+        pytest.importorskip("pydensecrf.densecrf", reason="refinement 'crf' needs pydensecrf2")
+    image, coarse, truth = _object_scene()
+    plain = upsample_eigvecs(coarse[None].astype(np.float32), truth.shape).numpy()[0] > 0.5
+    refined = refine_mask(coarse, image, name)
+    assert refined.dtype == bool and refined.shape == truth.shape
+    first = lambda m: int(np.argmax(m[30]))  # noqa: E731
+    assert abs(first(plain) - 50) >= 4
+    assert abs(first(refined) - 50) <= 1
+    assert iou(refined, truth) > iou(plain, truth) + 0.03
+    # a soft mask at the image's size is taken as it is
+    soft = upsample_eigvecs(coarse[None].astype(np.float32), truth.shape).numpy()[0]
+    np.testing.assert_array_equal(refine_mask(soft, image, name, grid=(4, 8)), refined)
+
+
+def test_refine_labels_moves_every_border_onto_the_image():
+    image, _, _ = _object_scene()
+    image[30:, :50] = 120  # a third region: bottom left, grey
+    coarse = np.zeros((4, 8), np.int64)
+    coarse[:, 3:] = 1
+    coarse[2:, :3] = 2
+    truth = np.zeros((60, 120), np.int64)
+    truth[:, 50:] = 1
+    truth[30:, :50] = 2
+    out = refine_labels(coarse, image, "guided")
+    assert out.shape == (60, 120)
+    assert (out == truth).mean() > 0.97
+    plain = refine_labels(coarse, image, "bilateral")
+    assert (plain == truth).mean() > 0.97
+
+
+def test_the_registry_lists_its_refiners_and_names_them_in_errors():
+    assert list_refiners() == list(REFINERS) == ["guided", "bilateral", "crf", "pamr"]
+    assert all(r.help for r in REFINERS.values())
+    assert check_refine(None) is None and check_refine("pamr") == "pamr"
+    with pytest.raises(ValueError, match=r"unknown refinement 'cfr'.*'guided', 'bilateral', 'crf', 'pamr'"):
+        check_refine("cfr")
+    image, coarse, _ = _object_scene()
+    with pytest.raises(ValueError, match="differ in size"):
+        refine_probs(np.zeros((1, 10, 10), np.float32), image, "guided")
+    with pytest.raises(ValueError, match="guided filter only"):
+        upsample_eigvecs(np.zeros((2, 4, 8), np.float32), (60, 120), image=image, refine="bilateral")
+
+
+def test_bilateral_solver_keeps_constants_and_is_linear():
+    image, _, _ = _object_scene(seed=2)
+    rng = np.random.default_rng(0)
+    p, q = rng.random((2, 60, 120))
+    out = bilateral_solve(image, np.stack([np.full((60, 120), 0.7), p, q, 2 * p - q]))
+    np.testing.assert_allclose(out[0], 0.7, atol=1e-3)
+    np.testing.assert_allclose(out[3], 2 * out[1] - out[2], atol=1e-3)
+
+
+def test_pamr_keeps_constants_and_stops_at_edges():
+    image, _, truth = _object_scene()
+    probs = np.stack([np.full((60, 120), 0.25), truth.astype(np.float32)])
+    probs[1, :, 44:50] = 1.0  # a band spilled 6 px onto the background
+    out = pamr(image, probs, PamrConfig(num_iter=20))
+    np.testing.assert_allclose(out[0], 0.25, atol=1e-5)
+    assert out[1][:, 44:50].mean() < 0.5 and out[1][:, 60:].mean() > 0.95

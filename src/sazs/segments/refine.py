@@ -1,4 +1,5 @@
-"""Image-guided refinement of eigenvectors to pixel resolution (the guided filter).
+"""Image-guided refinement to pixel resolution: of eigenvectors (the guided filter), and of masks
+and label maps (a registry of refiners: guided filter, fast bilateral solver, dense CRF, PAMR).
 
 Eigenvectors live on the patch grid (14 px patches for ViT-S/14): upsampled bilinearly, the
 zero crossing of a vector lands anywhere within a patch of the object's real edge. The
@@ -15,25 +16,27 @@ guide in [0, 1] and a stack of sources (..., H, W); ``refine_eigvecs(vecs, image
 refines eigenvectors already upsampled to the image (what :mod:`eval.fusion`,
 :mod:`eval.predict` and :mod:`eval.prior_quality` call with ``refine="guided"``).
 Pure numpy, float64 inside (box sums of 400 k pixels lose too much in float32).
+
+Masks and label maps (``refine_mask``, ``refine_labels``, ``refine_probs``) take any refiner of
+:data:`REFINERS` (``list_refiners()``; ``check_refine(name)``): soft class maps (C, H, W) in
+[0, 1] in, refined soft maps out, argmax per pixel. Each refiner is registered with its help
+text; ``guided`` and ``bilateral`` are linear and keep constants (a mask is refined as one
+channel), ``crf`` and ``pamr`` are not (a mask is refined as two channels, background and
+object). Measured gain and cost per refiner: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-REFINERS = ("guided",)
-
-
-def check_refine(mode: str | None) -> str | None:
-    """None (no refinement) or a known mode; the error lists them."""
-    if mode is not None and mode not in REFINERS:
-        raise ValueError(f"unknown refinement {mode!r}; choose from {list(REFINERS)} (or none)")
-    return mode
+from .bilateral import bilateral_solve
+from .pamr import pamr
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,6 @@ def _coefficients(g: np.ndarray, p: np.ndarray, radius: int, eps: float) -> tupl
 
 def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of the last two axes (align_corners=False, as the eigenvector upsampling)."""
-    import torch
-    import torch.nn.functional as F
-
     t = torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, 1, *a.shape[-2:])
     out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
     return out.reshape(*a.shape[:-2], *size).numpy()
@@ -204,6 +204,133 @@ def upsample_eigvecs(eigvecs, size: tuple[int, int], *, image=None, refine: str 
         v = F.interpolate(v[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
     if check_refine(refine) is None:
         return v
+    if refine != "guided":
+        raise ValueError(
+            f"eigenvectors are refined by the guided filter only (it is linear, so their span and "
+            f"signs survive), not {refine!r}; masks and label maps take any of {list_refiners()}"
+        )
     if image is None:
         raise ValueError(f"refine={refine!r} needs the image the eigenvectors belong to")
     return torch.from_numpy(refine_eigvecs(v.numpy(), image, grid=grid))
+
+
+# -- refiners of masks and label maps -----------------------------------------------------------
+
+
+def _check_image(image: np.ndarray, hw: tuple[int, int]) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"refinement needs the (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    if tuple(image.shape[:2]) != tuple(hw):
+        raise ValueError(f"image {image.shape[:2]} and maps {tuple(hw)} differ in size")
+
+
+def _guided(probs: np.ndarray, image: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+    return refine_eigvecs(probs, image, RefineConfig(), grid=grid)
+
+
+def _bilateral(probs: np.ndarray, image: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+    return bilateral_solve(image, probs)
+
+
+def _pamr(probs: np.ndarray, image: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+    return pamr(image, probs)
+
+
+def _crf(probs: np.ndarray, image: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+    """Krähenbühl & Koltun's dense CRF (pydensecrf2), Deep Spectral Methods' settings: unary
+    -log p, Gaussian kernel (sxy 3, weight 3) + appearance kernel (sxy 80, srgb 13, weight 10),
+    5 mean-field iterations."""
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as exc:
+        raise ImportError(
+            "refinement 'crf' needs pydensecrf2 (a C++ extension built from source: "
+            "`pip install pydensecrf2`, with a compiler and Cython)"
+        ) from exc
+    c, h, w = probs.shape
+    p = np.clip(probs / np.maximum(probs.sum(0, keepdims=True), 1e-6), 1e-5, 1.0)
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p).reshape(c, -1), np.float32))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(image), compat=10)
+    return np.asarray(crf.inference(5), np.float32).reshape(c, h, w)
+
+
+@dataclass(frozen=True)
+class Refiner:
+    name: str
+    help: str
+    run: Callable[[np.ndarray, np.ndarray, tuple[int, int] | None], np.ndarray]  # (probs, image, grid)
+    linear: bool  # linear and keeps constants: a mask is refined as one channel
+
+
+REFINERS: dict[str, Refiner] = {
+    r.name: r
+    for r in (
+        Refiner("guided", "guided filter, radius one patch, eps 1e-3 (He et al.; numpy)", _guided, True),
+        Refiner(
+            "bilateral",
+            "fast bilateral solver with TokenCut's settings (Barron & Poole; scipy.sparse)",
+            _bilateral,
+            True,
+        ),
+        Refiner("crf", "dense CRF, Deep Spectral Methods' settings (needs pydensecrf2)", _crf, False),
+        Refiner("pamr", "pixel-adaptive mask refinement, 10 iterations at 240 px (Araslanov & Roth)", _pamr, False),
+    )
+}
+
+
+def list_refiners() -> list[str]:
+    """The refiners' names, as ``--refine`` takes them."""
+    return list(REFINERS)
+
+
+def check_refine(mode: str | None) -> str | None:
+    """None (no refinement) or a known refiner's name; the error lists them."""
+    if mode is not None and mode not in REFINERS:
+        raise ValueError(f"unknown refinement {mode!r}; choose from {list_refiners()} (or none)")
+    return mode
+
+
+def refine_probs(probs, image: np.ndarray, name: str, *, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Soft class maps (C, H, W) in [0, 1] at ``image``'s pixels -> refined (C, H, W) float32.
+
+    ``grid`` (the patch grid the maps came from) sets the guided filter's radius (one patch).
+    """
+    refiner = REFINERS[check_refine(name)]
+    probs = np.asarray(probs, np.float32)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be (C, H, W), got shape {probs.shape}")
+    _check_image(np.asarray(image), probs.shape[-2:])
+    return np.asarray(refiner.run(probs, np.asarray(image), grid), np.float32)
+
+
+def refine_mask(mask, image: np.ndarray, name: str, *, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """A mask (bool, or soft in [0, 1]; at the image's size or on a coarser grid, then upsampled
+    bilinearly) refined with ``image`` (H, W, 3) uint8 -> bool (H, W)."""
+    m = np.asarray(mask, np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {m.shape}")
+    hw = tuple(np.asarray(image).shape[:2])
+    if m.shape != hw:
+        grid = grid or m.shape
+        m = _resize(m, hw)
+    if REFINERS[check_refine(name)].linear:
+        return refine_probs(m[None], image, name, grid=grid)[0] > 0.5
+    out = refine_probs(np.stack([1 - m, m]), image, name, grid=grid)
+    return out[1] > out[0]
+
+
+def refine_labels(labels, image: np.ndarray, name: str, *, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """A label map (h, w) (patch grid, upsampled bilinearly per label) or (H, W) refined with
+    ``image`` (H, W, 3) uint8 -> (H, W) int64: the argmax of the refined label indicators."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.min() < 0:
+        raise ValueError(f"labels must be (H, W) non-negative integers, got shape {labels.shape}")
+    n = int(labels.max()) + 1
+    onehot = (labels[None] == np.arange(n)[:, None, None]).astype(np.float32)
+    hw = tuple(np.asarray(image).shape[:2])
+    if labels.shape != hw:
+        grid = grid or labels.shape
+        onehot = _resize(onehot, hw)
+    return refine_probs(onehot, image, name, grid=grid).argmax(0)
