@@ -3,9 +3,12 @@
 Example (is the CPU path of the working tree as fast as, and bitwise equal to, a base revision's?):
     python bench/cpu_path.py --base 2d21ea2
     make bench-cpu-path ARGS="--base 2d21ea2 --images 32 --repeats 3"
+    make bench-cpu-path ARGS="--base a92460c --head HEAD"   # two commits, whatever the working tree holds
 
 The base revision is checked out into a temporary git worktree and imported through a
-PYTHONPATH shim (`<tmp>/shim/sazs -> worktree`); the head is this working tree. Both run
+PYTHONPATH shim (`<tmp>/shim-base/sazs -> worktree/src/sazs`, or the worktree itself for a
+revision before the src layout); the head is this working tree, or `--head REV` checked
+out the same way (to leave out uncommitted work in a shared checkout). Both run
 the same command (the `make priors` defaults on this machine: `--solver` and
 `--graph-backend` left at their defaults) in fresh processes on one synthetic COCO
 layout, alternating which goes first, per extractor. The table gives median images/s of
@@ -33,6 +36,11 @@ ARRAYS = ("eigvecs", "eigvals", "residual", "grid", "image_size", "status")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CPU path: base revision vs working tree", add_help=add_help)
     p.add_argument("--base", required=True, help="git revision to compare against (e.g. the commit before a change)")
+    p.add_argument(
+        "--head",
+        default=None,
+        help="git revision to compare (default: this working tree, uncommitted changes included)",
+    )
     p.add_argument("--images", type=int, default=16, help="synthetic COCO val images")
     p.add_argument("--extractors", default="color,imgfocus-vits14", help="comma-separated extractors")
     p.add_argument("--short-side", type=int, default=224, help="short side of the ViT input (px)")
@@ -87,29 +95,46 @@ def _fingerprint(path: Path) -> str:
     return zarr.open_group(str(path), mode="r").attrs["manifest"]["fingerprint"]
 
 
+def _checkout(rev: str, tmp: Path, label: str) -> tuple[Path, Path]:
+    """(worktree, PYTHONPATH shim) of revision `rev`: the shim's `sazs` is that revision's package."""
+    worktree = tmp / label
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), rev], cwd=ROOT, check=True)
+    shim = tmp / f"shim-{label}"
+    shim.mkdir()
+    # src/sazs in the src layout, the worktree's root before it
+    package = worktree / "src" / "sazs" if (worktree / "src" / "sazs").is_dir() else worktree
+    (shim / "sazs").symlink_to(package)
+    return worktree, shim
+
+
+def _short(rev: str) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     from sazs.datasets.synthetic import make_coco
 
     with tempfile.TemporaryDirectory(prefix="sazs-bench-cpu-") as tmp:
         tmp = Path(tmp)
-        worktree = tmp / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.base], cwd=ROOT, check=True)
+        worktrees = []
         try:
-            (tmp / "shim").mkdir()
-            (tmp / "shim" / "sazs").symlink_to(worktree)
-            base_rev = subprocess.run(
-                ["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-            head_rev = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-            data = make_coco(tmp / "coco", num_train=1, num_val=args.images)
+            worktree, shim = _checkout(args.base, tmp, "base")
+            worktrees.append(worktree)
             envs = {
-                "base": {**os.environ, "PYTHONPATH": str(tmp / "shim"), "HF_HUB_OFFLINE": "1"},
+                "base": {**os.environ, "PYTHONPATH": str(shim), "HF_HUB_OFFLINE": "1"},
                 "head": {**os.environ, "HF_HUB_OFFLINE": "1"},
             }
-            envs["head"].pop("PYTHONPATH", None)
+            envs["head"].pop("PYTHONPATH", None)  # this working tree (the editable install)
+            if args.head:
+                worktree, shim = _checkout(args.head, tmp, "head")
+                worktrees.append(worktree)
+                envs["head"]["PYTHONPATH"] = str(shim)
+            base_rev = _short(args.base)
+            head_rev = _short(args.head) if args.head else f"{_short('HEAD')} + working tree"
+            data = make_coco(tmp / "coco", num_train=1, num_val=args.images)
             rows = []
             for extractor in args.extractors.split(","):
                 rates: dict[str, list[float]] = {"base": [], "head": []}
@@ -138,11 +163,12 @@ def main(argv=None) -> int:
                     }
                 )
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
+            for worktree in worktrees:
+                subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
 
     print(
         f"\nCPU path, {args.images} synthetic COCO images, short side {args.short_side}, "
-        f"{os.cpu_count()} CPUs; base {base_rev} vs head {head_rev} (working tree)"
+        f"{os.cpu_count()} CPUs; base {base_rev} vs head {head_rev}"
     )
     print(
         f"{'extractor':18s} {'base img/s':>11s} {'head img/s':>11s} {'head/base':>10s}  "

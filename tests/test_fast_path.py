@@ -61,6 +61,23 @@ def test_auto_picks_the_cpu_path_without_a_gpu_and_the_fast_path_with_one(caplog
         make_manifest(dataset, {}, (8, 8), *auto, 64)
 
 
+def test_the_fast_path_choice_is_the_batched_graph_builders_own_check():
+    """The job builds a batch's graphs at once exactly when `build_knn_graphs` can build them."""
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    assert GraphConfig(backend="batched").builds_in_batch
+    assert not GraphConfig(backend="certified").builds_in_batch  # per image, on the CPU
+    for cfg in (GraphConfig(backend="batched", color_weight=0.5), GraphConfig(backend="batched", kind="dense")):
+        assert not cfg.builds_in_batch
+        with pytest.raises(ValueError, match="per image"):
+            build_knn_graphs([x], cfg, grids=[(4, 5)])
+    # a colour term with the batched backend: the job builds per image and still solves in a batch
+    images, feats = color_features(["coffee", "chelsea"])
+    cfg = GraphConfig(backend="batched", color_weight=0.5)
+    out = solve_features(list(zip(images, feats)), cfg, SpectralConfig(solver="batched"))
+    for (grid, spec), f in zip(out, feats):
+        assert grid == f.grid and spec.converged and spec.solver == "batched"
+
+
 def test_an_unknown_solver_fails_the_job_at_once(tmp_path, capsys):
     assert run(*FAST, "--limit", 1, "--solver", "arpack", "--out", tmp_path / "s.zarr") == 2
     assert "unknown solver 'arpack'; choose from ['auto', 'batched'" in capsys.readouterr().err

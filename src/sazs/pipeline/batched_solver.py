@@ -2,7 +2,8 @@
 
 A GPU only beats SciPy on one CPU core at these graph sizes (N ~ 1,000-5,000 patches)
 when it works on many graphs at once: Chebyshev-filtered subspace iteration on all B
-graphs together, every product an ELL gather plus a sum (`ell_operator.EllOperator`).
+graphs together, every product the batch's graph operator (`laplacian.batch_operator`:
+an ELL gather plus a sum for the kNN part, two batched (N, r) products for the global term).
 Padded nodes (degree 0, D^-1/2 = 0) start with zero rows in the iteration block, so
 they stay exactly zero and never enter a spectrum.
 
@@ -20,11 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 
-from .ell import Ell, ell_from_csr, to_host
-from .ell_operator import EllOperator, fused_available, normalised_weights
-from .laplacian import NormalizedAffinity, fix_signs
+from .ell import Ell, to_host
+from .ell_operator import fused_available
+from .laplacian import NormalizedAffinity, as_batch, batch_operator, fix_signs
 from .types import Spectrum
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class BatchedResult:
 
 
 def chebyshev_subspace(
-    op: EllOperator,
+    op: NormalizedAffinity,
     sqrt_d,
     valid,
     K: int,
@@ -130,7 +130,7 @@ def chebyshev_subspace(
     residuals ||A x - theta x|| are <= tol; it then leaves the active set, so later
     steps cost only what the remaining images need.
     """
-    B, N, _ = op.idx.shape
+    B, N, _ = op.shape
     p = block or 2 * K
     nmin = int(to_host(valid.sum(axis=1)).min())
     if not K < p < nmin:
@@ -208,10 +208,9 @@ def batched_eigs(
     t0 = time.perf_counter()
     if not 1 <= K:
         raise ValueError(f"K must be >= 1, got {K}")
-    idx, a64, sqrt_d, valid, lowrank = normalised_weights(ell, xp)
+    op64, valid = batch_operator(ell, xp)
     return _solve(
-        EllOperator(idx, a64, xp, fused=False, lowrank=lowrank),
-        sqrt_d,
+        op64,
         valid,
         K,
         xp=xp,
@@ -226,12 +225,13 @@ def batched_eigs(
     )
 
 
-def _solve(op64: EllOperator, sqrt_d, valid, K, *, xp, tol, residual_tol, block, degree, max_iter, seed, dtype, t0):
-    """op64: the float64 operator (plain products; it checks the solver's `dtype` one at the end)."""
-    B, N, _ = op64.idx.shape
+def _solve(op64: NormalizedAffinity, valid, K, *, xp, tol, residual_tol, block, degree, max_iter, seed, dtype, t0):
+    """op64: the float64 batch operator (plain products; it checks the solver's `dtype` one at the end)."""
+    B, N, _ = op64.shape
     nv = to_host(valid.sum(axis=1))
     if K + 2 > int(nv.min()):
         raise ValueError(f"K={K} needs graphs with more than {K + 1} nodes (smallest has {int(nv.min())})")
+    sqrt_d = xp.sqrt(op64.degrees)
     nrm = xp.linalg.norm(sqrt_d, axis=1, keepdims=True)
     start = sqrt_d / xp.where(nrm > 0, nrm, 1.0)
     op = op64.astype(dtype, fused=fused_available(xp))
@@ -329,8 +329,7 @@ def array_module(device: str, ell: Ell | None = None):
 
 
 def solve_batched(
-    A: sp.csr_matrix | NormalizedAffinity,
-    sqrt_d: np.ndarray,
+    A: NormalizedAffinity,
     K: int,
     *,
     tol: float,
@@ -338,19 +337,11 @@ def solve_batched(
     max_iter: int,
     seed: int,
 ) -> Spectrum:
-    """One normalised adjacency (CSR, or a `NormalizedAffinity` with its global term) solved as a
-    batch of one (numpy): the solver "batched" of `spectral.SOLVERS`."""
-    lowrank = None
-    if isinstance(A, NormalizedAffinity):  # already normalised: H = D^-1/2 G
-        lowrank = (A.H[None], A.weight, A.diag[None])
-        A = A.sparse
-    ell = ell_from_csr([A])
-    valid = np.ones((1, A.shape[0]), dtype=bool)
-    op64 = EllOperator(ell.idx, ell.w, np, fused=False, lowrank=lowrank)
+    """One graph's operator (`laplacian.normalized_operator`) solved as a batch of one (numpy):
+    the solver "batched" of `spectral.SOLVERS`."""
     (s,) = _solve(
-        op64,
-        np.asarray(sqrt_d, np.float64)[None],
-        valid,
+        as_batch(A),
+        np.ones((1, A.shape[0]), dtype=bool),
         K,
         xp=np,
         tol=tol,

@@ -142,7 +142,7 @@ def _solve_batch(
     (GPU) memory splits the batch in halves until it fits.
     """
     try:
-        if graph_cfg.backend == "batched" and graph_cfg.color_weight == 0 and graph_cfg.kind == "knn":
+        if graph_cfg.builds_in_batch:
             ell = build_knn_graphs([f.feats for _, f in items], graph_cfg, grids=[f.grid for _, f in items])
         else:
             graphs = [

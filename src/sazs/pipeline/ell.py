@@ -105,22 +105,37 @@ def ell_graph(idx, sims, *, n_valid=None, threshold: float = 0.0) -> Ell:
 
 
 def ell_from_graphs(graphs: list, n: int | None = None) -> Ell:
-    """Pack per-image `types.Graph`s (sparse part and global term) into one ELL (numpy).
-
-    All graphs with a global term must share its weight (one job's graphs do)."""
+    """Pack per-image `types.Graph`s (sparse part and global term) into one ELL (numpy)."""
     ell = ell_from_csr([g.W for g in graphs], n)
-    weights = {g.global_weight for g in graphs if g.lowrank is not None and g.global_weight > 0}
-    if len(weights) > 1:
-        raise ValueError(f"graphs of one batch need one global weight, got {sorted(weights)}")
-    if weights:
-        B, N, _ = ell.shape
-        r = max(g.lowrank.shape[1] for g in graphs if g.lowrank is not None)
-        ell.lowrank = np.zeros((B, N, r), dtype=np.float32)
-        for b, g in enumerate(graphs):
-            if g.lowrank is not None and g.global_weight > 0:
-                ell.lowrank[b, : g.lowrank.shape[0], : g.lowrank.shape[1]] = g.lowrank
-        ell.global_weight = weights.pop()
+    with_global = [g for g in graphs if g.lowrank is not None and g.global_weight > 0]
+    if with_global:
+        weights = {g.global_weight for g in with_global}
+        if len(weights) > 1:
+            raise ValueError(f"graphs of one batch need one global weight, got {sorted(weights)}")
+        factors = [g.lowrank if g.lowrank is not None and g.global_weight > 0 else None for g in graphs]
+        attach_global_term(ell, factors, weights.pop())
     return ell
+
+
+def attach_global_term(ell: Ell, factors: list, weight: float) -> None:
+    """Set ell.lowrank to the images' global factors G (n_b, r_b) padded into one (B, N, r)
+    float32 array, and ell.global_weight to their weight (one for the batch).
+
+    factors: per image a numpy array, a torch tensor (then all are, and the batch stays on
+    their device) or None (no global term for that image). Padded rows and columns are 0:
+    they add nothing to G G^T.
+    """
+    B, N, _ = ell.shape
+    present = [G for G in factors if G is not None]
+    r = max(G.shape[1] for G in present)
+    if isinstance(present[0], torch.Tensor):
+        out = torch.zeros((B, N, r), dtype=torch.float32, device=present[0].device)
+    else:
+        out = np.zeros((B, N, r), dtype=np.float32)
+    for b, G in enumerate(factors):
+        if G is not None:
+            out[b, : G.shape[0], : G.shape[1]] = G
+    ell.lowrank, ell.global_weight = out, weight
 
 
 def ell_from_csr(mats: list[sp.spmatrix], n: int | None = None) -> Ell:

@@ -1,8 +1,8 @@
-"""A = D^-1/2 W D^-1/2 of B graphs in ELL form as an operator (`EllOperator`), on numpy or cupy.
+"""The sparse (kNN) part of B graphs in ELL form as an operator (`EllOperator`), on numpy or cupy.
 
-`normalised_weights` turns an `ell.Ell` of affinities W (plus its global low-rank term)
-into the operator's pieces; `EllOperator` applies A to a (B, N, p) block. On cupy the
-sparse product is one fused CUDA kernel, checked once per process against the plain
+`laplacian.batch_operator` normalises an `ell.Ell` batch (degrees, global term) and hands
+its normalised weights to an `EllOperator`, which applies them to a (B, N, p) block. On
+cupy the product is one fused CUDA kernel, checked once per process against the plain
 gather product (the tests run the kernel's index arithmetic on numpy).
 """
 
@@ -12,46 +12,39 @@ import logging
 
 import numpy as np
 
-from .ell import Ell, to_xp
-
 logger = logging.getLogger(__name__)
 
 
 class EllOperator:
-    """A = D^-1/2 W D^-1/2 of B graphs in ELL form: Y[b, i] = sum_j a[b, i, j] X[b, idx[b, i, j]].
+    """B sparse matrices in ELL form: Y[b, i] = sum_j a[b, i, j] X[b, idx[b, i, j]].
 
-    With a global term, lowrank = (H, g, diag), H = D^-1/2 G (B, N, r) and diag = g |H_i|^2,
-    adds g H (H^T X) - diag X: two batched (N, r) products, O(N r p) per image.
-
-    On cupy (float32/float64, C-contiguous) the product is one fused gather-and-sum kernel
-    (`_ell_kernel`): no (B, N, m, p) gather is ever materialised. Elsewhere, and whenever
-    the kernel is unavailable or failed its self-check, a few ELL columns are gathered at
-    a time (memory B*N*step*p instead of B*N*m*p) and summed with einsum.
+    The kNN part of a batch's operator (`laplacian.NormalizedAffinity` adds the global
+    term). On cupy (float32/float64, C-contiguous) the product is one fused
+    gather-and-sum kernel (`_ell_kernel`): no (B, N, m, p) gather is ever materialised.
+    Elsewhere, and whenever the kernel is unavailable or failed its self-check, a few ELL
+    columns are gathered at a time (memory B*N*step*p instead of B*N*m*p) and summed
+    with einsum.
     """
 
-    def __init__(self, idx, a, xp, cols_per_gather: int = 8, fused: bool | None = None, lowrank=None):
+    def __init__(self, idx, a, xp, cols_per_gather: int = 8, fused: bool | None = None):
         self.idx, self.a, self.xp, self.step = idx, a, xp, cols_per_gather
         self.fused = fused_available(xp) if fused is None else fused
-        self.lowrank = lowrank
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B, N, N): B operators on N nodes."""
+        B, N, _ = self.idx.shape
+        return (B, N, N)
+
+    @property
+    def dtype(self):
+        return self.a.dtype
 
     def take(self, sel) -> EllOperator:
-        lowrank = None if self.lowrank is None else (self.lowrank[0][sel], self.lowrank[1], self.lowrank[2][sel])
-        return EllOperator(self.idx[sel], self.a[sel], self.xp, self.step, self.fused, lowrank)
+        return EllOperator(self.idx[sel], self.a[sel], self.xp, self.step, self.fused)
 
     def astype(self, dtype, fused: bool | None = None) -> EllOperator:
-        lowrank = (
-            None
-            if self.lowrank is None
-            else (self.lowrank[0].astype(dtype), self.lowrank[1], self.lowrank[2].astype(dtype))
-        )
-        return EllOperator(
-            self.idx, self.a.astype(dtype), self.xp, self.step, self.fused if fused is None else fused, lowrank
-        )
-
-    def _global(self, X):
-        xp = self.xp
-        H, g, diag = self.lowrank
-        return g * xp.einsum("bnr,brp->bnp", H, xp.einsum("bnr,bnp->brp", H, X)) - diag[:, :, None] * X
+        return EllOperator(self.idx, self.a.astype(dtype), self.xp, self.step, self.fused if fused is None else fused)
 
     def gathered(self, X):
         """The unfused product (the reference the fused kernel is checked against)."""
@@ -65,8 +58,9 @@ class EllOperator:
         return Y
 
     def __call__(self, X):
-        Y = _fused_product(self, X) if self.fused and X.dtype == self.a.dtype else self.gathered(X)
-        return Y if self.lowrank is None else Y + self._global(X)
+        return _fused_product(self, X) if self.fused and X.dtype == self.a.dtype else self.gathered(X)
+
+    __matmul__ = __call__
 
 
 # The fused ELL product for cupy: one thread per output entry (b, i, c); the p threads of
@@ -130,31 +124,3 @@ def _fused_product(op: EllOperator, X):
             op.fused = False
             return ref
     return Y
-
-
-def normalised_weights(ell: Ell, xp):
-    """(idx, a, sqrt_d, valid, lowrank) with a = D^-1/2 W D^-1/2 on the ELL slots, float64,
-    and the global term's (H, g, diag) for `EllOperator` (None without one); D counts both."""
-    idx, w = to_xp(ell.idx, xp, xp.int64), to_xp(ell.w, xp, xp.float64)
-    B, N, _ = idx.shape
-    nv = to_xp(ell.n_valid, xp, xp.int64)
-    valid = xp.arange(N)[None, :] < nv[:, None]
-    if not bool(xp.isfinite(w).all()):
-        raise ValueError("graph weights contain NaN/Inf")
-    if bool((w < 0).any()):
-        raise ValueError("graph weights must be non-negative")
-    w = w * valid[:, :, None]
-    d = w.sum(axis=2)
-    G = None
-    if ell.lowrank is not None and ell.global_weight > 0:
-        G = to_xp(ell.lowrank, xp, xp.float64) * valid[:, :, None]
-        # the global term's degrees in O(N r): g (G (G^T 1) - |G_i|^2)
-        d = d + ell.global_weight * (xp.einsum("bnr,br->bn", G, G.sum(axis=1)) - (G * G).sum(axis=2))
-    dinv = xp.where(d > 0, 1.0 / xp.sqrt(xp.where(d > 0, d, 1.0)), 0.0)
-    bsel = xp.arange(B)[:, None, None]
-    a = w * (dinv[:, :, None] * dinv[bsel, idx])
-    lowrank = None
-    if G is not None:
-        H = dinv[:, :, None] * G
-        lowrank = (H, float(ell.global_weight), ell.global_weight * (H * H).sum(axis=2))
-    return idx, a, xp.sqrt(d), valid, lowrank

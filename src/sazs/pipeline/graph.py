@@ -9,8 +9,9 @@ k(c) = c + s, the rank-r approximation of Deep Spectral Methods' own dense affin
 max(c, 0) (s = 0 unless some pair has c < 0, see `global_factor`), at g = 0.3; or
 "affine" k(c) = (1 + c) / 2, the first global term (g = 1 before the cosine default;
 docs/BENCHMARKS.md, "Quality of the priors"). The global term is never formed: it is the
-low-rank factor `Graph.lowrank` (N x r, one more column for affine or a shift), applied
-in O(N r) inside the solvers' products (`laplacian.NormalizedAffinity`, `ell_operator`).
+low-rank factor `Graph.lowrank` (N x r, one more column for affine or a shift, from the
+kernel's entry in `GLOBAL_KERNELS`); its degrees and products are the graph operator's
+(`laplacian`, O(N r) per column, for every solver).
 Why it is there: a kNN graph only links near-duplicates (cos ~ 0.99), so its cheapest
 cut separates two large background regions that share few kNN links (water above, bank
 below) and the object goes with one of them; the global term adds how similar *every*
@@ -26,7 +27,7 @@ its answer exact (`knn`, `knn_certified`; many images at once: `knn_batched`).
 Isolated nodes (every similarity <= threshold) keep degree 0. The Laplacian in
 `laplacian.py` sets D^-1/2 = 0 for them, so their rows of L = I - D^-1/2 W D^-1/2 are
 rows of the identity: they contribute eigenvalue 1, never one of the smallest, and
-their entries in the low eigenvectors are 0. `Graph.num_isolated` records the count.
+their entries in the low eigenvectors are 0 (`laplacian.num_isolated` counts them).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ import torch
 
 from sazs.core.devices import resolve_device
 
-from .ell import Ell, ell_graph
+from .ell import Ell, attach_global_term, ell_graph
 from .knn import BACKENDS, knn
 from .knn_batched import batched_knn
+from .laplacian import num_isolated
 from .types import Graph
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,6 @@ KINDS = ("knn", "dense")
 # Settings that did not exist in stores written before the global term: a manifest
 # leaves them out at these values (what those stores computed), so their fingerprints still match.
 _LEGACY_DEFAULTS = {"kind": "knn", "global_weight": 0.0, "global_kernel": "affine"}
-GLOBAL_KERNELS = ("cosine", "affine")
 DENSE_MAX_NODES = 8192  # the dense baseline keeps N x N float64 (512 MiB here)
 
 
@@ -119,6 +120,12 @@ class GraphConfig:
         if self.color_weight < 0 or self.xy_weight < 0:
             raise ValueError("color_weight and xy_weight must be >= 0")
 
+    @property
+    def builds_in_batch(self) -> bool:
+        """Backend "batched" and a graph `build_knn_graphs` builds for many images at once (the
+        GPU fast path); otherwise the job builds each image's graph with `build_graph`."""
+        return self.backend == "batched" and _batch_refusal(self) is None
+
     def describe(self) -> dict:
         """The manifest's "graph" section: every field, except new ones at their legacy value.
 
@@ -137,6 +144,15 @@ class GraphConfig:
             if out.get(key) == legacy:
                 out.pop(key)
         return out
+
+
+def _batch_refusal(cfg: GraphConfig) -> str | None:
+    """Why `build_knn_graphs` cannot build cfg's graphs for a whole batch, or None."""
+    if cfg.kind != "knn":
+        return f"build_knn_graphs builds kind 'knn', not {cfg.kind!r}; build it per image (build_graph)"
+    if cfg.color_weight > 0:
+        return "build_knn_graphs has no colour term; build those graphs per image with build_knn_graph"
+    return None
 
 
 def _sparse_from_knn(weights: np.ndarray, idx: np.ndarray, n: int) -> sp.csr_matrix:
@@ -180,6 +196,25 @@ def _pair_dots(x: np.ndarray, idx: np.ndarray, block: int = 1024) -> np.ndarray:
     return out
 
 
+def _cosine_factor(p: torch.Tensor) -> torch.Tensor:
+    """k(c) = c + s: G = [sqrt(s), P], s = max(0, -min_ij p_i . p_j) (exact, in row blocks)."""
+    n = p.shape[0]
+    lowest = min(float((p[lo : lo + 1024] @ p.T).min()) for lo in range(0, n, 1024))
+    shift = torch.full((n, 1), np.sqrt(max(0.0, -lowest)), dtype=p.dtype, device=p.device)
+    return torch.cat([shift, p], dim=1)
+
+
+def _affine_factor(p: torch.Tensor) -> torch.Tensor:
+    """k(c) = (1 + c) / 2: G = [1, P] / sqrt(2)."""
+    return torch.cat([torch.ones((p.shape[0], 1), dtype=p.dtype, device=p.device), p], dim=1) / np.sqrt(2.0)
+
+
+# The global term's kernels k: name -> the factor G (N, r') of k(P P^T) = G G^T from the
+# projected unit features P (N, r), float64. G G^T must be >= 0 entrywise (the Laplacian
+# stays positive semi-definite); the solvers never see more than G (`laplacian`).
+GLOBAL_KERNELS = {"cosine": _cosine_factor, "affine": _affine_factor}
+
+
 def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
     """G (N, r + 1) float32 with G G^T = k(P P^T), P = x projected on its top `rank` directions.
 
@@ -198,6 +233,8 @@ def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
     spaced rows: O(N d r), not the O(N d^2) of an exact SVD. Any orthonormal basis keeps
     |p_i| <= 1, i.e. the global affinity in [0, 1]. rank 0 or >= d keeps x whole.
     """
+    if kernel not in GLOBAL_KERNELS:
+        raise ValueError(f"unknown global kernel {kernel!r}; choose from {list(GLOBAL_KERNELS)}")
     is_numpy = not isinstance(x, torch.Tensor)
     t = torch.from_numpy(np.asarray(x)) if is_numpy else x
     t = t.double()
@@ -210,15 +247,7 @@ def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
             q = torch.linalg.qr(rows.T @ (rows @ q)).Q
         v = torch.linalg.svd(rows @ q, full_matrices=False).Vh
         t = t @ (q @ v.T[:, :rank])
-    if kernel == "affine":
-        G = torch.cat([torch.ones((n, 1), dtype=t.dtype, device=t.device), t], dim=1) / np.sqrt(2.0)
-    elif kernel == "cosine":
-        lowest = min(float((t[lo : lo + 1024] @ t.T).min()) for lo in range(0, n, 1024))
-        shift = torch.full((n, 1), np.sqrt(max(0.0, -lowest)), dtype=t.dtype, device=t.device)
-        G = torch.cat([shift, t], dim=1)
-    else:
-        raise ValueError(f"unknown global kernel {kernel!r}; choose from {list(GLOBAL_KERNELS)}")
-    G = G.float()
+    G = GLOBAL_KERNELS[kernel](t).float()
     return G.numpy() if is_numpy else G
 
 
@@ -306,8 +335,8 @@ def build_knn_graph(
 
     lowrank = global_factor(x, cfg.global_rank, cfg.global_kernel) if cfg.global_weight > 0 else None
     graph = Graph(W=W, grid=(h, w), lowrank=lowrank, global_weight=cfg.global_weight if lowrank is not None else 0.0)
-    if graph.num_isolated:
-        logger.debug("graph %s: %d isolated patches (degree 0)", (h, w), graph.num_isolated)
+    if logger.isEnabledFor(logging.DEBUG) and num_isolated(graph):
+        logger.debug("graph %s: %d isolated patches (degree 0)", (h, w), num_isolated(graph))
     return graph
 
 
@@ -325,10 +354,9 @@ def build_knn_graphs(
     `Ell.lowrank`. No colour term: that one is built per image (`build_knn_graph`, then
     `ell.ell_from_graphs`).
     """
-    if cfg.kind != "knn":
-        raise ValueError(f"build_knn_graphs builds kind 'knn', not {cfg.kind!r}; build it per image (build_graph)")
-    if cfg.color_weight > 0:
-        raise ValueError("build_knn_graphs has no colour term; build those graphs per image with build_knn_graph")
+    refusal = _batch_refusal(cfg)
+    if refusal:
+        raise ValueError(refusal)
     if not feats or len(feats) != len(grids):
         raise ValueError(f"need one grid per image and at least one image, got {len(feats)} and {len(grids)}")
     tensors = [f if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f, dtype=np.float32)) for f in feats]
@@ -352,10 +380,7 @@ def build_knn_graphs(
             x = padded[b, :nb]
             x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
             factors.append(global_factor(x, cfg.global_rank, cfg.global_kernel))
-        ell.lowrank = torch.zeros((len(tensors), n, factors[0].shape[1]), dtype=torch.float32, device=device)
-        for b, G in enumerate(factors):
-            ell.lowrank[b, : G.shape[0]] = G
-        ell.global_weight = cfg.global_weight
+        attach_global_term(ell, factors, cfg.global_weight)
     return ell
 
 

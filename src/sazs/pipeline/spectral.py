@@ -2,7 +2,8 @@
 
 Every solver (`SOLVERS`: ARPACK, LOBPCG on CPU or GPU, dense LAPACK, Deep Spectral
 Methods' generalised problem, the batched solver on one graph) sees the normalised
-adjacency A = D^-1/2 W D^-1/2 (`laplacian.normalized_operator`) and returns eigenvectors
+adjacency A = D^-1/2 W D^-1/2 as the graph operator (`laplacian.normalized_operator`: the
+kNN part and the global term, applied in O(nnz + N r)) and returns eigenvectors
 u of L (orthonormal); the generalised form of Deep Spectral Methods, (D - W) v = lambda D v,
 has v = D^-1/2 u. The common post-processing (`laplacian_eigs`) sorts, fixes signs,
 renormalises, and measures the residual ||L u - lambda u|| of what it returns, so solvers
@@ -84,10 +85,10 @@ class _Raw:
     info: dict = field(default_factory=dict)
 
 
-# --- solvers: (A, sqrt_d, cfg) -> _Raw, with A the normalised adjacency --------------
+# --- solvers: (A, sqrt_d, cfg) -> _Raw, with A the normalised adjacency (`NormalizedAffinity`)
 
 
-def _solve_eigsh(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+def _solve_eigsh(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     """ARPACK Lanczos for the largest algebraic eigenvalues of A (= smallest of L).
 
     No shift-invert: the wanted end of A's spectrum is its largest, so plain Lanczos
@@ -128,7 +129,7 @@ def _solve_eigsh(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _
     return _Raw(1.0 - vals, vecs, iterations=matvecs, info={"matvecs": matvecs})
 
 
-def _lobpcg_generic(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig, *, xp, sparse, lobpcg) -> _Raw:
+def _lobpcg_generic(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfig, *, xp, sparse, lobpcg) -> _Raw:
     """LOBPCG for the largest eigenvalues of A, written against array modules.
 
     xp/sparse/lobpcg are numpy/scipy.sparse/scipy's lobpcg on the CPU and
@@ -143,12 +144,13 @@ def _lobpcg_generic(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig, *
     rng = np.random.default_rng(cfg.seed)
     X0 = rng.standard_normal((n, m))
     X0[:, 0] = sqrt_d / max(np.linalg.norm(sqrt_d), np.finfo(float).tiny)
-    if isinstance(A, NormalizedAffinity):
+    if A.H is not None:  # the global term: products through the operator (numpy only)
         if xp is not np:
             raise ValueError("the GPU LOBPCG has no global term; use the solver 'batched' on a GPU")
         A_dev = sla.LinearOperator(A.shape, matvec=A.__matmul__, matmat=A.__matmul__, dtype=np.float64)
-    else:
-        A_dev = sparse.csr_matrix((xp.asarray(A.data), xp.asarray(A.indices), xp.asarray(A.indptr)), shape=A.shape)
+    else:  # the kNN part alone: a sparse matrix on the solver's device
+        S = A.sparse
+        A_dev = sparse.csr_matrix((xp.asarray(S.data), xp.asarray(S.indices), xp.asarray(S.indptr)), shape=S.shape)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = lobpcg(
@@ -170,7 +172,7 @@ def _lobpcg_generic(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig, *
     return _Raw(1.0 - vals[order], vecs[:, order], iterations=iterations, info={"warnings": msgs})
 
 
-def _solve_lobpcg(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+def _solve_lobpcg(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     return _lobpcg_generic(A, sqrt_d, cfg, xp=np, sparse=sp, lobpcg=sla.lobpcg)
 
 
@@ -185,7 +187,7 @@ def _cupy_modules():
     return cupy, csp, lobpcg
 
 
-def _solve_cupy_lobpcg(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+def _solve_cupy_lobpcg(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     device = cfg.device
     if device not in ("auto", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"solver 'cupy-lobpcg' runs on a CUDA device, got device={device!r}")
@@ -195,7 +197,7 @@ def _solve_cupy_lobpcg(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig
         return _lobpcg_generic(A, sqrt_d, cfg, xp=xp, sparse=sparse, lobpcg=lobpcg)
 
 
-def _solve_dense(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+def _solve_dense(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     """Float64 LAPACK reference on the dense L (only the K wanted eigenpairs)."""
     n = A.shape[0]
     if n > DENSE_MAX_NODES:
@@ -205,7 +207,7 @@ def _solve_dense(A: sp.csr_matrix, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _
     return _Raw(vals, vecs)
 
 
-def _solve_generalized(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+def _solve_generalized(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     """Deep Spectral Methods' solver: eigsh(D - W, k=K, sigma=0, which="LM", M=D) on dense arrays.
 
     The baseline of the original formulation (with graph kind "dense"): shift-invert
@@ -219,7 +221,7 @@ def _solve_generalized(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
         raise ValueError(f"solver 'generalized' refuses N={n} > {DENSE_MAX_NODES} nodes (dense O(N^2) memory)")
     if (sqrt_d <= 0).any():
         raise SolverError(f"solver 'generalized' needs every degree > 0 ({int((sqrt_d <= 0).sum())} isolated nodes)")
-    dense = A.toarray() if hasattr(A, "toarray") else np.asarray(A)
+    dense = A.toarray()
     d = sqrt_d * sqrt_d
     W = dense * np.outer(sqrt_d, sqrt_d)
     D = np.diag(d)
@@ -234,11 +236,10 @@ def _solve_generalized(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     return _Raw(vals, u / np.linalg.norm(u, axis=0, keepdims=True))
 
 
-def _solve_batched(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
+def _solve_batched(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     """The batched solver on one graph (a batch of one); see `laplacian_eigs_batch` for many."""
     s = solve_batched(
         A,
-        sqrt_d,
         cfg.num_eigs,
         tol=cfg.tol,
         residual_tol=cfg.residual_tol,
@@ -248,7 +249,7 @@ def _solve_batched(A, sqrt_d: np.ndarray, cfg: SpectralConfig) -> _Raw:
     return _Raw(s.eigvals, s.eigvecs.astype(np.float64), iterations=s.iterations, info=dict(s.info))
 
 
-SOLVERS: dict[str, Callable[[sp.csr_matrix, np.ndarray, SpectralConfig], _Raw]] = {
+SOLVERS: dict[str, Callable[[NormalizedAffinity, np.ndarray, SpectralConfig], _Raw]] = {
     "eigsh": _solve_eigsh,
     "lobpcg": _solve_lobpcg,
     "cupy-lobpcg": _solve_cupy_lobpcg,
@@ -277,7 +278,7 @@ def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
     if W.nnz and (W.data.min() < 0 or abs(W - W.T).max() > 1e-12 * abs(W).max()):
         raise ValueError("graph weights must be symmetric and non-negative")
     A = normalized_operator(graph)
-    d = graph.degrees
+    d = A.degrees
 
     t0 = time.perf_counter()
     raw = SOLVERS[cfg.solver](A, np.sqrt(d), cfg)

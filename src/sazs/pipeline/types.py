@@ -21,7 +21,8 @@ class Graph:
     lowrank: None, or G (N, r) with the global affinity g (G G^T - diag(G G^T)):
     G = [sqrt(s), P] for the kernel "cosine", [1, P] / sqrt(2) for "affine"
     (`graph.global_factor`). G G^T >= 0 entrywise either way, so the whole affinity stays
-    non-negative.
+    non-negative. Its degrees, products and dense form are the graph operator's
+    (`laplacian.degrees`, `laplacian.normalized_operator`, `laplacian.dense_affinity`).
     """
 
     W: sp.csr_matrix
@@ -32,29 +33,6 @@ class Graph:
     @property
     def num_nodes(self) -> int:
         return self.W.shape[0]
-
-    @property
-    def degrees(self) -> np.ndarray:
-        """Row sums of the whole affinity; the global part's in O(N r): g (G (G^T 1) - |G_i|^2)."""
-        d = np.asarray(self.W.sum(axis=1), dtype=np.float64).ravel()
-        if self.lowrank is not None and self.global_weight > 0:
-            G = self.lowrank.astype(np.float64)
-            d = d + self.global_weight * (G @ G.sum(axis=0) - np.einsum("ij,ij->i", G, G))
-        return d
-
-    def toarray(self) -> np.ndarray:
-        """The whole affinity as a dense (N, N) float64 array (tests and small references only)."""
-        W = self.W.toarray().astype(np.float64)
-        if self.lowrank is not None and self.global_weight > 0:
-            G = self.lowrank.astype(np.float64)
-            Wg = G @ G.T
-            np.fill_diagonal(Wg, 0.0)
-            W += self.global_weight * Wg
-        return W
-
-    @property
-    def num_isolated(self) -> int:
-        return int(np.count_nonzero(self.degrees == 0))
 
 
 @dataclass
