@@ -133,7 +133,7 @@ def test_read_image_float_and_int_modes(tmp_path):
 
 
 def test_registry_and_unknown_name():
-    assert list_datasets() == sorted(DATASETS) and {"sample", "folder", "voc", "coco"} <= set(DATASETS)
+    assert list_datasets() == DATASETS.names() and {"sample", "folder", "voc", "coco"} <= set(DATASETS)
     with pytest.raises(ValueError) as err:
         build_dataset(DatasetConfig(name="x"))
     assert str(err.value) == f"unknown dataset 'x'; choose from {list_datasets()}"

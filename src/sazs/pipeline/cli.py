@@ -34,7 +34,7 @@ from sazs.core.console import disk_error_message, run_command, setup_logging
 from sazs.core.faults import arm_from_environment
 from sazs.datasets.base import DatasetConfig
 from sazs.datasets.images import ImageError
-from sazs.datasets.registry import build_dataset, list_datasets
+from sazs.datasets.registry import DATASETS, build_dataset, list_datasets
 from sazs.datasets.synthetic import main as synth_main
 from sazs.features.extractors import ExtractorConfig, build_extractor, list_extractors
 from sazs.stores.format import StoreError, default_store_path
@@ -189,7 +189,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print("datasets:   " + ", ".join(list_datasets()))
+    print("datasets:")
+    for name in list_datasets():
+        print(f"  {name:<10} {DATASETS.entry(name).help}")
     print("extractors: " + ", ".join(list_extractors()))
     print("solvers:    " + ", ".join(list_solvers()))
     return 0
