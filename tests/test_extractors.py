@@ -360,7 +360,9 @@ def test_unknown_extractor_lists_valid_names():
         "dinov2-vitb14",
         "color",
     } <= set(names)
-    assert names == sorted(E.EXTRACTORS)
+    assert names == E.EXTRACTORS.names()
+    assert E.vit_patch_size("imgfocus-vits14") == 14 and E.vit_patch_size("dino-vits8") == 8
+    assert E.vit_patch_size("color") is None and E.vit_patch_size("nope") is None
 
 
 def test_config_validation():

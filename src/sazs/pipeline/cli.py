@@ -36,7 +36,7 @@ from sazs.datasets.base import DatasetConfig
 from sazs.datasets.images import ImageError
 from sazs.datasets.registry import DATASETS, build_dataset, list_datasets
 from sazs.datasets.synthetic import main as synth_main
-from sazs.features.extractors import ExtractorConfig, build_extractor, list_extractors
+from sazs.features.extractors import EXTRACTORS, ExtractorConfig, build_extractor, list_extractors
 from sazs.stores.format import StoreError, default_store_path
 from sazs.stores.manifest import code_version
 from sazs.stores.reader import open_store
@@ -192,7 +192,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("datasets:")
     for name in list_datasets():
         print(f"  {name:<10} {DATASETS.entry(name).help}")
-    print("extractors: " + ", ".join(list_extractors()))
+    print("extractors:")
+    for name in list_extractors():
+        print(f"  {name:<16} {EXTRACTORS.entry(name).help}")
     print("solvers:    " + ", ".join(list_solvers()))
     return 0
 
