@@ -18,6 +18,15 @@ keys. Faults, by path relative to the served directory's URL:
 * ``corrupt.add(path)``: ``path`` is served with one byte flipped;
 * ``ranges = False``: ``Range`` headers are ignored (the whole file, 200), as some servers do.
 
+A hostile server, by path too:
+
+* ``swap[path] = other``: ``path`` is served with the content of ``other``;
+* ``redirect[path] = location``: a 302 to ``location``, once;
+* ``length[path] = n``: ``Content-Length: n`` whatever the body (the body is the file's);
+* ``endless.add(path)``: a chunked body of zeros that never ends;
+* ``stall.add(path)``: no answer until the test ends (``released`` is set at teardown);
+* ``trickle.add(path)``: the headers, then one byte of the body every ``trickle_s`` seconds.
+
 ``requests`` records ``(method, path)`` of every request.
 """
 
@@ -45,6 +54,14 @@ class HTTPServer:
     corrupt: set[str] = field(default_factory=set)
     ranges: bool = True
     requests: list[tuple[str, str]] = field(default_factory=list)
+    swap: dict[str, str] = field(default_factory=dict)
+    redirect: dict[str, str] = field(default_factory=dict)
+    length: dict[str, int] = field(default_factory=dict)
+    endless: set[str] = field(default_factory=set)
+    stall: set[str] = field(default_factory=set)
+    trickle: set[str] = field(default_factory=set)
+    trickle_s: float = 0.05
+    released: threading.Event = field(default_factory=threading.Event)
 
     def url_for(self, path: Path) -> str:
         return f"{self.url}/{Path(path).resolve().relative_to(self.root).as_posix()}"
@@ -70,7 +87,19 @@ def _handler(server: HTTPServer):
         def _serve(self, body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
             server.requests.append((self.command, path))
-            file = (server.root / path.lstrip("/")).resolve()
+            if path in server.stall:
+                server.released.wait(60)
+                return
+            if path in server.redirect:
+                self.send_response(HTTPStatus.FOUND)
+                self.send_header("Location", server.redirect.pop(path))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if path in server.endless:
+                self._endless()
+                return
+            file = (server.root / server.swap.get(path, path).lstrip("/")).resolve()
             if not file.is_relative_to(server.root) or not file.is_file():
                 self._error(HTTPStatus.NOT_FOUND)
                 return
@@ -92,12 +121,24 @@ def _handler(server: HTTPServer):
                     return
                 status = HTTPStatus.PARTIAL_CONTENT
             self.send_response(status)
-            self.send_header("Content-Length", str(end - start))
+            self.send_header("Content-Length", str(server.length.get(path, end - start)))
             self.send_header("Accept-Ranges", "bytes")
             if status == HTTPStatus.PARTIAL_CONTENT:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
             self.end_headers()
             if not body:
+                return
+            if path in server.trickle:
+                for i in range(start, end):
+                    if server.released.wait(server.trickle_s):
+                        return
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                return
+            if path in server.length:
+                self.wfile.write(data[start:end])
+                self.wfile.flush()
+                self.close_connection = True
                 return
             left = server.drop.get(path, 0)
             if left:
@@ -108,6 +149,18 @@ def _handler(server: HTTPServer):
                 return
             self.wfile.write(data[start:end])
 
+        def _endless(self) -> None:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            block = b"%x\r\n%s\r\n" % (1 << 16, bytes(1 << 16))
+            try:
+                while not server.released.is_set():
+                    self.wfile.write(block)
+            except OSError:  # the client hung up
+                pass
+            self.close_connection = True
+
         def _error(self, status: HTTPStatus) -> None:
             self.send_response(status)
             self.send_header("Content-Length", "0")
@@ -116,12 +169,17 @@ def _handler(server: HTTPServer):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # a client that hangs up is no test failure
+        logging.getLogger("tests.httpserver").debug("connection from %s ended early", client_address)
+
+
 @pytest.fixture
 def http_server(tmp_path_factory):
     """A static server of the session's base temporary directory (tmp_path lies under it)."""
     root = tmp_path_factory.getbasetemp().resolve()
     state = HTTPServer(root=root, url="")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd = _Server(("127.0.0.1", 0), _handler(state))
     httpd.daemon_threads = True
     state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, name="http-server", daemon=True)
@@ -129,6 +187,7 @@ def http_server(tmp_path_factory):
     try:
         yield state
     finally:
+        state.released.set()
         httpd.shutdown()
         httpd.server_close()
         thread.join()

@@ -76,13 +76,16 @@ MAX_THUMB_SIZE = _env("MAX_THUMB_SIZE", 1024)
 # -- reading over HTTP(S) (a store served as static files) -------------------------------------------
 # One response body. The reader asks for byte ranges of a shard (one image's chunk); pull and
 # verify read whole objects, a shard (a real one is a few MB to a few hundred MB).
-MAX_HTTP_BYTES = _env("MAX_HTTP_BYTES", 1 << 30)
+MAX_HTTP_BYTES = _env("MAX_HTTP_BYTES", 512 << 20)
 # Seconds to open a connection, to wait for any byte (headers or body) and for a whole request.
 # A request slower than HTTP_TIMEOUT_S (a server that trickles bytes) fails; a slow link that
 # pulls big shards raises it.
 HTTP_CONNECT_TIMEOUT_S = _env("HTTP_CONNECT_TIMEOUT_S", 10.0)
 HTTP_READ_TIMEOUT_S = _env("HTTP_READ_TIMEOUT_S", 15.0)
 HTTP_TIMEOUT_S = _env("HTTP_TIMEOUT_S", 30.0)
+# Objects of a finalised store read over HTTP are fetched whole and checked against its checksum
+# file (stores/verified.py); this many bytes of them are kept per open store.
+HTTP_CACHE_BYTES = _env("HTTP_CACHE_BYTES", 256 << 20)
 
 # -- torch files (checkpoints, DSM eigenvector files, ViT weights; core/torchfiles.py) ------------
 # torch.save writes a zip whose entries are stored, never compressed; a hand-made file may

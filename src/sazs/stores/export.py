@@ -39,7 +39,7 @@ import numpy as np
 from sazs.core.files import write_atomic
 
 from .dsm import dsm_record, holds_generalised, id_path, to_generalised
-from .format import DONE, FAILED, StoreError
+from .format import DONE, FAILED, StoreError, TransportError
 from .reader import Prior, PriorStore, open_store
 from .writer import disk_errors
 
@@ -226,6 +226,8 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
                 continue
             summary.written += 1
     if no_priors:
+            except TransportError:
+                raise  # the server, not this image: every other read would fail (or wait) the same
         log.warning(
             "%d image(s) have no priors in %s and were skipped (e.g. %s)",
             len(no_priors),

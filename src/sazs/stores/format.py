@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .http import http_options
+
 
 class StoreError(Exception):
     """A store cannot be created, opened or written as asked."""
+
+
+class TransportError(StoreError):
+    """The server or the network failed (or broke a bound of core/limits.py): no image's fault."""
 
 
 PENDING, DONE, FAILED = 0, 1, 2
@@ -49,10 +55,13 @@ ARRAYS = tuple(array_spec(0, 1, (1, 1)))
 
 
 def split_url(url: str | Path, storage_options: dict | None = None):
-    """(fsspec filesystem, path inside it) for a local path or a URL such as s3://b/x.zarr."""
+    """(fsspec filesystem, path inside it) for a local path or a URL such as s3://b/x.zarr.
+
+    An http(s) URL is read through the bounded client of stores/http.py (sizes, timeouts,
+    redirects)."""
     import fsspec
 
-    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    return fsspec.core.url_to_fs(str(url), **http_options(str(url), storage_options))
 
 
 def local_fs():

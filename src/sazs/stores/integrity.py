@@ -50,12 +50,14 @@ from .format import (
     STATUS_NAMES,
     SUMMARY_FILE,
     StoreError,
+    TransportError,
     is_http,
     is_local,
     split_url,
 )
 from .manifest import code_version
-from .reader import PriorStore, open_store
+from .reader import TIMEOUT_HINT, PriorStore, http_errors, open_store
+from .schema import read_checksums
 
 log = logging.getLogger(__name__)
 # Eigenvalues of the normalised Laplacian lie in [0, 2]; a Ritz value of any unit vector does
@@ -96,9 +98,17 @@ def _served_objects(fs, root: str) -> dict[str, int]:
         )
 
     def size(key: str) -> int | None:
+        path = f"{root.rstrip('/')}/{key}"
         try:
-            return int(fs.info(f"{root.rstrip('/')}/{key}").get("size") or 0)
-        except FileNotFoundError:
+            return int(fs.info(path).get("size") or 0)
+        except FileNotFoundError as exc:
+            # fsspec's HTTP info turns every failure into FileNotFoundError; only a 404 means missing.
+            cause = exc.__cause__
+            if cause is not None and getattr(cause, "status", None) != 404:
+                raise TransportError(
+                    f"cannot read {path} ({type(cause).__name__}: {cause}); check that the server is up, "
+                    "then re-run" + TIMEOUT_HINT
+                ) from None
             return None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -112,27 +122,22 @@ def sha256_of(fs, path: str) -> str:
         return sha256_stream(f)
 
 
+def _sha256_or_error(fs, path: str) -> str:
+    """sha256_of, with a failure of the server or the disk turned into one StoreError naming ``path``."""
+    try:
+        return sha256_of(fs, path)
+    except (OSError, *http_errors(fs)) as exc:
+        raise TransportError(
+            f"cannot read {path} ({type(exc).__name__}: {exc}); check that the server is up, then re-run"
+            + (TIMEOUT_HINT if is_http(fs) else "")
+        ) from None
+
+
 def _hash_all(fs, root: str, keys: list[str], progress: bool) -> dict[str, str]:
-    tasks = [dask.delayed(sha256_of)(fs, f"{root.rstrip('/')}/{k}") for k in keys]
+    tasks = [dask.delayed(_sha256_or_error)(fs, f"{root.rstrip('/')}/{k}") for k in keys]
     with ProgressBar() if progress else contextlib.nullcontext():
         digests = dask.compute(*tasks, scheduler="threads")
     return dict(zip(keys, digests))
-
-
-def read_checksums(fs, root: str) -> dict[str, str] | None:
-    path = f"{root.rstrip('/')}/{CHECKSUM_FILE}"
-    if not fs.exists(path):
-        return None
-    out = {}
-    for n, line in enumerate(fs.cat_file(path).decode(errors="replace").splitlines(), 1):
-        digest, sep, key = line.partition("  ")
-        if not sep or len(digest) != 64:
-            raise StoreError(
-                f"{root}/{CHECKSUM_FILE} line {n} is malformed: {line[:80]!r}; if finalize was "
-                f"interrupted (a full disk?), re-run `sazs-store finalize {root}` to rewrite it"
-            )
-        out[key] = digest
-    return out
 
 
 def _write_side_file(fs, path: str, data: bytes) -> None:
@@ -310,12 +315,18 @@ def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[
             "high_residual",
         )
     }
+    transport = http_errors(store.fs)
     try:
         status = np.asarray(store.group["status"][lo:hi])
         eigvals = np.asarray(store.group["eigvals"][lo:hi])
         residual = np.asarray(store.group["residual"][lo:hi])
         grid = np.asarray(store.group["grid"][lo:hi])
         eigvecs = np.asarray(store.group["eigvecs"][lo:hi])
+    except transport as exc:
+        raise TransportError(
+            f"cannot read shard {shard} of {store.url} ({type(exc).__name__}: {exc}); check that the server "
+            "is up, then re-run" + TIMEOUT_HINT
+        ) from None
     except (KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:
         out["unreadable"].append(f"shard {shard} (images {lo}..{hi - 1}): {type(exc).__name__}: {exc}")
         return out

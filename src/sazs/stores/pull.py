@@ -12,9 +12,12 @@ import shutil
 import time
 from pathlib import Path, PurePosixPath
 
-from .format import CHECKSUM_FILE, SUMMARY_FILE, StoreError, is_http, local_fs, split_url
+from sazs.core import limits
+
+from .format import CHECKSUM_FILE, SUMMARY_FILE, StoreError, TransportError, is_http, local_fs, split_url
+from .http import redirect_refused, response_too_large
 from .integrity import VerifyReport, list_objects, read_checksums, verify
-from .reader import http_errors
+from .reader import TIMEOUT_HINT, http_errors
 from .remote import MAX_WORKERS, problems, read_object, sha256_hex, transfer
 from .schema import parse_json_object
 
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 # Over HTTP each download is tried this many times in all, waiting RETRY_WAIT_S * attempt between tries.
 HTTP_ATTEMPTS = 3
 RETRY_WAIT_S = 1.0
+HTTP_BLOCK_BYTES = 8 << 20  # an object is downloaded in byte ranges of this size
 
 
 def _safe_key(key: str, url: str) -> str:
@@ -148,24 +152,51 @@ def _lacks(url: str, missing: list[str]) -> str:
     )
 
 
+def _get_by_ranges(fs, path: str, local: Path) -> None:
+    """Copy an object over HTTP in byte ranges of HTTP_BLOCK_BYTES, each bounded by stores/http.py,
+    at most limits.MAX_HTTP_BYTES in all (an endless or oversized body never reaches the disk)."""
+    with open(local, "wb") as f:
+        offset = 0
+        while True:
+            try:
+                data = fs.cat_file(path, start=offset, end=offset + HTTP_BLOCK_BYTES)
+            except http_errors(fs) as exc:
+                if offset and getattr(exc, "status", None) == 416:  # the size is a multiple of the block
+                    return
+                raise
+            if len(data) > HTTP_BLOCK_BYTES:
+                raise response_too_large()(f"{path}: the server ignores Range (sent {len(data)} bytes)")
+            f.write(data)
+            offset += len(data)
+            if len(data) < HTTP_BLOCK_BYTES:
+                return
+            if offset > limits.MAX_HTTP_BYTES:
+                raise response_too_large()(f"{path} is larger than MAX_HTTP_BYTES = {limits.MAX_HTTP_BYTES}")
+
+
 def _download(fs, path: str, local: Path, *, key: str, url: str, dest: Path) -> None:
     """Copy one object to ``local``; over HTTP retry what the network broke, then fail naming it."""
     transient = http_errors(fs)
     attempts = HTTP_ATTEMPTS if transient else 1
     for attempt in range(1, attempts + 1):
         try:
-            fs.get_file(path, str(local))
+            if transient:
+                _get_by_ranges(fs, path, local)
+            else:
+                fs.get_file(path, str(local))
             return
         except FileNotFoundError:
             raise StoreError(_lacks(url, [key])) from None
         except transient as exc:
             status = getattr(exc, "status", None)  # an HTTP error response: only a 5xx may pass
-            if attempt == attempts or (status is not None and status < 500):
+            # A timeout, an oversized answer or a redirect elsewhere is not retried either.
+            final = isinstance(exc, TimeoutError | response_too_large() | redirect_refused())
+            if attempt == attempts or final or (status is not None and status < 500):
                 tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
-                raise StoreError(
+                raise TransportError(
                     f"downloading {key} from {url} failed{tries}: {type(exc).__name__}: {exc}; "
                     f"nothing was written to {dest}: check that the server is up and serves the "
-                    "store's files, then re-run the pull"
+                    "store's files, then re-run the pull" + (TIMEOUT_HINT if final else "")
                 ) from None
             log.warning("downloading %s from %s failed (%s: %s); retrying", key, url, type(exc).__name__, exc)
             time.sleep(RETRY_WAIT_S * attempt)

@@ -29,13 +29,16 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from . import codecs  # noqa: F401  (installs the bounded decoders before any store is opened)
-from .format import ARRAYS, DONE, FAILED, PENDING, StoreError, is_http, is_local, split_url
-from .schema import validate_store
+from .format import ARRAYS, DONE, FAILED, PENDING, StoreError, TransportError, is_http, is_local, split_url
+from .http import http_options, redirect_refused, response_too_large
+from .schema import read_checksums, validate_store
+from .verified import VerifiedStore
 
 log = logging.getLogger(__name__)
 
 # Reads of an http(s):// store, each retried this many times in all when the connection fails.
 HTTP_ATTEMPTS = 3
+TIMEOUT_HINT = " (bounds: $SAZS_HTTP_TIMEOUT_S, $SAZS_HTTP_READ_TIMEOUT_S, $SAZS_MAX_HTTP_BYTES; see core/limits.py)"
 
 
 @dataclass
@@ -127,8 +130,15 @@ class PriorStore:
             return FsspecStore(AsyncFileSystemWrapper(self.fs, asynchronous=True), path=self.root, read_only=True)
         # Zarr runs its own event loop; self.fs (sync, e.g. s3fs or http) is bound to fsspec's
         # loop, where its HTTP session lives ("attached to a different loop"), so Zarr gets its
-        # own asynchronous instance.
-        return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=True)
+        # own asynchronous instance. Over HTTP a finalised store's objects are checked against
+        # its checksum file (stores/verified.py).
+        options = http_options(self.url, self.storage_options)
+        checksums = read_checksums(self.fs, self.root) if is_http(self.fs) else None
+        if checksums:
+            return VerifiedStore.from_url(self.url, storage_options=options, read_only=True).verified(
+                checksums, self.url
+            )
+        return FsspecStore.from_url(self.url, storage_options=options, read_only=True)
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -154,10 +164,12 @@ class PriorStore:
             try:
                 return np.asarray(self._arrays[name][selection])
             except self._http_errors as exc:
-                if attempt == attempts:
-                    raise StoreError(
-                        f"cannot read {self.url}/{name}: {type(exc).__name__}: {exc} (after {attempts} "
-                        "attempts); check that the server is up, then re-run"
+                # A dropped connection is retried; a timeout, an oversized answer or a redirect elsewhere is not.
+                final = isinstance(exc, TimeoutError | response_too_large() | redirect_refused())
+                if attempt == attempts or final:
+                    raise TransportError(
+                        f"cannot read {self.url}/{name}: {type(exc).__name__}: {exc} (after {attempt} "
+                        "attempt(s)); check that the server is up, then re-run" + (TIMEOUT_HINT if final else "")
                     ) from None
                 log.warning("reading %s/%s failed (%s: %s); retrying", self.url, name, type(exc).__name__, exc)
             except (KeyError, ValueError, RuntimeError, TypeError, OSError) as exc:

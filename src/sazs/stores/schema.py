@@ -27,7 +27,7 @@ from sazs.core.limits import (
     MAX_SHARD_BYTES,
 )
 
-from .format import StoreError, array_spec
+from .format import CHECKSUM_FILE, StoreError, array_spec
 from .manifest import FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS, fingerprint
 
 # Codecs a v1 store may use. Anything else is refused before Zarr sees it. The compressors
@@ -81,6 +81,32 @@ def read_json_object(fs, path: str, where: str, hint: str = "") -> dict:
     with fs.open(path, "rb") as f:
         data = f.read(MAX_JSON_BYTES + 1)
     return parse_json_object(data, where, hint)
+
+
+def read_checksums(fs, root: str) -> dict[str, str] | None:
+    """{key: sha256} of a finalised store's checksum file (at most MAX_JSON_BYTES), None if it has none.
+
+    A checksum file is written whole or not at all (finalize writes it atomically), so a
+    malformed one was damaged or edited afterwards: the store's integrity is unknown.
+    """
+    path = f"{root.rstrip('/')}/{CHECKSUM_FILE}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise StoreError(f"{root}/{CHECKSUM_FILE} is larger than {MAX_JSON_BYTES >> 20} MiB; refusing to read it")
+    out = {}
+    for n, line in enumerate(data.decode(errors="replace").splitlines(), 1):
+        digest, sep, key = line.partition("  ")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise StoreError(
+                f"{root}/{CHECKSUM_FILE} line {n} is malformed: {line[:80]!r}; the checksum file was "
+                "damaged or edited after finalize, so nothing of the store can be trusted: pull a good "
+                "copy, or re-create the store (sazs-priors run with --overwrite)"
+            )
+        out[key] = digest
+    return out
 
 
 # -- the manifest ----------------------------------------------------------------------------
