@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sazs.quality.quality import covering_scores
+from sazs.quality.segment_scores import score_segments
 from sazs.segments.maps import (
     SegmentConfig,
     eigengap_k,
@@ -26,17 +27,18 @@ def _regions(h=12, w=18):
 
 
 def _spectrum(truth, noise=0.02, seed=0, k=8):
-    """Eigenvectors whose span holds the regions' indicators: u0 ~ constant, v1, v2 the
-    indicators' orthonormal contrasts (Gram-Schmidt against u0), then noise vectors."""
+    """Eigenvectors whose span holds the regions' indicators: u0 ~ constant, v1..v_{r-1} the
+    indicators' orthonormal contrasts (Gram-Schmidt against u0) for r regions, then small noise
+    vectors; eigenvalues small up to r - 1, then a wide gap."""
     rng = np.random.default_rng(seed)
-    n = truth.size
-    cols = [np.ones(n)] + [(truth.ravel() == c).astype(float) for c in (1, 2)]
-    cols += [rng.standard_normal(n) for _ in range(k - 3)]
+    n, r = truth.size, int(truth.max()) + 1
+    cols = [np.ones(n)] + [(truth.ravel() == c).astype(float) for c in range(1, r)]
+    cols += [rng.standard_normal(n) for _ in range(k - r)]
     q, _ = np.linalg.qr(np.stack(cols, 1))
     vecs = q.T * np.sign(q[0, :])[:, None]
-    vecs[1:3] += noise * rng.standard_normal((2, n))
-    vecs[3:] *= 0.05  # the higher vectors: small, carry no region
-    vals = np.array([0.0, 0.01, 0.02, 0.6, 0.7, 0.8, 0.9, 0.95][:k])
+    vecs[1:r] += noise * rng.standard_normal((r - 1, n))
+    vecs[r:] *= 0.05  # the higher vectors: small, carry no region
+    vals = np.concatenate([0.01 * np.arange(r), 0.6 + 0.05 * np.arange(k - r)])
     return vecs.reshape(k, *truth.shape).astype(np.float32), vals
 
 
@@ -158,3 +160,15 @@ def test_config_errors_name_the_choices():
         SegmentConfig(scale="cosine")
     with pytest.raises(ValueError, match="num_vectors"):
         SegmentConfig(num_vectors=0)
+
+
+def test_score_segments_covers_known_regions():
+    truth = _regions()
+    vecs, vals = _spectrum(truth)
+    mask = np.kron(truth, np.ones((2, 2), np.int64)).astype(np.uint8)
+    mask[0, 0] = 255  # ignored
+    row = score_segments(vecs, vals, mask, cfg=SegmentConfig(num_vectors=2, num_segments=3))
+    assert row["segments_covering"] == pytest.approx(1.0)
+    assert row["segments_mean_best_iou"] == pytest.approx(1.0)
+    assert row["segments_boundary_recall"] == pytest.approx(1.0)
+    assert row["segments_count"] == 3.0

@@ -202,7 +202,9 @@ def covering_scores(segments: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> 
 
 def _vectors_at_pixels(eigvecs: np.ndarray, size: tuple[int, int], image, refine, refine_cfg) -> torch.Tensor:
     vecs = upsample_eigvecs(np.asarray(eigvecs, np.float32), size)
-    if check_refine(refine) == "guided":
+    if check_refine(refine) not in (None, "guided"):  # the others refine masks and label maps
+        raise ValueError(f"unknown refinement {refine!r} of eigenvectors; only 'guided' (linear) refines them")
+    if refine == "guided":
         if image is None:
             raise ValueError("refine='guided' needs the image (H, W, 3) uint8")
         if tuple(image.shape[:2]) != tuple(size):

@@ -33,6 +33,11 @@ COLUMNS = {
         ("boundary_recall", "boundary recall"),
         ("boundary_precision", "boundary precision"),
         ("span_miou", "span-K mIoU"),
+        ("segments_covering", "segments covering"),
+        ("segments_mean_best_iou", "segments mean best IoU"),
+        ("segments_boundary_recall", "segments boundary recall"),
+        ("segments_boundary_precision", "segments boundary precision"),
+        ("segments_count", "segments per image"),
     ],
 }
 

@@ -24,6 +24,7 @@ from sazs.datasets.images import ImageError
 from sazs.stores.format import StoreError
 
 from .quality import score_image, summarise
+from .segment_scores import score_segments
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def score_store(
         scores = score_image(
             prior.eigvecs, mask, n_best=n_best, label_map=label_map, boundary_tolerance=boundary_tolerance
         )
+        if label_map:  # the segment maps (spectral clustering) beside the sign cells
+            scores.update(score_segments(prior.eigvecs, prior.eigvals, mask, boundary_tolerance=boundary_tolerance))
         t1 = time.perf_counter()
         rows["bilinear"].append({**meta, **scores})
         if refine:
@@ -91,6 +94,17 @@ def score_store(
                 refine=refine,
                 boundary_tolerance=boundary_tolerance,
             )
+            if label_map:
+                scores.update(
+                    score_segments(
+                        prior.eigvecs,
+                        prior.eigvals,
+                        mask,
+                        image=image,
+                        refine=refine,
+                        boundary_tolerance=boundary_tolerance,
+                    )
+                )
             # the refinement's own cost: the refined scoring minus the plain one (same metrics)
             refine_ms.append(max(0.0, 1000 * ((time.perf_counter() - t1) - (t1 - t0))))
             rows[refine].append({**meta, **scores})

@@ -8,6 +8,8 @@ neighbour they share the longest border with (a stray patch is noise, not a segm
 
     segment_grid(eigvecs, eigvals, cfg) -> (h, w) int labels 0..n-1 on the patch grid
     segment_pixels(eigvecs, eigvals, size, cfg, image=None, refine=None) -> (H, W) labels
+    prior_segments(prior, cfg) / segment_map(store, id_, cfg) -> (H, W) labels at the image's size
+    encode_png(labels) -> PNG bytes (mode L, or I;16 above 256 segments)
 
 Why not the signs of v1..v4 (:func:`sazs.stores.preview.segment_labels`): background patches
 sit at values near 0 with an arbitrary sign, so the sign cells cut flat regions in two at
@@ -22,11 +24,13 @@ with ``num_segments=None``, chosen by the eigengap among 2..``max_segments``.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy import ndimage
 
 from .refine import check_refine, refine_labels
@@ -40,6 +44,9 @@ class SegmentConfig:
     num_segments: int | None = 6  # k-means clusters; None: by the eigengap (2..max_segments)
     max_segments: int = 8
     scale: str = "degree"
+    # weight vector k by (lam_1 / lam_k)^power (a diffusion-map weighting): the higher, noisier
+    # vectors count less; 0: all vectors alike
+    eigval_power: float = 0.0
     min_size: float = 0.02  # components below this share of the grid's cells are merged
     seed: int = 0  # k-means++ seeding (deterministic)
     restarts: int = 4  # k-means runs, the one of least inertia is kept
@@ -157,7 +164,11 @@ def segment_grid(
         k = eigengap_k(eigvals, cfg.max_segments)
     else:
         k = cfg.num_segments
-    labels = kmeans(_rows(eigvecs, cfg.num_vectors, cfg.scale), k, seed=cfg.seed, restarts=cfg.restarts)
+    x = _rows(eigvecs, cfg.num_vectors, cfg.scale)
+    if cfg.eigval_power and eigvals is not None:
+        lam = np.maximum(np.asarray(eigvals, np.float64)[1 : 1 + x.shape[1]], 1e-9)
+        x = x * (lam[0] / lam) ** cfg.eigval_power
+    labels = kmeans(x, k, seed=cfg.seed, restarts=cfg.restarts)
     return merge_small(labels.reshape(h, w), max(1, round(cfg.min_size * h * w)))
 
 
@@ -198,12 +209,33 @@ def segment_pixels(
     return out.reshape(size)
 
 
-def segment_map(store, id_: str, cfg: SegmentConfig = SegmentConfig(), *, image=None, refine=None) -> np.ndarray:
-    """The segment map (H, W) of image ``id_`` of an open store (anything whose ``get(id_)`` has
-    ``eigvecs``, ``eigvals`` and ``image_size``, as :class:`sazs.stores.reader.PriorStore`),
-    at the image's original size."""
-    prior = store.get(id_)
+def prior_segments(prior, cfg: SegmentConfig = SegmentConfig(), *, image=None, refine=None) -> np.ndarray:
+    """The segment map (H, W) of one image's priors (anything with ``eigvecs``, ``eigvals`` and
+    ``image_size``, as :class:`sazs.stores.reader.Prior`) at the image's original size."""
     h, w = (int(s) for s in prior.image_size)
     if h < 1 or w < 1:
         raise ValueError(f"its image size {h}x{w} is unknown")
     return segment_pixels(prior.eigvecs, prior.eigvals, (h, w), cfg, image=image, refine=refine)
+
+
+def segment_map(store, id_: str, cfg: SegmentConfig = SegmentConfig(), *, image=None, refine=None) -> np.ndarray:
+    """The segment map (H, W) of image ``id_`` of an open store (``store.get(id_)`` gives its
+    priors, as :meth:`sazs.stores.reader.PriorStore.get`), at the image's original size."""
+    return prior_segments(store.get(id_), cfg, image=image, refine=refine)
+
+
+def encode_png(labels: np.ndarray) -> bytes:
+    """A label map (H, W) as PNG bytes: mode L (8-bit) up to 256 segments, else I;16 (16-bit)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.size == 0 or labels.min() < 0:
+        raise ValueError(f"a label map is (H, W) non-negative integers, got shape {labels.shape}")
+    top = int(labels.max())
+    if top > np.iinfo(np.uint16).max:
+        raise ValueError(f"{top + 1} segments do not fit a 16-bit PNG")
+    if top <= 255:
+        img = Image.fromarray(labels.astype(np.uint8), mode="L")
+    else:
+        img = Image.fromarray(labels.astype(np.uint16))  # Pillow maps uint16 to I;16
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -43,6 +43,7 @@ from .commands import (
     cmd_unlock,
     cmd_verify,
 )
+from .export import FORMATS
 from .format import StoreError
 
 
@@ -160,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         description="One image at a time, resumable (complete files are skipped). sazs-png: OUT/{id}_k{i}.png, "
         "i = 0..n-1 for the non-trivial eigenvectors 1..n (default n = 5), 255 where the vector, "
         "upsampled bilinearly to the image's size, is > 0. dsm: OUT/{id}.pth, Deep Spectral Methods' "
-        "{'eigenvalues', 'eigenvectors'} (generalised v, their sign rule). npz: OUT/{id}.npz. Ids "
+        "{'eigenvalues', 'eigenvectors'} (generalised v, their sign rule). npz: OUT/{id}.npz. segments: "
+        "OUT/{id}.png, a GT-free segment map at the image's size (mode L, or I;16 above 256 segments). Ids "
         "with '/' become subfolders. Exit 1 when some image could not be exported. "
         "Example: sazs-store export priors/x.zarr eigs/ --format sazs-png --num-vectors 5",
     )
     p.add_argument("store")
     p.add_argument("out", help="output folder")
-    p.add_argument("--format", choices=["sazs-png", "dsm", "npz"], required=True)
+    p.add_argument("--format", choices=FORMATS, required=True)
     p.add_argument("--ids", nargs="+", default=None, help="only these image ids")
     p.add_argument("--limit", type=int, default=None, help="only the first N images that have priors")
     p.add_argument(

@@ -17,6 +17,10 @@ Formats (``OUT/{id}…``; an id with '/' is a subfolder, an id that would leave 
 * ``npz`` — one ``{id}.npz`` (``np.load(path)``, no pickle): ``eigvals`` (K,) float32,
   ``eigvecs`` (K, h, w) float32 as stored, ``residuals`` (K,), ``grid`` (2,), ``image_size``
   (2,), ``vectors`` ("u", or "v" for an imported store), ``id``, ``fingerprint``.
+* ``segments`` — one ``{id}.png``: the image's segment map (:func:`sazs.segments.maps.segment_map`,
+  spectral clustering of the rows of v1..vn, no ground truth), one label 0..S-1 per segment, at
+  the image's original size; mode L, or I;16 above 256 segments. n = ``--num-vectors`` (default
+  :class:`sazs.segments.maps.SegmentConfig`'s).
 
 For dsm and npz, ``--num-vectors n`` keeps the trivial vector and the first n non-trivial
 ones (n + 1 in all; default: all K). Images without priors (failed, pending) are listed and
@@ -37,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sazs.core.files import write_atomic
+from sazs.segments.maps import SegmentConfig, encode_png, prior_segments
 
 from .dsm import dsm_record, holds_generalised, id_path, to_generalised
 from .format import DONE, FAILED, StoreError, TransportError
@@ -45,7 +50,7 @@ from .writer import disk_errors
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("sazs-png", "dsm", "npz")
+FORMATS = ("sazs-png", "dsm", "npz", "segments")
 SAZS_NUM_VECTORS = 5  # the K of the released SAZS eigen masks
 MARKER = "sazs-export.json"
 
@@ -189,7 +194,7 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
 
     store = open_store(url, storage_options=storage_options)
     k_all = store.num_eigs
-    default = SAZS_NUM_VECTORS if cfg.format == "sazs-png" else k_all - 1
+    default = {"sazs-png": SAZS_NUM_VECTORS, "segments": SegmentConfig.num_vectors}.get(cfg.format, k_all - 1)
     n = cfg.num_vectors or min(default, k_all - 1)
     if not 1 <= n <= k_all - 1:
         raise ValueError(
@@ -221,13 +226,13 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
                 prior = store.get(id_)
                 for path, data in zip(paths, _encode(prior, cfg.format, n, generalised, store.fingerprint)):
                     write_atomic(path, data)
+            except TransportError:
+                raise  # the server, not this image: every other read would fail (or wait) the same
             except (ValueError, StoreError) as exc:  # DsmFileError is a ValueError
                 summary.failed[id_] = str(exc)
                 continue
             summary.written += 1
     if no_priors:
-            except TransportError:
-                raise  # the server, not this image: every other read would fail (or wait) the same
         log.warning(
             "%d image(s) have no priors in %s and were skipped (e.g. %s)",
             len(no_priors),
@@ -240,12 +245,14 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
 def _paths(out: Path, id_: str, fmt: str, n: int) -> list[Path]:
     if fmt == "sazs-png":
         return [id_path(out, id_, f"_k{i}.png") for i in range(n)]
-    return [id_path(out, id_, ".pth" if fmt == "dsm" else ".npz")]
+    return [id_path(out, id_, {"dsm": ".pth", "npz": ".npz", "segments": ".png"}[fmt])]
 
 
 def _encode(prior: Prior, fmt: str, n: int, generalised: bool, fingerprint: str):
     if fmt == "sazs-png":
         return [_png_bytes(m) for m in eigen_masks(prior, n)]
+    if fmt == "segments":
+        return [encode_png(prior_segments(prior, SegmentConfig(num_vectors=n)))]
     if fmt == "dsm":
         return [_dsm_bytes(prior, n + 1, generalised)]
     return [_npz_bytes(prior, n + 1, "v" if generalised else "u", fingerprint)]
