@@ -69,8 +69,9 @@ def blosc_bomb(nbytes: int) -> bytes:
     return blosc.compress(np.zeros(nbytes, np.uint8), b"zstd", 9, 1)
 
 
-def put_inner_chunk(shard: Path, num_chunks: int, index: int, data: bytes) -> None:
-    """Replace inner chunk ``index`` of the shard object ``shard`` (index at the end, with crc32c)."""
+def put_inner_chunk(shard: Path, num_chunks: int, index: int, data: bytes | None) -> None:
+    """Replace inner chunk ``index`` of the shard object ``shard`` (index at the end, with crc32c);
+    None drops it (it reads back as the fill value)."""
     import google_crc32c
 
     raw = shard.read_bytes()

@@ -7,6 +7,7 @@ by its message, not by exhausting the test machine; the measured reproductions (
 2 GiB) are in docs/BENCHMARKS.md.
 """
 
+import hashlib
 import json
 
 import numpy as np
@@ -14,12 +15,13 @@ import pytest
 import zarr
 from bombs import blosc_lie, gzip_bomb, put_inner_chunk, zstd_bomb, zstd_lie
 from storecheck import toy_manifest
-from test_store_hardening import IDS, K, make_store
+from test_store_hardening import IDS, K, make_store, result
 
 from sazs.stores import cli
 from sazs.stores.codecs import ChunkTooLarge, gzip_decode, zstd_decode
-from sazs.stores.format import StoreError
-from sazs.stores.integrity import verify
+from sazs.stores.format import CHECKSUM_FILE, SUMMARY_FILE, StoreError
+from sazs.stores.integrity import finalize, verify
+from sazs.stores.manifest import fingerprint
 from sazs.stores.merge import merge
 from sazs.stores.reader import open_store
 from sazs.stores.writer import StoreWriter
@@ -104,3 +106,97 @@ def test_stores_with_each_codec_still_read(store, tmp_path):
         set_codec(copy, "status", name, conf)
         zarr.open_group(str(copy), mode="r+")["status"][:] = status  # written with that codec
         assert (open_store(copy).status() == status).all()
+
+
+# -- tampered finalised stores -------------------------------------------------------------------
+
+
+def set_ids(store, ids):
+    zarr.open_group(str(store), mode="r+")["ids"][:] = np.asarray(ids, dtype=object)
+
+
+def test_finalize_refuses_a_finalised_store_that_was_changed(store, capsys):
+    assert cli.main(["finalize", str(store), "--no-progress"]) == 0
+    set_ids(store, [IDS[1], IDS[0], *IDS[2:]])  # swapped ids
+    assert cli.main(["finalize", str(store), "--no-progress"]) == 2
+    assert "no longer match its checksums" in capsys.readouterr().err
+    report = verify(str(store))
+    assert not report.ok and report.corrupted == ["ids/c/0"]
+
+
+def test_a_deleted_checksum_file_is_damage_not_an_unfinalised_store(store, capsys):
+    finalize(str(store))
+    (store / CHECKSUM_FILE).unlink()
+    report = verify(str(store))
+    assert not report.ok and CHECKSUM_FILE in report.missing[0]
+    assert cli.main(["finalize", str(store), "--no-progress"]) == 2
+    assert "is gone; refusing to re-finalise" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="is finalised"):
+        StoreWriter.open(store, ids=IDS, manifest=toy_manifest(IDS, num_eigs=K))
+
+
+def test_an_interrupted_finalize_can_be_run_again(store):
+    finalize(str(store))
+    (store / CHECKSUM_FILE).unlink()
+    (store / SUMMARY_FILE).unlink()  # as if finalize stopped after marking the store
+    assert finalize(str(store))["done"] == 7 and verify(str(store)).ok
+
+
+# -- what verify finds in stores that are not finalised ---------------------------------------------
+
+
+def real_store(path, ids=IDS):
+    manifest = toy_manifest(ids, num_eigs=K)
+    manifest["dataset"]["ids_sha256"] = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    manifest["fingerprint"] = fingerprint(manifest)
+    with StoreWriter.open(path, ids=ids, manifest=manifest) as w:
+        for shard in range(w.num_shards):
+            w.write_shard(shard, [result(i) for i in w.shard_range(shard)])
+    return path
+
+
+@pytest.mark.parametrize("ids", [[IDS[1], IDS[0], *IDS[2:]], [IDS[0], IDS[0], *IDS[2:]]], ids=["swapped", "duplicated"])
+def test_ids_that_do_not_match_the_manifest_are_damage(tmp_path, ids):
+    store = real_store(tmp_path / "s.zarr")
+    assert verify(str(store)).ok
+    set_ids(store, ids)
+    report = verify(str(store))
+    assert not report.ok and report.bad_ids
+
+
+@pytest.mark.parametrize("size", [(2**31 - 1, 2**31 - 1), (-5, 40)])
+def test_impossible_image_sizes_are_damage_and_fail_only_that_image(store, tmp_path, size, capsys):
+    g = zarr.open_group(str(store), mode="r+")
+    sizes = np.asarray(g["image_size"][:])
+    sizes[2] = size
+    g["image_size"][:] = sizes
+    report = verify(str(store))
+    assert [x.split()[0] for x in report.out_of_range] == ["im2"]
+    out = tmp_path / "png"
+    argv = ["export", str(store), str(out), "--format", "sazs-png", "--num-vectors", "1", "--no-progress"]
+    assert cli.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "exported 6 image(s)" in printed and "1 FAILED (im2" in printed and "image size" in printed
+
+
+def test_an_edited_fill_value_is_refused(store):
+    edit = store / "eigvecs" / "zarr.json"
+    meta = json.loads(edit.read_text())
+    meta["fill_value"] = 0.5
+    edit.write_text(json.dumps(meta))
+    put_inner_chunk(store / "eigvecs" / "c" / "0" / "0" / "0" / "0", 3, 1, None)  # then drop a chunk
+    with pytest.raises(StoreError, match="fill value 0.5"):
+        open_store(store)
+    assert "fill value" in verify(str(store)).unreadable[0]
+
+
+def test_merge_refuses_an_input_with_done_images_without_data(store, tmp_path):
+    other = make_store(tmp_path / "other.zarr")
+    (other / "eigvals" / "c" / "1" / "0").unlink()
+    with pytest.raises(StoreError, match=r"cannot merge .*other.zarr: 3 image\(s\) marked done lack"):
+        merge(tmp_path / "m.zarr", [str(store), str(other)])
+    other2 = make_store(tmp_path / "other2.zarr")
+    put_inner_chunk(other2 / "eigvecs" / "c" / "0" / "0" / "0" / "0", 3, 1, None)
+    with pytest.raises(StoreError, match="'im1' is marked done but its data is missing"):
+        merge(tmp_path / "m.zarr", [str(store), str(other2)])
+    assert not (tmp_path / "m.zarr").exists()

@@ -205,7 +205,7 @@ def test_a_malformed_checksum_file_says_how_to_recover(store, capsys):
     (store / CHECKSUM_FILE).write_text(text[: len(text) // 2])  # finalize writes it atomically: edited
     assert cli.main(["verify", str(store), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "pull a good copy" in err and "finalize" not in err  # re-finalising would bless the damage
+    assert "pull a good copy" in err and "sazs-store finalize" not in err  # re-finalising would bless damage
     assert cli.main(["finalize", str(store), "--no-progress"]) == 2
 
 

@@ -23,21 +23,19 @@ checksum file that would make the store look finalised.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import dask
 import numpy as np
-from dask.diagnostics import ProgressBar
 
 from sazs.core.console import disk_error_message
-from sazs.core.files import TEMP_SUFFIX, sha256_stream, write_atomic
+from sazs.core.files import TEMP_SUFFIX, write_atomic
 
 from .format import (
     ARRAYS,
@@ -46,16 +44,16 @@ from .format import (
     FAILED,
     LOCK_FILE,
     PENDING,
-    SIDE_FILES,
     STATUS_NAMES,
     SUMMARY_FILE,
     StoreError,
     TransportError,
-    is_http,
     is_local,
     split_url,
 )
 from .manifest import code_version
+from .marks import finalized_mark, ids_problems, image_size_problem, set_finalized_mark
+from .objects import hash_all, list_objects, sha256_of  # noqa: F401  (sha256_of: part of this API)
 from .reader import TIMEOUT_HINT, PriorStore, http_errors, open_store
 from .schema import read_checksums
 
@@ -66,78 +64,6 @@ EIGVAL_RANGE = (-1e-3, 2 + 1e-3)
 # Arrays every image marked done must have a chunk object of ("errors" is empty then, and
 # Zarr does not store a chunk of fill values).
 DONE_ARRAYS = tuple(a for a in ARRAYS if a not in ("status", "errors"))
-
-
-def _key(root: str, path: str) -> str:
-    return path[len(root.rstrip("/")) + 1 :]
-
-
-def list_objects(fs, root: str) -> dict[str, int]:
-    """Every object of the store (key relative to the root → size), side files excluded.
-
-    Plain HTTP cannot list: there the objects are those the checksum file names that the
-    server has (one HEAD each).
-    """
-    if is_http(fs):
-        return _served_objects(fs, root)
-    found = fs.find(root, detail=True)
-    return {
-        _key(root, p): int(info.get("size") or 0)
-        for p, info in found.items()
-        if info.get("type", "file") == "file" and _key(root, p) not in SIDE_FILES
-    }
-
-
-def _served_objects(fs, root: str) -> dict[str, int]:
-    expected = read_checksums(fs, root)
-    if expected is None:
-        raise StoreError(
-            f"{root} has no {CHECKSUM_FILE}: over plain HTTP the objects of a store cannot be listed, "
-            "only a finalised store can be read there; finalize it (sazs-store finalize) and publish "
-            "it again"
-        )
-
-    def size(key: str) -> int | None:
-        path = f"{root.rstrip('/')}/{key}"
-        try:
-            return int(fs.info(path).get("size") or 0)
-        except FileNotFoundError as exc:
-            # fsspec's HTTP info turns every failure into FileNotFoundError; only a 404 means missing.
-            cause = exc.__cause__
-            if cause is not None and getattr(cause, "status", None) != 404:
-                raise TransportError(
-                    f"cannot read {path} ({type(cause).__name__}: {cause}); check that the server is up, "
-                    "then re-run" + TIMEOUT_HINT
-                ) from None
-            return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        sizes = dict(zip(expected, pool.map(size, expected)))
-    return {k: n for k, n in sizes.items() if n is not None}
-
-
-def sha256_of(fs, path: str) -> str:
-    """SHA-256 of the object at ``path`` of ``fs``."""
-    with fs.open(path, "rb") as f:
-        return sha256_stream(f)
-
-
-def _sha256_or_error(fs, path: str) -> str:
-    """sha256_of, with a failure of the server or the disk turned into one StoreError naming ``path``."""
-    try:
-        return sha256_of(fs, path)
-    except (OSError, *http_errors(fs)) as exc:
-        raise TransportError(
-            f"cannot read {path} ({type(exc).__name__}: {exc}); check that the server is up, then re-run"
-            + (TIMEOUT_HINT if is_http(fs) else "")
-        ) from None
-
-
-def _hash_all(fs, root: str, keys: list[str], progress: bool) -> dict[str, str]:
-    tasks = [dask.delayed(_sha256_or_error)(fs, f"{root.rstrip('/')}/{k}") for k in keys]
-    with ProgressBar() if progress else contextlib.nullcontext():
-        digests = dask.compute(*tasks, scheduler="threads")
-    return dict(zip(keys, digests))
 
 
 def _write_side_file(fs, path: str, data: bytes) -> None:
@@ -154,6 +80,13 @@ def _write_side_file(fs, path: str, data: bytes) -> None:
         raise StoreError(
             f"finalize: {msg}; nothing was half-written, re-run `sazs-store finalize` afterwards"
         ) from None
+
+
+def _mark_or_none(fs, root: str) -> str | None:
+    try:
+        return finalized_mark(fs, root)
+    except StoreError:
+        return None  # a damaged root zarr.json: the content checks report it
 
 
 def is_finalized(url: str, storage_options: dict | None = None) -> bool:
@@ -177,12 +110,15 @@ def finalize(
         raise StoreError(
             f"{url} has {counts['pending']} pending image(s); finish the job (re-run it) or pass --allow-incomplete"
         )
+    _refuse_changed(fs, root, url, progress)
+    if finalized_mark(fs, root) is None:  # before the checksums: zarr.json is one of the objects
+        set_finalized_mark(fs, root, datetime.now(UTC).isoformat(timespec="seconds"), partial(_write_side_file, fs))
     objects = list_objects(fs, root)
     for key in [k for k in objects if k.endswith(TEMP_SUFFIX)]:
         log.info("removing leftover temporary file %s", key)
         fs.rm(f"{root.rstrip('/')}/{key}")
         objects.pop(key)
-    digests = _hash_all(fs, root, sorted(objects), progress)
+    digests = hash_all(fs, root, sorted(objects), progress)
     text = "".join(f"{digests[k]}  {k}\n" for k in sorted(digests))
     _write_side_file(fs, f"{root.rstrip('/')}/{CHECKSUM_FILE}", text.encode())
     summary = {
@@ -201,6 +137,30 @@ def finalize(
     return summary
 
 
+def _refuse_changed(fs, root: str, url: str, progress: bool) -> None:
+    """StoreError unless a finalised store (re-finalised) still matches its checksums: finalize
+    must never bless a store changed after it was finalised."""
+    when = finalized_mark(fs, root)
+    expected = read_checksums(fs, root)  # a malformed file raises
+    completed = fs.exists(f"{root.rstrip('/')}/{SUMMARY_FILE}")  # else an interrupted finalize: re-run it
+    if expected is None and (when is None or not completed):
+        return
+    fix = "pull a good copy, or re-create the store (sazs-priors run with --overwrite)"
+    if expected is None:
+        raise StoreError(
+            f"{url} was finalised on {when} but its {CHECKSUM_FILE} is gone; refusing to re-finalise: {fix}"
+        )
+    objects = list_objects(fs, root)
+    present = sorted(set(expected) & set(objects))
+    digests = hash_all(fs, root, present, progress)
+    changed = sorted(set(expected) ^ set(objects)) + [k for k in present if digests[k] != expected[k]]
+    if changed:
+        raise StoreError(
+            f"{url} is finalised and {len(changed)} object(s) no longer match its checksums (e.g. "
+            f"{changed[:3]}); refusing to re-finalise a changed store: {fix}"
+        )
+
+
 @dataclass
 class VerifyReport:
     url: str
@@ -212,6 +172,7 @@ class VerifyReport:
     corrupted: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     missing_data: list[str] = field(default_factory=list)
+    bad_ids: list[str] = field(default_factory=list)
     bad_status: list[str] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
     out_of_range: list[str] = field(default_factory=list)
@@ -260,6 +221,7 @@ DAMAGE = (
     "corrupted",
     "unreadable",
     "missing_data",
+    "bad_ids",
     "bad_status",
     "nonfinite",
     "out_of_range",
@@ -321,6 +283,7 @@ def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[
         eigvals = np.asarray(store.group["eigvals"][lo:hi])
         residual = np.asarray(store.group["residual"][lo:hi])
         grid = np.asarray(store.group["grid"][lo:hi])
+        sizes = np.asarray(store.group["image_size"][lo:hi])
         eigvecs = np.asarray(store.group["eigvecs"][lo:hi])
     except transport as exc:
         raise TransportError(
@@ -344,6 +307,9 @@ def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[
             continue
         if not (0 < h <= hmax and 0 < w <= wmax):
             out["missing_data"].append(f"{id_} (grid {h}x{w})")
+            continue
+        if bad_size := image_size_problem(sizes[j], grid[j]):
+            out["out_of_range"].append(f"{id_} ({bad_size})")
             continue
         if not eigvecs[j].any():  # a chunk missing inside its shard reads back as zeros
             out["missing_data"].append(f"{id_} (eigvecs are all zero)")
@@ -383,8 +349,10 @@ def verify(url: str, *, storage_options: dict | None = None, progress: bool = Fa
         report.missing = sorted(set(expected) - set(objects))
         report.extra = sorted(set(objects) - set(expected))
         present = sorted(set(expected) & set(objects))
-        digests = _hash_all(fs, root, present, progress)
+        digests = hash_all(fs, root, present, progress)
         report.corrupted = [k for k in present if digests[k] != expected[k]]
+    elif (when := _mark_or_none(fs, root)) is not None:
+        report.missing = [f"{CHECKSUM_FILE} (finalize began on {when}: deleted, or finalize was interrupted)"]
     try:
         store = open_store(url, storage_options=storage_options)
         status = store.status()
@@ -392,6 +360,7 @@ def verify(url: str, *, storage_options: dict | None = None, progress: bool = Fa
         report.unreadable.append(str(exc))
         return report
     report.fingerprint = store.fingerprint
+    report.bad_ids = ids_problems(store.ids, store.manifest)
     report.pending = [store.ids[i] for i in np.flatnonzero(status == PENDING)]
     report.failed = [store.ids[i] for i in np.flatnonzero(status == FAILED)]
     gone = missing_objects(store, objects)

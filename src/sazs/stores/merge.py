@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from .format import DONE, FAILED, StoreError
+from .integrity import missing_objects
 from .manifest import fingerprint_diff
+from .objects import list_objects
 from .reader import PriorStore, open_store
 from .writer import ImageResult, StoreWriter
 
@@ -43,6 +45,12 @@ def _read_shard(store: PriorStore, lo: int, hi: int) -> dict[str, np.ndarray]:
     }
 
 
+def _has_data(part: dict[str, np.ndarray], j: int) -> bool:
+    """Whether image ``j`` of a shard read by _read_shard holds data (missing chunks read as fill values)."""
+    h, w = (int(x) for x in part["grid"][j])
+    return h > 0 and w > 0 and not np.isnan(part["eigvals"][j]).all() and bool(part["eigvecs"][j][:, :h, :w].any())
+
+
 def _merge_shard(writer: StoreWriter, stores: list[PriorStore], shard: int) -> list[str]:
     """Merge one shard into ``writer``; returns the ids done in several inputs with different numbers."""
     rng = writer.shard_range(shard)
@@ -54,6 +62,12 @@ def _merge_shard(writer: StoreWriter, stores: list[PriorStore], shard: int) -> l
         if done:
             src = done[0]
             h, w = (int(x) for x in src["grid"][j])
+            for part, store in zip(parts, stores):
+                if part["status"][j] == DONE and not _has_data(part, j):
+                    raise StoreError(
+                        f"cannot merge {store.url}: image {stores[0].ids[i]!r} is marked done but its data is "
+                        "missing (a chunk object was deleted); run `sazs-store verify` on it and re-compute it"
+                    )
             for other in done[1:]:
                 same = (
                     np.array_equal(other["grid"][j], src["grid"][j])
@@ -109,6 +123,14 @@ def merge(
             raise StoreError(f"cannot merge {other.url} into {first.url}: different settings ({diff})")
         if other.ids != first.ids:
             raise StoreError(f"cannot merge {other.url}: its image ids differ from {first.url}'s")
+    for store in stores:
+        gone = missing_objects(store, list_objects(store.fs, store.root))
+        if gone:
+            id_, key = next(iter(gone.items()))
+            raise StoreError(
+                f"cannot merge {store.url}: {len(gone)} image(s) marked done lack their data objects (e.g. "
+                f"{id_!r}: {key}); run `sazs-store verify` on it and re-compute or pull a good copy"
+            )
     out = Path(out)
     if out.exists() and not overwrite:
         raise StoreError(f"{out} already exists; choose a new output path or pass --overwrite")

@@ -31,6 +31,7 @@ from zarr.storage import FsspecStore, LocalStore
 from . import codecs  # noqa: F401  (installs the bounded decoders before any store is opened)
 from .format import ARRAYS, DONE, FAILED, PENDING, StoreError, TransportError, is_http, is_local, split_url
 from .http import http_options, redirect_refused, response_too_large
+from .marks import image_size_problem
 from .schema import read_checksums, validate_store
 from .verified import VerifiedStore
 
@@ -233,6 +234,11 @@ class PriorStore:
             else ""
         )
         eigvecs = None
+        if not missing and (bad := image_size_problem(meta["image_size"][i], (h, w))):
+            raise StoreError(
+                f"no priors for {id_!r} in {self.url}: its {bad} is impossible (the store is damaged); "
+                "run `sazs-store verify` and pull or re-create the store"
+            )
         if not missing:
             eigvecs = self._read("eigvecs", (i, slice(None), slice(0, h), slice(0, w)))
             missing = "" if eigvecs.any() else "eigvecs"

@@ -36,6 +36,16 @@ ALLOWED_CODECS = frozenset(
     {"bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "sharding_indexed", "vlen-utf8", "numcodecs.crc32c"}
 )
 
+FILL_VALUES = {
+    "ids": "",
+    "errors": "",
+    "image_size": 0,
+    "grid": 0,
+    "eigvals": "NaN",
+    "residual": "NaN",
+    "eigvecs": 0.0,
+    "status": 0,
+}
 _ITEMSIZE = {"string": 8, "int32": 4, "int16": 2, "float32": 4, "float16": 2, "uint8": 1}
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 
@@ -210,6 +220,13 @@ def check_array(name: str, meta: dict, want: tuple, dtype: str, where: str, *, g
         )
     if meta.get("data_type") != dtype:
         raise StoreError(f"{where} has data type {meta.get('data_type')!r}, expected {dtype!r}")
+    # A chunk that was never written reads as the fill value; the reader and verify tell missing
+    # data by it (zeros, NaN, grid 0), so a store with another one is damaged.
+    if name in FILL_VALUES and meta.get("fill_value") != FILL_VALUES[name]:
+        raise StoreError(
+            f"{where} has the fill value {meta.get('fill_value')!r}, sazs writes {FILL_VALUES[name]!r}; "
+            "the metadata was edited"
+        )
     got = meta.get("shape", ())
     got = tuple(got) if isinstance(got, list) else got
     if got != want:

@@ -47,6 +47,7 @@ from .format import (
 )
 from .lock import acquire_lock
 from .manifest import FORMAT_NAME, REQUIRED_KEYS, fingerprint_diff
+from .marks import finalized_mark
 from .schema import check_layout, read_json_object, validate_store
 
 log = logging.getLogger(__name__)
@@ -202,9 +203,9 @@ class StoreWriter:
         if kind == "foreign":
             raise _refuse_foreign(path, reason)
         if kind == "store" and not overwrite:
-            if (path / CHECKSUM_FILE).exists():
+            if (path / CHECKSUM_FILE).exists() or finalized_mark(local_fs(), str(path)):
                 raise StoreError(
-                    f"{path} is finalised (immutable: it has checksums); write to another "
+                    f"{path} is finalised (immutable: it has checksums, or had them); write to another "
                     "path, or pass --overwrite (OVERWRITE=1) to replace it"
                 )
             # Every check the reader makes (codecs allow-listed, sizes bounded, fingerprint
