@@ -9,6 +9,7 @@ by its message, not by exhausting the test machine; the measured reproductions (
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -200,3 +201,58 @@ def test_merge_refuses_an_input_with_done_images_without_data(store, tmp_path):
     with pytest.raises(StoreError, match="'im1' is marked done but its data is missing"):
         merge(tmp_path / "m.zarr", [str(store), str(other2)])
     assert not (tmp_path / "m.zarr").exists()
+
+
+# -- nothing written outside OUT ------------------------------------------------------------------
+
+
+def test_gallery_never_deletes_through_a_thumbs_symlink(store, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.png").write_bytes(b"precious")
+    out = tmp_path / "gallery"
+    assert cli.main(["gallery", str(store), "--out", str(out), "--no-images", "--no-progress"]) == 0
+    shutil.rmtree(out / "thumbs")
+    (out / "thumbs").symlink_to(victim)
+    assert cli.main(["gallery", str(store), "--out", str(out), "--no-images", "--no-progress"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert (victim / "keep.png").read_bytes() == b"precious" and len(list(victim.iterdir())) == 1
+
+
+def test_gallery_thumb_size_is_bounded(store, tmp_path, capsys):
+    argv = ["gallery", str(store), "--out", str(tmp_path / "g"), "--no-images", "--thumb-size", "30000"]
+    assert cli.main(argv) == 2
+    assert "--thumb-size 30000 is over 1024" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+def ids_store(path, ids):
+    with StoreWriter.open(path, ids=ids, manifest=toy_manifest(ids, num_eigs=K)) as w:
+        for shard in range(w.num_shards):
+            w.write_shard(shard, [result(i) for i in w.shard_range(shard)])
+    return path
+
+
+def test_export_never_writes_through_a_symlinked_subfolder(tmp_path, capsys):
+    store = ids_store(tmp_path / "s.zarr", ["sub/a", "b", "c"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(outside)
+    assert cli.main(["export", str(store), str(out), "--format", "npz", "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert "exported 2 image(s)" in printed and "1 FAILED (sub/a:" in printed and "symbolic link" in printed
+    assert not list(outside.iterdir())
+
+
+def test_export_fails_only_the_image_whose_name_is_too_long(tmp_path, capsys):
+    long_id = "x" * 251  # a legal file name; with "_k0.png" it is not
+    store = ids_store(tmp_path / "s.zarr", [long_id, "b", "c"])
+    out = tmp_path / "out"
+    assert cli.main(["export", str(store), str(out), "--format", "sazs-png", "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert "exported 2 image(s)" in printed and f"1 FAILED ({long_id}: cannot write" in printed
+    npz = tmp_path / "npz"  # 251 + ".npz" = 255 bytes fits, its temporary name too
+    assert cli.main(["export", str(store), str(npz), "--format", "npz", "--no-progress"]) == 0
+    assert (npz / f"{long_id}.npz").exists()

@@ -25,7 +25,9 @@ def atomic_file(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Bin
     """A binary file that replaces ``path`` when the block ends, and vanishes if it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
+    # The name is cut so that the temporary name fits 255 bytes whenever the final one does.
+    short = path.name.encode()[:200].decode(errors="ignore")
+    tmp = path.with_name(f".{short}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             yield f

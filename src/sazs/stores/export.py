@@ -32,6 +32,7 @@ other settings is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -225,11 +226,17 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
                     continue
                 prior = store.get(id_)
                 for path, data in zip(paths, _encode(prior, cfg.format, n, generalised, store.fingerprint)):
+                    _check_inside(out, path)
                     write_atomic(path, data)
             except TransportError:
                 raise  # the server, not this image: every other read would fail (or wait) the same
             except (ValueError, StoreError) as exc:  # DsmFileError is a ValueError
                 summary.failed[id_] = str(exc)
+                continue
+            except OSError as exc:
+                if exc.errno not in _PER_FILE_ERRORS:
+                    raise  # a full or read-only disk: disk_errors says so in one line
+                summary.failed[id_] = f"cannot write {exc.filename or id_}: {exc.strerror}"
                 continue
             summary.written += 1
     if no_priors:
@@ -240,6 +247,19 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
             list(no_priors)[:3],
         )
     return summary
+
+
+# Errors of one file's name or place (a 251-character id, a folder where a file goes): that
+# image fails, the export goes on.
+_PER_FILE_ERRORS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EEXIST)
+
+
+def _check_inside(out: Path, path: Path) -> None:
+    """ValueError if a folder between ``out`` and ``path`` (an id's subfolder) is a symbolic link:
+    writing through it would write outside OUT."""
+    for parent in reversed(path.relative_to(out).parents[:-1]):
+        if (out / parent).is_symlink():
+            raise ValueError(f"{out / parent} is a symbolic link; refusing to write through it (outside {out})")
 
 
 def _paths(out: Path, id_: str, fmt: str, n: int) -> list[Path]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from sazs.core.files import write_atomic
+from sazs.core.limits import MAX_THUMB_SIZE
 
 from .format import StoreError
 from .preview import heatmap_rgb, segment_labels, segments_rgb
@@ -59,6 +60,11 @@ class GalleryConfig:
             )
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"gallery: --limit must be >= 1 (or 0 for all images), got {self.limit}")
+        if self.thumb_size > MAX_THUMB_SIZE:
+            raise ValueError(
+                f"gallery: --thumb-size {self.thumb_size} is over {MAX_THUMB_SIZE} pixels (raise the bound with "
+                "$SAZS_MAX_THUMB_SIZE; each card holds several thumbnails)"
+            )
 
 
 def eigengap(eigvals: np.ndarray) -> float:
@@ -131,6 +137,11 @@ def build_gallery(
     out = Path(out_dir)
     _check_out_dir(out)
     thumbs = out / "thumbs"
+    if thumbs.is_symlink() or (thumbs.exists() and not thumbs.is_dir()):
+        raise StoreError(
+            f"{thumbs} is a symbolic link or a file, not the gallery's thumbnail folder; refusing to write "
+            "or delete through it: remove it or give --out a new directory"
+        )
     thumbs.mkdir(parents=True, exist_ok=True)
     for old in thumbs.glob("*.png"):
         old.unlink()
