@@ -85,6 +85,7 @@ EVAL_ARGS = --dataset $(TRAIN_DATASET) --split $(or $(SPLIT),val) --folds $(FOLD
 	$(if $(DATA),--data $(DATA)) $(if $(PRIORS),--priors $(PRIORS)) $(if $(LIMIT),--limit $(LIMIT)) \
 	$(if $(CKPT),--ckpt '$(CKPT)',$(if $(RUN),--ckpt $(RUN)/checkpoint.pt)) $(if $(ARCH),--arch $(ARCH)) \
 	$(if $(SPLITS),--splits $(SPLITS)) $(if $(FUSION),--fusion $(FUSION)) $(if $(HEADLINE),--headline $(HEADLINE)) \
+	$(if $(CLIP_WEIGHTS),--clip-weights $(CLIP_WEIGHTS)) $(if $(WEIGHTS),--backbone-weights $(WEIGHTS)) \
 	$(EVAL_COMMON) $(ARGS)
 EVAL_DEMO_ARGS = $(EVAL_COMMON) $(if $(RUN),--run $(RUN)) $(if $(STEPS),--steps $(STEPS)) $(if $(ARCH),--arch $(ARCH)) \
 	$(if $(CLIP_WEIGHTS),--clip-weights $(CLIP_WEIGHTS)) $(ARGS)

@@ -206,9 +206,9 @@ def load_checkpoint(path: str | os.PathLike, *, need: tuple[str, ...] = INFERENC
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `make train` / sazs-train")
     try:
-        ckpt = load_torch_file(path)
+        ckpt = load_torch_file(path, f"checkpoint {path}")
     except TorchFileError as exc:
-        raise CheckpointError(f"checkpoint {exc}") from None
+        raise CheckpointError(str(exc)) from None
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:  # not a refused object: a damaged pickle
