@@ -11,13 +11,22 @@ import argparse
 
 from sazs.core.argtypes import at_least, number
 from sazs.core.limits import MAX_GRAPH_WEIGHT
+from sazs.datasets.base import DatasetConfig
+from sazs.features.extractors import FACETS, ExtractorConfig
+
+from .graph import GraphConfig
+from .job import JobConfig
+from .ray_plan import RayConfig
+from .spectral import SpectralConfig
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     """Options of `run`, reusable by launchers through ``parents=[...]``."""
     p = argparse.ArgumentParser(add_help=add_help)
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", default="sample", help="dataset name (see `sazs-priors list`; default: sample)")
+    g.add_argument(
+        "--dataset", default=DatasetConfig.name, help="dataset name (see `sazs-priors list`; default: %(default)s)"
+    )
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root directory (Makefile: DATA=)")
     g.add_argument("--split", default=None, help="split, e.g. val, train, val2017 (default: the dataset's)")
     g.add_argument("--limit", type=at_least(1), default=None, metavar="N", help="only the first N images")
@@ -29,9 +38,23 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="refuse (record as failed, before decoding) images larger than this (default 40, i.e. 40 million pixels)",
     )
     g = p.add_argument_group("features")
-    g.add_argument("--extractor", default="imgfocus-vits14", help="feature extractor (default: imgfocus-vits14)")
+    g.add_argument(
+        "--extractor",
+        default=ExtractorConfig.name,
+        help="feature extractor (see `sazs-priors list`; default: %(default)s)",
+    )
     g.add_argument("--weights", default=None, metavar="PATH", help="local checkpoint for dino-*/dinov2-* extractors")
-    g.add_argument("--facet", default="key", choices=["key", "token"], help="last-block keys (DSM) or tokens")
+    g.add_argument(
+        "--facet",
+        default=ExtractorConfig.facet,
+        choices=FACETS,
+        help="last-block keys (DSM), output tokens or last-block values",
+    )
+    g.add_argument(
+        "--center",
+        action="store_true",
+        help="subtract each image's mean patch feature before L2-normalising (off by default; a new fingerprint)",
+    )
     g.add_argument(
         "--short-side",
         type=at_least(1),
@@ -42,11 +65,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--max-long-side", type=at_least(1), default=None, metavar="PX", help="cap on the long side (default 2x short)"
     )
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda if present)")
-    g.add_argument("--batch-size", type=at_least(1), default=8, help="images per extractor batch")
+    g.add_argument("--device", default=ExtractorConfig.device, help="auto | cpu | cuda[:N] (auto: cuda if present)")
+    g.add_argument(
+        "--batch-size", type=at_least(1), default=ExtractorConfig.batch_size, help="images per extractor batch"
+    )
     g.add_argument(
         "--precision",
-        default="auto",
+        default=ExtractorConfig.precision,
         choices=["auto", "fp32", "fp16", "bf16"],
         help="auto: fp32 on CPU, bf16 autocast on GPU",
     )
@@ -54,9 +79,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--knn",
         type=at_least(1),
-        default=10,
+        default=GraphConfig.k,
         metavar="K",
-        help="neighbours per patch (default 10; an image with fewer patches links each to all)",
+        help="neighbours per patch (default %(default)s; an image with fewer patches links each to all)",
     )
     g.add_argument(
         "--graph-backend",
@@ -70,35 +95,35 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--threshold",
         type=number(0, 1, hi_open=True),
-        default=0.0,
-        help="drop affinities <= this, in [0, 1) (default 0)",
+        default=GraphConfig.threshold,
+        help="drop affinities <= this, in [0, 1) (default %(default)s)",
     )
     g.add_argument(
         "--color-weight",
         type=number(0, MAX_GRAPH_WEIGHT),
-        default=0.0,
+        default=GraphConfig.color_weight,
         help=f"weight of the colour/position kNN term, in [0, {MAX_GRAPH_WEIGHT:g}] (0 = off)",
     )
     g.add_argument(
         "--global-weight",
         type=number(0, MAX_GRAPH_WEIGHT),
-        default=0.3,
+        default=GraphConfig.global_weight,
         help="weight g of the global term g k(p_i.p_j) added to the kNN graph (p: unit features "
         "on their top --global-rank directions; applied in O(N r), never formed), "
-        f"in [0, {MAX_GRAPH_WEIGHT:g}] (default 0.3; "
+        f"in [0, {MAX_GRAPH_WEIGHT:g}] (default %(default)s; "
         "0 = the kNN graph alone, the default before the global term; the previous default was "
         "--global-weight 1 --global-kernel affine)",
     )
     g.add_argument(
         "--global-rank",
         type=at_least(0),
-        default=32,
+        default=GraphConfig.global_rank,
         metavar="R",
-        help="principal directions kept in the global term (default 32; 0 = all)",
+        help="principal directions kept in the global term (default %(default)s; 0 = all)",
     )
     g.add_argument(
         "--global-kernel",
-        default="cosine",
+        default=GraphConfig.global_kernel,
         choices=["cosine", "affine"],
         help="k of the global term: cosine (default) p_i.p_j, the low-rank form of the original "
         "max(cos, 0) (shifted only if some pair is negative); affine (1 + p_i.p_j) / 2, flatter, "
@@ -106,7 +131,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--graph",
-        default="knn",
+        default=GraphConfig.kind,
         choices=["knn", "dense"],
         dest="graph_kind",
         help="knn (default): sparse kNN graph + global term; dense: the original Deep Spectral "
@@ -124,9 +149,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--num-eigs",
         type=at_least(2),
-        default=8,
+        default=SpectralConfig.num_eigs,
         metavar="K",
-        help="eigenvectors kept per image, >= 2 (default 8; an image needs more than K patches)",
+        help="eigenvectors kept per image, >= 2 (default %(default)s; an image needs more than K patches)",
     )
     g.add_argument(
         "--solver",
@@ -139,7 +164,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         "--out", default=None, metavar="PATH", help="store path (default priors/<dataset>-<split>-<extractor>.zarr)"
     )
     g.add_argument(
-        "--shard-size", type=at_least(1), default=64, metavar="S", help="images per store shard (default 64)"
+        "--shard-size",
+        type=at_least(1),
+        default=JobConfig.shard_size,
+        metavar="S",
+        help="images per store shard (default %(default)s)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing store of a different setting")
     g.add_argument(
@@ -155,7 +184,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="remove the store's lock left by another (dead) writer instead of refusing",
     )
-    g.add_argument("--preview", type=at_least(0), default=4, metavar="N", help="images in the preview PNG (0 = none)")
+    g.add_argument(
+        "--preview",
+        type=at_least(0),
+        default=JobConfig.preview,
+        metavar="N",
+        help="images in the preview PNG (0 = none)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
         "--decode-workers",
@@ -202,7 +237,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--ray-solve-on",
-        default="actor",
+        default=RayConfig.solve_on,
         choices=["actor", "cpu-tasks"],
         help="graph + eigen-solve in the actor, where the features are (default), or in CPU tasks",
     )
@@ -216,7 +251,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--ray-max-retries",
         type=at_least(0),
-        default=3,
+        default=RayConfig.max_retries,
         metavar="N",
         help="resubmissions of a shard whose worker or node was lost (then its images are recorded failed)",
     )
