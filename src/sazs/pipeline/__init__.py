@@ -5,7 +5,8 @@ One module per stage, each a pure function of a frozen config:
 - ``extractors``: images -> patch ``Features`` (ViTs: ``vit_weights``, ``imgfocus``; a colour baseline)
 - ``knn``, ``knn_certified``, ``knn_batched``: the exact k nearest patches (per image, or B images at once)
 - ``graph``: features -> the affinity ``Graph`` (kNN cosines, colour term, global low-rank term)
-- ``laplacian``, ``spectral``: the normalised Laplacian and its smallest eigenpairs, by solver
+- ``laplacian``: the graph operator (degrees, products with the kNN part and the global term), every solver's
+- ``spectral``: the smallest eigenpairs of the normalised Laplacian, by solver
 - ``ell``, ``ell_operator``, ``batched_solver``: many graphs as one padded batch, and their spectra at once
 - ``types``: ``Features``, ``Graph``, ``Spectrum``, what the stages hand each other
 
