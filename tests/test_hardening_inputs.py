@@ -32,6 +32,8 @@ from sazs.datasets.registry import build_dataset
 from sazs.eval.splits import read_split_list
 from sazs.model.cache import FeatureCache
 from sazs.model.checkpoint import CheckpointError, load_checkpoint, load_for_inference
+from sazs.model.encoders import create_clip
+from sazs.model.model import ModelConfig
 from sazs.stores import cli as store_cli
 from sazs.stores.dsm import DsmFileError, load_dsm_bytes
 from sazs.stores.integrity import verify
@@ -316,3 +318,10 @@ def test_a_non_numeric_residual_tol_is_one_line_naming_the_store(tmp_path):
     report = verify(str(out))
     assert not report.ok
     assert any(str(out) in line and "residual_tol" in line for line in report.unreadable), report.lines()
+
+
+def test_clip_weights_open_clip_would_load_are_bounded_first(tmp_path):
+    bomb = tmp_path / "clip.pt"
+    bomb.write_bytes(torch_bomb(64 << 20))
+    with pytest.raises(TorchFileError, match=rf"refusing CLIP weights {bomb}: .*decompression bomb"):
+        create_clip(ModelConfig(arch="sazs-tiny", clip_weights=str(bomb)))

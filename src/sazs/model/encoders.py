@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from sazs.core.files import file_sha256
+from sazs.core.torchfiles import check_torch_file
 from sazs.features.extractors import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -116,6 +117,8 @@ def create_clip(cfg) -> tuple[nn.Module, dict]:
         path = Path(cfg.clip_weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"CLIP weights {path} not found (an open_clip checkpoint file for {cfg.arch})")
+        if path.suffix != ".safetensors":  # open_clip torch.loads it: its sizes are bounded first
+            check_torch_file(path, f"CLIP weights {path}")
         try:
             open_clip.load_checkpoint(model, str(path))
         except (RuntimeError, AssertionError, KeyError) as exc:  # key / shape mismatch (open_clip asserts some)
