@@ -13,6 +13,7 @@ import logging
 import pickle
 import struct
 import sys
+import time
 import zipfile
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from PIL import Image
 from test_checkpoint_safety import entry_points, good_checkpoint, one_error_line, trained  # noqa: F401
 
 from sazs.core import limits
+from sazs.core.jsonfiles import json_depth
 from sazs.core.torchfiles import TorchFileError, load_torch_file
 from sazs.datasets import coco as coco_module
 from sazs.datasets import synthetic
@@ -325,3 +327,12 @@ def test_clip_weights_open_clip_would_load_are_bounded_first(tmp_path):
     bomb.write_bytes(torch_bomb(64 << 20))
     with pytest.raises(TorchFileError, match=rf"refusing CLIP weights {bomb}: .*decompression bomb"):
         create_clip(ModelConfig(arch="sazs-tiny", clip_weights=str(bomb)))
+
+
+def test_json_depth_is_linear_and_skips_strings():
+    assert json_depth(b'{"a": "[[[\\"{", "b": [[1], {"c": []}], "d\\\\": "]"}') == 4
+    assert json_depth(b"[" * 100_000) == 100_000 and json_depth(b"") == 0
+    data = b'"\\' * (1 << 20)  # 2 MiB of escaped quotes: a regular expression over strings takes hours
+    start = time.perf_counter()
+    assert json_depth(data) == 0
+    assert time.perf_counter() - start < 20

@@ -12,11 +12,11 @@ so they accept exactly the same stores.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numpy as np
 
+from sazs.core.jsonfiles import json_depth
 from sazs.core.limits import (
     MAX_CHUNK_BYTES,
     MAX_EIGS,
@@ -47,19 +47,9 @@ FILL_VALUES = {
     "status": 0,
 }
 _ITEMSIZE = {"string": 8, "int32": 4, "int16": 2, "float32": 4, "float16": 2, "uint8": 1}
-_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 
 
 # -- bounded JSON ----------------------------------------------------------------------------
-
-
-def json_depth(data: bytes) -> int:
-    """Deepest nesting of objects/arrays in JSON text, without decoding it."""
-    brackets = np.frombuffer(_STRING.sub(b'""', data), np.uint8)
-    step = np.isin(brackets, (ord("["), ord("{"))).astype(np.int64) - np.isin(brackets, (ord("]"), ord("}"))).astype(
-        np.int64
-    )
-    return int(np.cumsum(step).max(initial=0))
 
 
 def parse_json(data: bytes, where: str, hint: str = "") -> Any:
