@@ -96,9 +96,10 @@ MAX_UNPACK_RATIO = _env("MAX_UNPACK_RATIO", 4)
 # Unpacked total of one torch file: DINOv2 ViT-L/14 weights are 1.2 GB, a fine-tuned ViT-B
 # checkpoint with its optimiser state ~1.1 GB. (DSM files: MAX_DSM_FILE_BYTES.)
 MAX_TORCH_FILE_BYTES = _env("MAX_TORCH_FILE_BYTES", 8 << 30)
-# A torch file's pickle (data.pkl: the structure, not the tensors). A checkpoint's is ~6 KB,
-# ViT weights' ~20 KB; each byte of pickle can build up to ~64 bytes of Python objects.
-MAX_TORCH_PICKLE_BYTES = _env("MAX_TORCH_PICKLE_BYTES", 8 << 20)
+# A torch file's pickle (data.pkl: the structure, not the tensors). A checkpoint's is ~6 KB
+# (plus ~100 bytes per image it skipped), ViT weights' ~20 KB; a hostile one builds ~130 bytes
+# of Python objects per byte, at ~0.4 MB/s (8 MiB of empty lists: 1.1 GB and 21 s).
+MAX_TORCH_PICKLE_BYTES = _env("MAX_TORCH_PICKLE_BYTES", 2 << 20)
 
 # -- a checkpoint's config (the model is rebuilt from it: model/checkpoint.py) ---------------------
 # Channels of the dense head (default 256; head_dim^2 weights per 3x3 conv).
