@@ -116,6 +116,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="default runs/ablation-<dataset>")
     p.add_argument("--device", default="auto")
     p.add_argument("--train-args", default="", help="extra sazs-train flags (one string)")
+    p.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
+    p.add_argument(
+        "--existing",
+        action="store_true",
+        help="train and evaluate nothing new: the table of the runs already evaluated (the seeds that "
+        "have every fold and variant)",
+    )
     args = p.parse_args(argv)
     bench, folds, fusion, _, metric, variants = DATASETS[args.dataset]
     args.folds = args.folds or folds
@@ -132,9 +139,17 @@ def _flags(variant: str, w: float, w2: float) -> list[str]:
     return [f.format(w=w, w2=w2) for f in VARIANTS[variant]]
 
 
+def _run_dir(args, variant: str, fold: int, seed: int, w: float) -> Path:
+    return Path(args.out) / f"{variant}-w{w:g}-fold{fold}-seed{seed}"
+
+
+def _done(args, variant: str, fold: int, seed: int, w: float, cal: float) -> bool:
+    return (_run_dir(args, variant, fold, seed, w) / f"eval-c{cal:g}" / "report.json").is_file()
+
+
 def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float, cal: float) -> dict:
     """{fusion key: {metric: value}} of one trained run (trained and evaluated once; reused after)."""
-    run = Path(args.out) / f"{variant}-w{w:g}-fold{fold}-seed{seed}"
+    run = _run_dir(args, variant, fold, seed, w)
     report = run / f"eval-c{cal:g}" / "report.json"
     if not (run / "checkpoint.pt").is_file():
         argv = [
@@ -147,8 +162,7 @@ def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float
             str(fold),
             "--seed",
             str(seed),
-            "--priors",
-            args.train_priors,
+            *(["--priors", args.train_priors] if "spectral" in variant else []),  # the others read none
             "--epochs",
             str(args.epochs),
             "--optimizer",
@@ -177,6 +191,8 @@ def train_and_eval(args, variant: str, fold: int, seed: int, w: float, w2: float
         ]
         if train_cli.main(argv) != 0:
             raise RuntimeError(f"training failed: sazs-train {' '.join(argv)}")
+    if args.train_only:
+        return {}
     if not report.is_file():
         argv = [
             "run",
@@ -299,7 +315,7 @@ def main(argv=None) -> int:
     }
     t0 = time.perf_counter()
     cal = args.calibration
-    if args.tune_calibration:  # one CE checkpoint, evaluated at each calibration (val)
+    if args.tune_calibration and not args.existing:  # one CE checkpoint, evaluated at each calibration (val)
         w = weights["ce"]
         scores = {
             c: train_and_eval(args, "ce", folds[0], seeds[0], w, args.segment_weight, c)["none"][tune_key]
@@ -307,7 +323,7 @@ def main(argv=None) -> int:
         }
         cal = max(scores, key=lambda c: scores[c])
         print(f"tuned calibration: {cal:g} (val {tune_key} of CE {scores})", flush=True)
-    if args.tune:  # on val, first fold and seed, fusion none
+    if args.tune and not args.existing:  # on val, first fold and seed, fusion none
         for v in variants:
             if v == "ce":
                 continue
@@ -318,11 +334,20 @@ def main(argv=None) -> int:
             weights[v] = max(scores, key=lambda w: scores[w])
             print(f"tuned {v}: weight {weights[v]:g} (val {tune_key} {scores})", flush=True)
     runs = {}
-    for fold in folds:
+    # seeds outermost: a run cut short still has every fold and variant of its first seeds
+    for s in seeds:
         for v in variants:
-            for s in seeds:
+            for fold in folds:
+                if args.existing and not _done(args, v, fold, s, weights[v], cal):
+                    continue
                 runs[(fold, v, s)] = train_and_eval(args, v, fold, s, weights[v], args.segment_weight, cal)
                 print(f"done fold {fold} {v} seed {s} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if args.train_only:
+        return 0
+    seeds = [s for s in seeds if all((f, v, s) in runs for f in folds for v in variants)]
+    if not seeds:
+        raise SystemExit("no seed has every fold and variant evaluated yet")
+    runs = {k: r for k, r in runs.items() if k[2] in seeds}
     table = make_table(runs, folds, variants, weights, metrics)
     print(table)
     out = Path(args.out)

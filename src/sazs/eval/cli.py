@@ -43,7 +43,7 @@ from sazs.train.demo import DEMO_OUT
 
 from .demo import DEMO_EPISODES, DEMO_VAL_PRIORS, DemoConfig, DemoError, run_demo
 from .episodes import DEFAULT_SAMPLING
-from .fusion import GT_FREE, FusionConfig, fusion_label, list_fusions
+from .fusion import GT_FREE, SEMANTIC, FusionConfig, fusion_label, list_fusions
 from .options import CALIBRATION, add_weight_args, get_args_parser, run_config
 from .predict import OnTheFlyPriors, Predictor, parse_classes, predict_image
 from .run import run_eval
@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'cat,dog,sofa'")
     pred.add_argument("--ckpt", required=True, help="training checkpoint")
     pred.add_argument(
-        "--fusion", default="none", choices=["none", "project"], help="none, or project (needs --store or --extractor)"
+        "--fusion",
+        default="none",
+        choices=list(SEMANTIC),
+        help="none, project or segments (corrected by the segments); the last two need --store or --extractor",
     )
     pred.add_argument("--store", default=None, help="prior store holding the images (id = file stem)")
     pred.add_argument("--extractor", default=None, help="compute priors per image with this extractor instead")

@@ -52,7 +52,7 @@ from .fusion import (
     check_headline,
     fuse_binary,
     fuse_semantic,
-    segment_partition,
+    fusion_maps,
 )
 from .splits import Episode
 
@@ -234,9 +234,7 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
         eig_grid = priors(image_id, image.shape[:2]) if priors is not None and cfg.needs_priors else None
         eig = upsample_eigvecs(eig_grid, mask.shape).to(logits.device) if eig_grid is not None else None
         # one partition of the image for all of its episodes
-        regions = (
-            segment_partition(eig, image, cfg.fusion) if eig is not None and NEEDS_IMAGE & set(cfg.fusions) else None
-        )
+        maps = fusion_maps(eig, image, cfg.fusion) if eig is not None and NEEDS_IMAGE & set(cfg.fusions) else None
         for j, label in enumerate(labels):
             episode = Episode(image_id, label)
             probs = torch.softmax(logits[[0, j + 1]].float(), 0)
@@ -252,7 +250,7 @@ def evaluate_episodes(model, dataset, fold_eps: FoldEpisodes, priors: PriorsFn |
                     cfg=cfg.fusion,
                     target=target.to(probs.device),
                     image=image,
-                    regions=regions,
+                    maps=maps,
                 )
                 fg = fused.mask.cpu()
                 inter, union = intersection_union(fg.long(), target, 2)
@@ -359,13 +357,13 @@ def evaluate_generalised(
         target = torch.from_numpy(mask.astype(np.int64))
         target[(target > len(names) - 1) & (target != IGNORE_INDEX)] = IGNORE_INDEX
         probs = torch.softmax(model.logits(image, names).float(), 0)
-        eig = regions = None
+        eig = maps = None
         if set(modes_run) & NEEDS_PRIORS and priors is not None:
             grid = priors(image_id, image.shape[:2])
             eig = upsample_eigvecs(grid, mask.shape) if grid is not None else None
             fallbacks += grid is None
             if eig is not None and NEEDS_IMAGE & set(modes_run):
-                regions = segment_partition(eig, image, cfg.fusion)
+                maps = fusion_maps(eig, image, cfg.fusion)
         for mode in modes_run:
             pred = fuse_semantic(
                 mode if (mode == "none" or eig is not None) else "none",
@@ -373,7 +371,8 @@ def evaluate_generalised(
                 eig,
                 cfg=cfg.fusion,
                 image=image,
-                regions=regions,
+                maps=maps,
+                background=0 if split.background else None,
             ).cpu()
             meters[mode].update(pred, target)
             bmeters[mode].update_semantic(pred.numpy(), target.numpy())

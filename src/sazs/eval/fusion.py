@@ -16,14 +16,13 @@ Ground-truth-free modes (any of them may be the headline number):
   foreground mask* replaces the prediction when that agreement reaches ``select_threshold``;
   otherwise the prediction is kept. The same choice as the released SAZS code, with the
   prediction in place of the ground truth.
-- ``segments`` (episodes and label maps): per-segment voting. The image is cut into regions
-  that follow both the priors and the image (:func:`segment_partition`: k-means on the rows of
-  the eigenvectors [v1..vm] gives a few spectral segments, SLIC superpixels of the image cut
-  them along its edges); the class probabilities are averaged over every region and the argmax
-  is taken per region. A prediction that spills over a segment's border loses the spill
-  where the region it falls in is mostly background, and a boundary drawn by the network's
-  coarse (patch-stride) logits moves onto the image edge the region follows. A prediction
-  that already agrees with the regions is left as it is.
+- ``segments`` (episodes and label maps): the prediction corrected by the image's segments
+  (:mod:`sazs.eval.regions`): spectral segments from k-means on the eigenvectors' rows tell
+  which parts of the image a predicted class lives in; SLIC superpixels of the image carry
+  the decisions to the image's edges. Inside the class's segments, superpixels the network
+  was half sure of join the class; outside them, weak predicted superpixels go back to
+  background. ``background`` (the label the classes grow into) is 0 in episodes; a benchmark
+  without background gets the per-superpixel vote.
 
 The upper bound:
 
@@ -40,11 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.cluster.vq import kmeans2
-from skimage.segmentation import slic
 
 from sazs.core.labels import IGNORE_INDEX
 from sazs.core.linalg import orthonormal_basis
+
+from .regions import SegmentMaps, grow_labels, segment_maps
 
 FUSIONS = ("none", "project", "select", "segments", "oracle")
 GT_FREE = ("none", "project", "select", "segments")
@@ -99,11 +98,16 @@ class FusionConfig:
     num_eigs: int | None = None  # eigenvectors spanning the projection (None: every one in the store)
     select_threshold: float = 0.5  # select: IoU with the predicted mask needed to keep a segment
     rank_rtol: float = 1e-4  # basis directions weaker than this (relative) are dropped
-    # segments: spectral segments (k-means on the rows of v1..v_{num_eigs-1}; 0 = none) cut by
-    # SLIC superpixels of the image (about ``superpixels`` of them; 0 = none)
-    spectral_segments: int = 6
-    superpixels: int = 150
+    # segments (sazs.eval.regions): spectral segments (k-means on the rows of v1..v_{num_eigs-1};
+    # 0 = one segment), SLIC superpixels of the image (about ``superpixels``; 0 = none), the share
+    # of a class's prediction that makes a spectral segment its own, and the mean probability a
+    # superpixel needs to join the class there (and below which it leaves it elsewhere). Chosen
+    # on the VOC 2007 val cut, PASCAL-5i fold 0 (docs/BENCHMARKS.md).
+    spectral_segments: int = 8
+    superpixels: int = 400
     slic_compactness: float = 20.0
+    seed_share: float = 0.2
+    grow_threshold: float = 0.3
 
     def __post_init__(self) -> None:
         if self.num_segments < 1:
@@ -118,6 +122,11 @@ class FusionConfig:
             )
         if not self.slic_compactness > 0:
             raise ValueError(f"slic_compactness must be > 0, got {self.slic_compactness}")
+        if not (0.0 < self.seed_share <= 1.0 and 0.0 <= self.grow_threshold <= 1.0):
+            raise ValueError(
+                f"seed_share must lie in (0, 1] and grow_threshold in [0, 1], got {self.seed_share}, "
+                f"{self.grow_threshold}"
+            )
 
 
 # ----------------------------------------------------------------------------- spectral pieces
@@ -149,58 +158,16 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None = None
     return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
 
 
-def spectral_segments(eigvecs: torch.Tensor, n: int, *, num_eigs: int | None = None, seed: int = 0) -> np.ndarray:
-    """(H, W) int labels: k-means (``n`` clusters) on the rows of the non-trivial eigenvectors.
-
-    Each pixel is the point (v1, ..., vm) of the upsampled vectors, its row normalised to unit
-    length (spectral clustering as Ng, Jordan and Weiss: pixels of one segment point the same
-    way whatever their degree). Fitted on at most 20,000 pixels of a fixed grid, then every
-    pixel joins its nearest centre (scipy's k-means++, a fixed seed: deterministic).
-    """
-    k_all = eigvecs.shape[0] if num_eigs is None else min(num_eigs, eigvecs.shape[0])
-    if k_all < 2 or n < 2:
-        return np.zeros(tuple(eigvecs.shape[-2:]), np.int64)
-    h, w = eigvecs.shape[-2:]
-    x = eigvecs[1:k_all].reshape(k_all - 1, -1).T.double().cpu().numpy()
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-    step = max(1, x.shape[0] // 20_000)
-    centres, _ = kmeans2(x[::step], n, minit="++", seed=seed)
-    d = (x**2).sum(1)[:, None] - 2 * x @ centres.T + (centres**2).sum(1)[None]
-    return d.argmin(1).reshape(h, w)
-
-
-def segment_partition(eigvecs: torch.Tensor | None, image: np.ndarray | None, cfg: FusionConfig) -> np.ndarray:
-    """(H, W) int64 region labels 0..R-1: the spectral segments cut by the image's SLIC superpixels.
-
-    Either part may be off (``cfg.spectral_segments`` / ``cfg.superpixels`` = 0, or no image);
-    with both off every pixel is one region.
-    """
-    if eigvecs is None and image is None:
-        raise ValueError("a segment partition needs the eigenvectors, the image, or both")
-    size = tuple(eigvecs.shape[-2:]) if eigvecs is not None else tuple(image.shape[:2])
-    labels = np.zeros(size, np.int64)
-    if eigvecs is not None and cfg.spectral_segments > 1:
-        labels = spectral_segments(eigvecs, cfg.spectral_segments, num_eigs=cfg.num_eigs)
-    if image is not None and cfg.superpixels > 1:
-        if tuple(image.shape[:2]) != size:
-            raise ValueError(f"image {tuple(image.shape[:2])} and eigenvectors {size} differ in size")
-        sp = slic(image, n_segments=cfg.superpixels, compactness=cfg.slic_compactness, start_label=0)
-        labels = labels * (int(sp.max()) + 1) + sp
-    return np.unique(labels, return_inverse=True)[1].reshape(size)
-
-
-def vote_probs(probs: torch.Tensor, regions: np.ndarray) -> torch.Tensor:
-    """(C, H, W) probabilities averaged over each region of ``regions`` (H, W) (every pixel of a
-    region gets the region's mean)."""
-    c = probs.shape[0]
-    if tuple(regions.shape) != tuple(probs.shape[-2:]):
-        raise ValueError(f"regions {tuple(regions.shape)} and probabilities {tuple(probs.shape[-2:])} differ in size")
-    idx = torch.from_numpy(np.ascontiguousarray(regions).reshape(-1)).to(probs.device)
-    n = int(idx.max()) + 1
-    p = probs.reshape(c, -1).float()
-    sums = torch.zeros(c, n, device=probs.device).index_add_(1, idx, p)
-    counts = torch.bincount(idx, minlength=n).clamp_min(1).float()
-    return (sums / counts)[:, idx].reshape(probs.shape)
+def fusion_maps(eigvecs: torch.Tensor | None, image: np.ndarray | None, cfg: FusionConfig) -> SegmentMaps:
+    """The segment maps ``segments`` reads (:func:`sazs.eval.regions.segment_maps` with ``cfg``'s sizes)."""
+    return segment_maps(
+        eigvecs,
+        image,
+        spectral=cfg.spectral_segments,
+        superpixels=cfg.superpixels,
+        compactness=cfg.slic_compactness,
+        num_eigs=cfg.num_eigs,
+    )
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -224,13 +191,13 @@ def fuse_binary(
     target: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     image: np.ndarray | None = None,
-    regions: np.ndarray | None = None,
+    maps: SegmentMaps | None = None,
 ) -> Fused:
     """Foreground mask of a binary episode; ``probs`` (2, H, W): background, class.
 
     ``target`` (H, W: 1 class, 0 background, ``ignore_index``) is read by ``oracle`` only;
-    ``image`` (H, W, 3) uint8 by ``segments`` (or its ``regions``, :func:`segment_partition`,
-    computed once per image when several episodes share it).
+    ``image`` (H, W, 3) uint8 by ``segments`` (or its ``maps``, :func:`fusion_maps`, computed
+    once per image when several episodes share it).
     """
     check_fusion(mode)
     if probs.dim() != 3 or probs.shape[0] != 2:
@@ -245,9 +212,9 @@ def fuse_binary(
         vecs = eigvecs[: cfg.num_eigs] if cfg.num_eigs else eigvecs
         return Fused(project_probs(probs, vecs, cfg.rank_rtol).argmax(0) == 1)
     if mode == "segments":
-        if regions is None:
-            regions = segment_partition(eigvecs, image, cfg)
-        return Fused(vote_probs(probs, regions).argmax(0) == 1)
+        maps = maps if maps is not None else fusion_maps(eigvecs, image, cfg)
+        labels = grow_labels(probs, maps, seed_share=cfg.seed_share, grow_threshold=cfg.grow_threshold)
+        return Fused(labels == 1)
     segments = segment_masks(eigvecs, cfg.num_segments)
     if mode == "select":
         agreement = mask_iou(segments, pred[None].expand_as(segments))
@@ -275,7 +242,8 @@ def fuse_semantic(
     *,
     cfg: FusionConfig = FusionConfig(),
     image: np.ndarray | None = None,
-    regions: np.ndarray | None = None,
+    maps: SegmentMaps | None = None,
+    background: int | None = 0,
 ) -> torch.Tensor:
     """(H, W) label map from (C, H, W) probabilities: ``none``, ``project`` or ``segments``.
 
@@ -291,8 +259,9 @@ def fuse_semantic(
     if eigvecs is None:
         raise ValueError(f"fusion {mode!r} needs the image's eigenvectors (a prior store)")
     if mode == "segments":
-        if regions is None:
-            regions = segment_partition(eigvecs.to(probs.device), image, cfg)
-        return vote_probs(probs, regions).argmax(0)
+        maps = maps if maps is not None else fusion_maps(eigvecs, image, cfg)
+        return grow_labels(
+            probs, maps, background=background, seed_share=cfg.seed_share, grow_threshold=cfg.grow_threshold
+        )
     vecs = eigvecs[: cfg.num_eigs] if cfg.num_eigs else eigvecs
     return project_probs(probs, vecs.to(probs.device), cfg.rank_rtol).argmax(0)

@@ -17,7 +17,6 @@ from .evaluate import EvalConfig
 from .fusion import DEFAULT_HEADLINE, FUSIONS, GT_FREE, FusionConfig
 from .run import DEFAULT_ARCH, RunConfig
 
-
 # Calibrated stacking subtracts G of cosine similarity (in [-1, 1]): |G| > 2 changes nothing more.
 CALIBRATION = number(-2, 2)
 
@@ -148,6 +147,18 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="select: IoU with the predicted mask a segment needs to replace it (0.5)",
     )
     g.add_argument(
+        "--spectral-segments",
+        type=int,
+        default=FusionConfig.spectral_segments,
+        help="segments: spectral segments, k-means clusters of the eigenvectors' rows (default %(default)s)",
+    )
+    g.add_argument(
+        "--superpixels",
+        type=int,
+        default=FusionConfig.superpixels,
+        help="segments: SLIC superpixels of the image carrying the decisions (0 = none; default %(default)s)",
+    )
+    g.add_argument(
         "--boundary-tolerance",
         type=number(0, 100, lo_open=True),
         default=0.008,
@@ -171,7 +182,11 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         sampling=args.sampling,
     )
     fusion = FusionConfig(
-        num_segments=args.num_segments, num_eigs=args.num_eigs, select_threshold=args.select_threshold
+        num_segments=args.num_segments,
+        num_eigs=args.num_eigs,
+        select_threshold=args.select_threshold,
+        spectral_segments=args.spectral_segments,
+        superpixels=args.superpixels,
     )
     scoring = EvalConfig(
         fusions=fusions,

@@ -296,7 +296,10 @@ def predict_image(
             raise ValueError(f"fusion {fusion!r} needs priors: pass --store STORE or --extractor NAME")
         grid = priors(image) if callable(priors) else store_priors_for(priors, image_path, image.shape[:2])
         eig = upsample_eigvecs(grid, image.shape[:2], image=image, refine=refine)
-    labels = fuse_semantic(fusion, probs, eig, cfg=fusion_cfg or FusionConfig()).cpu().numpy().astype(np.uint8)
+    cfg = fusion_cfg or FusionConfig()
+    background = 0 if predictor.background else None
+    labels = fuse_semantic(fusion, probs, eig, cfg=cfg, image=image, background=background)
+    labels = labels.cpu().numpy().astype(np.uint8)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = image_path.stem

@@ -29,7 +29,7 @@ from sazs.stores.reader import open_store
 
 from .episodes import ProtocolConfig, fold_episodes
 from .evaluate import EvalConfig, StorePriors, evaluate_episodes, evaluate_generalised
-from .fusion import NEEDS_PRIORS, fusion_key
+from .fusion import NEEDS_PRIORS, SEMANTIC, fusion_key
 from .pictures import draw_episode_grid
 from .predict import Predictor
 from .report import build_report, format_text, write_report
@@ -175,7 +175,7 @@ def run_eval(run: RunConfig) -> dict:
         gen_ids = list(dataset.ids[: run.generalised_limit]) if generalised else []
         priors = None
         if store is not None:
-            needed = ids + (gen_ids if "project" in cfg.fusions else [])
+            needed = ids + (gen_ids if set(cfg.fusions) & set(SEMANTIC) & NEEDS_PRIORS else [])
             priors = StorePriors(
                 store,
                 dataset_name=dataset.name,
