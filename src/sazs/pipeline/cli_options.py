@@ -14,7 +14,7 @@ from sazs.core.limits import MAX_GRAPH_WEIGHT
 from sazs.datasets.base import DatasetConfig
 from sazs.features.extractors import FACETS, ExtractorConfig
 
-from .graph import GraphConfig
+from .graph import GLOBAL_KERNELS, GraphConfig
 from .job import JobConfig
 from .ray_plan import RayConfig
 from .spectral import SpectralConfig
@@ -124,7 +124,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--global-kernel",
         default=GraphConfig.global_kernel,
-        choices=["cosine", "affine"],
+        choices=list(GLOBAL_KERNELS),
         help="k of the global term: cosine (default) p_i.p_j, the low-rank form of the original "
         "max(cos, 0) (shifted only if some pair is negative); affine (1 + p_i.p_j) / 2, flatter, "
         "the previous default (with --global-weight 1)",
