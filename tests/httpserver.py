@@ -21,7 +21,7 @@ keys. Faults, by path relative to the served directory's URL:
 A hostile server, by path too:
 
 * ``swap[path] = other``: ``path`` is served with the content of ``other``;
-* ``redirect[path] = location``: a 302 to ``location``, once;
+* ``redirect[path] = location``: a 302 to ``location`` (asked of 127.0.0.1, not of localhost);
 * ``length[path] = n``: ``Content-Length: n`` whatever the body (the body is the file's);
 * ``endless.add(path)``: a chunked body of zeros that never ends;
 * ``stall.add(path)``: no answer until the test ends (``released`` is set at teardown);
@@ -90,14 +90,14 @@ def _handler(server: HTTPServer):
             if path in server.stall:
                 server.released.wait(60)
                 return
-            if path in server.redirect:
+            if path in server.redirect and self.headers.get("Host", "").startswith("127.0.0.1"):
                 self.send_response(HTTPStatus.FOUND)
-                self.send_header("Location", server.redirect.pop(path))
+                self.send_header("Location", server.redirect[path])
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             if path in server.endless:
-                self._endless()
+                self._endless(body)
                 return
             file = (server.root / server.swap.get(path, path).lstrip("/")).resolve()
             if not file.is_relative_to(server.root) or not file.is_file():
@@ -149,10 +149,12 @@ def _handler(server: HTTPServer):
                 return
             self.wfile.write(data[start:end])
 
-        def _endless(self) -> None:
+        def _endless(self, body: bool) -> None:
             self.send_response(HTTPStatus.OK)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            if not body:
+                return
             block = b"%x\r\n%s\r\n" % (1 << 16, bytes(1 << 16))
             try:
                 while not server.released.is_set():

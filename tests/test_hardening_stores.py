@@ -9,6 +9,7 @@ by its message, not by exhausting the test machine; the measured reproductions (
 
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -256,3 +257,26 @@ def test_export_fails_only_the_image_whose_name_is_too_long(tmp_path, capsys):
     npz = tmp_path / "npz"  # 251 + ".npz" = 255 bytes fits, its temporary name too
     assert cli.main(["export", str(store), str(npz), "--format", "npz", "--no-progress"]) == 0
     assert (npz / f"{long_id}.npz").exists()
+
+
+# -- hangs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["zarr.json", "status/zarr.json", "status/c/0"])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_fifo_or_a_directory_in_place_of_an_object_never_hangs(store, where, kind, capsys):
+    path = store / where
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    code = cli.main(["info", str(store)])  # a FIFO read would block here forever
+    err = capsys.readouterr().err
+    if kind == "directory" and where == "status/c/0":
+        assert code == 0  # a status chunk that is not a file reads as absent: those images are pending
+        assert verify(str(store)).pending == IDS[:3]
+        return
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "not a regular file" in err
+    assert not verify(str(store)).ok

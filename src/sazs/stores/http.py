@@ -42,8 +42,9 @@ def _classes():
 
     class BoundedResponse(aiohttp.ClientResponse):
         def _limit(self) -> tuple[int, str]:
+            # A server that answers a range with more (a whole object, an endless body) is refused too.
             match = _RANGE.match(self.request_info.headers.get("Range", ""))
-            if match and self.status == 206:
+            if match:
                 return int(match[2]) - int(match[1]) + 1, "the byte range asked for"
             return limits.MAX_HTTP_BYTES, "MAX_HTTP_BYTES (raise it with $SAZS_MAX_HTTP_BYTES)"
 

@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import sys
 import threading
 import time
@@ -62,6 +63,8 @@ def lock_path(store: str | Path) -> Path:
 def read_lock(store: str | Path) -> dict | None:
     """The lock's JSON, ``{}`` if the file exists but cannot be parsed, None if unlocked."""
     try:
+        if not stat.S_ISREG(os.stat(lock_path(store)).st_mode):
+            return {}  # a FIFO would block the read forever: an unreadable lock
         with open(lock_path(store), "rb") as f:
             text = f.read(MAX_JSON_BYTES + 1).decode(errors="replace")
     except FileNotFoundError:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -80,6 +82,8 @@ def check_http_store(fs, root: str, url: str) -> None:
             "serve the files of a finalised store there (sazs-store publish STORE DIR, then serve "
             "DIR)"
         ) from None
+    except response_too_large():  # more than the one byte asked for: the Range header was ignored
+        head = b"  "
     except (OSError, *http_errors(fs)) as exc:
         raise StoreError(
             f"cannot read {where} ({type(exc).__name__}: {exc}); check the URL and that the server "
@@ -91,6 +95,29 @@ def check_http_store(fs, root: str, url: str) -> None:
             f"{len(head)}); serve the store with one that supports them (nginx, Caddy, Apache, any "
             "object-storage bucket)"
         )
+
+
+class RegularFileStore(LocalStore):
+    """Zarr's LocalStore that reads only regular files: a chunk object that is a FIFO would block
+    a read forever, a device would never end; either is a damaged object (ValueError)."""
+
+    def _check(self, key: str) -> None:
+        try:
+            mode = os.stat(self.root / key).st_mode
+        except OSError:
+            return  # absent (or not a folder): Zarr reads it as absent
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ValueError(f"{self.root / key} is not a regular file (a FIFO, socket or device)")
+
+    async def get(self, key, prototype=None, byte_range=None):
+        self._check(key)
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._check(key)
+        return await super().get_partial_values(prototype, key_ranges)
 
 
 class PriorStore:
@@ -124,7 +151,7 @@ class PriorStore:
 
     def _zarr_store(self):
         if is_local(self.fs):
-            return LocalStore(self.root, read_only=True)
+            return RegularFileStore(self.root, read_only=True)
         if not getattr(self.fs, "async_impl", False):
             from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 

@@ -27,7 +27,7 @@ from sazs.core.limits import (
     MAX_SHARD_BYTES,
 )
 
-from .format import CHECKSUM_FILE, StoreError, array_spec
+from .format import CHECKSUM_FILE, StoreError, array_spec, is_local
 from .manifest import FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS, fingerprint
 
 # Codecs a v1 store may use. Anything else is refused before Zarr sees it. The compressors
@@ -76,11 +76,21 @@ def parse_json_object(data: bytes, where: str, hint: str = "") -> dict:
     return out
 
 
+def read_small(fs, path: str, where: str, hint: str = "") -> bytes:
+    """At most MAX_JSON_BYTES + 1 bytes of the regular file ``path`` of ``fs``; StoreError naming
+    ``where`` for anything else (a directory, a FIFO, which would block a read forever, a device)."""
+    if is_local(fs):
+        kind = fs.info(path).get("type")  # FileNotFoundError passes
+        if kind != "file":
+            kind = "FIFO, socket or device" if kind == "other" else kind
+            raise StoreError(f"{where} is not a regular file (it is a {kind}){hint}")
+    with fs.open(path, "rb") as f:
+        return f.read(MAX_JSON_BYTES + 1)
+
+
 def read_json_object(fs, path: str, where: str, hint: str = "") -> dict:
     """The JSON object stored at ``path`` of ``fs``, reading at most MAX_JSON_BYTES + 1 bytes."""
-    with fs.open(path, "rb") as f:
-        data = f.read(MAX_JSON_BYTES + 1)
-    return parse_json_object(data, where, hint)
+    return parse_json_object(read_small(fs, path, where, hint), where, hint)
 
 
 def read_checksums(fs, root: str) -> dict[str, str] | None:
@@ -92,8 +102,7 @@ def read_checksums(fs, root: str) -> dict[str, str] | None:
     path = f"{root.rstrip('/')}/{CHECKSUM_FILE}"
     if not fs.exists(path):
         return None
-    with fs.open(path, "rb") as f:
-        data = f.read(MAX_JSON_BYTES + 1)
+    data = read_small(fs, path, f"{root}/{CHECKSUM_FILE}")
     if len(data) > MAX_JSON_BYTES:
         raise StoreError(f"{root}/{CHECKSUM_FILE} is larger than {MAX_JSON_BYTES >> 20} MiB; refusing to read it")
     out = {}

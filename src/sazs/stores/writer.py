@@ -48,6 +48,7 @@ from .format import (
 from .lock import acquire_lock
 from .manifest import FORMAT_NAME, REQUIRED_KEYS, fingerprint_diff
 from .marks import finalized_mark
+from .reader import RegularFileStore
 from .schema import check_layout, read_json_object, validate_store
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class StoreWriter:
             existing, _ = validate_store(local_fs(), str(path), str(path))
             if existing["fingerprint"] == manifest["fingerprint"]:
                 log.info("resuming store %s", path)
-                return cls(zarr.open_group(str(path), mode="r+", zarr_format=3))
+                return cls(zarr.open_group(RegularFileStore(path), mode="r+", zarr_format=3))
             diff = "; ".join(fingerprint_diff(existing, manifest)) or "fingerprint differs"
             raise StoreError(
                 f"{path} holds priors of a different setting ({diff}); "
