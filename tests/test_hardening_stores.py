@@ -280,3 +280,11 @@ def test_a_fifo_or_a_directory_in_place_of_an_object_never_hangs(store, where, k
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "not a regular file" in err
     assert not verify(str(store)).ok
+
+
+def test_per_image_tables_are_bounded_before_anything_is_read(store, monkeypatch):
+    from sazs.stores import schema
+
+    monkeypatch.setattr(schema, "MAX_TABLE_BYTES", len(IDS) * K * 4 - 1)
+    with pytest.raises(StoreError, match=r"7 images x K = 4 eigenvalues exceed .*SAZS_MAX_TABLE_BYTES"):
+        open_store(store)

@@ -57,7 +57,13 @@ MAX_CHUNK_BYTES = _env("MAX_CHUNK_BYTES", 256 << 20)
 # per thread; a real one is 10..100 MB). Every chunk decodes to at most this.
 MAX_SHARD_BYTES = _env("MAX_SHARD_BYTES", 1 << 30)
 # One string of the ids and errors arrays, in UTF-8 bytes (a failure reason is cut to this).
-MAX_STRING_BYTES = _env("MAX_STRING_BYTES", 64 << 10)
+MAX_STRING_BYTES = _env("MAX_STRING_BYTES", 4 << 10)
+# A per-image table the reader holds whole (eigenvalues, residuals: N x K float32): ImageNet's
+# 1.28M images at K = 32 take 164 MB.
+MAX_TABLE_BYTES = _env("MAX_TABLE_BYTES", 256 << 20)
+# Memory the threads of verify and merge may hold at once (a shard each): fewer threads when
+# shards are large.
+MAX_PARALLEL_BYTES = _env("MAX_PARALLEL_BYTES", 1 << 30)
 # A compressed chunk must declare (zstd frame header, blosc header) or decode to at most the
 # size its array's metadata fixes for it; these bytes of slack cover codec framing.
 CHUNK_SLACK_BYTES = 4096

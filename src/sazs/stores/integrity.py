@@ -54,7 +54,7 @@ from .format import (
 from .manifest import code_version
 from .marks import finalized_mark, ids_problems, image_size_problem, set_finalized_mark
 from .objects import hash_all, list_objects, sha256_of  # noqa: F401  (sha256_of: part of this API)
-from .reader import TIMEOUT_HINT, PriorStore, http_errors, open_store
+from .reader import TIMEOUT_HINT, PriorStore, http_errors, open_store, shard_workers
 from .schema import read_checksums
 
 log = logging.getLogger(__name__)
@@ -372,9 +372,8 @@ def verify(url: str, *, storage_options: dict | None = None, progress: bool = Fa
         )
         return report
     num_shards = -(-len(store) // int(store.manifest["layout"]["shard_size"]))
-    results = dask.compute(
-        *[dask.delayed(_check_shard)(store, s, tol, gone) for s in range(num_shards)], scheduler="threads"
-    )
+    tasks = [dask.delayed(_check_shard)(store, s, tol, gone) for s in range(num_shards)]
+    results = dask.compute(*tasks, scheduler="threads", num_workers=shard_workers(store))
     for part in results:
         for name, items in part.items():
             getattr(report, name).extend(items)

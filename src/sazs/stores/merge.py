@@ -29,7 +29,7 @@ from .format import DONE, FAILED, StoreError
 from .integrity import missing_objects
 from .manifest import fingerprint_diff
 from .objects import list_objects
-from .reader import PriorStore, open_store
+from .reader import PriorStore, open_store, shard_workers
 from .writer import ImageResult, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ def merge(
     writer = StoreWriter.open(tmp, ids=first.ids, manifest=manifest)
     try:
         tasks = [dask.delayed(_merge_shard)(writer, stores, s) for s in range(writer.num_shards)]
-        conflicts = [c for part in dask.compute(*tasks, scheduler="threads") for c in part]
+        workers = shard_workers(first, copies=len(stores) + 1)
+        conflicts = [c for part in dask.compute(*tasks, scheduler="threads", num_workers=workers) for c in part]
         if conflicts and on_conflict == "first":
             log.warning("%d conflicting image(s) taken from the first input that has them", len(conflicts))
         elif conflicts:

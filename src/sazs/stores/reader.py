@@ -30,6 +30,8 @@ import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
+from sazs.core.limits import MAX_PARALLEL_BYTES
+
 from . import codecs  # noqa: F401  (installs the bounded decoders before any store is opened)
 from .format import ARRAYS, DONE, FAILED, PENDING, StoreError, TransportError, is_http, is_local, split_url
 from .http import http_options, redirect_refused, response_too_large
@@ -294,6 +296,13 @@ class PriorStore:
         import dask.array as da
 
         return {name: da.from_zarr(array) for name, array in self._arrays.items()}
+
+
+def shard_workers(store: PriorStore, copies: int = 1) -> int:
+    """Threads that may each hold one shard of ``copies`` stores like ``store`` at once, within
+    MAX_PARALLEL_BYTES (verify and merge; at least one, at most the CPU count)."""
+    per = int(store.manifest["layout"]["shard_size"]) * store.num_eigs * (store.max_grid[0] * store.max_grid[1] * 2 + 8)
+    return max(1, min(os.cpu_count() or 1, MAX_PARALLEL_BYTES // max(per * copies, 1)))
 
 
 def open_store(url: str | Path, *, storage_options: dict | None = None) -> PriorStore:

@@ -25,6 +25,7 @@ from sazs.core.limits import (
     MAX_JSON_BYTES,
     MAX_JSON_DEPTH,
     MAX_SHARD_BYTES,
+    MAX_TABLE_BYTES,
 )
 
 from .format import CHECKSUM_FILE, StoreError, array_spec, is_local
@@ -280,6 +281,12 @@ def validate_store(fs, root: str, url: str) -> tuple[dict, int]:
             num_images = got[0]
             if not _int_in(num_images, 1, MAX_IMAGES):
                 raise StoreError(f"{where} claims {num_images!r} images; a store holds 1..{MAX_IMAGES}{damaged}")
+            # The reader holds eigenvalues and residuals of every image (N x K float32 each).
+            if num_images * num_eigs * 4 > MAX_TABLE_BYTES:
+                raise StoreError(
+                    f"{url}: {num_images} images x K = {num_eigs} eigenvalues exceed {MAX_TABLE_BYTES >> 20} MiB "
+                    f"per table (raise it with $SAZS_MAX_TABLE_BYTES){damaged}"
+                )
         check_array(
             name,
             meta,
