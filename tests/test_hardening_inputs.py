@@ -18,10 +18,11 @@ import zipfile
 from types import SimpleNamespace
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
-from test_checkpoint_safety import entry_points, good_checkpoint, one_error_line, trained  # noqa: F401
+from test_checkpoint_safety import entry_points, good_checkpoint, one_error_line, train_argv, trained  # noqa: F401
 
 from sazs.core import limits
 from sazs.core.jsonfiles import json_depth
@@ -31,17 +32,20 @@ from sazs.datasets import synthetic
 from sazs.datasets.base import DatasetConfig
 from sazs.datasets.images import ImageError
 from sazs.datasets.registry import build_dataset
+from sazs.datasets.synthetic import make_voc
+from sazs.eval import cli as eval_cli
 from sazs.eval.splits import read_split_list
 from sazs.model.cache import FeatureCache
 from sazs.model.checkpoint import CheckpointError, load_checkpoint, load_for_inference
 from sazs.model.encoders import create_clip
-from sazs.model.model import ModelConfig
+from sazs.model.model import TINY_ARCHS, ModelConfig
 from sazs.stores import cli as store_cli
 from sazs.stores.dsm import DsmFileError, load_dsm_bytes
 from sazs.stores.integrity import verify
 from sazs.stores.manifest import build_manifest
 from sazs.stores.reader import open_store
 from sazs.stores.writer import StoreWriter
+from sazs.train import cli as train_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -336,3 +340,25 @@ def test_json_depth_is_linear_and_skips_strings():
     start = time.perf_counter()
     assert json_depth(data) == 0
     assert time.perf_counter() - start < 20
+
+
+def test_the_weights_a_checkpoint_was_trained_with_come_from_the_command_line(tmp_path, capsys):
+    voc = make_voc(tmp_path / "voc", num_train=4, num_val=2, size=(56, 72), seed=3)
+    weights, other = tmp_path / "tiny.pt", tmp_path / "other.pt"
+    for seed, path in ((1, weights), (2, other)):
+        torch.manual_seed(seed)
+        torch.save(open_clip.CLIP(**TINY_ARCHS["sazs-tiny"]).state_dict(), path)
+    argv = train_argv(voc, tmp_path / "run")
+    argv[argv.index("--steps") + 1] = "1"
+    assert train_cli.main([*argv, "--clip-weights", str(weights)]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match="trained with --clip-weights 'tiny.pt': pass that file again"):
+        load_for_inference(ckpt, "cpu")
+    with pytest.raises(CheckpointError, match="trained with weights of SHA-256"):
+        load_for_inference(ckpt, "cpu", {"clip_weights": str(other)})
+    model, _, _ = load_for_inference(ckpt, "cpu", {"clip_weights": str(weights)})
+    assert not model.random_weights
+    image = next((voc / "JPEGImages").glob("*.jpg"))
+    capsys.readouterr()
+    predict = ["predict", str(image), "--classes", "cat", "--ckpt", str(ckpt), "--out", str(tmp_path / "pred")]
+    assert eval_cli.main([*predict, "--clip-weights", str(weights)]) == 0, capsys.readouterr().err

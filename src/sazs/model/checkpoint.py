@@ -433,6 +433,12 @@ def load_for_inference(path: str | os.PathLike, device: str = "auto", files: dic
         model, text = build_model(cfg, dev)
     except ValueError as exc:  # e.g. an architecture this version does not know
         raise CheckpointError(f"{path}: {_first_line(exc, 300)}") from None
+    trained, given = (ckpt.get("clip") or {}).get("weights_sha256"), model.info.get("weights_sha256")
+    if trained and given and trained != given:  # another file than the one it was trained with
+        raise CheckpointError(
+            f"{path} was trained with weights of SHA-256 {trained[:12]}..., the file passed has "
+            f"{given[:12]}...: pass the weights file it was trained with"
+        )
     restore_model(model, ckpt, path)
     model.eval()
     return model, text, ckpt
