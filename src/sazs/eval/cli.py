@@ -4,11 +4,13 @@ Examples (the first one is what `make eval` does; it needs no data and no weight
 
     sazs-eval demo                                     # trains the `make train` demo if missing, evaluates it
     sazs-eval run --dataset voc --data /data/VOC2012 --folds all \\
-        --ckpt 'runs/voc-fold{fold}-ViT-B-16/checkpoint.pt' --priors priors/voc-val-imgfocus-vits14.zarr
+        --ckpt 'runs/voc-fold{fold}-ViT-B-16/checkpoint.pt' --clip-weights ViT-B-16.pt \\
+        --priors priors/voc-val-imgfocus-vits14.zarr
     sazs-eval run --dataset voc --data /data/VOC2012 --folds 0 --splits /src/hsnet/data/splits   # HSNet lists
     sazs-eval run --dataset coco --data /data/coco --split val2014 --folds all \\
-        --ckpt 'runs/coco-fold{fold}-ViT-B-16/checkpoint.pt'
-    sazs-eval predict photo.jpg --classes "cat,dog,sofa" --ckpt runs/voc-fold0-ViT-B-16/checkpoint.pt
+        --ckpt 'runs/coco-fold{fold}-ViT-B-16/checkpoint.pt' --clip-weights ViT-B-16.pt
+    sazs-eval predict photo.jpg --classes "cat,dog,sofa" --ckpt runs/voc-fold0-ViT-B-16/checkpoint.pt \\
+        --clip-weights ViT-B-16.pt             # the weights it was trained with: a checkpoint never names files
     sazs-eval predict photo.jpg --classes "cat,dog" --ckpt ... --fusion project --extractor imgfocus-vits14
     sazs-eval priors /tmp/davis.zarr --dataset davis --data ../shared/data/davis2016-dev --out runs/priors-davis
     sazs-eval list                                     # fusion modes, protocols, folds
