@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import pickle
+import re
 import struct
 import sys
 import time
@@ -239,6 +240,22 @@ def test_coco_json_nested_deep_is_one_line_naming_the_file(tmp_path):
         build_dataset(DatasetConfig(name="coco", root=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"images": [{"id": 1' + "1" * 5000 + "}]}", "is not usable JSON (Exceeds the limit (4300 digits)"),
+        (
+            json.dumps({**_coco_doc(), "annotations": [{**_coco_doc()["annotations"][0], "area": "big"}]}),
+            "no number 'area'",
+        ),
+    ],
+)
+def test_coco_json_values_that_python_refuses_name_the_file(tmp_path, text, expected):
+    path = _coco_dir(tmp_path, text)
+    with pytest.raises(ValueError, match=rf"annotation file {path}.*{re.escape(expected)}"):
+        build_dataset(DatasetConfig(name="coco", root=str(tmp_path)))
+
+
 def test_coco_json_over_the_size_bound_is_refused_unread(tmp_path, monkeypatch):
     path = _coco_dir(tmp_path, json.dumps(_coco_doc()))
     monkeypatch.setattr(coco_module, "MAX_ANNOTATION_JSON_BYTES", 100)
@@ -252,6 +269,7 @@ def test_coco_json_over_the_size_bound_is_refused_unread(tmp_path, monkeypatch):
         (_coco_doc(height=10**6, width=10**6), "size 1000000x1000000, not 1 to 40 megapixels"),
         (_coco_doc(height=-20), "size -20x20"),
         (_coco_doc(segmentation={"size": [10**6, 10**6], "counts": [0, 10]}), "an RLE of size"),
+        (_coco_doc(segmentation="polygon"), r"has no segmentation \(polygons or RLE\) but str"),
     ],
 )
 def test_coco_sizes_out_of_bounds_fail_that_image_before_any_allocation(tmp_path, doc, expected):

@@ -70,3 +70,5 @@ def read_json(path: str | os.PathLike, *, max_bytes: int, what: str, fix: str, r
         raise ValueError(f"{what} {path} is not UTF-8 JSON (byte {err.start}: {err.reason}); {fix}") from None
     except RecursionError:
         raise ValueError(f"{what} {path} nests arrays/objects too deeply (over ~1000 levels); {fix}") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{what} {path} is not usable JSON ({str(err).split(';')[0][:120]}); {fix}") from None

@@ -24,7 +24,7 @@ def _coco_problem(data) -> str | None:
     required = {
         "images": {"id": int, "file_name": str, "height": int, "width": int},
         "categories": {"id": int, "name": str},
-        "annotations": {"id": int, "image_id": int, "category_id": int},
+        "annotations": {"id": int, "image_id": int, "category_id": int, "area": (int, float)},
     }
     for key, fields in required.items():
         records = data.get(key, [])
@@ -36,7 +36,8 @@ def _coco_problem(data) -> str | None:
             for name, kind in fields.items():
                 value = record.get(name)
                 if not isinstance(value, kind) or isinstance(value, bool) or value == "":
-                    return f"{key}[{j}] has no {kind.__name__} '{name}' (got {value!r:.40})"
+                    what = getattr(kind, "__name__", "number")
+                    return f"{key}[{j}] has no {what} '{name}' (got {value!r:.40})"
     return None
 
 
@@ -116,6 +117,12 @@ class COCODataset(Dataset):
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[int(id)], iscrowd=None))
         for a in anns:
             segm = a.get("segmentation")
+            if not isinstance(segm, list | dict):
+                raise ImageError(
+                    f"annotation {a['id']} of image {id} has no segmentation (polygons or RLE) but "
+                    f"{type(segm).__name__}; fix the annotation file",
+                    path,
+                )
             if isinstance(segm, dict) and list(segm.get("size", ())) != [h, w]:
                 raise ImageError(
                     f"annotation {a['id']} of image {id} is an RLE of size {str(segm.get('size'))[:40]}, not the "
