@@ -36,6 +36,7 @@ from sazs.datasets.registry import build_dataset
 from sazs.datasets.synthetic import make_voc
 from sazs.eval import cli as eval_cli
 from sazs.eval.splits import read_split_list
+from sazs.features.vit_weights import load_official_vit
 from sazs.model.cache import FeatureCache
 from sazs.model.checkpoint import CheckpointError, load_checkpoint, load_for_inference
 from sazs.model.encoders import create_clip
@@ -380,3 +381,10 @@ def test_the_weights_a_checkpoint_was_trained_with_come_from_the_command_line(tm
     capsys.readouterr()
     predict = ["predict", str(image), "--classes", "cat", "--ckpt", str(ckpt), "--out", str(tmp_path / "pred")]
     assert eval_cli.main([*predict, "--clip-weights", str(weights)]) == 0, capsys.readouterr().err
+
+
+def test_vit_weights_are_bounded_too(tmp_path):
+    bomb = tmp_path / "dino_deitsmall16_pretrain.pth"
+    bomb.write_bytes(torch_bomb(64 << 20))
+    with pytest.raises(ValueError, match=rf"refusing {bomb}: .*decompression bomb"):
+        load_official_vit("dino-vits16", str(bomb))
