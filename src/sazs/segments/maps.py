@@ -40,13 +40,14 @@ SCALES = ("none", "degree", "normalise")
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    num_vectors: int = 4  # non-trivial vectors v1..v_n whose rows are clustered
+    num_vectors: int = 7  # non-trivial vectors v1..v_n whose rows are clustered (at most K - 1)
     num_segments: int | None = 6  # k-means clusters; None: by the eigengap (2..max_segments)
     max_segments: int = 8
     scale: str = "degree"
-    # weight vector k by (lam_1 / lam_k)^power (a diffusion-map weighting): the higher, noisier
-    # vectors count less; 0: all vectors alike
-    eigval_power: float = 0.0
+    # weight vector k by (mu_k / mu_1)^power, mu = 1 - lam the eigenvalue of the normalised
+    # adjacency (a diffusion map after ``power`` steps): vectors that the graph holds less
+    # strongly count less; 0: all vectors alike
+    eigval_power: float = 2.0
     min_size: float = 0.02  # components below this share of the grid's cells are merged
     seed: int = 0  # k-means++ seeding (deterministic)
     restarts: int = 4  # k-means runs, the one of least inertia is kept
@@ -166,8 +167,8 @@ def segment_grid(
         k = cfg.num_segments
     x = _rows(eigvecs, cfg.num_vectors, cfg.scale)
     if cfg.eigval_power and eigvals is not None:
-        lam = np.maximum(np.asarray(eigvals, np.float64)[1 : 1 + x.shape[1]], 1e-9)
-        x = x * (lam[0] / lam) ** cfg.eigval_power
+        mu = np.clip(1 - np.asarray(eigvals, np.float64)[1 : 1 + x.shape[1]], 1e-9, None)
+        x = x * (mu / mu[0]) ** cfg.eigval_power
     labels = kmeans(x, k, seed=cfg.seed, restarts=cfg.restarts)
     return merge_small(labels.reshape(h, w), max(1, round(cfg.min_size * h * w)))
 
