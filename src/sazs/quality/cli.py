@@ -24,12 +24,14 @@ from sazs.datasets.base import DatasetConfig
 from sazs.datasets.folders import MasksDataset
 from sazs.datasets.registry import build_dataset
 from sazs.pipeline.job import side_paths
-from sazs.segments.refine import check_refine
+from sazs.segments.objects import object_mask_grid, to_pixels
+from sazs.segments.refine import check_refine, list_refiners, refine_mask
+from sazs.segments.tokencut import TokenCutConfig
 from sazs.stores.reader import open_store
 
-from .baseline import BASELINES, compute_baseline
-from .report import draw_grid, format_markdown, write_report
-from .scoring import HEADLINE, build_report, score_store
+from .baseline import BASELINES, compute_baseline, compute_tokencut, parse_baselines
+from .report import draw_grid, draw_object_grid, format_markdown, write_report
+from .scoring import HEADLINE, build_report, nearest_to_pixels, score_masks, score_store
 
 BINARY_DATASETS = ("davis", "masks")  # single-object protocol; the others are label maps
 PRIORS_DATASETS = ("davis", "masks", "camvid", "voc", "coco")
@@ -65,8 +67,9 @@ def add_priors_parser(sub) -> None:
     p.add_argument(
         "--refine",
         default="none",
-        choices=["none", "guided"],
-        help="also score eigenvectors refined to pixel resolution with the image (guided filter)",
+        choices=["none", *list_refiners()],
+        help="also score refined to pixel resolution with the image: the object masks (any refiner) and, "
+        "with guided, the eigenvectors",
     )
     p.add_argument(
         "--boundary-tolerance",
@@ -77,9 +80,17 @@ def add_priors_parser(sub) -> None:
     p.add_argument(
         "--baseline",
         default=None,
-        choices=sorted(BASELINES),
-        help="also compute (or resume) OUT/baseline-dsm.zarr, the original formulation on the same "
-        "dataset, extractor and K as the first STORE, and score it beside them",
+        metavar="NAMES",
+        help=f"comma-separated, of {sorted(BASELINES)}: dsm computes (or resumes) OUT/baseline-dsm.zarr, the "
+        "original formulation on the same dataset, extractor and K as the first STORE; tokencut runs "
+        "TokenCut's object-mask recipe on the first STORE's features (single-object sets); each is "
+        "scored beside the stores",
+    )
+    p.add_argument(
+        "--tokencut-tau",
+        type=float,
+        default=TokenCutConfig.tau,
+        help="--baseline tokencut: the cosine threshold of its binary graph (default %(default)s, as published)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="report directory (report.md, report.json, PNGs)")
     p.add_argument("--no-pictures", action="store_true", help="skip the picture grids")
@@ -106,6 +117,28 @@ def store_ms_per_image(url: str) -> float | None:
         return None
 
 
+def _object_grid(name, slug, dataset, result, refine, out, *, store=None, masks=None) -> str | None:
+    """The best, median and worst images by object IoU with the object masks of a store or a baseline."""
+
+    def grid_mask(id_):
+        return object_mask_grid(store.get(id_).eigvecs) if store is not None else masks[id_]
+
+    def plain(id_, image, size):
+        return to_pixels(grid_mask(id_), size) if store is not None else nearest_to_pixels(masks[id_], size)
+
+    columns = {"object mask": plain}
+    if refine:
+        columns[f"object mask ({refine})"] = lambda id_, image, size: refine_mask(grid_mask(id_), image, refine)
+    png = draw_object_grid(
+        dataset,
+        result["rows"]["bilinear"],
+        columns,
+        Path(out) / f"objects-{slug}.png",
+        title=f"{name} on {dataset.name}/{dataset.split}: object masks, best, median, worst by object_iou",
+    )
+    return str(png) if png else None
+
+
 def cmd_priors(args) -> int:
     refine = check_refine(None if args.refine == "none" else args.refine)
     if args.n_best < 1:
@@ -116,11 +149,13 @@ def cmd_priors(args) -> int:
     dataset = _build_dataset(args)
     label_map = args.dataset not in BINARY_DATASETS
     stores = {n: open_store(s) for n, s in zip(names, args.stores)}
-    if args.baseline:
-        path = compute_baseline(
-            args.baseline, next(iter(stores.values())), dataset, args.out, progress=not args.no_progress
-        )
-        stores[f"{args.baseline} (original)"] = open_store(path)
+    baselines = parse_baselines(args.baseline)
+    if "tokencut" in baselines and label_map:
+        raise ValueError("--baseline tokencut gives object masks: for the single-object sets (davis, masks)")
+    first = next(iter(stores.values()))
+    if "dsm" in baselines:
+        path = compute_baseline("dsm", first, dataset, args.out, progress=not args.no_progress)
+        stores["dsm (original)"] = open_store(path)
     results, timing, score_ms = {}, {}, {}
     for name, store in stores.items():
         t0 = time.perf_counter()
@@ -138,6 +173,18 @@ def cmd_priors(args) -> int:
         res.update(url=store.url, fingerprint=store.fingerprint)
         results[name] = res
         timing[name] = store_ms_per_image(store.url)
+    tokencut = None
+    if "tokencut" in baselines:
+        tokencut = compute_tokencut(
+            first, dataset, args.out, cfg=TokenCutConfig(tau=args.tokencut_tau), progress=not args.no_progress
+        )
+        name = f"tokencut (tau {args.tokencut_tau:g})"
+        res = score_masks(tokencut.masks, dataset, refine=refine, progress=not args.no_progress, desc="tokencut")
+        res["failures"].update(tokencut.failures)
+        res["object_ms"]["bilinear"] = [tokencut.mask_ms] if tokencut.mask_ms is not None else []
+        res.update(url=str(tokencut.path), fingerprint=None)
+        results[name] = res
+        timing[name] = None
     report = build_report(
         results,
         dataset=dataset.describe(),
@@ -159,12 +206,19 @@ def cmd_priors(args) -> int:
                 Path(args.out) / f"grid-{slug}.png",
                 label_map=label_map,
                 n_best=args.n_best,
-                refine=refine,
+                refine=refine if refine == "guided" else None,
                 title=f"{name} on {dataset.name}/{dataset.split}: best, median, worst by {HEADLINE[label_map]}",
             )
             if png:
                 pictures.append(str(png))
-    report["pictures"] = pictures
+            if not label_map:
+                pictures.append(_object_grid(name, slug, dataset, results[name], refine, args.out, store=store))
+        if tokencut is not None:
+            name = next(n for n in results if n.startswith("tokencut"))
+            pictures.append(
+                _object_grid(name, "tokencut", dataset, results[name], refine, args.out, masks=tokencut.masks)
+            )
+    report["pictures"] = [p for p in pictures if p]
     js, md = write_report(report, args.out)
     text = format_markdown(report)
     print(text.split("\n## ")[0].rstrip())

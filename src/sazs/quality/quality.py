@@ -32,6 +32,12 @@ The vectors are the store's u (orthonormal eigenvectors of I - D^-1/2 W D^-1/2);
 generalised vectors of Deep Spectral Methods are v = D^-1/2 u, with the same signs, so every
 segment {v_k > 0} is the same; only the soft F_beta thresholds and the span see the D^-1/2.
 
+Object masks (:func:`score_object`, scored by :mod:`sazs.quality.scoring` for the single-object
+sets): ``object_iou``, ``object_accuracy`` and ``object_max_fbeta`` of a GT-free binary object mask
+(:func:`sazs.segments.objects.object_mask` for a store; TokenCut's recipe for ``--baseline
+tokencut``) at the mask's pixels. For a binary map the max over thresholds of F_beta is the
+F_beta of the mask itself (or of "everything", if higher), as TokenCut reports it.
+
 Images whose mask has no object pixel get NaN for the IoU/F keys (undefined; left out of the
 means, counted by ``fiedler_iou`` being NaN).
 
@@ -142,6 +148,21 @@ def span_projection(vecs, targets: np.ndarray, rtol: float = 1e-4) -> np.ndarray
     keep = w > (rtol**2) * max(float(w.max()), 1e-300)
     basis = (u[:, keep] / np.sqrt(w[keep])).T @ v  # (r, N) orthonormal rows
     return ((basis @ t.T).T @ basis).reshape(targets.shape).astype(np.float32)
+
+
+def score_object(pred: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """``object_iou``, ``object_accuracy``, ``object_max_fbeta`` of a bool (H, W) object mask against
+    the dataset's mask (0 background, 255 not evaluated, else object)."""
+    pred, mask = np.asarray(pred, bool), np.asarray(mask)
+    if pred.shape != mask.shape:
+        raise ValueError(f"object mask {pred.shape} and mask {mask.shape} differ in size")
+    valid = mask != IGNORE_INDEX
+    truth = (mask != 0) & valid
+    return {
+        "object_iou": iou(pred, truth, valid),
+        "object_accuracy": accuracy(pred, truth, valid),
+        "object_max_fbeta": max_fbeta(pred.astype(np.float32), truth, valid),
+    }
 
 
 # ----------------------------------------------------------------------------- label-map pieces

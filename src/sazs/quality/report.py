@@ -26,6 +26,9 @@ COLUMNS = {
         ("fiedler_max_fbeta", "Fiedler max Fβ"),
         ("best_of_n_iou_upper_bound", "best of {n} IoU (upper bound)"),
         ("span_iou", "span-K capture IoU"),
+        ("object_iou", "object IoU"),
+        ("object_accuracy", "object acc"),
+        ("object_max_fbeta", "object max Fβ"),
     ],
     True: [
         ("covering", "covering"),
@@ -62,16 +65,20 @@ def format_markdown(report: dict) -> str:
         lines += [
             "Fiedler segment: v1 > 0 (the minority side, chosen without the mask), bilinear to the mask's "
             f"pixels. Best of {report['n_best']}: the best v_k > 0 by IoU WITH the mask, an upper bound. "
-            "Span-K capture: the mask projected on span(v0..v_{K-1}), > 0.5.",
+            "Span-K capture: the mask projected on span(v0..v_{K-1}), > 0.5. Object: the GT-free object "
+            "mask (sazs.segments.objects: k-means of the rows of v1..v4, clusters that avoid the border); "
+            "for tokencut, TokenCut's recipe on the same features (nearest upsampling, as published).",
             "",
         ]
     head = ["store", "upsampling"] + [t for _, t in cols] + ["scored", "failed", "priors ms/img", "refine ms/img"]
+    head += [] if label_map else ["object ms/img"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in report["stores"].items():
         for variant, v in s["variants"].items():
             m = v["mean"]
             ms = s["ms_per_image"] if variant == "bilinear" else None
             rms = s["refine_ms_per_image"] if variant != "bilinear" else None
+            oms = (s.get("object_ms_per_image") or {}).get(variant)
             lines.append(
                 "| "
                 + " | ".join(
@@ -83,6 +90,7 @@ def format_markdown(report: dict) -> str:
                         "–" if ms is None else f"{ms:.0f}",
                         "–" if rms is None else f"{rms:.0f}",
                     ]
+                    + ([] if label_map else ["–" if oms is None else f"{oms:.1f}"])
                 )
                 + " |"
             )
@@ -90,7 +98,13 @@ def format_markdown(report: dict) -> str:
         "",
         "priors ms/img: the whole `sazs-priors run` (decode, features, graph, solve) per computed image, "
         "from the store's summary JSON (– when it has none); refine ms/img: the refinement of the K "
-        "upsampled vectors per image (the refined scoring's time minus the plain one's).",
+        "upsampled vectors per image (the refined scoring's time minus the plain one's)."
+        + (
+            ""
+            if label_map
+            else " object ms/img: the object mask per image (on the grid, then to the pixels; refined: with "
+            "the refinement; tokencut: its graph, eigenvector and mask, features excluded)."
+        ),
         "",
     ]
     headline = report["headline"]
@@ -223,6 +237,45 @@ def draw_grid(
             a.set_xticks([])
             a.set_yticks([])
     for a, t in zip(axes[0], cols):
+        a.set_title(t, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=70)
+    plt.close(fig)
+    return out_png
+
+
+def draw_object_grid(dataset, rows: list[dict], columns: dict, out_png: str | Path, *, title: str = "") -> Path | None:
+    """Best, median and worst rows by ``object_iou``: image, mask, then one overlay per entry of
+    ``columns`` (title -> fn(id, image, (H, W)) -> bool mask)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = pick_images(rows, "object_iou")
+    if not picks:
+        return None
+    titles = ["image", "mask", *columns]
+    fig, axes = plt.subplots(len(picks), len(titles), figsize=(2.8 * len(titles), 2.1 * len(picks)), squeeze=False)
+    for r, (label, row) in enumerate(picks):
+        id_ = row["id"]
+        image, mask = dataset.load_image(id_), dataset.load_mask(id_)
+        ax = axes[r]
+        ax[0].imshow(image)
+        ax[0].set_ylabel(f"{label}\n{id_}\nobject IoU {row['object_iou']:.2f}", fontsize=7)
+        ax[1].imshow(np.where(mask != 255, mask != 0, 0.5), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        for c, fn in enumerate(columns.values(), start=2):
+            pred = fn(id_, image, mask.shape)
+            ax[c].imshow(image)
+            ax[c].imshow(np.ma.masked_equal(pred.astype(float), 0), cmap="autumn", alpha=0.55, interpolation="nearest")
+        for a in ax:
+            a.set_xticks([])
+            a.set_yticks([])
+    for a, t in zip(axes[0], titles):
         a.set_title(t, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)

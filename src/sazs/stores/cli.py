@@ -29,6 +29,7 @@ import sys
 from sazs.core.argtypes import at_least
 from sazs.core.console import run_command, setup_logging
 from sazs.core.faults import arm_from_environment
+from sazs.segments.refine import list_refiners
 
 from .commands import (
     cmd_export,
@@ -180,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         "which also keep the trivial one)",
     )
     p.add_argument("--overwrite", action="store_true", help="rewrite files that exist")
+    p.add_argument(
+        "--refine",
+        default=None,
+        choices=list_refiners(),
+        help="object-masks: refine each mask with its image (read from --images, else the manifest's dataset)",
+    )
+    p.add_argument("--images", default=None, help="with --refine: folder of <id>.<ext> images")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser(
         "import-dsm",

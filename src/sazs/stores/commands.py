@@ -245,6 +245,32 @@ def cmd_gallery(args) -> int:
     return 0
 
 
+def _export_images(args):
+    """load_image(id) for ``export --refine``: from --images, else the dataset the store's manifest names."""
+    if args.images:
+        root = Path(args.images)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--images {root}: no such folder; give the folder of <id>.<ext> image files")
+
+        def from_folder(id_: str):
+            image = _find_image(root, id_)
+            if image is None:
+                raise ValueError(f"no readable image {root}/{id_}.*")
+            return image
+
+        return from_folder
+    ds = open_store(args.store, storage_options=_options(args)).manifest["dataset"]
+    dataset = build_dataset(DatasetConfig(name=ds.get("name"), root=ds.get("root"), split=ds.get("split")))
+
+    def from_dataset(id_: str):
+        try:
+            return dataset.load_image(id_)
+        except ImageError as exc:
+            raise ValueError(str(exc)) from None
+
+    return from_dataset
+
+
 def cmd_export(args) -> int:
     cfg = ExportConfig(
         format=args.format,
@@ -253,8 +279,10 @@ def cmd_export(args) -> int:
         num_vectors=args.num_vectors,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        refine=args.refine,
     )
-    summary = export_store(args.store, args.out, cfg, storage_options=_options(args))
+    load_image = _export_images(args) if args.refine else None
+    summary = export_store(args.store, args.out, cfg, storage_options=_options(args), load_image=load_image)
     print(summary.line())
     return 1 if summary.failed else 0
 

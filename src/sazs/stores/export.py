@@ -21,6 +21,9 @@ Formats (``OUT/{id}…``; an id with '/' is a subfolder, an id that would leave 
   spectral clustering of the rows of v1..vn, no ground truth), one label 0..S-1 per segment, at
   the image's original size; mode L, or I;16 above 256 segments. n = ``--num-vectors`` (default
   :class:`sazs.segments.maps.SegmentConfig`'s).
+* ``object-masks`` — one ``{id}.png``: the image's object mask (:func:`sazs.segments.objects.prior_object_mask`,
+  no ground truth), mode L, 0 background / 255 object, at the image's original size; with
+  ``refine`` refined with the image (``load_image``). n = ``--num-vectors`` (default ObjectConfig's).
 
 For dsm and npz, ``--num-vectors n`` keeps the trivial vector and the first n non-trivial
 ones (n + 1 in all; default: all K). Images without priors (failed, pending) are listed and
@@ -43,6 +46,7 @@ import numpy as np
 
 from sazs.core.files import write_atomic
 from sazs.segments.maps import SegmentConfig, encode_png, prior_segments
+from sazs.segments.objects import ObjectConfig, encode_mask_png, prior_object_mask
 
 from .dsm import dsm_record, holds_generalised, id_path, to_generalised
 from .format import DONE, FAILED, StoreError, TransportError
@@ -51,7 +55,7 @@ from .writer import disk_errors
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("sazs-png", "dsm", "npz", "segments")
+FORMATS = ("sazs-png", "dsm", "npz", "segments", "object-masks")
 SAZS_NUM_VECTORS = 5  # the K of the released SAZS eigen masks
 MARKER = "sazs-export.json"
 
@@ -64,8 +68,11 @@ class ExportConfig:
     num_vectors: int | None = None  # non-trivial vectors (None: 5 for sazs-png, all for dsm/npz)
     overwrite: bool = False
     progress: bool = True
+    refine: str | None = None  # object-masks: a refiner of sazs.segments.refine (export_store's load_image)
 
     def __post_init__(self) -> None:
+        if self.refine is not None and self.format != "object-masks":
+            raise ValueError(f"--refine is for --format object-masks, not {self.format}")
         if self.format not in FORMATS:
             raise ValueError(f"unknown export format {self.format!r}; choose from {list(FORMATS)}")
         if self.limit is not None and self.limit < 1:
@@ -180,7 +187,7 @@ def _check_marker(out: Path, marker: dict, overwrite: bool) -> None:
         old = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         old = {}
-    keys = ("fingerprint", "format", "num_vectors")
+    keys = ("fingerprint", "format", "num_vectors", "refine")
     if not isinstance(old, dict) or any(old.get(k) != marker[k] for k in keys):
         got = {k: old.get(k) for k in keys} if isinstance(old, dict) else old
         raise StoreError(
@@ -189,13 +196,23 @@ def _check_marker(out: Path, marker: dict, overwrite: bool) -> None:
         )
 
 
-def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_options: dict | None = None) -> ExportSummary:
-    """Export the priors of ``url`` to the folder ``out`` in ``cfg.format``; resumable (see module docstring)."""
+def export_store(
+    url: str, out: str | Path, cfg: ExportConfig, *, storage_options: dict | None = None, load_image=None
+) -> ExportSummary:
+    """Export the priors of ``url`` to the folder ``out`` in ``cfg.format``; resumable (see module docstring).
+
+    ``load_image(id) -> (H, W, 3) uint8`` (raising ValueError) is needed with ``cfg.refine``."""
+    if cfg.refine and load_image is None:
+        raise ValueError(f"--refine {cfg.refine} needs the images (load_image)")
     from tqdm.auto import tqdm
 
     store = open_store(url, storage_options=storage_options)
     k_all = store.num_eigs
-    default = {"sazs-png": SAZS_NUM_VECTORS, "segments": SegmentConfig.num_vectors}.get(cfg.format, k_all - 1)
+    default = {
+        "sazs-png": SAZS_NUM_VECTORS,
+        "segments": SegmentConfig.num_vectors,
+        "object-masks": ObjectConfig.num_vectors,
+    }.get(cfg.format, k_all - 1)
     n = cfg.num_vectors or min(default, k_all - 1)
     if not 1 <= n <= k_all - 1:
         raise ValueError(
@@ -212,6 +229,7 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
         "format": cfg.format,
         "num_vectors": n,
         "vectors": "v" if generalised else "u",
+        "refine": cfg.refine,
     }
     summary = ExportSummary(out=str(out), format=cfg.format, num_vectors=n, no_priors=no_priors)
     with disk_errors(out, f"exporting to {out}"):
@@ -225,7 +243,9 @@ def export_store(url: str, out: str | Path, cfg: ExportConfig, *, storage_option
                     summary.existing += 1
                     continue
                 prior = store.get(id_)
-                for path, data in zip(paths, _encode(prior, cfg.format, n, generalised, store.fingerprint)):
+                image = load_image(id_) if cfg.refine else None
+                encoded = _encode(prior, cfg.format, n, generalised, store.fingerprint, image=image, refine=cfg.refine)
+                for path, data in zip(paths, encoded):
                     _check_inside(out, path)
                     write_atomic(path, data)
             except TransportError:
@@ -265,10 +285,12 @@ def _check_inside(out: Path, path: Path) -> None:
 def _paths(out: Path, id_: str, fmt: str, n: int) -> list[Path]:
     if fmt == "sazs-png":
         return [id_path(out, id_, f"_k{i}.png") for i in range(n)]
-    return [id_path(out, id_, {"dsm": ".pth", "npz": ".npz", "segments": ".png"}[fmt])]
+    return [id_path(out, id_, {"dsm": ".pth", "npz": ".npz", "segments": ".png", "object-masks": ".png"}[fmt])]
 
 
-def _encode(prior: Prior, fmt: str, n: int, generalised: bool, fingerprint: str):
+def _encode(prior: Prior, fmt: str, n: int, generalised: bool, fingerprint: str, *, image=None, refine=None):
+    if fmt == "object-masks":
+        return [encode_mask_png(prior_object_mask(prior, ObjectConfig(num_vectors=n), image=image, refine=refine))]
     if fmt == "sazs-png":
         return [_png_bytes(m) for m in eigen_masks(prior, n)]
     if fmt == "segments":
