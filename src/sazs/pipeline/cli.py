@@ -71,6 +71,7 @@ def build_configs(args: argparse.Namespace):
         name=args.extractor,
         weights=args.weights,
         facet=args.facet,
+        center=args.center,
         short_side=args.short_side,
         max_long_side=args.max_long_side,
         device=args.device,
