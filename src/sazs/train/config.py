@@ -20,7 +20,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     steps: int = 20000  # optimiser steps
     epochs: float | None = None  # if set, steps = ceil(epochs * images / (batch_size * accum_steps))
-    batch_size: int = 8
+    batch_size: int = 6
     accum_steps: int = 1
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 1e-3
