@@ -54,7 +54,7 @@ from .format import (
 from .manifest import code_version
 from .marks import finalized_mark, ids_problems, image_size_problem, set_finalized_mark
 from .objects import hash_all, list_objects, sha256_of  # noqa: F401  (sha256_of: part of this API)
-from .reader import TIMEOUT_HINT, PriorStore, http_errors, open_store, shard_workers
+from .reader import TIMEOUT_HINT, PriorStore, http_errors, open_store, shard_workers, transport_text
 from .schema import read_checksums
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def _check_shard(store: PriorStore, shard: int, residual_tol: float, gone: dict[
         eigvecs = np.asarray(store.group["eigvecs"][lo:hi])
     except transport as exc:
         raise TransportError(
-            f"cannot read shard {shard} of {store.url} ({type(exc).__name__}: {exc}); check that the server "
+            f"cannot read shard {shard} of {store.url} ({transport_text(exc)}); check that the server "
             "is up, then re-run" + TIMEOUT_HINT
         ) from None
     except (KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:

@@ -16,7 +16,7 @@ from dask.diagnostics import ProgressBar
 from sazs.core.files import sha256_stream
 
 from .format import CHECKSUM_FILE, SIDE_FILES, StoreError, TransportError, is_http
-from .reader import TIMEOUT_HINT, http_errors
+from .reader import TIMEOUT_HINT, http_errors, transport_text
 from .schema import read_checksums
 
 
@@ -80,7 +80,7 @@ def _sha256_or_error(fs, path: str) -> str:
         return sha256_of(fs, path)
     except (OSError, *http_errors(fs)) as exc:
         raise TransportError(
-            f"cannot read {path} ({type(exc).__name__}: {exc}); check that the server is up, then re-run"
+            f"cannot read {path} ({transport_text(exc)}); check that the server is up, then re-run"
             + (TIMEOUT_HINT if is_http(fs) else "")
         ) from None
 

@@ -17,7 +17,7 @@ from sazs.core import limits
 from .format import CHECKSUM_FILE, SUMMARY_FILE, StoreError, TransportError, is_http, local_fs, split_url
 from .http import redirect_refused, response_too_large
 from .integrity import VerifyReport, list_objects, read_checksums, verify
-from .reader import TIMEOUT_HINT, http_errors
+from .reader import TIMEOUT_HINT, http_errors, transport_text
 from .remote import MAX_WORKERS, problems, read_object, sha256_hex, transfer
 from .schema import parse_json_object
 
@@ -194,7 +194,7 @@ def _download(fs, path: str, local: Path, *, key: str, url: str, dest: Path) -> 
             if attempt == attempts or final or (status is not None and status < 500):
                 tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
                 raise TransportError(
-                    f"downloading {key} from {url} failed{tries}: {type(exc).__name__}: {exc}; "
+                    f"downloading {key} from {url} failed{tries}: {transport_text(exc)}; "
                     f"nothing was written to {dest}: check that the server is up and serves the "
                     "store's files, then re-run the pull" + (TIMEOUT_HINT if final else "")
                 ) from None

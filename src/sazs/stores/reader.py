@@ -68,6 +68,12 @@ def http_errors(fs) -> tuple[type[BaseException], ...]:
     return (aiohttp.ClientError, TimeoutError)
 
 
+def transport_text(exc: BaseException) -> str:
+    """``Type: message`` of a network failure; a timeout (which carries no message) says so."""
+    text = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "no message")
+    return f"{type(exc).__name__}: {text}"
+
+
 def check_http_store(fs, root: str, url: str) -> None:
     """Fail in one line, naming ``url`` and the fix, unless the server holds a root zarr.json and answers ranges.
 
@@ -88,7 +94,7 @@ def check_http_store(fs, root: str, url: str) -> None:
         head = b"  "
     except (OSError, *http_errors(fs)) as exc:
         raise StoreError(
-            f"cannot read {where} ({type(exc).__name__}: {exc}); check the URL and that the server "
+            f"cannot read {where} ({transport_text(exc)}); check the URL and that the server "
             "is up and readable without credentials, then re-run"
         ) from None
     if len(head) != 1:
@@ -198,7 +204,7 @@ class PriorStore:
                 final = isinstance(exc, TimeoutError | response_too_large() | redirect_refused())
                 if attempt == attempts or final:
                     raise TransportError(
-                        f"cannot read {self.url}/{name}: {type(exc).__name__}: {exc} (after {attempt} "
+                        f"cannot read {self.url}/{name}: {transport_text(exc)} (after {attempt} "
                         "attempt(s)); check that the server is up, then re-run" + (TIMEOUT_HINT if final else "")
                     ) from None
                 log.warning("reading %s/%s failed (%s: %s); retrying", self.url, name, type(exc).__name__, exc)
