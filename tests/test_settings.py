@@ -13,6 +13,11 @@ import dataclasses
 import pytest
 
 from sazs.datasets.base import DatasetConfig
+from sazs.eval.episodes import ProtocolConfig
+from sazs.eval.evaluate import EvalConfig
+from sazs.eval.fusion import FusionConfig
+from sazs.eval.options import get_args_parser as eval_parser
+from sazs.eval.run import RunConfig as EvalRunConfig
 from sazs.features.extractors import ExtractorConfig
 from sazs.model.model import ModelConfig
 from sazs.pipeline.cli_options import get_args_parser as priors_parser
@@ -119,6 +124,47 @@ TRAIN = {
     },
 }
 
+EVAL = {
+    **{
+        f"--{name.replace('_', '-')}": (EvalRunConfig, name)
+        for name in (
+            "dataset",
+            "data",
+            "split",
+            "limit",
+            "ckpt",
+            "arch",
+            "short_side",
+            "max_long_side",
+            "device",
+            "precision",
+            "clip_weights",
+            "backbone_weights",
+            "text_encoder",
+            "cache_features",
+            "calibration",
+            "priors",
+            "extractor",
+            "storage_options",
+            "generalised_limit",
+            "out",
+        )
+    },
+    "--allow-missing-priors": (EvalConfig, "allow_missing_priors"),
+    "--fusion": (EvalConfig, "fusions"),
+    "--headline": (EvalConfig, "headline"),
+    "--boundary-tolerance": (EvalConfig, "boundary_tolerance"),
+    "--draw": (EvalConfig, "draw"),
+    "--episodes": (ProtocolConfig, "episodes"),
+    "--seed": (ProtocolConfig, "seed"),
+    "--min-pixels": (ProtocolConfig, "min_pixels"),
+    "--sampling": (ProtocolConfig, "sampling"),
+    "--num-segments": (FusionConfig, "num_segments"),
+    "--select-threshold": (FusionConfig, "select_threshold"),
+    "--spectral-segments": (FusionConfig, "spectral_segments"),
+    "--superpixels": (FusionConfig, "superpixels"),
+}
+
 RESOLVED = {
     # flag: why the CLI's default is not the config's
     ("sazs-priors", "--graph-backend"): "auto: batched on a GPU, certified on a CPU (compute.resolve_auto)",
@@ -130,7 +176,7 @@ RESOLVED = {
     ("sazs-train", "--steps"): "None: --epochs 20, the paper's schedule, in steps for the dataset's size",
 }
 
-CLIS = {"sazs-priors": (priors_parser, PRIORS), "sazs-train": (train_parser, TRAIN)}
+CLIS = {"sazs-priors": (priors_parser, PRIORS), "sazs-train": (train_parser, TRAIN), "sazs-eval": (eval_parser, EVAL)}
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -156,8 +202,11 @@ def test_flag_defaults_are_the_configs(cli):
         if (cli, flag) in RESOLVED:
             assert flags[flag].default in ("auto", None), f"{cli} {flag}: listed as resolved at run time"
             continue
-        if flags[flag].default != _default(cls, name):
-            wrong.append(f"{flag} = {flags[flag].default!r} but {cls.__name__}.{name} = {_default(cls, name)!r}")
+        default = _default(cls, name)
+        if isinstance(default, tuple) and isinstance(flags[flag].default, str):  # a comma-separated list flag
+            default = ",".join(default)
+        if flags[flag].default != default:
+            wrong.append(f"{flag} = {flags[flag].default!r} but {cls.__name__}.{name} = {default!r}")
     assert not wrong, f"{cli}: flag defaults that disagree with their configs:\n" + "\n".join(wrong)
 
 

@@ -37,12 +37,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
-        default="voc",
+        default=RunConfig.dataset,
         choices=list(BENCHMARKS),
         help="voc (PASCAL-5i), coco (COCO-20i) or camvid (CamVid-11: generalised setting only)",
     )
     g.add_argument("--data", default=None, metavar="PATH", help="dataset root (Makefile: DATA=)")
-    g.add_argument("--split", default="val", help="validation split (default val; coco: val -> val2017/val2014)")
+    g.add_argument(
+        "--split", default=RunConfig.split, help="validation split (default val; coco: val -> val2017/val2014)"
+    )
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N validation images")
     g.add_argument("--folds", default="0", help="folds: 0..3 (camvid 0..2), a list such as 0,2, or 'all' (default 0)")
     g = p.add_argument_group("checkpoints")
@@ -55,7 +57,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--arch",
-        default="auto",
+        default=RunConfig.arch,
         help="architecture in the default --ckpt path (auto: sazs-train's default, imgfocus-vits14 when "
         f"the pretrained stack is installed, else {DEFAULT_ARCH})",
     )
@@ -67,8 +69,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="model input short side (default: the checkpoint's training crop)",
     )
     g.add_argument("--max-long-side", type=int, default=None, metavar="PX", help="cap (default 2x short side)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    g.add_argument("--device", default=RunConfig.device, help="auto | cpu | cuda[:N]")
+    g.add_argument(
+        "--precision", default=RunConfig.precision, choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU"
+    )
     add_weight_args(g)
     g.add_argument(
         "--cache-features",
@@ -82,7 +86,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--calibration",
         type=CALIBRATION,
-        default=0.0,
+        default=RunConfig.calibration,
         metavar="G",
         help="calibrated stacking: subtract G of cosine similarity from the classes the checkpoint was "
         "trained on (SPNet-C; choose G on val; default 0)",
@@ -94,7 +98,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         metavar="PATH|URL",
         help="prior store of the validation split (default priors/<dataset>-<split>-<extractor>.zarr)",
     )
-    g.add_argument("--extractor", default="imgfocus-vits14", help="extractor name in the default --priors path")
+    g.add_argument("--extractor", default=RunConfig.extractor, help="extractor name in the default --priors path")
     g.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for an object-store URL")
     g.add_argument(
         "--allow-missing-priors",
@@ -102,8 +106,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="images without priors keep the prediction in prior-based modes (counted in the report)",
     )
     g = p.add_argument_group("protocol")
-    g.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help=f"episodes per fold ({DEFAULT_EPISODES})")
-    g.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
+    g.add_argument(
+        "--episodes", type=int, default=ProtocolConfig.episodes, help=f"episodes per fold ({DEFAULT_EPISODES})"
+    )
+    g.add_argument("--seed", type=int, default=ProtocolConfig.seed, help="seed of the episode draw")
     g.add_argument(
         "--splits",
         default=None,
@@ -111,7 +117,12 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         help="HSNet data/splits directory (pascal/val/fold<i>.txt, coco/val/fold<i>.pkl); "
         "default: lists generated from the annotations",
     )
-    g.add_argument("--min-pixels", type=int, default=1, help="generated lists: pixels a class needs in an image")
+    g.add_argument(
+        "--min-pixels",
+        type=int,
+        default=ProtocolConfig.min_pixels,
+        help="generated lists: pixels a class needs in an image",
+    )
     g.add_argument(
         "--sampling",
         default=None,
@@ -129,21 +140,26 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("fusion")
     g.add_argument(
         "--fusion",
-        default=",".join(FUSIONS),
+        default=",".join(EvalConfig.fusions),
         help=f"comma-separated modes to evaluate (default {','.join(FUSIONS)}; oracle = upper bound)",
     )
     g.add_argument(
         "--headline",
-        default=DEFAULT_HEADLINE,
+        default=EvalConfig.headline,
         choices=list(GT_FREE),
         help=f"ground-truth-free mode reported as the headline (default {DEFAULT_HEADLINE})",
     )
-    g.add_argument("--num-segments", type=int, default=4, help="eigen-segments v1..vN > 0 for select / oracle (4)")
+    g.add_argument(
+        "--num-segments",
+        type=int,
+        default=FusionConfig.num_segments,
+        help="eigen-segments v1..vN > 0 for select / oracle (4)",
+    )
     g.add_argument("--num-eigs", type=int, default=None, help="eigenvectors spanning the projection (default all)")
     g.add_argument(
         "--select-threshold",
         type=number(0, 1),
-        default=0.5,
+        default=FusionConfig.select_threshold,
         help="select: IoU with the predicted mask a segment needs to replace it (0.5)",
     )
     g.add_argument(
@@ -161,12 +177,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--boundary-tolerance",
         type=number(0, 100, lo_open=True),
-        default=0.008,
+        default=EvalConfig.boundary_tolerance,
         help="boundary F band in (0, 100]: >= 1 pixels, < 1 fraction of the image diagonal (default 0.008, DAVIS)",
     )
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR", help="report directory (default runs/eval-<dataset>-<split>)")
-    g.add_argument("--draw", type=int, default=6, help="episodes drawn per fold in the PNG grid (0 = none)")
+    g.add_argument(
+        "--draw", type=int, default=EvalConfig.draw, help="episodes drawn per fold in the PNG grid (0 = none)"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
