@@ -78,6 +78,7 @@ TRAIN = {
     "--storage-options": (DataConfig, "storage_options"),
     "--skip-failed": (DataConfig, "skip_failed"),
     "--views": (DataConfig, "views"),
+    "--prior-eigs": (DataConfig, "num_eigs"),
     "--crop-size": (AugmentConfig, "crop_size"),
     "--rotate": (AugmentConfig, "rotate"),
     "--arch": (ModelConfig, "arch"),
@@ -163,6 +164,7 @@ EVAL = {
     "--select-threshold": (FusionConfig, "select_threshold"),
     "--spectral-segments": (FusionConfig, "spectral_segments"),
     "--superpixels": (FusionConfig, "superpixels"),
+    "--span-eigs": (FusionConfig, "num_eigs"),
 }
 
 RESOLVED = {
@@ -215,3 +217,10 @@ def test_the_check_sees_a_disagreement():
     parser.add_argument("--knn", type=int, default=11)
     flags = _flags(parser)
     assert flags["--knn"].default != _default(GraphConfig, "k")
+
+
+def test_one_flag_name_one_meaning():
+    """--num-eigs is the eigenvectors a store computes; the other commands name what they do with them."""
+    assert "--num-eigs" in _flags(priors_parser())
+    assert "--num-eigs" not in _flags(train_parser()) and "--prior-eigs" in _flags(train_parser())
+    assert "--num-eigs" not in _flags(eval_parser()) and "--span-eigs" in _flags(eval_parser())

@@ -191,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--extractor", default=None, help="compute priors per image with this extractor instead")
     pred.add_argument("--weights", default=None, help="weights for --extractor (dino-*, dinov2-*)")
     pred.add_argument("--priors-short-side", type=int, default=None, help="--extractor input short side")
-    pred.add_argument("--num-eigs", type=int, default=None, help="eigenvectors spanning the projection")
+    pred.add_argument(
+        "--span-eigs",
+        type=int,
+        default=FusionConfig.num_eigs,
+        dest="num_eigs",
+        metavar="K",
+        help="eigenvectors v0..v(K-1) spanning the project fusion (default: all)",
+    )
     pred.add_argument(
         "--refine",
         default="none",

@@ -155,7 +155,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         default=FusionConfig.num_segments,
         help="eigen-segments v1..vN > 0 for select / oracle (4)",
     )
-    g.add_argument("--num-eigs", type=int, default=None, help="eigenvectors spanning the projection (default all)")
+    g.add_argument(
+        "--span-eigs",
+        type=int,
+        default=FusionConfig.num_eigs,
+        dest="num_eigs",
+        metavar="K",
+        help="eigenvectors v0..v(K-1) spanning the project fusion (default: all)",
+    )
     g.add_argument(
         "--select-threshold",
         type=number(0, 1),

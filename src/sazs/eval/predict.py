@@ -191,7 +191,7 @@ class OnTheFlyPriors:
         weights: str | None = None,
         short_side: int | None = None,
         device: str = "auto",
-        num_eigs: int = 8,
+        num_eigs: int = SpectralConfig.num_eigs,
     ):
         self.extractor = build_extractor(
             ExtractorConfig(name=extractor, weights=weights, short_side=short_side, device=device)

@@ -209,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the store to write")
     p.add_argument("--patch-size", type=at_least(1), default=16, help="DSM's patch size P (default 16, dino_vits16)")
     p.add_argument("--grid", type=_grid, default=None, metavar="HxW", help="one patch grid for every image")
-    p.add_argument("--num-eigs", type=int, default=None, help="keep the first K eigenvectors (default: the files' K)")
+    p.add_argument(
+        "--keep-eigs",
+        type=int,
+        default=None,
+        dest="num_eigs",
+        metavar="K",
+        help="import the first K eigenvectors of each file (default: the files' K)",
+    )
     p.add_argument("--shard-size", type=at_least(1), default=64, help="images per store shard (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--retry-failed", action="store_true", help="on resume, retry the images that failed")

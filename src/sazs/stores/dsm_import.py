@@ -55,7 +55,7 @@ class ImportConfig:
         if self.grid is not None and not all(1 <= g <= MAX_GRID_SIDE for g in self.grid):
             raise ValueError(f"--grid {self.grid} must be two sides in 1..{MAX_GRID_SIDE}")
         if self.num_eigs is not None and not 2 <= self.num_eigs <= MAX_EIGS:
-            raise ValueError(f"--num-eigs must be in 2..{MAX_EIGS}, got {self.num_eigs}")
+            raise ValueError(f"--keep-eigs must be in 2..{MAX_EIGS}, got {self.num_eigs}")
 
 
 @dataclass

@@ -89,7 +89,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument("--extractor", default="imgfocus-vits14", help="extractor name in the default --priors path")
     g.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for an object-store URL")
-    g.add_argument("--num-eigs", type=int, default=None, metavar="K", help="use the first K eigenvectors (default all)")
+    g.add_argument(
+        "--prior-eigs",
+        type=int,
+        default=DataConfig.num_eigs,
+        dest="num_eigs",
+        metavar="K",
+        help="eigenvectors of the store used by the shape losses: the first K (default: all)",
+    )
     g.add_argument("--skip-failed", action="store_true", help="train without images whose priors failed")
     g.add_argument(
         "--crop-size",
