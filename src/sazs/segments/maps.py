@@ -41,13 +41,16 @@ SCALES = ("none", "degree", "normalise")
 @dataclass(frozen=True)
 class SegmentConfig:
     num_vectors: int = 7  # non-trivial vectors v1..v_n whose rows are clustered (at most K - 1)
-    num_segments: int | None = 6  # k-means clusters; None: by the eigengap (2..max_segments)
+    num_segments: int | None = 5  # k-means clusters; None: by the eigengap (2..max_segments)
     max_segments: int = 8
     scale: str = "degree"
-    # weight vector k by (mu_k / mu_1)^power, mu = 1 - lam the eigenvalue of the normalised
-    # adjacency (a diffusion map after ``power`` steps): vectors that the graph holds less
-    # strongly count less; 0: all vectors alike
-    eigval_power: float = 2.0
+    # vector k weighs (lam_1 / lam_k)^eigval_power * (mu_k / mu_1)^adjacency_power, with lam the
+    # Laplacian's eigenvalues and mu = 1 - lam the normalised adjacency's: the higher vectors,
+    # less tied to the graph's structure, count less. On a kNN graph alone the lam are small
+    # and spread (the first factor acts); with the global term every lam is near 1 (the second
+    # acts). 0 and 0: all vectors alike.
+    eigval_power: float = 1.0
+    adjacency_power: float = 2.0
     min_size: float = 0.02  # components below this share of the grid's cells are merged
     seed: int = 0  # k-means++ seeding (deterministic)
     restarts: int = 4  # k-means runs, the one of least inertia is kept
@@ -166,9 +169,10 @@ def segment_grid(
     else:
         k = cfg.num_segments
     x = _rows(eigvecs, cfg.num_vectors, cfg.scale)
-    if cfg.eigval_power and eigvals is not None:
-        mu = np.clip(1 - np.asarray(eigvals, np.float64)[1 : 1 + x.shape[1]], 1e-9, None)
-        x = x * (mu / mu[0]) ** cfg.eigval_power
+    if eigvals is not None and (cfg.eigval_power or cfg.adjacency_power):
+        lam = np.clip(np.asarray(eigvals, np.float64)[1 : 1 + x.shape[1]], 1e-9, None)
+        mu = np.clip(1 - lam, 1e-9, None)
+        x = x * (lam[0] / lam) ** cfg.eigval_power * (mu / mu[0]) ** cfg.adjacency_power
     labels = kmeans(x, k, seed=cfg.seed, restarts=cfg.restarts)
     return merge_small(labels.reshape(h, w), max(1, round(cfg.min_size * h * w)))
 
