@@ -46,8 +46,10 @@ MAX_SPLIT_LIST_ENTRIES = _env("MAX_SPLIT_LIST_ENTRIES", 2_000_000)
 MAX_IMAGE_NAME = _env("MAX_IMAGE_NAME", 1024)  # characters of one image name in a list
 
 # -- what a prior store may claim (checked on its metadata before Zarr decodes anything) ---------
-# Far above any real dataset (COCO train: 118k images, grids under 100x100, K = 8..32).
-MAX_IMAGES = _env("MAX_IMAGES", 10_000_000)
+# Far above any real dataset (COCO train: 118k images, grids under 100x100, K = 8..32);
+# ImageNet-1k train (1.28M) fits. The reader keeps every id as a Python string and in an index
+# (~150 bytes each), so 2 million ids take ~300 MB.
+MAX_IMAGES = _env("MAX_IMAGES", 2_000_000)
 MAX_EIGS = _env("MAX_EIGS", 1024)
 MAX_GRID_SIDE = _env("MAX_GRID_SIDE", 4096)
 # One image's eigenvectors, K * Hmax * Wmax * 2 bytes (float16): the largest inner chunk

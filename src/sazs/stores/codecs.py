@@ -30,7 +30,7 @@ from zarr.codecs.zstd import ZstdCodec
 from zarr.core.buffer.cpu import as_numpy_array_wrapper
 from zarr.registry import register_codec
 
-from sazs.core.limits import CHUNK_SLACK_BYTES, MAX_SHARD_BYTES, MAX_STRING_BYTES
+from sazs.core.limits import CHUNK_SLACK_BYTES, MAX_SHARD_BYTES, MAX_STRING_BYTES, MAX_TABLE_BYTES
 
 _ZSTD_MAGIC = 0xFD2FB528
 _ZSTD_SKIPPABLE = 0x184D2A50  # skippable frames: 0x184D2A5?
@@ -45,12 +45,14 @@ def max_decoded_bytes(spec) -> int:
 
     Fixed-size types: shape x item size (plus a little framing: a crc32c after the bytes
     codec). Variable-length strings (vlen-utf8): a 4-byte count, then per string a 4-byte
-    length and at most MAX_STRING_BYTES of text. Never more than MAX_SHARD_BYTES.
+    length and at most MAX_STRING_BYTES of text, at most MAX_TABLE_BYTES in all. Never more than
+    MAX_SHARD_BYTES.
     """
     n = int(np.prod(spec.shape, dtype=np.int64))
     native = spec.dtype.to_native_dtype()
-    per = 4 + MAX_STRING_BYTES if native.kind in "OT" else native.itemsize
-    return min(n * per, MAX_SHARD_BYTES) + CHUNK_SLACK_BYTES
+    if native.kind in "OT":  # strings: the reader holds them all as Python objects
+        return min(n * (4 + MAX_STRING_BYTES), MAX_TABLE_BYTES) + CHUNK_SLACK_BYTES
+    return min(n * native.itemsize, MAX_SHARD_BYTES) + CHUNK_SLACK_BYTES
 
 
 def zstd_content_size(data: bytes, limit: int) -> int:
