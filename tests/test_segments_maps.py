@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from sazs.quality.quality import covering_scores
-from sazs.quality.segment_scores import score_segments
+from sazs.quality.report import format_markdown
+from sazs.quality.scoring import build_report, score_store
+from sazs.quality.segment_scores import SEGMENT_KEYS, score_segments
 from sazs.segments.maps import (
     SegmentConfig,
     eigengap_k,
@@ -172,3 +174,31 @@ def test_score_segments_covers_known_regions():
     assert row["segments_mean_best_iou"] == pytest.approx(1.0)
     assert row["segments_boundary_recall"] == pytest.approx(1.0)
     assert row["segments_count"] == 3.0
+
+
+def test_sazs_eval_priors_scores_the_segment_maps_beside_the_sign_cells():
+    truth = np.repeat(np.repeat(np.arange(5), 4)[None], 10, 0)  # five stripes: the default k
+    vecs, vals = _spectrum(truth)
+    mask = np.kron(truth, np.ones((2, 2), np.int64)).astype(np.uint8)
+
+    class Prior:
+        eigvecs, eigvals, image_size, grid = vecs, vals, mask.shape, truth.shape
+
+    class Store:
+        ids, url = ["x"], "mem://s"
+
+        def get(self, id_):
+            return Prior()
+
+    class Dataset:
+        ids = ["x"]
+
+        def load_mask(self, id_):
+            return mask
+
+    out = score_store(Store(), Dataset(), label_map=True)
+    row = out["rows"]["bilinear"][0]
+    assert {"covering", *SEGMENT_KEYS} <= set(row)
+    assert row["segments_covering"] == pytest.approx(1.0)
+    report = build_report({"s": out}, dataset={}, label_map=True, class_names=list("abcde"), n_best=4)
+    assert "segments covering" in format_markdown(report)

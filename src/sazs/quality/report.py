@@ -58,7 +58,9 @@ def format_markdown(report: dict) -> str:
         lines += [
             "Label maps: per ground-truth class the best IoU with one eigen-segment (cells of the sign "
             f"pattern of v1..v{report['n_best']}); covering weights them by area; boundary recall within the "
-            "tolerance band; span-K mIoU: class maps projected on span(v0..v_{K-1}), argmax.",
+            "tolerance band; span-K mIoU: class maps projected on span(v0..v_{K-1}), argmax. "
+            "segments *: the same scores of the GT-free segment maps (k-means of the eigenvector rows, "
+            "sazs.segments.maps), what `sazs-store export --format segments` writes.",
             "",
         ]
     else:
