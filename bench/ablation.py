@@ -117,6 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--train-args", default="", help="extra sazs-train flags (one string)")
     p.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the runs already trained, train nothing")
     p.add_argument(
         "--existing",
         action="store_true",
@@ -251,48 +252,56 @@ def _mean_std(values: list) -> tuple[float, float]:
     return m, (sum((v - m) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
 
 
-def _cells(res: dict, metrics) -> str:
+def _cells(res: dict, metrics, n: int = 2) -> str:
+    """Cells 'mean ± std' in % (one seed: the value alone); a metric the run did not score: —."""
     cells = []
     for sec, k, _ in metrics:
         m, sd = res[f"{sec}.{k}"]
-        cells.append("—" if math.isnan(m) else f"{100 * m:.1f} ± {100 * sd:.1f}")
+        cells.append("—" if math.isnan(m) else f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 else ""))
     return " | ".join(cells)
 
 
 def make_table(runs: dict, folds: list[int], variants: list[str], weights: dict, metrics) -> str:
-    """Markdown: per fold, variant and fusion mode the mean ± std over seeds, then the mean over folds
-    (per seed first); the oracle's rows (an upper bound, uses GT) in a second table."""
-    modes = list(next(iter(runs.values())))
+    """Markdown: per fold, variant and fusion mode the mean ± std over the seeds evaluated (n), then
+    the mean over folds (each seed's fold mean first, seeds that have every fold); the oracle's rows
+    (an upper bound, uses GT) in a second table."""
+    modes = [m for m in next(iter(runs.values())) if m != "chance"]
     keys = [f"{sec}.{k}" for sec, k, _ in metrics]
 
     def stats(per_seed: list[dict]) -> dict:
         return {k: _mean_std([r.get(k) for r in per_seed]) for k in keys}
 
-    head = ["| fold | variant | weight | fusion | " + " | ".join(t for *_, t in metrics) + " |"]
-    head.append("|---|---|---|---|" + "---|" * len(metrics))
+    head = ["| fold | variant | weight | seeds | fusion | " + " | ".join(t for *_, t in metrics) + " |"]
+    head.append("|---|---|---|---|---|" + "---|" * len(metrics))
     tables = {False: list(head), True: list(head)}
-    seeds = sorted({s for (_, _, s) in runs})
+    upper_keys = {fusion_key(m) for m in UPPER_BOUNDS}
     for fold in [*folds, "mean"]:
         for v in variants:
+            if fold == "mean":  # seeds with every fold: each seed's mean over the folds, then mean ± std
+                seeds = sorted(s for (_, vv, s) in runs if vv == v and all((f, v, s) in runs for f in folds))
+                seeds = sorted(set(seeds))
+            else:
+                seeds = sorted(s for (f, vv, s) in runs if f == fold and vv == v)
+            if not seeds:
+                continue
             for mode in modes:
-                if mode == "chance":
-                    continue
-                if fold == "mean":  # each seed's mean over the folds, then mean ± std over seeds
+                if fold == "mean":
                     per_seed = [
                         {k: _mean_std([runs[(f, v, s)][mode].get(k) for f in folds])[0] for k in keys} for s in seeds
                     ]
                 else:
                     per_seed = [runs[(fold, v, s)][mode] for s in seeds]
-                upper = mode in {fusion_key(m) for m in UPPER_BOUNDS}
-                tables[upper].append(f"| {fold} | {v} | {weights[v]:g} | {mode} | {_cells(stats(per_seed), metrics)} |")
+                w = "—" if v == "ce" else f"{weights[v]:g}"
+                cells = _cells(stats(per_seed), metrics, len(seeds))
+                row = f"| {fold} | {v} | {w} | {len(seeds)} | {mode} | {cells} |"
+                tables[mode in upper_keys].append(row)
     text = "\n".join(tables[False])
     if len(tables[True]) > 2:
         text += "\n\nUpper bound (reads the ground truth; not a method):\n\n" + "\n".join(tables[True])
-    chance = [runs[k]["chance"] for k in runs if "chance" in runs[k]]
+    chance = {f: r["chance"] for (f, _, _), r in runs.items() if "chance" in r}
     if chance:
-        per_fold = {f: runs[(f, variants[0], seeds[0])]["chance"] for f in folds}
-        cells = ", ".join(f"fold {f} {100 * c['episodes.miou']:.1f}" for f, c in per_fold.items())
-        mean = sum(c["episodes.miou"] for c in per_fold.values()) / len(per_fold)
+        cells = ", ".join(f"fold {f} {100 * c['episodes.miou']:.1f}" for f, c in sorted(chance.items()))
+        mean = sum(c["episodes.miou"] for c in chance.values()) / len(chance)
         text += (
             f"\n\nChance (every pixel of every episode marked foreground): episode mIoU {cells}; mean {100 * mean:.1f}"
         )
@@ -315,7 +324,8 @@ def main(argv=None) -> int:
     }
     t0 = time.perf_counter()
     cal = args.calibration
-    if args.tune_calibration and not args.existing:  # one CE checkpoint, evaluated at each calibration (val)
+    # one CE checkpoint, evaluated at each calibration (val)
+    if args.tune_calibration and not (args.existing or args.eval_only):
         w = weights["ce"]
         scores = {
             c: train_and_eval(args, "ce", folds[0], seeds[0], w, args.segment_weight, c)["none"][tune_key]
@@ -323,7 +333,7 @@ def main(argv=None) -> int:
         }
         cal = max(scores, key=lambda c: scores[c])
         print(f"tuned calibration: {cal:g} (val {tune_key} of CE {scores})", flush=True)
-    if args.tune and not args.existing:  # on val, first fold and seed, fusion none
+    if args.tune and not (args.existing or args.eval_only):  # on val, first fold and seed, fusion none
         for v in variants:
             if v == "ce":
                 continue
@@ -340,14 +350,15 @@ def main(argv=None) -> int:
             for fold in folds:
                 if args.existing and not _done(args, v, fold, s, weights[v], cal):
                     continue
+                if args.eval_only and not (_run_dir(args, v, fold, s, weights[v]) / "checkpoint.pt").is_file():
+                    continue
                 runs[(fold, v, s)] = train_and_eval(args, v, fold, s, weights[v], args.segment_weight, cal)
                 print(f"done fold {fold} {v} seed {s} ({time.perf_counter() - t0:.0f}s)", flush=True)
     if args.train_only:
         return 0
-    seeds = [s for s in seeds if all((f, v, s) in runs for f in folds for v in variants)]
-    if not seeds:
-        raise SystemExit("no seed has every fold and variant evaluated yet")
-    runs = {k: r for k, r in runs.items() if k[2] in seeds}
+    if not runs:
+        print("no run evaluated yet")
+        return 0
     table = make_table(runs, folds, variants, weights, metrics)
     print(table)
     out = Path(args.out)
