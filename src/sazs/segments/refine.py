@@ -244,7 +244,7 @@ def _crf(probs: np.ndarray, image: np.ndarray, grid: tuple[int, int] | None) -> 
         import pydensecrf.densecrf as dcrf
     except ImportError as exc:
         raise ImportError(
-            "refinement 'crf' needs pydensecrf2 (a C++ extension built from source: "
+            "refinement 'crf' needs pydensecrf2 (the crf extra; a C++ extension built from source: "
             "`pip install pydensecrf2`, with a compiler and Cython)"
         ) from exc
     c, h, w = probs.shape
@@ -274,7 +274,7 @@ REFINERS: dict[str, Refiner] = {
             _bilateral,
             True,
         ),
-        Refiner("crf", "dense CRF, Deep Spectral Methods' settings (needs pydensecrf2)", _crf, False),
+        Refiner("crf", "dense CRF, Deep Spectral Methods' settings (the crf extra: pydensecrf2)", _crf, False),
         Refiner("pamr", "pixel-adaptive mask refinement, 10 iterations at 240 px (Araslanov & Roth)", _pamr, False),
     )
 }
