@@ -28,3 +28,22 @@ def test_unknown_name_lists_the_valid_ones_and_duplicates_are_refused():
     with pytest.raises(ValueError, match="registered twice"):
         reg.add("none", None)
     assert reg.check("project") == "project"
+
+
+def test_zero_shot_benchmarks_are_one_card_each():
+    from sazs.datasets.zeroshot import BENCHMARKS, benchmark, benchmark_named, zero_shot_split
+
+    assert BENCHMARKS.names() == ["voc", "coco", "camvid"]
+    voc = benchmark("voc")
+    assert (voc.name, voc.title, voc.num_folds, voc.sampling, voc.background) == (
+        "pascal-5i",
+        "PASCAL-5i",
+        4,
+        "cycle",
+        True,
+    )
+    assert voc.unseen(2) == (11, 12, 13, 14, 15) and zero_shot_split("voc", 2).unseen == voc.unseen(2)
+    assert benchmark_named("coco-20i").sampling == "class-uniform" and benchmark_named("camvid-11").sampling is None
+    assert zero_shot_split("camvid", 0).background is False and benchmark("camvid").num_folds == 3
+    with pytest.raises(ValueError, match=r"no zero-shot benchmark for dataset 'davis'; choose from \['voc'"):
+        benchmark("davis")

@@ -30,12 +30,13 @@ released SAZS code trains "others vs class").
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from sazs.core.labels import IGNORE_INDEX
+from sazs.core.registry import Registry
 
 from .camvid import CAMVID_CLASSES
 from .voc import VOC_CLASSES
@@ -130,16 +131,28 @@ COCO_CLASSES = (
 # CamVid-11 folds (mask labels = index in CAMVID_CLASSES); see the module docstring for the neighbours.
 CAMVID_FOLDS = ((10, 4, 7), (9, 3, 6), (8, 1, 2))
 
-# Dataset name -> (benchmark, class table). Keys are pipeline dataset names.
-BENCHMARKS = {
-    "voc": ("pascal-5i", PASCAL_CLASSES),
-    "coco": ("coco-20i", COCO_CLASSES),
-    "camvid": ("camvid-11", CAMVID_CLASSES),
-}
-# Benchmarks whose masks have no background class (label 0 is a class) and their fold counts.
-NO_BACKGROUND = {"camvid-11"}
-BENCHMARK_FOLDS = {"pascal-5i": NUM_FOLDS, "coco-20i": NUM_FOLDS, "camvid-11": len(CAMVID_FOLDS)}
-BENCHMARK_TITLES = {"pascal-5i": "PASCAL-5i", "coco-20i": "COCO-20i", "camvid-11": "CamVid-11"}
+
+@dataclass(frozen=True)
+class BenchmarkCard:
+    """Everything that defines one zero-shot benchmark, in one place (a new benchmark is one card).
+
+    ``dataset`` is the pipeline dataset it reads (the registry key); ``classes`` the class table
+    (index = label - 1, or = label without background); ``unseen`` the rule fold -> held-out
+    mask labels; ``sampling`` HSNet's episode rule (None: scored in the generalised setting only).
+    """
+
+    name: str  # e.g. "pascal-5i"
+    title: str  # e.g. "PASCAL-5i"
+    dataset: str  # pipeline dataset name, e.g. "voc"
+    classes: tuple[str, ...]
+    num_folds: int
+    unseen: Callable[[int], tuple[int, ...]]
+    background: bool = True  # label 0 is background; else labels 0..C-1 are the classes
+    ignore_index: int = IGNORE_INDEX
+    sampling: str | None = None  # episode rule: "cycle" | "class-uniform"; None = generalised setting only
+    train_split: str = "train"
+    val_split: str = "val"
+
 
 # VOC's run-together names read badly in a prompt; the tables above keep the official names.
 PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
@@ -172,6 +185,41 @@ def camvid11_unseen(fold: int) -> tuple[int, ...]:
 def check_fold(fold: int, num_folds: int = NUM_FOLDS) -> None:
     if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < num_folds:
         raise ValueError(f"fold must be one of 0..{num_folds - 1}, got {fold!r}")
+
+
+BENCHMARKS: Registry[BenchmarkCard] = Registry("zero-shot benchmark")
+BENCHMARKS.add(
+    "voc",
+    BenchmarkCard("pascal-5i", "PASCAL-5i", "voc", PASCAL_CLASSES, NUM_FOLDS, pascal5i_unseen, sampling="cycle"),
+    help="PASCAL-5i: fold i holds out VOC classes 5i+1..5i+5",
+)
+BENCHMARKS.add(
+    "coco",
+    BenchmarkCard("coco-20i", "COCO-20i", "coco", COCO_CLASSES, NUM_FOLDS, coco20i_unseen, sampling="class-uniform"),
+    help="COCO-20i: fold i holds out 0-based ids i, i+4, ..., i+76",
+)
+BENCHMARKS.add(
+    "camvid",
+    BenchmarkCard(
+        "camvid-11", "CamVid-11", "camvid", CAMVID_CLASSES, len(CAMVID_FOLDS), camvid11_unseen, background=False
+    ),
+    help="CamVid-11: three folds of three street classes, each with a seen neighbour",
+)
+
+
+def benchmark_named(name: str) -> BenchmarkCard:
+    """A card by its benchmark name ('pascal-5i', 'coco-20i', 'camvid-11')."""
+    for dataset in BENCHMARKS:
+        if BENCHMARKS[dataset].name == name:
+            return BENCHMARKS[dataset]
+    raise ValueError(f"unknown zero-shot benchmark {name!r}; choose from {[BENCHMARKS[d].name for d in BENCHMARKS]}")
+
+
+def benchmark(dataset: str) -> BenchmarkCard:
+    """The card of a pipeline dataset's zero-shot benchmark ('voc' -> PASCAL-5i, ...)."""
+    if dataset not in BENCHMARKS:
+        raise ValueError(f"no zero-shot benchmark for dataset {dataset!r}; choose from {BENCHMARKS.names()}")
+    return BENCHMARKS[dataset]
 
 
 @dataclass(frozen=True)
@@ -248,25 +296,20 @@ class ZeroShotSplit:
 
 def num_folds(dataset: str) -> int:
     """Number of zero-shot folds of a pipeline dataset's benchmark."""
-    if dataset not in BENCHMARKS:
-        raise ValueError(f"no zero-shot benchmark for dataset {dataset!r}; choose from {sorted(BENCHMARKS)}")
-    return BENCHMARK_FOLDS[BENCHMARKS[dataset][0]]
+    return benchmark(dataset).num_folds
 
 
 def zero_shot_split(dataset: str, fold: int | None, unseen: str = "ignore") -> ZeroShotSplit:
     """The split of ``fold`` for a pipeline dataset name ('voc' -> PASCAL-5i, 'coco' -> COCO-20i,
     'camvid' -> CamVid-11)."""
-    if dataset not in BENCHMARKS:
-        raise ValueError(f"no zero-shot benchmark for dataset {dataset!r}; choose from {sorted(BENCHMARKS)}")
+    card = benchmark(dataset)
     if unseen not in UNSEEN_MODES:
         raise ValueError(f"unseen must be one of {UNSEEN_MODES}, got {unseen!r}")
-    benchmark, names = BENCHMARKS[dataset]
-    background = benchmark not in NO_BACKGROUND
-    labels = tuple(range(1, len(names) + 1)) if background else tuple(range(len(names)))
-    rules = {"voc": pascal5i_unseen, "coco": coco20i_unseen, "camvid": camvid11_unseen}
-    held_out: tuple[int, ...] = () if fold is None else rules[dataset](fold)
+    n = len(card.classes)
+    labels = tuple(range(1, n + 1)) if card.background else tuple(range(n))
+    held_out: tuple[int, ...] = () if fold is None else card.unseen(fold)
     seen = tuple(c for c in labels if c not in held_out)
-    return ZeroShotSplit(benchmark, fold, names, seen, held_out, unseen, background)
+    return ZeroShotSplit(card.name, fold, card.classes, seen, held_out, unseen, card.background)
 
 
 def check_dataset_classes(split: ZeroShotSplit, dataset_class_names: list[str]) -> None:

@@ -44,7 +44,6 @@ from sazs.stores.reader import open_store
 from sazs.train.demo import DEMO_OUT
 
 from .demo import DEMO_EPISODES, DEMO_VAL_PRIORS, DemoConfig, DemoError, run_demo
-from .episodes import DEFAULT_SAMPLING
 from .fusion import GT_FREE, SEMANTIC, FusionConfig, fusion_label, list_fusions
 from .options import CALIBRATION, add_weight_args, get_args_parser, run_config
 from .predict import OnTheFlyPriors, Predictor, parse_classes, predict_image
@@ -134,9 +133,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         + ", ".join(fusion_label(m) for m in list_fusions())
         + f" (headline: one of {', '.join(GT_FREE)})"
     )
-    for name, (bench, _) in BENCHMARKS.items():
-        rule = f"episodes rule {DEFAULT_SAMPLING[bench]}" if bench in DEFAULT_SAMPLING else "generalised setting only"
-        print(f"{bench} (--dataset {name}; {rule}):")
+    for name in BENCHMARKS:
+        card = BENCHMARKS[name]
+        rule = f"episodes rule {card.sampling}" if card.sampling else "generalised setting only"
+        print(f"{card.name} (--dataset {name}; {rule}):")
         for fold in range(num_folds(name)):
             print(f"  fold {fold}: unseen {', '.join(zero_shot_split(name, fold).unseen_names())}")
     return 0

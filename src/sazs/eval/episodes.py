@@ -27,14 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sazs.datasets.zeroshot import ZeroShotSplit, zero_shot_split
+from sazs.datasets.zeroshot import ZeroShotSplit, benchmark_named, zero_shot_split
 
 from .splits import Episode, generate_split_list, hsnet_list_path, read_split_list
 
 DEFAULT_EPISODES = 1000
-# Benchmark -> the episode rule HSNet uses.
-SAMPLING_RULES = ("cycle", "class-uniform")
-DEFAULT_SAMPLING = {"pascal-5i": "cycle", "coco-20i": "class-uniform"}
+SAMPLING_RULES = ("cycle", "class-uniform")  # HSNet's: PASCAL-5i cycles, COCO-20i draws a class first
 
 
 def sample_episodes(entries: Sequence[Episode], n: int, *, rule: str, seed: int = 0, fold: int = 0) -> list[Episode]:
@@ -72,7 +70,7 @@ class ProtocolConfig:
     seed: int = 0
     splits_dir: str | None = None  # HSNet data/splits directory; None = generate by rule
     min_pixels: int = 1  # generated lists only
-    sampling: str | None = None  # None = the benchmark's rule (DEFAULT_SAMPLING)
+    sampling: str | None = None  # None = the benchmark's rule (its card's sampling)
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
@@ -83,7 +81,10 @@ class ProtocolConfig:
             raise ValueError(f"unknown episode rule {self.sampling!r}; choose from {list(SAMPLING_RULES)}")
 
     def rule(self, benchmark: str) -> str:
-        return self.sampling or DEFAULT_SAMPLING[benchmark]
+        rule = self.sampling or benchmark_named(benchmark).sampling
+        if rule is None:
+            raise ValueError(f"{benchmark} has no episode rule (scored in the generalised setting only)")
+        return rule
 
 
 @dataclass

