@@ -91,26 +91,25 @@ async def _check_redirect(session, ctx, params) -> None:
         )
 
 
-async def bounded_client(**kwargs):
-    """An aiohttp session with the bounds of this module (fsspec's ``get_client``)."""
+async def bounded_client(timeouts: tuple[float, float, float], **kwargs):
+    """An aiohttp session with the bounds of this module (fsspec's ``get_client``); ``timeouts``
+    are (connect, idle, whole request) in seconds."""
     import aiohttp
 
     trace = aiohttp.TraceConfig()
     trace.on_request_redirect.append(_check_redirect)
-    kwargs.setdefault(
-        "timeout",
-        aiohttp.ClientTimeout(
-            total=limits.HTTP_TIMEOUT_S,
-            sock_connect=limits.HTTP_CONNECT_TIMEOUT_S,
-            sock_read=limits.HTTP_READ_TIMEOUT_S,
-        ),
-    )
+    connect, idle, total = timeouts
+    kwargs.setdefault("timeout", aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=idle))
     return aiohttp.ClientSession(response_class=_classes()[2], trace_configs=[trace], **kwargs)
 
 
 def http_options(url: str, storage_options: dict | None) -> dict:
-    """``storage_options`` for ``url``, with :func:`bounded_client` for an http(s) URL (unless one is given)."""
+    """``storage_options`` for ``url``, with :func:`bounded_client` for an http(s) URL (unless one is given).
+
+    The timeouts are part of the options, so fsspec (which keeps one filesystem, and its
+    session, per set of options) opens a new session when they change."""
     options = dict(storage_options or {})
     if str(url).split("://", 1)[0].lower() in ("http", "https"):
-        options.setdefault("get_client", bounded_client)
+        timeouts = (limits.HTTP_CONNECT_TIMEOUT_S, limits.HTTP_READ_TIMEOUT_S, limits.HTTP_TIMEOUT_S)
+        options.setdefault("get_client", functools.partial(bounded_client, timeouts))
     return options
