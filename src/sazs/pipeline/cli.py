@@ -46,7 +46,7 @@ from .graph import GraphConfig
 from .job import JobConfig, parse_part, run_local, side_paths, write_preview
 from .ray_executor import RayJobError, run_ray
 from .ray_plan import RayConfig
-from .spectral import SpectralConfig, list_solvers
+from .spectral import SOLVERS, SpectralConfig, list_solvers
 
 log = logging.getLogger("sazs.priors")
 
@@ -196,7 +196,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("extractors:")
     for name in list_extractors():
         print(f"  {name:<16} {EXTRACTORS.entry(name).help}")
-    print("solvers:    " + ", ".join(list_solvers()))
+    print("solvers:")
+    for name in list_solvers():
+        print(f"  {name:<12} {SOLVERS.entry(name).help}")
     return 0
 
 

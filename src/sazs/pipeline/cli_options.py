@@ -16,6 +16,7 @@ from sazs.features.extractors import FACETS, ExtractorConfig
 
 from .graph import GLOBAL_KERNELS, GraphConfig
 from .job import JobConfig
+from .knn import BACKENDS
 from .ray_plan import RayConfig
 from .spectral import SpectralConfig
 
@@ -86,7 +87,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--graph-backend",
         default="auto",
-        choices=["auto", "certified", "faiss", "torch", "batched"],
+        choices=["auto", *BACKENDS],
         help="kNN search: auto (default: batched on a GPU, certified on a CPU), certified (bf16 "
         "search with an error bound, exact float32 answer), faiss (IndexFlatIP), torch (blocked "
         "matmul) or batched (a shard's images at once on the features' device); all give the "

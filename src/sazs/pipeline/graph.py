@@ -33,6 +33,7 @@ their entries in the low eigenvectors are 0 (`laplacian.num_isolated` counts the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,6 +41,7 @@ import scipy.sparse as sp
 import torch
 
 from sazs.core.devices import resolve_device
+from sazs.core.registry import Registry
 
 from .ell import Ell, attach_global_term, ell_graph
 from .knn import BACKENDS, knn
@@ -103,8 +105,7 @@ class GraphConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown graph kind {self.kind!r}; choose from {list(KINDS)}")
-        if self.global_kernel not in GLOBAL_KERNELS:
-            raise ValueError(f"unknown global kernel {self.global_kernel!r}; choose from {list(GLOBAL_KERNELS)}")
+        GLOBAL_KERNELS.check(self.global_kernel)
         if self.global_weight < 0 or self.global_rank < 0:
             raise ValueError(
                 f"global_weight and global_rank must be >= 0 (got {self.global_weight}, {self.global_rank})"
@@ -212,7 +213,9 @@ def _affine_factor(p: torch.Tensor) -> torch.Tensor:
 # The global term's kernels k: name -> the factor G (N, r') of k(P P^T) = G G^T from the
 # projected unit features P (N, r), float64. G G^T must be >= 0 entrywise (the Laplacian
 # stays positive semi-definite); the solvers never see more than G (`laplacian`).
-GLOBAL_KERNELS = {"cosine": _cosine_factor, "affine": _affine_factor}
+GLOBAL_KERNELS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("global kernel")
+GLOBAL_KERNELS.add("cosine", _cosine_factor, help="p_i.p_j, the low-rank form of the original max(cos, 0)")
+GLOBAL_KERNELS.add("affine", _affine_factor, help="(1 + p_i.p_j) / 2, flatter")
 
 
 def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
@@ -233,8 +236,7 @@ def global_factor(x, rank: int, kernel: str = "affine", seed: int = 0):
     spaced rows: O(N d r), not the O(N d^2) of an exact SVD. Any orthonormal basis keeps
     |p_i| <= 1, i.e. the global affinity in [0, 1]. rank 0 or >= d keeps x whole.
     """
-    if kernel not in GLOBAL_KERNELS:
-        raise ValueError(f"unknown global kernel {kernel!r}; choose from {list(GLOBAL_KERNELS)}")
+    GLOBAL_KERNELS.check(kernel)
     is_numpy = not isinstance(x, torch.Tensor)
     t = torch.from_numpy(np.asarray(x)) if is_numpy else x
     t = t.double()

@@ -14,17 +14,17 @@ their float32 scores, so the choice only changes the speed:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from sazs.core.devices import resolve_device
+from sazs.core.registry import Registry
 
 from .knn_certified import knn_certified
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("certified", "faiss", "torch", "batched")
 
 
 def _drop_self(scores: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,10 +94,16 @@ def knn(x: np.ndarray, k: int, *, metric: str, backend: str, device: str = "cpu"
     gets there fastest on CPUs with native bf16 (see `knn_certified`).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kNN backend {backend!r}; choose from {list(BACKENDS)}")
-    fn = {"certified": _knn_certified, "faiss": _knn_faiss, "torch": _knn_torch, "batched": _knn_torch}[backend]
-    scores, idx = fn(x, k, metric, device)
+    scores, idx = BACKENDS[backend](x, k, metric, device)
     if metric == "l2":
         scores = np.maximum(scores, 0.0)
     return scores, idx
+
+
+# Every backend gives the neighbours of a float32 brute force (up to exact ties); "batched" is
+# the GPU fast path's (a shard at once, `knn_batched`), here one image through the torch search.
+BACKENDS: Registry[Callable[[np.ndarray, int, str, str], tuple[np.ndarray, np.ndarray]]] = Registry("kNN backend")
+BACKENDS.add("certified", _knn_certified, help="bf16 search with an error bound, exact float32 answer (CPU default)")
+BACKENDS.add("faiss", _knn_faiss, help="faiss IndexFlatIP (a GPU index with faiss-gpu)")
+BACKENDS.add("torch", _knn_torch, help="blocked matmul + top-k")
+BACKENDS.add("batched", _knn_torch, help="a shard's images at once on the features' device (GPU default)")

@@ -28,6 +28,8 @@ import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
+from sazs.core.registry import Registry
+
 from .batched_solver import array_module, batched_eigs, solve_batched
 from .ell import Ell
 from .laplacian import NormalizedAffinity, fix_signs, normalized_operator
@@ -249,24 +251,24 @@ def _solve_batched(A: NormalizedAffinity, sqrt_d: np.ndarray, cfg: SpectralConfi
     return _Raw(s.eigvals, s.eigvecs.astype(np.float64), iterations=s.iterations, info=dict(s.info))
 
 
-SOLVERS: dict[str, Callable[[NormalizedAffinity, np.ndarray, SpectralConfig], _Raw]] = {
-    "eigsh": _solve_eigsh,
-    "lobpcg": _solve_lobpcg,
-    "cupy-lobpcg": _solve_cupy_lobpcg,
-    "dense": _solve_dense,
-    "generalized": _solve_generalized,
-    "batched": _solve_batched,
-}
+SOLVERS: Registry[Callable[[NormalizedAffinity, np.ndarray, SpectralConfig], _Raw]] = Registry("solver")
+SOLVERS.add("eigsh", _solve_eigsh, help="ARPACK Lanczos on D^-1/2 W D^-1/2, which='LA' (CPU; the default there)")
+SOLVERS.add("lobpcg", _solve_lobpcg, help="SciPy LOBPCG (CPU)")
+SOLVERS.add("cupy-lobpcg", _solve_cupy_lobpcg, help="CuPy LOBPCG, one image at a time (GPU)")
+SOLVERS.add("dense", _solve_dense, help="dense LAPACK eigh (float64 reference; small graphs)")
+SOLVERS.add(
+    "generalized", _solve_generalized, help="the original DSM shift-invert eigsh(D - W, M = D), with --graph dense"
+)
+SOLVERS.add("batched", _solve_batched, help="Chebyshev-filtered block solver over a shard's graphs (GPU with CuPy)")
 
 
 def list_solvers() -> list[str]:
-    return sorted(SOLVERS)
+    return SOLVERS.names()
 
 
 def laplacian_eigs(graph: Graph, cfg: SpectralConfig) -> Spectrum:
     """K smallest eigenpairs of the normalised Laplacian of `graph` with solver `cfg.solver`."""
-    if cfg.solver not in SOLVERS:
-        raise ValueError(f"unknown solver {cfg.solver!r}; choose from {list_solvers()}")
+    SOLVERS.check(cfg.solver)
     if cfg.precision not in SOLVER_PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose from {list(SOLVER_PRECISIONS)}")
     W = graph.W
