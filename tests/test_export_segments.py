@@ -2,7 +2,7 @@
 
 import numpy as np
 from PIL import Image
-from test_segments_maps import _regions, _same_partition, _spectrum
+from test_segments_maps import _same_partition, _spectrum
 from test_store_export import write_store
 
 from sazs.segments.maps import encode_png
@@ -44,3 +44,33 @@ def test_encode_png_switches_to_16_bit_above_256_segments(tmp_path):
         img = Image.open(path)
         assert img.mode == mode and img.size == labels.shape[::-1]
         np.testing.assert_array_equal(np.asarray(img), labels)
+
+
+def test_export_segments_refined_with_the_images_follows_their_edges(tmp_path):
+    truth = np.kron(np.arange(6).reshape(2, 3), np.ones((6, 6), np.int64))  # 12 x 18 grid, 4 px cells
+    vecs, vals = _spectrum(truth)
+    store = write_store(tmp_path / "s.zarr", {"a": ((48, 72), vals, vecs)}, k=8, max_grid=(12, 18))
+    # the image's blocks are 2 px below and right of the grid's borders (rows 26, columns 26 and 50)
+    shifted = np.zeros((48, 72), np.int64)
+    shifted[26:] += 3
+    shifted[:, 26:] += 1
+    shifted[:, 50:] += 1
+    palette = np.array([[20, 20, 20], [220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40], [200, 200, 200]])
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(palette[shifted].astype(np.uint8)).save(images / "a.png")
+    plain, refined = tmp_path / "plain", tmp_path / "refined"
+    common = ["--format", "segments", "--num-vectors", "5", "--no-progress"]
+    assert store_cli.main(["export", str(store), str(plain), *common]) == 0
+    argv = ["export", str(store), str(refined), *common, "--refine", "guided", "--images", str(images)]
+    assert store_cli.main(argv) == 0
+
+    def agreement(path):
+        labels = np.asarray(Image.open(path))
+        assert labels.shape == (48, 72) and len(np.unique(labels)) == 6
+        # each segment's majority image block, then the share of pixels in their block
+        hits = sum(np.bincount(shifted[labels == s]).max() for s in np.unique(labels))
+        return hits / labels.size
+
+    assert agreement(plain / "a.png") < 0.95
+    assert agreement(refined / "a.png") > agreement(plain / "a.png") + 0.03

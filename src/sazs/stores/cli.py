@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "--refine",
         default=None,
         choices=list_refiners(),
-        help="object-masks: refine each mask with its image (read from --images, else the manifest's dataset)",
+        help="object-masks, segments: refine each mask or segment map with its image (read from --images, "
+        "else the manifest's dataset)",
     )
     p.add_argument("--images", default=None, help="with --refine: folder of <id>.<ext> images")
     p.set_defaults(func=cmd_export)

@@ -20,7 +20,8 @@ Formats (``OUT/{id}…``; an id with '/' is a subfolder, an id that would leave 
 * ``segments`` — one ``{id}.png``: the image's segment map (:func:`sazs.segments.maps.segment_map`,
   spectral clustering of the rows of v1..vn, no ground truth), one label 0..S-1 per segment, at
   the image's original size; mode L, or I;16 above 256 segments. n = ``--num-vectors`` (default
-  :class:`sazs.segments.maps.SegmentConfig`'s).
+  :class:`sazs.segments.maps.SegmentConfig`'s); with ``refine`` the segments' borders are
+  refined with the image, as for object-masks.
 * ``object-masks`` — one ``{id}.png``: the image's object mask (:func:`sazs.segments.objects.prior_object_mask`,
   no ground truth), mode L, 0 background / 255 object, at the image's original size; with
   ``refine`` refined with the image (``load_image``). n = ``--num-vectors`` (default ObjectConfig's).
@@ -68,11 +69,11 @@ class ExportConfig:
     num_vectors: int | None = None  # non-trivial vectors (None: 5 for sazs-png, all for dsm/npz)
     overwrite: bool = False
     progress: bool = True
-    refine: str | None = None  # object-masks: a refiner of sazs.segments.refine (export_store's load_image)
+    refine: str | None = None  # object-masks, segments: a refiner of sazs.segments.refine (needs load_image)
 
     def __post_init__(self) -> None:
-        if self.refine is not None and self.format != "object-masks":
-            raise ValueError(f"--refine is for --format object-masks, not {self.format}")
+        if self.refine is not None and self.format not in ("object-masks", "segments"):
+            raise ValueError(f"--refine is for --format object-masks or segments, not {self.format}")
         if self.format not in FORMATS:
             raise ValueError(f"unknown export format {self.format!r}; choose from {list(FORMATS)}")
         if self.limit is not None and self.limit < 1:
@@ -294,7 +295,7 @@ def _encode(prior: Prior, fmt: str, n: int, generalised: bool, fingerprint: str,
     if fmt == "sazs-png":
         return [_png_bytes(m) for m in eigen_masks(prior, n)]
     if fmt == "segments":
-        return [encode_png(prior_segments(prior, SegmentConfig(num_vectors=n)))]
+        return [encode_png(prior_segments(prior, SegmentConfig(num_vectors=n), image=image, refine=refine))]
     if fmt == "dsm":
         return [_dsm_bytes(prior, n + 1, generalised)]
     return [_npz_bytes(prior, n + 1, "v" if generalised else "u", fingerprint)]
