@@ -25,6 +25,7 @@ from sazs.datasets.registry import build_dataset
 from sazs.quality.quality import score_image
 from sazs.quality.segment_scores import score_labels
 from sazs.segments.maps import SegmentConfig, segment_pixels
+from sazs.stores.preview import segment_labels
 from sazs.stores.reader import open_store
 
 KEYS = ("covering", "mean_best_iou", "boundary_recall", "boundary_precision")
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
             prior, mask = store.get(id_), dataset.load_mask(id_)
             image = dataset.load_image(id_) if refiners else None
             signs = score_image(prior.eigvecs, mask, label_map=True, n_best=4)
-            rows.setdefault("sign cells of v1..v4", []).append([signs[k] for k in KEYS] + [np.nan])
+            count = len(np.unique(segment_labels(prior.eigvecs, 4)))  # on the grid
+            rows.setdefault("sign cells of v1..v4", []).append([signs[k] for k in KEYS] + [count])
             for refine in [None, *refiners]:
                 label = f"k-means{' + ' + refine if refine else ''}"
                 t0 = time.process_time()
@@ -68,9 +70,8 @@ def main(argv=None) -> int:
                 rows.setdefault(label, []).append([s[k] for k in KEYS] + [seg.max() + 1.0])
         for label, values in rows.items():
             m = np.nanmean(np.array(values, float), 0)
-            count = "–" if np.isnan(m[4]) else f"{m[4]:.1f}"
             t = f"{np.median(ms[label]):.0f}" if label in ms else "–"
-            cells = [f"{name} ({len(values)})", label, *(f"{x:.3f}" for x in m[:4]), count, t]
+            cells = [f"{name} ({len(values)})", label, *(f"{x:.3f}" for x in m[:4]), f"{m[4]:.1f}", t]
             print("| " + " | ".join(cells) + " |")
     return 0
 
