@@ -148,8 +148,8 @@ def test_refine_labels_moves_every_border_onto_the_image():
 
 
 def test_the_registry_lists_its_refiners_and_names_them_in_errors():
-    assert list_refiners() == list(REFINERS) == ["guided", "bilateral", "crf", "pamr"]
-    assert all(r.help for r in REFINERS.values())
+    assert list_refiners() == REFINERS.names() == ["guided", "bilateral", "crf", "pamr"]
+    assert all(REFINERS.entry(name).help for name in REFINERS)
     assert check_refine(None) is None and check_refine("pamr") == "pamr"
     with pytest.raises(ValueError, match=r"unknown refinement 'cfr'.*'guided', 'bilateral', 'crf', 'pamr'"):
         check_refine("cfr")

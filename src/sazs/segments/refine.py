@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sazs.core.registry import Registry
+
 from .bilateral import bilateral_solve
 from .pamr import pamr
 
@@ -256,33 +258,26 @@ def _crf(probs: np.ndarray, image: np.ndarray, grid: tuple[int, int] | None) -> 
     return np.asarray(crf.inference(5), np.float32).reshape(c, h, w)
 
 
-@dataclass(frozen=True)
-class Refiner:
-    name: str
-    help: str
-    run: Callable[[np.ndarray, np.ndarray, tuple[int, int] | None], np.ndarray]  # (probs, image, grid)
-    linear: bool  # linear and keeps constants: a mask is refined as one channel
+Refine = Callable[[np.ndarray, np.ndarray, "tuple[int, int] | None"], np.ndarray]  # (probs, image, grid) -> probs
 
-
-REFINERS: dict[str, Refiner] = {
-    r.name: r
-    for r in (
-        Refiner("guided", "guided filter, radius one patch, eps 1e-3 (He et al.; numpy)", _guided, True),
-        Refiner(
-            "bilateral",
-            "fast bilateral solver with TokenCut's settings (Barron & Poole; scipy.sparse)",
-            _bilateral,
-            True,
-        ),
-        Refiner("crf", "dense CRF, Deep Spectral Methods' settings (the crf extra: pydensecrf2)", _crf, False),
-        Refiner("pamr", "pixel-adaptive mask refinement, 10 iterations at 240 px (Araslanov & Roth)", _pamr, False),
-    )
-}
+# name -> the refiner; meta ``linear``: linear and keeps constants, so a mask is refined as one channel.
+REFINERS: Registry[Refine] = Registry("refinement")
+REFINERS.add("guided", _guided, help="guided filter, radius one patch, eps 1e-3 (He et al.; numpy)", linear=True)
+REFINERS.add(
+    "bilateral",
+    _bilateral,
+    help="fast bilateral solver with TokenCut's settings (Barron & Poole; scipy.sparse)",
+    linear=True,
+)
+REFINERS.add("crf", _crf, help="dense CRF, Deep Spectral Methods' settings (the crf extra: pydensecrf2)")
+REFINERS.add(
+    "pamr", _pamr, help="pixel-adaptive mask refinement, 10 iterations at 240 px (Araslanov & Roth)", linear=False
+)
 
 
 def list_refiners() -> list[str]:
     """The refiners' names, as ``--refine`` takes them."""
-    return list(REFINERS)
+    return REFINERS.names()
 
 
 def check_refine(mode: str | None) -> str | None:
@@ -297,12 +292,12 @@ def refine_probs(probs, image: np.ndarray, name: str, *, grid: tuple[int, int] |
 
     ``grid`` (the patch grid the maps came from) sets the guided filter's radius (one patch).
     """
-    refiner = REFINERS[check_refine(name)]
+    refine = REFINERS[check_refine(name)]
     probs = np.asarray(probs, np.float32)
     if probs.ndim != 3:
         raise ValueError(f"probs must be (C, H, W), got shape {probs.shape}")
     _check_image(np.asarray(image), probs.shape[-2:])
-    return np.asarray(refiner.run(probs, np.asarray(image), grid), np.float32)
+    return np.asarray(refine(probs, np.asarray(image), grid), np.float32)
 
 
 def refine_mask(mask, image: np.ndarray, name: str, *, grid: tuple[int, int] | None = None) -> np.ndarray:
@@ -315,7 +310,7 @@ def refine_mask(mask, image: np.ndarray, name: str, *, grid: tuple[int, int] | N
     if m.shape != hw:
         grid = grid or m.shape
         m = _resize(m, hw)
-    if REFINERS[check_refine(name)].linear:
+    if REFINERS.entry(check_refine(name)).meta.get("linear", False):
         return refine_probs(m[None], image, name, grid=grid)[0] > 0.5
     out = refine_probs(np.stack([1 - m, m]), image, name, grid=grid)
     return out[1] > out[0]
