@@ -116,7 +116,7 @@ def test_run_writes_tables_json_markdown_picture_and_lists(trained, tmp_path, ca
     assert "PASCAL-5i · zero-shot episodes · 20 episodes per fold" in printed and "generalised setting" in printed
     assert "MEANINGLESS" in printed  # random CLIP towers are called out
     proto = report["protocols"]["pascal-5i"]
-    assert set(proto["fusion"]) == {"none", "project", "select", "oracle_upper_bound"}
+    assert set(proto["fusion"]) == {"none", "project", "select", "segments", "oracle_upper_bound"}
     assert proto["episodes"]["fold0"]["episodes"] == 20 and proto["episodes"]["fold0"]["rule"] == "cycle"
     for entry in proto["fusion"].values():
         for k in ("miou", "fb_iou", "boundary_f"):
@@ -124,7 +124,7 @@ def test_run_writes_tables_json_markdown_picture_and_lists(trained, tmp_path, ca
     # the oracle chooses between the prediction and the eigen-segments with the truth: never below 'none'
     assert proto["fusion"]["oracle_upper_bound"]["mean"]["miou"] >= proto["fusion"]["none"]["mean"]["miou"] - 1e-9
     gen = report["generalised"]["pascal-5i"]["fusion"]
-    assert set(gen) == {"none", "project"} and gen["none"]["folds"]["fold0"]["seen_miou"] is not None
+    assert set(gen) == {"none", "project", "segments"} and gen["none"]["folds"]["fold0"]["seen_miou"] is not None
     assert (out / "episodes-pascal-5i-fold0.png").stat().st_size > 1000
     lst = out / "splits" / "pascal" / "val" / "fold0.txt"
     assert lst.read_text().splitlines()[0].count("__") == 1
