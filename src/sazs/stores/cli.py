@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("store")
     p.add_argument("out", help="output folder")
-    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--format", choices=FORMATS.names(), required=True, help=FORMATS.help("format"))
     p.add_argument("--ids", nargs="+", default=None, help="only these image ids")
     p.add_argument("--limit", type=int, default=None, help="only the first N images that have priors")
     p.add_argument(

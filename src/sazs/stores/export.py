@@ -40,12 +40,14 @@ import errno
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sazs.core.files import write_atomic
+from sazs.core.registry import Registry
 from sazs.segments.maps import SegmentConfig, encode_png, prior_segments
 from sazs.segments.objects import ObjectConfig, encode_mask_png, prior_object_mask
 
@@ -56,7 +58,6 @@ from .writer import disk_errors
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("sazs-png", "dsm", "npz", "segments", "object-masks")
 SAZS_NUM_VECTORS = 5  # the K of the released SAZS eigen masks
 MARKER = "sazs-export.json"
 
@@ -72,10 +73,10 @@ class ExportConfig:
     refine: str | None = None  # object-masks, segments: a refiner of sazs.segments.refine (needs load_image)
 
     def __post_init__(self) -> None:
-        if self.refine is not None and self.format not in ("object-masks", "segments"):
-            raise ValueError(f"--refine is for --format object-masks or segments, not {self.format}")
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown export format {self.format!r}; choose from {list(FORMATS)}")
+        FORMATS.check(self.format)
+        if self.refine is not None and not FORMATS.entry(self.format).meta["refines"]:
+            refinable = [name for name in FORMATS if FORMATS.entry(name).meta["refines"]]
+            raise ValueError(f"--refine is for --format {' or '.join(refinable)}, not {self.format}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.num_vectors is not None and self.num_vectors < 1:
@@ -209,11 +210,7 @@ def export_store(
 
     store = open_store(url, storage_options=storage_options)
     k_all = store.num_eigs
-    default = {
-        "sazs-png": SAZS_NUM_VECTORS,
-        "segments": SegmentConfig.num_vectors,
-        "object-masks": ObjectConfig.num_vectors,
-    }.get(cfg.format, k_all - 1)
+    default = FORMATS.entry(cfg.format).meta["num_vectors"] or k_all - 1
     n = cfg.num_vectors or min(default, k_all - 1)
     if not 1 <= n <= k_all - 1:
         raise ValueError(
@@ -284,18 +281,57 @@ def _check_inside(out: Path, path: Path) -> None:
 
 
 def _paths(out: Path, id_: str, fmt: str, n: int) -> list[Path]:
-    if fmt == "sazs-png":
-        return [id_path(out, id_, f"_k{i}.png") for i in range(n)]
-    return [id_path(out, id_, {"dsm": ".pth", "npz": ".npz", "segments": ".png", "object-masks": ".png"}[fmt])]
+    return [id_path(out, id_, suffix) for suffix in FORMATS.entry(fmt).meta["suffixes"](n)]
 
 
 def _encode(prior: Prior, fmt: str, n: int, generalised: bool, fingerprint: str, *, image=None, refine=None):
-    if fmt == "object-masks":
-        return [encode_mask_png(prior_object_mask(prior, ObjectConfig(num_vectors=n), image=image, refine=refine))]
-    if fmt == "sazs-png":
-        return [_png_bytes(m) for m in eigen_masks(prior, n)]
-    if fmt == "segments":
-        return [encode_png(prior_segments(prior, SegmentConfig(num_vectors=n), image=image, refine=refine))]
-    if fmt == "dsm":
-        return [_dsm_bytes(prior, n + 1, generalised)]
-    return [_npz_bytes(prior, n + 1, "v" if generalised else "u", fingerprint)]
+    return FORMATS[fmt](prior, n, generalised, fingerprint, image, refine)
+
+
+# name -> encode(prior, n, generalised, fingerprint, image, refine) -> one bytes per path; meta: the
+# files' suffixes for n vectors, the default n (None: every non-trivial vector), whether --refine applies.
+FORMATS: Registry[Callable[..., list[bytes]]] = Registry("export format")
+FORMATS.add(
+    "sazs-png",
+    lambda prior, n, *_: [_png_bytes(m) for m in eigen_masks(prior, n)],
+    help="the released SAZS evaluation's eigen masks, <id>_k<i>.png",
+    suffixes=lambda n: [f"_k{i}.png" for i in range(n)],
+    num_vectors=SAZS_NUM_VECTORS,
+    refines=False,
+)
+FORMATS.add(
+    "dsm",
+    lambda prior, n, generalised, *_: [_dsm_bytes(prior, n + 1, generalised)],
+    help="Deep Spectral Methods' <id>.pth",
+    suffixes=lambda n: [".pth"],
+    num_vectors=None,
+    refines=False,
+)
+FORMATS.add(
+    "npz",
+    lambda prior, n, generalised, fingerprint, *_: [_npz_bytes(prior, n + 1, "v" if generalised else "u", fingerprint)],
+    help="<id>.npz, the arrays as stored (np.load, no pickle)",
+    suffixes=lambda n: [".npz"],
+    num_vectors=None,
+    refines=False,
+)
+FORMATS.add(
+    "object-masks",
+    lambda prior, n, _g, _f, image, refine: [
+        encode_mask_png(prior_object_mask(prior, ObjectConfig(num_vectors=n), image=image, refine=refine))
+    ],
+    help="GT-free object masks, <id>.png with 0 / 255",
+    suffixes=lambda n: [".png"],
+    num_vectors=ObjectConfig.num_vectors,
+    refines=True,
+)
+FORMATS.add(
+    "segments",
+    lambda prior, n, _g, _f, image, refine: [
+        encode_png(prior_segments(prior, SegmentConfig(num_vectors=n), image=image, refine=refine))
+    ],
+    help="GT-free segment maps, <id>.png with one label per segment",
+    suffixes=lambda n: [".png"],
+    num_vectors=SegmentConfig.num_vectors,
+    refines=True,
+)
