@@ -44,7 +44,7 @@ from sazs.stores.reader import open_store
 from sazs.train.demo import DEMO_OUT
 
 from .demo import DEMO_EPISODES, DEMO_VAL_PRIORS, DemoConfig, DemoError, run_demo
-from .fusion import GT_FREE, SEMANTIC, FusionConfig, fusion_label, list_fusions
+from .fusion import GT_FREE, MODES, SEMANTIC, FusionConfig, fusion_label, list_fusions
 from .options import CALIBRATION, add_weight_args, get_args_parser, run_config
 from .predict import OnTheFlyPriors, Predictor, parse_classes, predict_image
 from .run import run_eval
@@ -128,11 +128,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print(
-        "fusion modes: "
-        + ", ".join(fusion_label(m) for m in list_fusions())
-        + f" (headline: one of {', '.join(GT_FREE)})"
-    )
+    print(f"fusion modes (headline: one of {', '.join(GT_FREE)}):")
+    for mode in list_fusions():
+        print(f"  {fusion_label(mode):<36} {MODES.entry(mode).help}")
     for name in BENCHMARKS:
         card = BENCHMARKS[name]
         rule = f"episodes rule {card.sampling}" if card.sampling else "generalised setting only"

@@ -42,15 +42,63 @@ import torch
 
 from sazs.core.labels import IGNORE_INDEX
 from sazs.core.linalg import orthonormal_basis
+from sazs.core.registry import Registry
 
 from .regions import SegmentMaps, grow_labels, segment_maps
 
-FUSIONS = ("none", "project", "select", "segments", "oracle")
-GT_FREE = ("none", "project", "select", "segments")
-UPPER_BOUNDS = ("oracle",)
-NEEDS_PRIORS = frozenset({"project", "select", "segments", "oracle"})
-NEEDS_IMAGE = frozenset({"segments"})
-SEMANTIC = ("none", "project", "segments")  # modes defined for multi-class label maps (generalised setting, predict)
+# Every fusion mode with what it needs and where it applies. gt_free: False only for the oracle, an
+# upper bound that is never the headline; semantic: defined for multi-class label maps too
+# (generalised setting, predict), not only binary episodes.
+MODES: Registry[None] = Registry("fusion")
+MODES.add("none", None, help="argmax of the prediction", gt_free=True, priors=False, image=False, semantic=True)
+MODES.add(
+    "project",
+    None,
+    help="probabilities projected on the eigenvectors' span",
+    gt_free=True,
+    priors=True,
+    image=False,
+    semantic=True,
+)
+MODES.add(
+    "select",
+    None,
+    help="the eigen-segment that agrees best with the prediction",
+    gt_free=True,
+    priors=True,
+    image=False,
+    semantic=False,
+)
+MODES.add(
+    "segments",
+    None,
+    help="the prediction corrected by spectral segments and superpixels",
+    gt_free=True,
+    priors=True,
+    image=True,
+    semantic=True,
+)
+MODES.add(
+    "oracle",
+    None,
+    help="SAZS's released evaluation: picks with the ground truth (upper bound)",
+    gt_free=False,
+    priors=True,
+    image=False,
+    semantic=False,
+)
+
+
+def _modes(**want) -> tuple[str, ...]:
+    return tuple(m for m in MODES if all(MODES.entry(m).meta[k] == v for k, v in want.items()))
+
+
+FUSIONS = tuple(MODES)
+GT_FREE = _modes(gt_free=True)
+UPPER_BOUNDS = _modes(gt_free=False)
+NEEDS_PRIORS = frozenset(_modes(priors=True))
+NEEDS_IMAGE = frozenset(_modes(image=True))
+SEMANTIC = _modes(semantic=True)
 DEFAULT_HEADLINE = "select"
 
 UPPER_BOUND_TAG = "upper bound"
@@ -61,9 +109,7 @@ def list_fusions() -> list[str]:
 
 
 def check_fusion(mode: str) -> str:
-    if mode not in FUSIONS:
-        raise ValueError(f"unknown fusion {mode!r}; choose from {list(FUSIONS)}")
-    return mode
+    return MODES.check(mode)
 
 
 def check_headline(mode: str) -> str:
