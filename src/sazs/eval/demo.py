@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sazs.model.checkpoint import load_checkpoint
-from sazs.pipeline import cli as priors_cli
 from sazs.train import cli as train_cli
-from sazs.train.demo import DEMO_DATA, DEMO_OUT, prepare_demo_data
+from sazs.train.demo import DEMO_DATA, DEMO_OUT, demo_priors, prepare_demo_data
 
 from .options import get_args_parser, run_config
 from .run import run_eval
@@ -59,29 +58,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     voc = Path(DEMO_DATA) / "VOCdevkit" / "VOC2012"
     if not (voc / "ImageSets" / "Segmentation" / "val.txt").is_file():
         prepare_demo_data(progress=cfg.progress)
-    # Validation priors with the training demo's settings (colour features, short side 128).
-    rc = priors_cli.main(
-        [
-            "run",
-            "--dataset",
-            "voc",
-            "--data",
-            str(voc),
-            "--split",
-            "val",
-            "--extractor",
-            "color",
-            "--short-side",
-            "128",
-            "--out",
-            cfg.priors,
-            "--preview",
-            "0",
-            "--no-progress",
-        ]
-    )
-    if rc != 0:
-        raise DemoError(f"computing the demo's validation priors failed (sazs-priors exit code {rc})")
+    demo_priors(str(voc), "val", cfg.priors, progress=cfg.progress)  # the training demo's settings
     fold = (load_checkpoint(ckpt).get("split") or {}).get("fold")
     if fold is None:
         raise ValueError(f"{ckpt} holds no class out (fold 'all'); a zero-shot evaluation needs a fold's checkpoint")

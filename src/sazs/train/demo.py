@@ -1,10 +1,10 @@
 """``sazs-train demo``: a synthetic VOC, its priors and a short CPU run from nothing (``make train``).
 
 :func:`prepare_demo_data` writes the dataset once and computes its training-split priors with
-the very command ``make priors`` runs; :func:`demo_run_argv` is the ``sazs-train run`` command
-line of the demo (real pretrained encoders when installed, a frozen pipeline ViT's tokens
-cached per view); :func:`train_demo` runs it, starting over where an earlier demo's checkpoint
-cannot be continued.
+the pipeline's own job (:func:`demo_priors`, which ``sazs-eval demo`` uses for its val split);
+:func:`demo_run_argv` is the ``sazs-train run`` command line of the demo (real pretrained
+encoders when installed, a frozen pipeline ViT's tokens cached per view); :func:`train_demo`
+runs it, starting over where an earlier demo's checkpoint cannot be continued.
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from sazs.datasets.base import DatasetConfig
+from sazs.datasets.registry import build_dataset
 from sazs.datasets.synthetic import make_voc
+from sazs.features.extractors import ExtractorConfig, build_extractor
 from sazs.model.checkpoint import CheckpointError, ResumeMismatchError
 from sazs.model.encoders import is_pipeline_vit, resolve_encoders
 from sazs.model.model import ModelConfig, output_stride
-from sazs.pipeline import cli as priors_cli
+from sazs.pipeline.graph import GraphConfig
+from sazs.pipeline.job import JobConfig, run_local
+from sazs.pipeline.spectral import SpectralConfig
 
 from .config import RunConfig
 from .loop import train
@@ -37,28 +42,21 @@ def prepare_demo_data(
     if not (voc / "ImageSets" / "Segmentation" / "train.txt").is_file():
         log.info("writing the synthetic VOC dataset to %s", data)
         make_voc(data, num_train=num_train, num_val=num_val, size=(160, 224), seed=0)
-    # The same command `make priors` runs; a finished store is skipped, a partial one resumed.
-    argv = [
-        "run",
-        "--dataset",
-        "voc",
-        "--data",
-        str(voc),
-        "--split",
-        "train",
-        "--extractor",
-        "color",
-        "--short-side",
-        "128",
-        "--out",
-        priors,
-        "--preview",
-        "2",
-    ] + ([] if progress else ["--no-progress"])
-    rc = priors_cli.main(argv)
-    if rc != 0:
-        raise RuntimeError(f"computing the demo priors failed (sazs-priors exit code {rc})")
-    return str(voc), priors
+    return str(voc), demo_priors(str(voc), "train", priors, progress=progress)
+
+
+def demo_priors(voc: str, split: str, out: str, *, progress: bool = False) -> str:
+    """Priors of a demo split with the demo's settings (colour features, short side 128): the
+    pipeline's own job (`make priors`), so a finished store is skipped and a partial one resumed."""
+    dataset = build_dataset(DatasetConfig(name="voc", root=voc, split=split))
+    extractor = build_extractor(ExtractorConfig(name="color", short_side=128))
+    summary = run_local(dataset, extractor, GraphConfig(), SpectralConfig(), JobConfig(out=out, progress=progress))
+    print("\n".join(summary.lines()))  # the summary `make priors` prints
+    if summary.done < summary.total:
+        raise RuntimeError(
+            f"computing the demo priors of {voc} ({split}) left {summary.total - summary.done} image(s) undone"
+        )
+    return out
 
 
 def demo_run_argv(
