@@ -366,8 +366,8 @@ def test_unknown_extractor_lists_valid_names():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match=r"unknown facet 'value'; choose from \['key', 'token'\]"):
-        E.ExtractorConfig(facet="value")
+    with pytest.raises(ValueError, match=r"unknown facet 'query'; choose from \['key', 'token', 'value'\]"):
+        E.ExtractorConfig(facet="query")
     with pytest.raises(ValueError, match="unknown precision 'int8'"):
         E.ExtractorConfig(precision="int8")
     with pytest.raises(ValueError, match="batch_size"):

@@ -80,7 +80,7 @@ def test_the_fast_path_choice_is_the_batched_graph_builders_own_check():
 
 def test_an_unknown_solver_fails_the_job_at_once(tmp_path, capsys):
     assert run(*FAST, "--limit", 1, "--solver", "arpack", "--out", tmp_path / "s.zarr") == 2
-    assert "unknown solver 'arpack'; choose from ['auto', 'batched'" in capsys.readouterr().err
+    assert "unknown solver 'arpack'; choose from ['auto', 'eigsh', 'lobpcg'" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()  # nothing was started
 
 

@@ -173,6 +173,8 @@ def test_camvid_train_eval_predict_with_a_vit_and_a_sentence_encoder(tmp_path, c
                 "--no-progress",
                 "--draw",
                 "0",
+                "--text-encoder",  # a checkpoint never opens the folder it names: it is passed again
+                str(st),
             ]
         )
         == 0
@@ -193,6 +195,8 @@ def test_camvid_train_eval_predict_with_a_vit_and_a_sentence_encoder(tmp_path, c
                 str(run / "checkpoint.pt"),
                 "--out",
                 str(out),
+                "--text-encoder",
+                str(st),
             ]
         )
         == 0

@@ -88,7 +88,7 @@ def add_priors_parser(sub) -> None:
     )
     p.add_argument(
         "--tokencut-tau",
-        type=float,
+        type=number(-1, 1, hi_open=True),
         default=TokenCutConfig.tau,
         help="--baseline tokencut: the cosine threshold of its binary graph (default %(default)s, as published)",
     )
