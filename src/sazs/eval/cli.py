@@ -45,7 +45,7 @@ from sazs.train.demo import DEMO_OUT
 
 from .demo import DEMO_EPISODES, DEMO_VAL_PRIORS, DemoConfig, DemoError, run_demo
 from .fusion import GT_FREE, MODES, SEMANTIC, FusionConfig, fusion_label, list_fusions
-from .options import CALIBRATION, add_weight_args, get_args_parser, run_config
+from .options import CALIBRATION, add_span_eigs_arg, add_weight_args, get_args_parser, run_config
 from .predict import OnTheFlyPriors, Predictor, parse_classes, predict_image
 from .run import run_eval
 
@@ -189,14 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--extractor", default=None, help="compute priors per image with this extractor instead")
     pred.add_argument("--weights", default=None, help="weights for --extractor (dino-*, dinov2-*)")
     pred.add_argument("--priors-short-side", type=int, default=None, help="--extractor input short side")
-    pred.add_argument(
-        "--span-eigs",
-        type=int,
-        default=FusionConfig.num_eigs,
-        dest="num_eigs",
-        metavar="K",
-        help="eigenvectors v0..v(K-1) spanning the project fusion (default: all)",
-    )
+    add_span_eigs_arg(pred)
     pred.add_argument(
         "--refine",
         default="none",

@@ -31,6 +31,18 @@ def add_weight_args(g) -> None:
         g.add_argument(flag, default=None, metavar="PATH", help=f"{what}; a checkpoint never chooses a file to open")
 
 
+def add_span_eigs_arg(g) -> None:
+    """--span-eigs, shared by `run` and `predict`."""
+    g.add_argument(
+        "--span-eigs",
+        type=int,
+        default=FusionConfig.num_eigs,
+        dest="num_eigs",
+        metavar="K",
+        help="eigenvectors v0..v(K-1) spanning the project fusion (default: all)",
+    )
+
+
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     """Options of `run`, reusable by launchers through ``parents=[...]``."""
     p = argparse.ArgumentParser(add_help=add_help)
@@ -155,14 +167,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         default=FusionConfig.num_segments,
         help="eigen-segments v1..vN > 0 for select / oracle (4)",
     )
-    g.add_argument(
-        "--span-eigs",
-        type=int,
-        default=FusionConfig.num_eigs,
-        dest="num_eigs",
-        metavar="K",
-        help="eigenvectors v0..v(K-1) spanning the project fusion (default: all)",
-    )
+    add_span_eigs_arg(g)
     g.add_argument(
         "--select-threshold",
         type=number(0, 1),

@@ -235,19 +235,7 @@ def draw_grid(
         else:
             proj = span_projection(vecs, ((mask != 0) & valid)[None].astype(np.float32))[0]
             ax[c].imshow(proj, cmap="magma", vmin=0, vmax=1)
-        for a in ax:
-            a.set_xticks([])
-            a.set_yticks([])
-    for a, t in zip(axes[0], cols):
-        a.set_title(t, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=70)
-    plt.close(fig)
-    return out_png
+    return _save_grid(fig, axes, cols, title, out_png)
 
 
 def draw_object_grid(dataset, rows: list[dict], columns: dict, out_png: str | Path, *, title: str = "") -> Path | None:
@@ -274,10 +262,17 @@ def draw_object_grid(dataset, rows: list[dict], columns: dict, out_png: str | Pa
             pred = fn(id_, image, mask.shape)
             ax[c].imshow(image)
             ax[c].imshow(np.ma.masked_equal(pred.astype(float), 0), cmap="autumn", alpha=0.55, interpolation="nearest")
-        for a in ax:
-            a.set_xticks([])
-            a.set_yticks([])
-    for a, t in zip(axes[0], titles):
+    return _save_grid(fig, axes, titles, title, out_png)
+
+
+def _save_grid(fig, axes, column_titles, title: str, out_png: str | Path) -> Path:
+    """A picture grid's common ending: no ticks, column titles, the title, saved as PNG."""
+    import matplotlib.pyplot as plt
+
+    for a in axes.ravel():
+        a.set_xticks([])
+        a.set_yticks([])
+    for a, t in zip(axes[0], column_titles):
         a.set_title(t, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
