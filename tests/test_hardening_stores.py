@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from bombs import blosc_lie, gzip_bomb, put_inner_chunk, zstd_bomb, zstd_lie
+from bombs import blosc_bomb, blosc_lie, gzip_bomb, put_inner_chunk, zstd_bomb, zstd_lie
 from storecheck import toy_manifest
 from test_store_hardening import IDS, K, make_store, result
 
@@ -51,6 +51,7 @@ STATUS_BOMBS = {
     "zstd-two-frames": (lambda: zstd_bomb(2) + zstd_bomb(BOMB), None),
     "gzip": (lambda: gzip_bomb(BOMB), ("gzip", {"level": 5})),
     "blosc": (lambda: blosc_lie(1 << 31), ("blosc", BLOSC)),
+    "blosc-real": (lambda: blosc_bomb(1 << 20), ("blosc", BLOSC)),  # a true header, not only a lying one
 }
 
 
